@@ -1,0 +1,188 @@
+"""The database: one async engine per service, SQLite under ./var by default
+and PostgreSQL through ``<SERVICE>_DATABASE_URL``; a unit of work that commits
+state and outbox rows together; and the tables the chassis itself keeps in
+every service's database (outbox, inbox, idempotency keys)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import ConnectionPoolEntry
+
+from chassis.errors import Unavailable
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class UTCDateTime(sa.TypeDecorator[dt.datetime]):
+    """Timestamps are stored in UTC and always read back time-zone aware,
+    on SQLite (which keeps no zone) as on PostgreSQL."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: sa.Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: pass an aware UTC datetime")
+        value = value.astimezone(dt.UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: sa.Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = dt.datetime.fromisoformat(value)
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC)  # type: ignore[no-any-return]
+
+
+# An auto-incrementing 64-bit key that SQLite also treats as its rowid.
+BigIntKey = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+# Tables the chassis keeps in every service's database. Created by each
+# service's first migration through chassis.migrations.create_chassis_tables.
+chassis_metadata = sa.MetaData()
+
+outbox_table = sa.Table(
+    "outbox",
+    chassis_metadata,
+    sa.Column("seq", BigIntKey, primary_key=True, autoincrement=True),
+    sa.Column("event_id", sa.String(64), nullable=False, unique=True),
+    sa.Column("subject", sa.String(255), nullable=False),
+    sa.Column("event_type", sa.String(255), nullable=False),
+    sa.Column("payload", sa.LargeBinary, nullable=False),
+    # traceparent/tracestate captured when the row was written.
+    sa.Column("headers", sa.JSON, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("sent_at", UTCDateTime, nullable=True),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("last_error", sa.String(500), nullable=True),
+    sa.Index("ix_outbox_unsent", "sent_at", "seq"),
+)
+
+inbox_table = sa.Table(
+    "inbox",
+    chassis_metadata,
+    sa.Column("consumer", sa.String(100), primary_key=True),
+    sa.Column("event_id", sa.String(64), primary_key=True),
+    sa.Column("subject", sa.String(255), nullable=False),
+    sa.Column("processed_at", UTCDateTime, nullable=False),
+    sa.Index("ix_inbox_processed_at", "processed_at"),
+)
+
+idempotency_table = sa.Table(
+    "idempotency_keys",
+    chassis_metadata,
+    sa.Column("method", sa.String(200), primary_key=True),
+    sa.Column("request_id", sa.String(200), primary_key=True),
+    sa.Column("request_hash", sa.String(64), nullable=False),
+    sa.Column("response", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Index("ix_idempotency_created_at", "created_at"),
+)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+    # WAL lets readers run beside the writer; busy_timeout makes writers wait
+    # for each other instead of failing at once; foreign keys are off by
+    # default in SQLite.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+class Database:
+    """A service's database: the engine, sessions and units of work."""
+
+    def __init__(self, url: str, *, echo: bool = False) -> None:
+        self.url = url
+        kwargs: dict[str, Any] = {"echo": echo}
+        if url.startswith("sqlite"):
+            path = url.split(":///", 1)[1] if ":///" in url else ""
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+        else:
+            kwargs.update(pool_size=10, max_overflow=10, pool_pre_ping=True)
+        self.engine: AsyncEngine = create_async_engine(url, **kwargs)
+        if self.dialect == "sqlite":
+            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        # A session class of this database's own, so that commit hooks fire
+        # for its sessions only (tests run several services in one process).
+        self._session_class: type[Session] = type("ServiceSession", (Session,), {})
+        self._commit_hooks: list[Callable[[dict[str, Any]], None]] = []
+        event.listen(self._session_class, "after_commit", self._after_commit)
+        self.sessions = async_sessionmaker(
+            self.engine, expire_on_commit=False, sync_session_class=self._session_class
+        )
+
+    def on_commit(self, hook: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``hook(session.info)`` after each commit of this database."""
+        self._commit_hooks.append(hook)
+
+    def _after_commit(self, session: Session) -> None:
+        for hook in self._commit_hooks:
+            hook(session.info)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncSession]:
+        """One unit of work: everything written through the session, state
+        and outbox rows alike, commits together or not at all. A database
+        that cannot be reached becomes UNAVAILABLE for the caller."""
+        try:
+            async with self.sessions() as session, session.begin():
+                yield session
+        except (OperationalError, DBAPIError) as exc:
+            if _is_unavailable(exc):
+                raise Unavailable(
+                    "the database is unavailable; try again", reason="DATABASE_UNAVAILABLE"
+                ) from exc
+            raise
+
+    async def ping(self) -> None:
+        async with self.engine.connect() as conn:
+            await conn.execute(sa.text("SELECT 1"))
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+
+def _is_unavailable(exc: DBAPIError) -> bool:
+    if exc.connection_invalidated:
+        return True
+    text = str(exc.orig).lower() if exc.orig is not None else ""
+    return any(
+        marker in text
+        for marker in ("connection refused", "could not connect", "connection was closed")
+    )
+
+
+def is_unique_violation(exc: BaseException) -> bool:
+    """True when an IntegrityError comes from a unique or primary key
+    constraint, on SQLite as on PostgreSQL."""
+    orig = getattr(exc, "orig", None)
+    sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if sqlstate == "23505":
+        return True
+    text = str(orig or exc).lower()
+    return "unique constraint" in text or "duplicate key" in text

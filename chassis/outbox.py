@@ -1,0 +1,215 @@
+"""The transactional outbox.
+
+A service writes the events of a state change into the ``outbox`` table in
+the same transaction as the change (``enqueue``). The relay publishes unsent
+rows to JetStream with the event id as ``Nats-Msg-Id``, waits for the ack and
+only then marks them sent: if NATS is down the rows wait, and a row published
+but not yet marked (a crash between the two) is dropped by JetStream's
+duplicate window or, later, by the consumers' inbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from google.protobuf.message import Message
+from opentelemetry import trace
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from chassis.bus import Bus, cloudevent_headers
+from chassis.db import Database, outbox_table, utcnow
+from chassis.logs import get_logger
+from chassis.telemetry import current_traceparent, extract_trace_context, inject_trace_headers
+
+log = get_logger(__name__)
+_tracer = trace.get_tracer(__name__)
+
+# Marks a session whose transaction wrote outbox rows, so the relay can be
+# woken right after the commit instead of waiting for its next poll.
+OUTBOX_WRITTEN = "cornucopia.outbox_written"
+
+
+def event_type(message: Message) -> str:
+    """The CloudEvents type of a payload: its full protobuf name."""
+    return message.DESCRIPTOR.full_name
+
+
+def new_event_id() -> str:
+    return str(uuid.uuid4())
+
+
+async def enqueue(
+    session: AsyncSession,
+    *,
+    source: str,
+    subject: str,
+    message: Message,
+    event_id: str | None = None,
+) -> str:
+    """Write one event into the outbox inside the caller's transaction and
+    return its id. The current trace context is kept with the row so the
+    publish, which happens later and elsewhere, joins the same trace."""
+    eid = event_id or new_event_id()
+    now = utcnow()
+    headers = cloudevent_headers(
+        event_id=eid, event_type=event_type(message), source=source, time=now, subject=subject
+    )
+    headers.update(current_traceparent())
+    await session.execute(
+        sa.insert(outbox_table).values(
+            event_id=eid,
+            subject=subject,
+            event_type=event_type(message),
+            payload=message.SerializeToString(),
+            headers=headers,
+            created_at=now,
+        )
+    )
+    session.info[OUTBOX_WRITTEN] = True
+    return eid
+
+
+class OutboxRelay:
+    """Publishes unsent outbox rows, oldest first."""
+
+    def __init__(
+        self,
+        db: Database,
+        bus: Bus,
+        *,
+        batch_size: int = 100,
+        poll_interval: float = 0.5,
+        retry_delay: float = 1.0,
+    ) -> None:
+        self.db = db
+        self.bus = bus
+        self.batch_size = batch_size
+        self.poll_interval = poll_interval
+        self.retry_delay = retry_delay
+        self._wake = asyncio.Event()
+        self._stopping = False
+        db.on_commit(self._on_commit)
+
+    def _on_commit(self, info: dict[str, Any]) -> None:
+        if info.pop(OUTBOX_WRITTEN, False):
+            self._wake.set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        while not self._stopping:
+            try:
+                sent, failed = await self.publish_pending()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("outbox relay pass failed")
+                sent, failed = 0, True
+            if failed:
+                await self._sleep(self.retry_delay)
+            elif sent < self.batch_size:
+                await self._sleep(self.poll_interval)
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
+        except TimeoutError:
+            pass
+        self._wake.clear()
+
+    async def publish_pending(self) -> tuple[int, bool]:
+        """One pass: publish up to a batch. Returns (published, failed)."""
+        if self.db.dialect == "postgresql":
+            return await self._publish_locked()
+        return await self._publish_single_writer()
+
+    def _unsent(self) -> sa.Select[Any]:
+        return (
+            sa.select(outbox_table)
+            .where(outbox_table.c.sent_at.is_(None))
+            .order_by(outbox_table.c.seq)
+            .limit(self.batch_size)
+        )
+
+    async def _publish_locked(self) -> tuple[int, bool]:
+        # Replicas share the work: each claims rows no one else holds.
+        async with self.db.transaction() as session:
+            rows = (await session.execute(self._unsent().with_for_update(skip_locked=True))).all()
+            sent, failed = await self._publish_rows(rows, session)
+        return sent, failed
+
+    async def _publish_single_writer(self) -> tuple[int, bool]:
+        # SQLite: one process owns the file, so no claim is needed, and the
+        # write lock is held only for the short update, not while publishing.
+        async with self.db.sessions() as session:
+            rows = (await session.execute(self._unsent())).all()
+        if not rows:
+            return 0, False
+        async with self.db.transaction() as session:
+            return await self._publish_rows(rows, session)
+
+    async def _publish_rows(self, rows: Sequence[Any], session: AsyncSession) -> tuple[int, bool]:
+        sent_seqs: list[int] = []
+        failed = False
+        for row in rows:
+            try:
+                await self._publish_row(row)
+            except Exception as exc:  # noqa: BLE001 - any failure leaves the row for the next pass
+                failed = True
+                log.warning(
+                    "outbox publish failed; will retry",
+                    event_id=row.event_id,
+                    subject=row.subject,
+                    error=type(exc).__name__,
+                )
+                await session.execute(
+                    sa.update(outbox_table)
+                    .where(outbox_table.c.seq == row.seq)
+                    .values(
+                        attempts=outbox_table.c.attempts + 1,
+                        last_error=f"{type(exc).__name__}: {exc}"[:500],
+                    )
+                )
+                break
+            sent_seqs.append(row.seq)
+        if sent_seqs:
+            await session.execute(
+                sa.update(outbox_table)
+                .where(outbox_table.c.seq.in_(sent_seqs))
+                .values(sent_at=utcnow(), attempts=outbox_table.c.attempts + 1)
+            )
+        return len(sent_seqs), failed
+
+    async def _publish_row(self, row: Any) -> None:
+        stored: dict[str, str] = dict(row.headers)
+        parent = extract_trace_context(stored)
+        with _tracer.start_as_current_span(
+            f"{row.subject} publish",
+            context=parent,
+            kind=trace.SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "nats",
+                "messaging.destination.name": row.subject,
+                "messaging.message.id": row.event_id,
+                "messaging.operation.type": "publish",
+            },
+        ):
+            headers = {k: v for k, v in stored.items() if k not in ("traceparent", "tracestate")}
+            inject_trace_headers(headers)
+            await self.bus.publish(row.subject, row.payload, headers)
+
+    async def pending_count(self) -> int:
+        async with self.db.sessions() as session:
+            result = await session.execute(
+                sa.select(sa.func.count()).where(outbox_table.c.sent_at.is_(None))
+            )
+            return int(result.scalar_one())

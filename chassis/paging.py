@@ -1,0 +1,38 @@
+"""List paging in the manner of AIP-158: ``page_size`` (clamped) and an
+opaque ``page_token`` that carries the last key seen (keyset paging: stable
+while rows are added, no OFFSET scans)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+from chassis.errors import FieldViolation, InvalidArgument
+
+DEFAULT_PAGE_SIZE = 20
+MAX_PAGE_SIZE = 100
+
+
+def page_size(requested: int, default: int = DEFAULT_PAGE_SIZE, maximum: int = MAX_PAGE_SIZE) -> int:
+    if requested < 0:
+        raise InvalidArgument([FieldViolation("page_size", "must not be negative")])
+    return min(requested or default, maximum)
+
+
+def encode_token(key: dict[str, Any]) -> str:
+    raw = json.dumps(key, separators=(",", ":"), sort_keys=True).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_token(token: str) -> dict[str, Any] | None:
+    if not token:
+        return None
+    try:
+        padded = token + "=" * (-len(token) % 4)
+        value = json.loads(base64.urlsafe_b64decode(padded.encode()))
+    except (ValueError, UnicodeDecodeError):
+        value = None
+    if not isinstance(value, dict):
+        raise InvalidArgument([FieldViolation("page_token", "not a token this service issued")])
+    return value

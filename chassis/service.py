@@ -1,0 +1,170 @@
+"""A service's life: configure, migrate, connect, serve, drain.
+
+``ServiceRuntime`` is what ``python -m services.<name>`` and
+``cornucopia serve <name>`` run, and what the integration tests start in
+process. A service module only describes itself with a ``ServiceDefinition``:
+its gRPC servicers, its consumers and its migrations folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from chassis.bus import STREAMS, Bus
+from chassis.config import Settings
+from chassis.db import Database
+from chassis.grpcserver import GrpcServer, GrpcService
+from chassis.idempotency import forget_older_than
+from chassis.inbox import Consumer, Subscription
+from chassis.logs import configure_logging, get_logger
+from chassis.migrations import upgrade_to_head
+from chassis.outbox import OutboxRelay
+from chassis.telemetry import configure_tracing, shutdown_tracing
+
+log = get_logger(__name__)
+
+
+@dataclass
+class ServiceContext:
+    """What a service's servicers and handlers are built from."""
+
+    settings: Settings
+    db: Database
+    bus: Bus
+
+    @property
+    def source(self) -> str:
+        """The CloudEvents source of this service's events."""
+        return f"cornucopia/{self.settings.service}"
+
+
+@dataclass(frozen=True)
+class ServiceDefinition:
+    name: str
+    migrations_dir: Path
+    grpc_services: Callable[[ServiceContext], Sequence[GrpcService]]
+    subscriptions: Callable[[ServiceContext], Sequence[Subscription]] = field(
+        default=lambda _ctx: ()
+    )
+    # Long-running loops of the service's own (a dispatcher, a scheduler):
+    # started after migrations, cancelled on shutdown.
+    workers: Callable[[ServiceContext], Sequence[Callable[[], Awaitable[None]]]] = field(
+        default=lambda _ctx: ()
+    )
+
+
+class ServiceRuntime:
+    def __init__(self, definition: ServiceDefinition, settings: Settings) -> None:
+        self.definition = definition
+        self.settings = settings
+        self.db = Database(settings.database_url)
+        self.bus = Bus(settings.nats_url, client_name=f"cornucopia-{settings.service}")
+        self.context = ServiceContext(settings=settings, db=self.db, bus=self.bus)
+        self.relay = OutboxRelay(self.db, self.bus)
+        self.consumers = [
+            Consumer(sub, service=settings.service, db=self.db, bus=self.bus)
+            for sub in definition.subscriptions(self.context)
+        ]
+        self.grpc = GrpcServer(
+            settings.service,
+            settings.grpc_listen,
+            settings.token_secret,
+            definition.grpc_services(self.context),
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+        self.ready = asyncio.Event()
+
+    @property
+    def port(self) -> int:
+        return self.grpc.port
+
+    async def start(self) -> None:
+        """Migrate and listen at once (health NOT_SERVING); connect to NATS
+        in the background and turn SERVING when the streams and consumers
+        are in place. Requests that write meanwhile are kept in the outbox."""
+        log.info("starting", environment=self.settings.environment)
+        await upgrade_to_head(self.db, self.definition.migrations_dir, self.settings.service)
+        await self.grpc.start()
+        self._spawn(self._connect_and_run(), "bus")
+        for index, worker in enumerate(self.definition.workers(self.context)):
+            self._spawn(worker(), f"worker-{index}")
+        self._spawn(self._housekeeping(), "housekeeping")
+
+    def _spawn(self, coro: object, name: str) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro, name=f"{self.settings.service}-{name}")  # type: ignore[arg-type]
+        task.add_done_callback(self._task_done)
+        self._tasks.append(task)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task died", task=task.get_name(), exc_info=task.exception())
+
+    async def _connect_and_run(self) -> None:
+        delay = 0.5
+        while True:
+            try:
+                if self.bus.nc_or_none is None:
+                    await self.bus.connect()
+                await self.bus.ensure_stream(STREAMS[self.settings.service])
+                await self.bus.ensure_stream(STREAMS["deadletter"])
+                for consumer in self.consumers:
+                    await consumer.ensure()
+                break
+            except Exception as exc:  # noqa: BLE001 - keep trying; health says NOT_SERVING
+                log.warning("nats not ready; retrying", url=self.settings.nats_url, error=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        self._spawn(self.relay.run(), "outbox-relay")
+        for consumer in self.consumers:
+            self._spawn(consumer.run(), f"consumer-{consumer.durable}")
+        await self.grpc.set_serving(True)
+        self.ready.set()
+        log.info("serving", port=self.grpc.port)
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(3600)
+            try:
+                await forget_older_than(self.db, self.settings.idempotency_retention_hours)
+            except Exception:
+                log.exception("housekeeping failed")
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Drain: stop taking calls, let in-flight calls finish, then stop
+        the relay and consumers (what they had not acknowledged is
+        redelivered to the next instance) and close connections."""
+        log.info("stopping")
+        await self.grpc.stop(grace)
+        self.relay.stop()
+        for consumer in self.consumers:
+            consumer.stop()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        await self.bus.close()
+        await self.db.dispose()
+        shutdown_tracing()
+        log.info("stopped")
+
+
+async def serve(definition: ServiceDefinition, settings: Settings | None = None) -> None:
+    settings = settings or Settings.from_env(definition.name)
+    configure_logging(definition.name, settings.log_level, settings.log_json)
+    configure_tracing(definition.name)
+    runtime = ServiceRuntime(definition, settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await runtime.start()
+    await stop.wait()
+    await runtime.stop()
+
+
+def main(definition: ServiceDefinition) -> None:
+    asyncio.run(serve(definition))

@@ -1,0 +1,1 @@
+"""The Cornucopia services, one package each."""

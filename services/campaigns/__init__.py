@@ -1,0 +1,1 @@
+"""The campaigns service: pricing, coupons, follow-up plans and member events."""

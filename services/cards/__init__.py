@@ -1,0 +1,1 @@
+"""The cards service: card programs, member cards and stored value."""

@@ -1,0 +1,4 @@
+from chassis.service import main
+from services.cards.server import definition
+
+main(definition)

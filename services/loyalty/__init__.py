@@ -1,0 +1,1 @@
+"""The loyalty service: sales, the checkout saga, points and tiers."""

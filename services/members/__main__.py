@@ -1,0 +1,4 @@
+from chassis.service import main
+from services.members.server import definition
+
+main(definition)

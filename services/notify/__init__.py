@@ -1,0 +1,1 @@
+"""The notify service: the one place that talks to members."""
