@@ -100,7 +100,10 @@ class Principal:
         """A store-scoped principal acts only for its own store; a region
         manager for the stores of its region (when the region is known);
         HQ, call center and services for every store."""
-        if self.scope.level in (ScopeLevel.HQ, ScopeLevel.CALL_CENTER) or Role.SERVICE in self.roles:
+        if (
+            self.scope.level in (ScopeLevel.HQ, ScopeLevel.CALL_CENTER)
+            or Role.SERVICE in self.roles
+        ):
             return
         if self.scope.level == ScopeLevel.STORE and self.scope.id == store_id:
             return

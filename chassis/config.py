@@ -26,7 +26,7 @@ DEFAULT_HTTP_PORT = 8080
 
 # Only ever used outside production: tokens signed with it are worthless
 # anywhere that sets a real secret.
-DEVELOPMENT_TOKEN_SECRET = "cornucopia-development-only-secret-do-not-use-in-production"
+DEVELOPMENT_TOKEN_SECRET = "cornucopia-development-only-secret-do-not-use-in-production"  # noqa: S105
 
 
 class ConfigError(RuntimeError):

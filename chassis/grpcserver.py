@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import structlog
@@ -30,6 +30,15 @@ from chassis.errors import Code, ServiceError, Unauthenticated
 from chassis.logs import get_logger
 
 log = get_logger(__name__)
+
+if TYPE_CHECKING:
+    Context = grpc.aio.ServicerContext[Any, Any]
+    Handler = grpc.RpcMethodHandler[Any, Any]
+    ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    Context = grpc.aio.ServicerContext
+    Handler = grpc.RpcMethodHandler
+    ServerInterceptor = grpc.aio.ServerInterceptor
 
 _RPC_CODES = {
     Code.INVALID_ARGUMENT: code_pb2.INVALID_ARGUMENT,
@@ -63,7 +72,9 @@ def to_grpc_status(err: ServiceError, domain: str) -> grpc.Status:
     if err.violations:
         bad = error_details_pb2.BadRequest(
             field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description
+                )
                 for v in err.violations
             ]
         )
@@ -83,31 +94,31 @@ def internal_status(domain: str) -> grpc.Status:
     return result
 
 
-class _WrappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class _WrappingInterceptor(ServerInterceptor):
     """Wraps unary-unary handlers with ``around(call, request, context, method)``."""
 
     async def around(
         self,
-        call: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
+        call: Callable[[Any, Context], Awaitable[Any]],
         request: Any,
-        context: grpc.aio.ServicerContext,
+        context: Context,
         method: str,
     ) -> Any:
         raise NotImplementedError  # each interceptor defines its behaviour
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler:
         handler = await continuation(details)
         if handler is None or handler.unary_unary is None:
             return handler
         inner = handler.unary_unary
         method = details.method
 
-        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            return await self.around(inner, request, context, method)
+        async def wrapped(request: Any, context: Context) -> Any:
+            return await self.around(inner, request, context, method)  # type: ignore[arg-type]
 
         return grpc.unary_unary_rpc_method_handler(
             wrapped,
@@ -146,7 +157,7 @@ class AccessLogInterceptor(_WrappingInterceptor):
 def _code_name(context: Any) -> str:
     try:
         code = context.code()
-    except Exception:  # noqa: BLE001 - not every context exposes it
+    except Exception:
         return "UNKNOWN"
     if code is None:
         return "OK"
@@ -220,17 +231,17 @@ class GrpcServer:
         token_secret: str,
         services: Sequence[GrpcService],
         *,
-        extra_interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+        extra_interceptors: Iterable[ServerInterceptor] = (),
     ) -> None:
         self.service = service
         self.listen = listen
         self.services = tuple(services)
-        self.health = health.aio.HealthServicer()
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         # Order matters: tracing outermost so the span covers everything;
         # the access log sees the final code; errors map what auth and the
         # handler raise.
-        interceptors = [
-            aio_server_interceptor(),
+        interceptors: list[ServerInterceptor] = [
+            aio_server_interceptor(),  # type: ignore[no-untyped-call]
             AccessLogInterceptor(service),
             ErrorInterceptor(service),
             AuthInterceptor(token_secret),
@@ -253,7 +264,11 @@ class GrpcServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = [svc.full_name for svc in self.services]
         reflection.enable_server_reflection(
-            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            [
+                *names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
             self.server,
         )
         await self.set_serving(False)

@@ -87,7 +87,9 @@ class Consumer:
         self.db = db
         self.bus = bus
         self.batch_size = batch_size
-        self._types = {cls.DESCRIPTOR.full_name: (cls, h) for cls, h in subscription.handlers.items()}
+        self._types = {
+            cls.DESCRIPTOR.full_name: (cls, h) for cls, h in subscription.handlers.items()
+        }
         self._stopping = False
 
     def stop(self) -> None:
@@ -112,7 +114,9 @@ class Consumer:
 
     async def run(self) -> None:
         await self.ensure()
-        psub = await self.bus.js.pull_subscribe_bind(durable=self.durable, stream=self.sub.stream.name)
+        psub = await self.bus.js.pull_subscribe_bind(
+            durable=self.durable, stream=self.sub.stream.name
+        )
         while not self._stopping:
             try:
                 messages = await psub.fetch(self.batch_size, timeout=1.0)
@@ -120,7 +124,7 @@ class Consumer:
                 continue
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - NATS away: wait and fetch again
+            except Exception as exc:
                 log.debug("fetch failed; retrying", consumer=self.durable, error=type(exc).__name__)
                 await asyncio.sleep(0.5)
                 continue
@@ -176,7 +180,9 @@ class Consumer:
             raise PoisonMessage(f"cannot decode {envelope.event_type}") from exc
         async with self.db.transaction() as session:
             if not await self._record(session, envelope):
-                log.info("duplicate event ignored", consumer=self.durable, event_id=envelope.event_id)
+                log.info(
+                    "duplicate event ignored", consumer=self.durable, event_id=envelope.event_id
+                )
                 return
             await handler(session, event, envelope)
 
@@ -195,7 +201,7 @@ class Consumer:
     async def _ack(self, msg: Any) -> None:
         try:
             await msg.ack()
-        except Exception as exc:  # noqa: BLE001 - the inbox absorbs the redelivery
+        except Exception as exc:
             log.warning("ack failed; the redelivery will be ignored", error=type(exc).__name__)
 
     async def _failed(self, msg: Any, envelope: Envelope, exc: Exception) -> None:
@@ -212,7 +218,7 @@ class Consumer:
             )
             try:
                 await self._dead_letter(msg, envelope, exc)
-            except Exception as dl_exc:  # noqa: BLE001
+            except Exception as dl_exc:
                 # Could not park it: leave it for redelivery rather than lose it.
                 log.warning("dead-letter publish failed", error=type(dl_exc).__name__)
                 await self._nak(msg, self.sub.backoff_seconds[-1])
@@ -235,7 +241,7 @@ class Consumer:
     async def _nak(self, msg: Any, delay: float) -> None:
         try:
             await msg.nak(delay=delay)
-        except Exception as exc:  # noqa: BLE001 - ack_wait will redeliver it anyway
+        except Exception as exc:
             log.warning("nak failed", error=type(exc).__name__)
 
     async def _dead_letter(self, msg: Any, envelope: Envelope, exc: Exception) -> None:

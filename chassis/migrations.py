@@ -40,7 +40,9 @@ async def upgrade_to_head(db: Database, migrations_dir: Path, service: str) -> N
     async with db.engine.begin() as conn:
         if db.dialect == "postgresql":
             # Held until this transaction ends; other replicas wait here.
-            await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_key(service)})
+            await conn.execute(
+                sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_key(service)}
+            )
         await conn.run_sync(run)
 
 

@@ -11,6 +11,7 @@ duplicate window or, later, by the consumers' inbox.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -120,10 +121,8 @@ class OutboxRelay:
                 await self._sleep(self.poll_interval)
 
     async def _sleep(self, seconds: float) -> None:
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout=seconds)
-        except TimeoutError:
-            pass
         self._wake.clear()
 
     async def publish_pending(self) -> tuple[int, bool]:
@@ -163,7 +162,7 @@ class OutboxRelay:
         for row in rows:
             try:
                 await self._publish_row(row)
-            except Exception as exc:  # noqa: BLE001 - any failure leaves the row for the next pass
+            except Exception as exc:
                 failed = True
                 log.warning(
                     "outbox publish failed; will retry",

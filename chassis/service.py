@@ -114,7 +114,7 @@ class ServiceRuntime:
                 for consumer in self.consumers:
                     await consumer.ensure()
                 break
-            except Exception as exc:  # noqa: BLE001 - keep trying; health says NOT_SERVING
+            except Exception as exc:
                 log.warning("nats not ready; retrying", url=self.settings.nats_url, error=str(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)

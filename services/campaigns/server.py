@@ -6,10 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cornucopia.campaigns.v1 import campaigns_pb2, campaigns_pb2_grpc
-
 from chassis.grpcserver import GrpcService
 from chassis.service import ServiceContext, ServiceDefinition
+from cornucopia.campaigns.v1 import campaigns_pb2, campaigns_pb2_grpc
 
 
 class CampaignsServicer(campaigns_pb2_grpc.CampaignsServiceServicer):

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cornucopia.cards.v1 import cards_pb2, cards_pb2_grpc
-
 from chassis.grpcserver import GrpcService
 from chassis.service import ServiceContext, ServiceDefinition
+from cornucopia.cards.v1 import cards_pb2, cards_pb2_grpc
 
 
 class CardsServicer(cards_pb2_grpc.CardsServiceServicer):

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cornucopia.loyalty.v1 import loyalty_pb2, loyalty_pb2_grpc
-
 from chassis.grpcserver import GrpcService
 from chassis.service import ServiceContext, ServiceDefinition
+from cornucopia.loyalty.v1 import loyalty_pb2, loyalty_pb2_grpc
 
 
 class LoyaltyServicer(loyalty_pb2_grpc.LoyaltyServiceServicer):

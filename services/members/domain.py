@@ -17,7 +17,9 @@ LANGUAGES = ("zh-CN", "en", "es")
 _STORE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,31}$")
 # Deliberately simple: the part before @ is free, the domain must have a dot
 # and no spaces. Real deliverability is proven by sending, not by regex.
-_EMAIL = re.compile(r"^[^@\s]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9\-]{1,63})+$")
+_EMAIL = re.compile(
+    r"^[^@\s]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9\-]{1,63})+$"
+)
 # Crockford's base32 without I, L, O, U: no look-alike characters for staff
 # reading a member number over the phone.
 _ID_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"

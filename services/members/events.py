@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 
-from cornucopia.members.v1 import events_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.outbox import enqueue
+from cornucopia.members.v1 import events_pb2
 
 SOURCE = "cornucopia/members"
 MEMBER_ENROLLED = "members.v1.member.enrolled"

@@ -5,17 +5,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import grpc
 from sqlalchemy.ext.asyncio import AsyncSession
-from cornucopia.common.v1 import date_pb2, org_pb2
-from cornucopia.members.v1 import members_pb2, members_pb2_grpc
 
 from chassis.auth import STAFF_ROLES, Principal, Role, ScopeLevel, current_principal
 from chassis.db import utcnow
 from chassis.errors import AlreadyExists, FieldViolation, InvalidArgument, NotFound
-from chassis.grpcserver import GrpcService
+from chassis.grpcserver import Context, GrpcService
 from chassis.idempotency import run_idempotent
 from chassis.service import ServiceContext, ServiceDefinition
+from cornucopia.common.v1 import date_pb2, org_pb2
+from cornucopia.members.v1 import members_pb2, members_pb2_grpc
 from services.members import domain, events, store
 
 GENDERS = {
@@ -109,7 +108,7 @@ class MembersServicer(members_pb2_grpc.MembersServiceServicer):
         self.default_region = os.environ.get("CORNUCOPIA_DEFAULT_REGION", "CN")
 
     async def CreateMember(
-        self, request: members_pb2.CreateMemberRequest, context: grpc.aio.ServicerContext
+        self, request: members_pb2.CreateMemberRequest, context: Context
     ) -> members_pb2.Member:
         principal = current_principal()
         principal.require_role(*ENROLLING_ROLES)
@@ -164,7 +163,7 @@ class MembersServicer(members_pb2_grpc.MembersServiceServicer):
         )
 
     async def GetMember(
-        self, request: members_pb2.GetMemberRequest, context: grpc.aio.ServicerContext
+        self, request: members_pb2.GetMemberRequest, context: Context
     ) -> members_pb2.Member:
         current_principal().require_role(*READING_ROLES)
         if not request.member_id:

@@ -140,7 +140,5 @@ async def get_member(session: AsyncSession, member_id: str) -> MemberRecord | No
 
 
 async def member_id_by_mobile(session: AsyncSession, mobile: str) -> str | None:
-    result = await session.execute(
-        sa.select(members.c.member_id).where(members.c.mobile == mobile)
-    )
+    result = await session.execute(sa.select(members.c.member_id).where(members.c.mobile == mobile))
     return result.scalar_one_or_none()

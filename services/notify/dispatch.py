@@ -9,6 +9,7 @@ once in the message history and the events.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -55,10 +56,8 @@ class Dispatcher:
                 log.exception("dispatch pass failed")
                 handled = 0
             if handled < self.batch_size:
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval)
-                except TimeoutError:
-                    pass
                 self._wake.clear()
 
     async def dispatch_queued(self) -> int:
@@ -83,7 +82,7 @@ class Dispatcher:
                 if channel is None:
                     raise LookupError(f"no channel {message.channel.value} configured")
                 await channel.send(message)
-            except Exception as exc:  # noqa: BLE001 - recorded and retried next pass
+            except Exception as exc:
                 span.set_status(trace.StatusCode.ERROR)
                 async with self.db.transaction() as session:
                     await store.mark_attempt_failed(

@@ -5,8 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 
-from cornucopia.members.v1 import events_pb2 as member_events
-from cornucopia.notify.v1 import events_pb2, notify_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -15,6 +13,8 @@ from chassis.db import utcnow
 from chassis.inbox import Envelope, Subscription
 from chassis.outbox import enqueue
 from chassis.telemetry import current_traceparent
+from cornucopia.members.v1 import events_pb2 as member_events
+from cornucopia.notify.v1 import events_pb2, notify_pb2
 from services.notify import domain, store
 
 SOURCE = "cornucopia/notify"

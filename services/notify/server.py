@@ -5,14 +5,13 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-import grpc
-from cornucopia.notify.v1 import notify_pb2, notify_pb2_grpc
 
 from chassis.auth import STAFF_ROLES, Role, current_principal
 from chassis.errors import FieldViolation, InvalidArgument
-from chassis.grpcserver import GrpcService
+from chassis.grpcserver import Context, GrpcService
 from chassis.paging import decode_token, encode_token, page_size
 from chassis.service import ServiceContext, ServiceDefinition
+from cornucopia.notify.v1 import notify_pb2, notify_pb2_grpc
 from services.notify import domain, events, store
 from services.notify.channels import DevLogChannel
 from services.notify.dispatch import Dispatcher
@@ -45,7 +44,7 @@ class NotifyServicer(notify_pb2_grpc.NotifyServiceServicer):
         self.db = ctx.db
 
     async def ListMessages(
-        self, request: notify_pb2.ListMessagesRequest, context: grpc.aio.ServicerContext
+        self, request: notify_pb2.ListMessagesRequest, context: Context
     ) -> notify_pb2.ListMessagesResponse:
         current_principal().require_role(*STAFF_ROLES, Role.SERVICE)
         if not request.member_id:

@@ -95,9 +95,7 @@ async def mark_sent(session: AsyncSession, message_id: str, now: dt.datetime) ->
     await session.execute(
         sa.update(messages)
         .where(messages.c.message_id == message_id)
-        .values(
-            status=MessageStatus.SENT.value, sent_at=now, attempts=messages.c.attempts + 1
-        )
+        .values(status=MessageStatus.SENT.value, sent_at=now, attempts=messages.c.attempts + 1)
     )
 
 

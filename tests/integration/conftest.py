@@ -83,9 +83,12 @@ async def database_url(
             await pg.drop_database(name)
 
 
+HQ = Scope(ScopeLevel.HQ)
+
+
 def token(
     roles: tuple[Role, ...] = (Role.HQ_ADMIN,),
-    scope: Scope = Scope(ScopeLevel.HQ),
+    scope: Scope = HQ,
     subject: str = "test-admin",
 ) -> str:
     return mint_token(DEVELOPMENT_TOKEN_SECRET, subject, roles, scope)
@@ -160,7 +163,7 @@ async def eventually(
 
 def rpc_details(exc: grpc.aio.AioRpcError) -> dict[str, Any]:
     """ErrorInfo and BadRequest details of a failed call, for assertions."""
-    from google.rpc import error_details_pb2, status_pb2  # noqa: PLC0415
+    from google.rpc import error_details_pb2, status_pb2
 
     out: dict[str, Any] = {"reason": None, "violations": {}, "metadata": {}}
     for key, value in exc.trailing_metadata() or ():

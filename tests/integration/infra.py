@@ -24,12 +24,12 @@ def docker_available() -> bool:
     if os.environ.get("CORNUCOPIA_TEST_NO_DOCKER"):
         return False
     try:
-        import docker  # noqa: PLC0415
+        import docker
 
         client = docker.from_env(timeout=2)
         client.ping()
         return True
-    except Exception:  # noqa: BLE001 - no engine, no socket, no permission: all mean "no"
+    except Exception:
         return False
 
 
@@ -68,7 +68,7 @@ class Postgres:
 async def _can_connect(url: str) -> str | None:
     try:
         conn = await asyncio.wait_for(asyncpg.connect(url), timeout=5)
-    except Exception as exc:  # noqa: BLE001 - reported to the user below
+    except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
     await conn.close()
     return None
@@ -83,7 +83,7 @@ def start_postgres() -> Postgres:
     if problem is None:
         return Postgres(admin_url=url)
     if not explicit and docker_available():
-        from testcontainers.postgres import PostgresContainer  # noqa: PLC0415
+        from testcontainers.postgres import PostgresContainer
 
         container = PostgresContainer("postgres:16-alpine", driver=None)
         container.start()
@@ -112,8 +112,8 @@ class Nats:
 def start_nats(store_dir: Path) -> Nats:
     """A NATS server with JetStream for the test run."""
     if docker_available():
-        from testcontainers.core.container import DockerContainer  # noqa: PLC0415
-        from testcontainers.core.waiting_utils import wait_for_logs  # noqa: PLC0415
+        from testcontainers.core.container import DockerContainer
+        from testcontainers.core.waiting_utils import wait_for_logs
 
         container = DockerContainer("nats:2.11-alpine").with_command("-js").with_exposed_ports(4222)
         container.start()
@@ -121,7 +121,7 @@ def start_nats(store_dir: Path) -> Nats:
         host = container.get_container_host_ip()
         port = container.get_exposed_port(4222)
         return Nats(url=f"nats://{host}:{port}", container=container)
-    from chassis.natsserver import NatsServer  # noqa: PLC0415
+    from chassis.natsserver import NatsServer
 
     server = NatsServer(store_dir)
     server.start()

@@ -10,13 +10,13 @@ import uuid
 import grpc
 import pytest
 import sqlalchemy as sa
-from cornucopia.members.v1 import members_pb2, members_pb2_grpc
-from cornucopia.notify.v1 import notify_pb2, notify_pb2_grpc
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from chassis.auth import Role, Scope, ScopeLevel
 from chassis.db import inbox_table, outbox_table
+from cornucopia.members.v1 import members_pb2, members_pb2_grpc
+from cornucopia.notify.v1 import notify_pb2, notify_pb2_grpc
 from services.members.server import definition as members_definition
 from services.members.store import members as members_table
 from services.notify.server import definition as notify_definition
@@ -111,7 +111,8 @@ async def test_enrollment_welcomes_the_member_in_one_trace(
     assert "members.v1.member.enrolled publish" in names
     assert "members.v1.member.enrolled process" in names
     consumer = next(
-        s for s in spans.get_finished_spans()
+        s
+        for s in spans.get_finished_spans()
         if s.name == "members.v1.member.enrolled process" and s.context.trace_id == trace_id
     )
     assert consumer.attributes is not None

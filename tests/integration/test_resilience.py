@@ -6,11 +6,11 @@ from collections import Counter
 from pathlib import Path
 
 import sqlalchemy as sa
-from cornucopia.members.v1 import members_pb2, members_pb2_grpc
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from chassis.db import outbox_table
 from chassis.natsserver import NatsServer
+from cornucopia.members.v1 import members_pb2, members_pb2_grpc
 from services.members.server import definition as members_definition
 from services.notify.server import definition as notify_definition
 from services.notify.store import messages as messages_table
