@@ -140,53 +140,61 @@ class OutboxRelay:
         )
 
     async def _publish_locked(self) -> tuple[int, bool]:
-        # Replicas share the work: each claims rows no one else holds.
+        # Replicas share the work: each claims rows no one else holds, and
+        # holds them until they are marked.
         async with self.db.transaction() as session:
             rows = (await session.execute(self._unsent().with_for_update(skip_locked=True))).all()
-            sent, failed = await self._publish_rows(rows, session)
-        return sent, failed
+            sent, failure = await self._publish_rows(rows)
+            await self._mark(session, sent, failure)
+        return len(sent), failure is not None
 
     async def _publish_single_writer(self) -> tuple[int, bool]:
         # SQLite: one process owns the file, so no claim is needed, and the
-        # write lock is held only for the short update, not while publishing.
+        # write lock is taken only for the short update, never while waiting
+        # on NATS (a publish can wait seconds during an outage).
         async with self.db.sessions() as session:
             rows = (await session.execute(self._unsent())).all()
         if not rows:
             return 0, False
+        sent, failure = await self._publish_rows(rows)
         async with self.db.transaction() as session:
-            return await self._publish_rows(rows, session)
+            await self._mark(session, sent, failure)
+        return len(sent), failure is not None
 
-    async def _publish_rows(self, rows: Sequence[Any], session: AsyncSession) -> tuple[int, bool]:
-        sent_seqs: list[int] = []
-        failed = False
+    async def _publish_rows(self, rows: Sequence[Any]) -> tuple[list[int], tuple[int, str] | None]:
+        """Publish in order; stop at the first failure so order is kept.
+        Returns the published seqs and the failed (seq, error), if any."""
+        sent: list[int] = []
         for row in rows:
             try:
                 await self._publish_row(row)
-            except Exception as exc:
-                failed = True
+            except Exception as exc:  # any failure leaves the row for the next pass
                 log.warning(
                     "outbox publish failed; will retry",
                     event_id=row.event_id,
                     subject=row.subject,
                     error=type(exc).__name__,
                 )
-                await session.execute(
-                    sa.update(outbox_table)
-                    .where(outbox_table.c.seq == row.seq)
-                    .values(
-                        attempts=outbox_table.c.attempts + 1,
-                        last_error=f"{type(exc).__name__}: {exc}"[:500],
-                    )
-                )
-                break
-            sent_seqs.append(row.seq)
-        if sent_seqs:
+                return sent, (row.seq, f"{type(exc).__name__}: {exc}"[:500])
+            sent.append(row.seq)
+        return sent, None
+
+    async def _mark(
+        self, session: AsyncSession, sent: list[int], failure: tuple[int, str] | None
+    ) -> None:
+        if sent:
             await session.execute(
                 sa.update(outbox_table)
-                .where(outbox_table.c.seq.in_(sent_seqs))
+                .where(outbox_table.c.seq.in_(sent))
                 .values(sent_at=utcnow(), attempts=outbox_table.c.attempts + 1)
             )
-        return len(sent_seqs), failed
+        if failure is not None:
+            seq, error = failure
+            await session.execute(
+                sa.update(outbox_table)
+                .where(outbox_table.c.seq == seq)
+                .values(attempts=outbox_table.c.attempts + 1, last_error=error)
+            )
 
     async def _publish_row(self, row: Any) -> None:
         stored: dict[str, str] = dict(row.headers)

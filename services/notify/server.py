@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-
 from chassis.auth import STAFF_ROLES, Role, current_principal
 from chassis.errors import FieldViolation, InvalidArgument
 from chassis.grpcserver import Context, GrpcService

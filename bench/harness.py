@@ -1,0 +1,79 @@
+"""Closed-loop load: N workers call as fast as answers come back for a fixed
+time; latencies in milliseconds."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Result:
+    name: str
+    calls: int
+    seconds: float
+    latencies_ms: list[float]
+    errors: int
+
+    @property
+    def rate(self) -> float:
+        return self.calls / self.seconds
+
+    def pct(self, q: float) -> float:
+        if not self.latencies_ms:
+            return float("nan")
+        ordered = sorted(self.latencies_ms)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    def line(self) -> str:
+        return (
+            f"{self.name:<34} {self.rate:>9.1f}/s  p50 {self.pct(0.5):7.2f} ms  "
+            f"p99 {self.pct(0.99):7.2f} ms  "
+            f"mean {statistics.fmean(self.latencies_ms or [0]):7.2f} ms"
+            f"  errors {self.errors}"
+        )
+
+
+async def drive(
+    name: str,
+    call: Callable[[int], Awaitable[None]],
+    *,
+    concurrency: int,
+    seconds: float,
+    max_calls: int = 1_000_000,
+) -> Result:
+    latencies: list[float] = []
+    errors = 0
+    counter = 0
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        nonlocal counter, errors
+        while time.perf_counter() < deadline and counter < max_calls:
+            counter += 1
+            n = counter
+            started = time.perf_counter()
+            try:
+                await call(n)
+            except Exception:
+                errors += 1
+                continue
+            latencies.append((time.perf_counter() - started) * 1000)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return Result(name, len(latencies), time.perf_counter() - started, latencies, errors)
+
+
+def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    handle = log.open("wb")
+    return subprocess.Popen(
+        [sys.executable, *args], env={**os.environ, **env}, stdout=handle, stderr=subprocess.STDOUT
+    )
