@@ -137,3 +137,30 @@ class BlindIndex:
     def digest(self, kind: str, normalised: str) -> str:
         mac = hmac.new(self._key, f"{kind}\x00{normalised}".encode(), hashlib.sha256)
         return mac.hexdigest()
+
+
+def keys_from_env(
+    prefix: str, environ: Mapping[str, str], *, production: bool
+) -> tuple[KeyRing, BlindIndex]:
+    """The key ring and blind index of a service that keeps personal data.
+
+    ``<PREFIX>_MASTER_KEYS`` (``id:base64,...``), ``<PREFIX>_ACTIVE_KEY_ID``
+    (default: the last listed) and ``<PREFIX>_BLIND_INDEX_KEY`` (base64, at
+    least 32 bytes). Outside production, fixed development keys stand in; in
+    production they are required.
+    """
+    keys_text = environ.get(f"{prefix}_MASTER_KEYS", "").strip()
+    index_text = environ.get(f"{prefix}_BLIND_INDEX_KEY", "").strip()
+    if production and (not keys_text or not index_text):
+        raise ValueError(f"production mode needs {prefix}_MASTER_KEYS and {prefix}_BLIND_INDEX_KEY")
+    if keys_text:
+        keys = parse_keys(keys_text)
+        active = environ.get(f"{prefix}_ACTIVE_KEY_ID", "").strip() or list(keys)[-1]
+    else:
+        keys, active = {"dev": development_key(f"{prefix}-master")}, "dev"
+    index_key = (
+        base64.b64decode(index_text, validate=True)
+        if index_text
+        else development_key(f"{prefix}-blind-index")
+    )
+    return KeyRing(keys, active), BlindIndex(index_key)

@@ -8,6 +8,7 @@ from pathlib import Path
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.auth import STAFF_ROLES, Principal, Role, ScopeLevel, current_principal
+from chassis.crypto import keys_from_env
 from chassis.db import utcnow
 from chassis.errors import AlreadyExists, FieldViolation, InvalidArgument, NotFound
 from chassis.grpcserver import Context, GrpcService
@@ -106,6 +107,8 @@ class MembersServicer(members_pb2_grpc.MembersServiceServicer):
         self.ctx = ctx
         self.db = ctx.db
         self.default_region = os.environ.get("CORNUCOPIA_DEFAULT_REGION", "CN")
+        ring, index = keys_from_env("MEMBERS", os.environ, production=ctx.settings.production)
+        self.keys = store.Keys(ring, index)
 
     async def CreateMember(
         self, request: members_pb2.CreateMemberRequest, context: Context
@@ -130,6 +133,7 @@ class MembersServicer(members_pb2_grpc.MembersServiceServicer):
             try:
                 record = await store.insert_member(
                     session,
+                    self.keys,
                     member_id,
                     member,
                     principal=principal.subject,
@@ -137,7 +141,7 @@ class MembersServicer(members_pb2_grpc.MembersServiceServicer):
                     now=now,
                 )
             except store.MobileTaken:
-                existing = await store.member_id_by_mobile(session, member.mobile)
+                existing = await store.member_id_by_mobile(session, self.keys, member.mobile)
                 raise AlreadyExists(
                     "a member with this mobile number already exists",
                     reason="MOBILE_IN_USE",
@@ -169,7 +173,7 @@ class MembersServicer(members_pb2_grpc.MembersServiceServicer):
         if not request.member_id:
             raise InvalidArgument([FieldViolation("member_id", "required")])
         async with self.db.sessions() as session:
-            record = await store.get_member(session, request.member_id)
+            record = await store.get_member(session, self.keys, request.member_id)
         if record is None:
             raise NotFound(
                 "no member with this id",

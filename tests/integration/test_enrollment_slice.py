@@ -295,3 +295,42 @@ async def test_redelivered_event_is_applied_once(
     # ...and the inbox let only the first one act.
     assert await count(suite, "notify", inbox_table) == 1
     assert await count(suite, "notify", messages_table) == 1
+
+
+async def test_personal_fields_are_encrypted_at_rest_and_die_with_the_data_key(
+    suite: Suite, database_url: DatabaseFactory
+) -> None:
+    from services.members.store import member_keys
+
+    await start_slice(suite, database_url)
+    stub = members_stub(suite)
+    created = await stub.CreateMember(
+        members_pb2.CreateMemberRequest(request_id="private", member=new_member()),
+        metadata=auth(),
+    )
+    members_rt = suite.runtimes["members"]
+    async with members_rt.db.sessions() as session:
+        raw = (await session.execute(sa.select(members_table))).one()._mapping
+    stored = b"".join(
+        v if isinstance(v, bytes) else str(v).encode() for v in raw.values() if v is not None
+    )
+    for secret in (b"8613800138000", b"li.na@example.com", b"Li", b"Na"):
+        assert secret not in stored, secret
+
+    fetched = await stub.GetMember(
+        members_pb2.GetMemberRequest(member_id=created.member_id), metadata=auth()
+    )
+    assert (fetched.given_name, fetched.mobile, fetched.email) == (
+        "Li",
+        "+8613800138000",
+        "li.na@example.com",
+    )
+
+    # Without the member's data key nothing personal can be read any more.
+    async with members_rt.db.transaction() as session:
+        await session.execute(sa.delete(member_keys))
+    unreadable = await stub.GetMember(
+        members_pb2.GetMemberRequest(member_id=created.member_id), metadata=auth()
+    )
+    assert (unreadable.given_name, unreadable.mobile, unreadable.email) == ("", "", "")
+    assert unreadable.home_store_id == "S001"
