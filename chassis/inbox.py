@@ -12,6 +12,7 @@ message is never acknowledged when its handling failed.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +26,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.bus import Bus, StreamSpec, header_map
-from chassis.db import Database, inbox_table, utcnow
+from chassis.db import Database, inbox_table, outbox_table, utcnow
 from chassis.logs import get_logger, redact_text
 from chassis.telemetry import extract_trace_context
 
@@ -266,3 +267,20 @@ async def inbox_contains(db: Database, consumer: str, event_id: str) -> bool:
             )
         )
         return row.first() is not None
+
+
+async def forget_messaging_older_than(db: Database, hours: int) -> tuple[int, int]:
+    """Housekeeping: drop consumed event ids and sent outbox rows past their
+    retention. Event ids are kept far longer than any redelivery can come
+    (ack_wait and backoff are minutes); sent outbox rows are only history."""
+    cutoff = utcnow() - dt.timedelta(hours=max(24, hours))
+    async with db.transaction() as session:
+        inbox = await session.execute(
+            sa.delete(inbox_table).where(inbox_table.c.processed_at < cutoff)
+        )
+        outbox = await session.execute(
+            sa.delete(outbox_table).where(
+                outbox_table.c.sent_at.is_not(None), outbox_table.c.sent_at < cutoff
+            )
+        )
+    return int(getattr(inbox, "rowcount", 0) or 0), int(getattr(outbox, "rowcount", 0) or 0)

@@ -19,7 +19,7 @@ from chassis.config import Settings
 from chassis.db import Database
 from chassis.grpcserver import GrpcServer, GrpcService
 from chassis.idempotency import forget_older_than
-from chassis.inbox import Consumer, Subscription
+from chassis.inbox import Consumer, Subscription, forget_messaging_older_than
 from chassis.logs import configure_logging, get_logger
 from chassis.migrations import upgrade_to_head
 from chassis.outbox import OutboxRelay
@@ -130,6 +130,7 @@ class ServiceRuntime:
             await asyncio.sleep(3600)
             try:
                 await forget_older_than(self.db, self.settings.idempotency_retention_hours)
+                await forget_messaging_older_than(self.db, self.settings.inbox_retention_hours)
             except Exception:
                 log.exception("housekeeping failed")
 

@@ -1,0 +1,66 @@
+"""Retention: idempotency keys, consumed event ids and sent outbox rows are
+dropped after their time, and nothing younger or unsent is touched."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from chassis.db import Database, idempotency_table, inbox_table, outbox_table, utcnow
+from chassis.idempotency import forget_older_than
+from chassis.inbox import forget_messaging_older_than
+from chassis.migrations import upgrade_to_head
+from tests.integration.conftest import DatabaseFactory
+
+
+async def test_housekeeping_keeps_what_is_young_or_unsent(database_url: DatabaseFactory) -> None:
+    db = Database(await database_url("cards"))
+    await upgrade_to_head(db, Path("services/cards/migrations"), "cards")
+    now = utcnow()
+    old = now - dt.timedelta(days=10)
+    try:
+        async with db.transaction() as session:
+            for key, created in (("old", old), ("young", now)):
+                await session.execute(
+                    sa.insert(idempotency_table).values(
+                        method="m",
+                        request_id=key,
+                        request_hash="h",
+                        response=b"r",
+                        created_at=created,
+                    )
+                )
+                await session.execute(
+                    sa.insert(inbox_table).values(
+                        consumer="c", event_id=key, subject="s", processed_at=created
+                    )
+                )
+            for key, created, sent in (
+                ("sent-old", old, old),
+                ("sent-young", now, now),
+                ("unsent-old", old, None),
+            ):
+                await session.execute(
+                    sa.insert(outbox_table).values(
+                        event_id=key,
+                        subject="s",
+                        event_type="t",
+                        payload=b"",
+                        headers={},
+                        created_at=created,
+                        sent_at=sent,
+                    )
+                )
+        assert await forget_older_than(db, 48) == 1
+        assert await forget_messaging_older_than(db, 24 * 7) == (1, 1)
+        async with db.sessions() as session:
+            keys = (await session.execute(sa.select(idempotency_table.c.request_id))).scalars()
+            assert set(keys) == {"young"}
+            events = (await session.execute(sa.select(inbox_table.c.event_id))).scalars()
+            assert set(events) == {"young"}
+            rows = (await session.execute(sa.select(outbox_table.c.event_id))).scalars()
+            assert set(rows) == {"sent-young", "unsent-old"}
+    finally:
+        await db.dispose()
