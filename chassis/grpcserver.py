@@ -276,7 +276,7 @@ class GrpcServer:
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {self.listen}")
         await self.server.start()
-        log.info("grpc listening", address=self.listen, port=self.port)
+        log.info("grpc listening", listen=self.listen, port=self.port)
         return self.port
 
     async def set_serving(self, serving: bool) -> None:

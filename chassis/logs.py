@@ -43,6 +43,16 @@ PERSONAL_KEYS = frozenset(
     }
 )
 REDACTED = "[redacted]"
+# Fields the pipeline itself writes, and our own identifiers: never personal,
+# and their digits must not be mistaken for phone numbers.
+STRUCTURAL_KEYS = frozenset(
+    {"timestamp", "level", "logger", "trace_id", "span_id", "service", "rpc", "code"}
+)
+
+
+def _structural(key: str) -> bool:
+    return key in STRUCTURAL_KEYS or key.endswith(("_id", "_ms", "port", "_seq"))
+
 
 _EMAIL = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}")
 # Seven or more digits, optionally with a leading + and separators: phone
@@ -51,14 +61,25 @@ _EMAIL = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}")
 _PHONE = re.compile(r"(?<![\w])\+?\d(?:[\d\s\-().]{5,}\d)(?![\w])")
 
 
+# Digit runs that are not phone numbers: IPv4 addresses and ISO dates.
+_NOT_A_PHONE = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}|\d{4}-\d{2}-\d{2}")
+
+
+def _mask_phone(match: re.Match[str]) -> str:
+    text = match.group(0)
+    return text if _NOT_A_PHONE.fullmatch(text.strip()) else "[phone]"
+
+
 def redact_text(text: str) -> str:
     text = _EMAIL.sub("[email]", text)
-    return _PHONE.sub("[phone]", text)
+    return _PHONE.sub(_mask_phone, text)
 
 
 def _redact_value(key: str, value: Any) -> Any:
     if key.lower() in PERSONAL_KEYS and value not in (None, ""):
         return REDACTED
+    if _structural(key):
+        return value
     if isinstance(value, str):
         return redact_text(value)
     if isinstance(value, Mapping):

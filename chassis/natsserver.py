@@ -88,7 +88,12 @@ class NatsServer:
         ]
         with self.log_path.open("ab") as log_file:
             self.process = subprocess.Popen(  # noqa: S603 - fixed arguments
-                args, stdout=log_file, stderr=subprocess.STDOUT
+                args,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                # Its own session: a Ctrl-C meant for `cornucopia up` must not
+                # stop NATS before the services have drained.
+                start_new_session=True,
             )
         if not wait_for_port(self.port, self.host, timeout):
             self.stop()
