@@ -1,0 +1,350 @@
+"""The ``cornucopia`` command.
+
+cornucopia up [--var-dir var] [--no-nats]      the whole suite on this machine
+cornucopia serve <service>                      one service (or the gateway)
+cornucopia migrate <service>                    apply a service's migrations
+cornucopia token --role R --scope S             a signed development token
+cornucopia deadletters list|replay|discard      the events consumers gave up on
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import nats
+
+from chassis import deadletters, supervisor
+from chassis.auth import Role, Scope, mint_token
+from chassis.config import ALL_SERVICES, GRPC_SERVICES, ConfigError, Settings
+from chassis.db import Database
+from chassis.logs import configure_logging
+from chassis.migrations import upgrade_to_head
+from chassis.service import main as service_main
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A command line that names something that does not exist."""
+
+
+# -- serve / migrate ----------------------------------------------------------
+
+
+def check_service(name: str, allowed: Sequence[str] = ALL_SERVICES) -> str:
+    if name not in allowed:
+        raise UsageError(f"unknown service {name!r}; expected one of: {', '.join(allowed)}")
+    return name
+
+
+def load_server_module(service: str) -> ModuleType:
+    """``services.<service>.server``; a clear error if it is not there yet."""
+    module_name = f"services.{service}.server"
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        # Only the module itself (or its package) missing is a usage error; a
+        # dependency missing inside it is a real bug and keeps its traceback.
+        if exc.name not in (module_name, f"services.{service}", "services"):
+            raise
+        raise UsageError(f"{module_name} cannot be imported: {exc}") from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    service = check_service(args.service)
+    module = load_server_module(service)
+    if service == "gateway":
+        gateway_main: Callable[[], object] = module.main
+        gateway_main()
+        return 0
+    service_main(module.definition)
+    return 0
+
+
+async def migrate(migrations_dir: Path, settings: Settings) -> None:
+    """Bring the service's database to the newest revision."""
+    db = Database(settings.database_url)
+    try:
+        await upgrade_to_head(db, migrations_dir, settings.service)
+    finally:
+        await db.dispose()
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    service = check_service(args.service, GRPC_SERVICES)
+    definition = load_server_module(service).definition
+    settings = Settings.from_env(service)
+    configure_logging(service, settings.log_level, settings.log_json)
+    asyncio.run(migrate(Path(definition.migrations_dir), settings))
+    print(f"{service}: migrations applied up to head on {redact_url(settings.database_url)}")
+    return 0
+
+
+def redact_url(url: str) -> str:
+    """A database URL without its password."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not sep or not at:
+        return url
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
+
+
+# -- token --------------------------------------------------------------------
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    try:
+        scope = Scope.parse(args.scope)
+    except ValueError as exc:
+        raise UsageError(f"--scope: {exc}") from None
+    if args.ttl_hours <= 0:
+        raise UsageError("--ttl-hours must be more than 0")
+    roles = args.role or [Role.HQ_ADMIN.value]
+    secret = Settings.from_env("gateway").token_secret
+    token = mint_token(
+        secret,
+        args.subject,
+        roles,
+        scope,
+        ttl_seconds=int(args.ttl_hours * 3600),
+        store_id=args.store or "",
+    )
+    print(token)
+    return 0
+
+
+# -- deadletters --------------------------------------------------------------
+
+
+def nats_url(explicit: str | None = None, environ: dict[str, str] | None = None) -> str:
+    """--nats-url, else NATS_URL, else the NATS ``cornucopia up`` is running
+    (var/endpoints.json), else the default."""
+    env = dict(os.environ) if environ is None else environ
+    if explicit:
+        return explicit
+    if env.get("NATS_URL"):
+        return env["NATS_URL"]
+    endpoints = Path(env.get("CORNUCOPIA_VAR_DIR") or "var") / "endpoints.json"
+    try:
+        url = json.loads(endpoints.read_text(encoding="utf-8")).get("nats_url")
+    except (OSError, ValueError, AttributeError):
+        url = None
+    if isinstance(url, str) and url:
+        return url
+    return Settings.from_env("gateway", env).nats_url
+
+
+async def _with_jetstream(url: str, action: Callable[[Any], Awaitable[int]]) -> int:
+    async def quiet(_exc: Exception) -> None:
+        """nats-py logs every failed attempt with a traceback otherwise."""
+
+    try:
+        # Two attempts, then NoServersError (0 would mean: retry for ever).
+        nc = await nats.connect(
+            servers=[url],
+            name="cornucopia-cli",
+            allow_reconnect=False,
+            connect_timeout=3,
+            max_reconnect_attempts=1,
+            reconnect_time_wait=0.5,
+            error_cb=quiet,
+        )
+    except Exception as exc:
+        reason = str(exc) or type(exc).__name__
+        print(f"cornucopia: cannot connect to NATS at {url}: {reason}", file=sys.stderr)
+        return 1
+    try:
+        return await action(nc.jetstream(timeout=5))
+    finally:
+        await nc.close()
+
+
+async def deadletters_list(js: Any, limit: int) -> int:
+    letters = await deadletters.list_dead_letters(js, limit)
+    if not letters:
+        print("no dead letters", file=sys.stderr)
+        return 0
+    print(deadletters.LIST_HEADER)
+    for letter in letters:
+        print(deadletters.format_line(letter))
+    return 0
+
+
+async def deadletters_replay(js: Any, sequences: Sequence[int]) -> int:
+    status = 0
+    for seq in sequences:
+        try:
+            done = await deadletters.replay(js, seq)
+        except (deadletters.DeadLetterNotFound, ValueError) as exc:
+            print(f"{seq}: {exc}", file=sys.stderr)
+            status = 1
+            continue
+        note = " (already stored: duplicate)" if done.duplicate else ""
+        print(
+            f"{seq}: replayed {done.event_id} to {done.subject} "
+            f"({done.stream} #{done.stream_sequence}){note}; dead letter deleted"
+        )
+    return status
+
+
+async def deadletters_discard(js: Any, sequences: Sequence[int]) -> int:
+    status = 0
+    for seq in sequences:
+        try:
+            letter = await deadletters.discard(js, seq)
+        except deadletters.DeadLetterNotFound as exc:
+            print(f"{seq}: {exc}", file=sys.stderr)
+            status = 1
+            continue
+        print(f"{seq}: discarded {letter.event_id or '-'} ({letter.original_subject or '-'})")
+    return status
+
+
+def cmd_deadletters(args: argparse.Namespace) -> int:
+    url = nats_url(args.nats_url)
+    action: Callable[[Any], Awaitable[int]]
+    if args.action == "list":
+        limit = int(args.limit)
+
+        async def action(js: Any) -> int:
+            return await deadletters_list(js, limit)
+
+    elif args.action == "replay":
+        sequences = list(args.sequence)
+
+        async def action(js: Any) -> int:
+            return await deadletters_replay(js, sequences)
+
+    else:
+        sequences = list(args.sequence)
+
+        async def action(js: Any) -> int:
+            return await deadletters_discard(js, sequences)
+
+    return asyncio.run(_with_jetstream(url, action))
+
+
+# -- up -----------------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    var_dir = Path(args.var_dir) if args.var_dir else supervisor.default_var_dir()
+    return supervisor.run(var_dir, start_nats=not args.no_nats, ready_timeout=args.timeout)
+
+
+# -- the parser ---------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cornucopia", description="Cornucopia: run, operate and call the suite."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = commands.add_parser("up", help="run the whole suite on this machine (make up)")
+    up.add_argument(
+        "--var-dir", help="where data and logs go (default: $CORNUCOPIA_VAR_DIR or ./var)"
+    )
+    up.add_argument(
+        "--no-nats",
+        action="store_true",
+        help="do not start a nats-server; use NATS_URL (or nats://127.0.0.1:4222)",
+    )
+    up.add_argument(
+        "--timeout",
+        type=float,
+        default=90.0,
+        help="seconds to wait for every health check (default 90)",
+    )
+    up.set_defaults(handler=cmd_up)
+
+    serve = commands.add_parser("serve", help="run one service in the foreground")
+    serve.add_argument("service", help=", ".join(ALL_SERVICES))
+    serve.set_defaults(handler=cmd_serve)
+
+    migrate_cmd = commands.add_parser("migrate", help="apply a service's database migrations")
+    migrate_cmd.add_argument("service", help=", ".join(GRPC_SERVICES))
+    migrate_cmd.set_defaults(handler=cmd_migrate)
+
+    token = commands.add_parser(
+        "token",
+        help="print a signed development token",
+        description="Print a token signed with CORNUCOPIA_TOKEN_SECRET (or the development "
+        "secret outside production).",
+    )
+    token.add_argument(
+        "--role",
+        action="append",
+        choices=[r.value for r in Role],
+        help="may be repeated (default: hq_admin)",
+    )
+    token.add_argument(
+        "--scope",
+        default="hq",
+        help="hq, region:<id>, store:<id>, call_center or partner:<id> (default: hq)",
+    )
+    token.add_argument("--subject", default="dev-admin", help="who the token is for")
+    token.add_argument("--store", help="the store the principal acts from (audit stamps)")
+    token.add_argument(
+        "--ttl-hours", type=float, default=12.0, help="validity in hours (default 12)"
+    )
+    token.set_defaults(handler=cmd_token)
+
+    dead = commands.add_parser(
+        "deadletters", help="list, replay or discard events consumers gave up on"
+    )
+    dead.add_argument(
+        "--nats-url",
+        help="default: $NATS_URL, else the NATS of a running `cornucopia up`, "
+        "else nats://127.0.0.1:4222",
+    )
+    dead_actions = dead.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = dead_actions.add_parser("list", help="one line per parked event, oldest first")
+    listing.add_argument("--limit", type=_positive_int, default=100)
+    replay = dead_actions.add_parser(
+        "replay", help="republish to the original subject, then delete the dead letter"
+    )
+    replay.add_argument("sequence", type=_positive_int, nargs="+")
+    discard = dead_actions.add_parser("discard", help="delete dead letters for good")
+    discard.add_argument("sequence", type=_positive_int, nargs="+")
+    dead.set_defaults(handler=cmd_deadletters)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except UsageError as exc:
+        parser.exit(EXIT_USAGE, f"{parser.prog}: error: {exc}\n")
+    except ConfigError as exc:
+        parser.exit(EXIT_USAGE, f"{parser.prog}: configuration error: {exc}\n")
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
