@@ -1,0 +1,201 @@
+"""The client side of the gRPC edge: channels to peer services, bearer
+metadata, and the google.rpc details of a failed call read back.
+
+Channels carry the OpenTelemetry client interceptors (the caller's span is
+the parent of the call's span, and ``traceparent`` travels in the metadata),
+keepalives that notice a dead peer, and a service config that retries
+UNAVAILABLE on idempotent methods only. A method counts as idempotent when
+its proto says so (``option idempotency_level``), when it is a standard read
+(Get, List, BatchGet, Search), or when its request carries a ``request_id``:
+the platform's rule is that such a mutation returns the first answer to a
+repeated id, so resending it is safe.
+
+``rich_error`` decodes what ``chassis.grpcserver`` puts in a status
+(``ErrorInfo`` always; ``BadRequest`` and ``RetryInfo`` when they apply).
+Only a status with ``ErrorInfo`` was written by a Cornucopia service on
+purpose; anything else (a refused connection, a deadline, a proxy's error)
+carries transport text that must not be shown to an end user.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from google.protobuf import descriptor_pb2
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2
+from opentelemetry.instrumentation.grpc import aio_client_interceptors, filters
+
+from chassis.errors import FieldViolation
+
+DETAILS_METADATA_KEY = "grpc-status-details-bin"
+
+# Retries of UNAVAILABLE: a few quick attempts with jittered exponential
+# backoff, bounded in any case by the call's deadline; the throttle stops
+# retries when most calls to the peer fail, so a sick peer is not stormed.
+RETRY_POLICY: dict[str, Any] = {
+    "maxAttempts": 4,
+    "initialBackoff": "0.1s",
+    "maxBackoff": "1s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+RETRY_THROTTLING: dict[str, Any] = {"maxTokens": 10, "tokenRatio": 0.1}
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+# Keepalive pings every 30 s, even between calls, so that a peer that went
+# away without closing the connection is noticed before the next request.
+# chassis.grpcserver accepts pings every 10 s without data.
+CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.enable_retries", 1),
+    # Reconnect to a restarted peer within seconds, not gRPC's default two
+    # minutes of backoff.
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 5_000),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+)
+
+_READ_PREFIXES = ("Get", "List", "BatchGet", "Search")
+_IDEMPOTENT_LEVELS = (
+    descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS,
+    descriptor_pb2.MethodOptions.IDEMPOTENT,
+)
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"]
+
+
+def is_idempotent(method: MethodDescriptor) -> bool:
+    level = method.GetOptions().idempotency_level
+    if level in _IDEMPOTENT_LEVELS:
+        return True
+    if method.name.startswith(_READ_PREFIXES):
+        return True
+    return "request_id" in method.input_type.fields_by_name
+
+
+def retry_service_config(services: Iterable[ServiceDescriptor] = ()) -> dict[str, Any]:
+    """A gRPC service config retrying UNAVAILABLE on the idempotent methods
+    of ``services`` and on the health check (which every peer serves)."""
+    names: list[dict[str, str]] = [{"service": HEALTH_SERVICE.full_name, "method": "Check"}]
+    for service in services:
+        names.extend(
+            {"service": service.full_name, "method": method.name}
+            for method in service.methods
+            if is_idempotent(method) and service.full_name != HEALTH_SERVICE.full_name
+        )
+    return {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [{"name": names, "retryPolicy": RETRY_POLICY}],
+        "retryThrottling": RETRY_THROTTLING,
+    }
+
+
+def open_channel(
+    target: str,
+    *,
+    services: Iterable[ServiceDescriptor] = (),
+    options: Iterable[tuple[str, Any]] = (),
+) -> grpc.aio.Channel:
+    """An insecure (cluster-internal) channel to a peer at ``target``
+    (``host:port`` or any gRPC target URI).
+
+    ``services`` are the descriptors of the services to be called on it,
+    e.g. ``members_pb2.DESCRIPTOR.services_by_name["MembersService"]``: their
+    idempotent methods are retried on UNAVAILABLE. Extra ``options`` override
+    the defaults. Health checks are not traced: probes every few seconds
+    would bury real traces."""
+    merged: dict[str, Any] = dict(CHANNEL_OPTIONS)
+    merged["grpc.service_config"] = json.dumps(retry_service_config(services))
+    merged.update(options)
+    interceptors = aio_client_interceptors(  # type: ignore[no-untyped-call]
+        filter_=filters.negate(filters.service_name(HEALTH_SERVICE.full_name))
+    )
+    return grpc.aio.insecure_channel(
+        target, options=list(merged.items()), interceptors=interceptors
+    )
+
+
+def bearer(token: str) -> tuple[tuple[str, str]]:
+    """Call metadata carrying a bearer token, for ``metadata=``."""
+    return (("authorization", f"Bearer {token}"),)
+
+
+@dataclass(frozen=True)
+class RpcProblem:
+    """A failed call as the callee described it."""
+
+    code: grpc.StatusCode
+    message: str
+    # From ErrorInfo; empty when the status has none (not a Cornucopia
+    # service's deliberate error: transport, deadline, proxy).
+    reason: str = ""
+    domain: str = ""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    violations: tuple[FieldViolation, ...] = ()
+    # From RetryInfo, in seconds.
+    retry_delay: float | None = None
+
+    @property
+    def from_service(self) -> bool:
+        """True when a Cornucopia service chose this error (it carries
+        ErrorInfo), so its message is meant for the caller."""
+        return bool(self.reason)
+
+
+def _details_status(trailing: Any) -> status_pb2.Status | None:
+    for key, value in trailing or ():
+        if key == DETAILS_METADATA_KEY and isinstance(value, bytes):
+            status = status_pb2.Status()
+            try:
+                status.ParseFromString(value)
+            except Exception:  # a malformed trailer is as good as none
+                return None
+            return status
+    return None
+
+
+def rich_error(exc: grpc.aio.AioRpcError) -> RpcProblem:
+    """Decode ``grpc-status-details-bin`` of a failed call. The code and
+    message are the call's own; the details add reason, domain, metadata,
+    field violations and retry delay when the callee sent them."""
+    code = exc.code()
+    message = exc.details() or ""
+    status = _details_status(exc.trailing_metadata())
+    if status is None:
+        return RpcProblem(code=code, message=message)
+    reason = ""
+    domain = ""
+    metadata: dict[str, str] = {}
+    violations: list[FieldViolation] = []
+    retry_delay: float | None = None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason, domain, metadata = info.reason, info.domain, dict(info.metadata)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations.extend(FieldViolation(v.field, v.description) for v in bad.field_violations)
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            retry_delay = retry.retry_delay.ToMilliseconds() / 1000
+    return RpcProblem(
+        code=code,
+        message=message,
+        reason=reason,
+        domain=domain,
+        metadata=metadata,
+        violations=tuple(violations),
+        retry_delay=retry_delay,
+    )

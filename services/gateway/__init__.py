@@ -1,0 +1,1 @@
+"""The store-facing HTTP/JSON gateway in front of the gRPC services."""

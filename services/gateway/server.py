@@ -1,0 +1,502 @@
+"""The store-facing HTTP/JSON gateway: FastAPI in front of the gRPC services.
+
+It holds nothing durable. A request is checked for shape, the caller's
+bearer token is checked and forwarded as it is, and the service's answer
+(or its google.rpc error details) is translated to JSON (or RFC 9457
+problem+json). Each request is the root span of its trace; the gRPC calls
+it makes are its children.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Annotated, Any
+from urllib.parse import quote
+
+import grpc
+import structlog
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Request, Response
+from fastapi.openapi.utils import get_openapi
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind, StatusCode
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from chassis.auth import verify_token
+from chassis.config import Settings
+from chassis.grpcclient import bearer, open_channel, rich_error
+from chassis.logs import configure_logging, get_logger
+from chassis.telemetry import configure_tracing, shutdown_tracing
+from cornucopia.members.v1 import members_pb2, members_pb2_grpc
+from services.gateway.problems import (
+    PROBLEM_JSON,
+    FieldError,
+    Problem,
+    ProblemError,
+    from_rpc,
+    install_problem_handlers,
+    internal_error,
+    problem_response,
+)
+from services.gateway.schemas import (
+    Health,
+    Member,
+    NewMember,
+    Readiness,
+    member_field,
+    member_from_proto,
+)
+
+if TYPE_CHECKING:
+    from cornucopia.members.v1.members_pb2_grpc import MembersServiceAsyncStub
+
+SERVICE = "gateway"
+log = get_logger(__name__)
+tracer = trace.get_tracer("services.gateway")
+
+MEMBERS_SERVICE = members_pb2.DESCRIPTOR.services_by_name["MembersService"]
+# Deadlines of the calls a request makes; past them the caller gets a 504.
+CALL_TIMEOUT_SECONDS = 5.0
+READINESS_TIMEOUT_SECONDS = 2.0
+# An enrollment is a few hundred bytes.
+MAX_BODY_BYTES = 64 * 1024
+SHUTDOWN_GRACE_SECONDS = 10
+# Probes are neither traced nor logged: every few seconds they would bury
+# the requests that matter.
+PROBE_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+# -- peers ------------------------------------------------------------------------
+
+
+class Peers:
+    """Channels to the services behind the gateway. A channel the gateway
+    opens itself is opened on first use, inside the running event loop, and
+    closed on shutdown; one passed in belongs to the caller."""
+
+    def __init__(self, settings: Settings, members_channel: grpc.aio.Channel | None) -> None:
+        self._members_target = settings.peer("members")
+        self._members_channel = members_channel
+        self._owned: list[grpc.aio.Channel] = []
+        self._members_stub: MembersServiceAsyncStub | None = None
+
+    @property
+    def members_channel(self) -> grpc.aio.Channel:
+        if self._members_channel is None:
+            self._members_channel = open_channel(self._members_target, services=[MEMBERS_SERVICE])
+            self._owned.append(self._members_channel)
+        return self._members_channel
+
+    @property
+    def members(self) -> MembersServiceAsyncStub:
+        if self._members_stub is None:
+            self._members_stub = members_pb2_grpc.MembersServiceStub(self.members_channel)
+        return self._members_stub
+
+    async def close(self, grace: float | None = None) -> None:
+        for channel in self._owned:
+            await channel.close(grace)
+        self._owned.clear()
+        self._members_channel = None
+        self._members_stub = None
+
+
+def peers_of(request: Request) -> Peers:
+    peers: Peers = request.app.state.peers
+    return peers
+
+
+# -- request context --------------------------------------------------------------
+
+bearer_scheme = HTTPBearer(
+    auto_error=False,
+    scheme_name="bearer",
+    bearerFormat="JWT",
+    description="A Cornucopia token (`cornucopia token --role ... --scope ...`); "
+    "the gateway forwards it to the services, which decide what it may do.",
+)
+
+
+async def caller_token(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+) -> str:
+    """The caller's bearer token, checked at the edge so that a forged or
+    expired token goes no further."""
+    token = credentials.credentials.strip() if credentials is not None else ""
+    if not token:
+        raise ProblemError(
+            401,
+            "MISSING_CREDENTIALS",
+            "send 'Authorization: Bearer <token>'",
+            headers={"WWW-Authenticate": 'Bearer realm="cornucopia"'},
+        )
+    principal = verify_token(request.app.state.settings.token_secret, token)
+    structlog.contextvars.bind_contextvars(principal=principal.subject)
+    return token
+
+
+async def idempotency_key(
+    key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            description="A key of your choosing (a UUID is best), unique per operation. "
+            "Retrying with the same key and body returns the first answer; the same key "
+            "with another body is refused (422).",
+        ),
+    ] = None,
+) -> str:
+    if key is None or not key.strip():
+        raise ProblemError(
+            400,
+            "IDEMPOTENCY_KEY_REQUIRED",
+            "send an Idempotency-Key header so that the request can be retried safely",
+            errors=[FieldError(field="Idempotency-Key", description="required")],
+        )
+    return key.strip()
+
+
+def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    descriptions = {
+        400: "The request is malformed or has invalid fields (listed in `errors`).",
+        401: "No token, or a token that is not valid.",
+        403: "The token's role or scope does not allow this.",
+        404: "No such resource.",
+        409: "Conflicts with the current state (e.g. the mobile is already a member's).",
+        422: "Well formed but refused: a business rule, or an Idempotency-Key reused "
+        "for a different request.",
+        429: "Too many requests; see Retry-After.",
+        500: "An unexpected error; quote the trace_id.",
+        503: "A service behind the gateway is unavailable; see Retry-After.",
+        504: "A service behind the gateway did not answer in time.",
+    }
+    return {s: {"model": Problem, "description": descriptions[s]} for s in statuses}
+
+
+def _call_failed(exc: grpc.aio.AioRpcError, rename: Callable[[str], str] = str) -> ProblemError:
+    return from_rpc(rich_error(exc), peer="members", rename=rename)
+
+
+# -- routes -------------------------------------------------------------------------
+
+router = APIRouter()
+
+
+@router.get(
+    "/healthz",
+    tags=["health"],
+    summary="Liveness",
+    description="200 while the process runs.",
+    operation_id="healthz",
+)
+async def healthz() -> Health:
+    return Health()
+
+
+@router.get(
+    "/readyz",
+    tags=["health"],
+    summary="Readiness",
+    description="200 when the members service reports SERVING on its gRPC health check.",
+    responses=_problems(503),
+    operation_id="readyz",
+)
+async def readyz(request: Request) -> Readiness:
+    health = health_pb2_grpc.HealthStub(peers_of(request).members_channel)
+    try:
+        reply = await health.Check(
+            health_pb2.HealthCheckRequest(service=MEMBERS_SERVICE.full_name),
+            timeout=READINESS_TIMEOUT_SECONDS,
+        )
+    except grpc.aio.AioRpcError as exc:
+        raise ProblemError(
+            503, "NOT_READY", f"the members service cannot be checked ({exc.code().name})"
+        ) from None
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        raise ProblemError(503, "NOT_READY", f"the members service is {status}")
+    return Readiness(checks={"members": status})
+
+
+@router.post(
+    "/v1/members",
+    tags=["members"],
+    summary="Enroll a member",
+    description="Creates a member file. Needs an `Idempotency-Key`: a till that retries "
+    "after a timeout gets the member created the first time. A mobile already in use "
+    "is a 409 whose `reason` is `MOBILE_IN_USE`.",
+    status_code=201,
+    response_description="The new member; `Location` names it.",
+    responses=_problems(400, 401, 403, 409, 422, 429, 500, 503, 504),
+    operation_id="createMember",
+)
+async def create_member(
+    body: NewMember,
+    request: Request,
+    response: Response,
+    token: Annotated[str, Depends(caller_token)],
+    key: Annotated[str, Depends(idempotency_key)],
+) -> Member:
+    call = members_pb2.CreateMemberRequest(request_id=key, member=body.to_proto())
+    try:
+        member = await peers_of(request).members.CreateMember(
+            call, metadata=bearer(token), timeout=CALL_TIMEOUT_SECONDS
+        )
+    except grpc.aio.AioRpcError as exc:
+        raise _call_failed(exc, member_field) from None
+    response.headers["Location"] = f"/v1/members/{quote(member.member_id, safe='')}"
+    if member.etag:
+        response.headers["ETag"] = member.etag
+    return member_from_proto(member)
+
+
+@router.get(
+    "/v1/members/{member_id}",
+    tags=["members"],
+    summary="Read a member",
+    responses=_problems(400, 401, 403, 404, 429, 500, 503, 504),
+    operation_id="getMember",
+)
+async def get_member(
+    member_id: Annotated[str, Path(min_length=1, max_length=64, description="e.g. M7Q2K9X4TD")],
+    request: Request,
+    response: Response,
+    token: Annotated[str, Depends(caller_token)],
+) -> Member:
+    try:
+        member = await peers_of(request).members.GetMember(
+            members_pb2.GetMemberRequest(member_id=member_id),
+            metadata=bearer(token),
+            timeout=CALL_TIMEOUT_SECONDS,
+        )
+    except grpc.aio.AioRpcError as exc:
+        raise _call_failed(exc) from None
+    if member.etag:
+        response.headers["ETag"] = member.etag
+    return member_from_proto(member)
+
+
+# -- tracing and access log -----------------------------------------------------------
+
+
+class RequestTracing:
+    """Makes each request the SERVER span of its trace (continuing the
+    caller's ``traceparent`` when it sends one), writes one access log line,
+    and answers an unhandled error with a 500 problem inside the span."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in PROBE_PATHS:
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        method: str = scope["method"]
+        path: str = scope["path"]
+        started = time.perf_counter()
+        status = 0
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        with tracer.start_as_current_span(
+            method,
+            context=propagate.extract(headers),
+            kind=SpanKind.SERVER,
+            attributes={"http.request.method": method, "url.path": path},
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            try:
+                await self.app(scope, receive, send_with_status)
+            except Exception as exc:
+                span.record_exception(exc)
+                log.exception("unhandled error", method=method, path=path)
+                if status:
+                    raise  # the response has begun; nothing sensible to add
+                await problem_response(internal_error(), path)(scope, receive, send_with_status)
+            finally:
+                route = _route_template(scope)
+                if route:
+                    span.update_name(f"{method} {route}")
+                    span.set_attribute("http.route", route)
+                span.set_attribute("http.response.status_code", status)
+                if status >= 500:
+                    span.set_status(StatusCode.ERROR)
+                log.info(
+                    "http",
+                    method=method,
+                    route=route or path,
+                    status=status,
+                    duration_ms=round((time.perf_counter() - started) * 1000, 2),
+                )
+                # Bound by caller_token for this request's lines only.
+                structlog.contextvars.unbind_contextvars("principal")
+
+
+TOO_LARGE_DETAIL = f"the request body is larger than {MAX_BODY_BYTES // 1024} KiB"
+
+
+class BodyTooLarge(StarletteHTTPException):
+    def __init__(self) -> None:
+        super().__init__(413, TOO_LARGE_DETAIL)
+
+
+class LimitBody:
+    """Refuses request bodies over MAX_BODY_BYTES with a 413 problem: at
+    once when Content-Length says so, else as soon as the bytes read pass
+    the limit."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            error = ProblemError(413, "CONTENT_TOO_LARGE", TOO_LARGE_DETAIL)
+            await problem_response(error, scope["path"])(scope, receive, send)
+            return
+        received = 0
+
+        async def receive_limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > MAX_BODY_BYTES:
+                    # FastAPI passes HTTPExceptions raised while it reads
+                    # the body on to the handlers.
+                    raise BodyTooLarge()
+            return message
+
+        await self.app(scope, receive_limited, send)
+
+
+def _route_template(scope: Scope) -> str:
+    route = scope.get("route")
+    template = getattr(route, "path", "")
+    return template if isinstance(template, str) else ""
+
+
+# -- the app --------------------------------------------------------------------------
+
+TAGS = [
+    {"name": "members", "description": "Member files: enrollment and lookup."},
+    {"name": "health", "description": "Liveness and readiness probes."},
+]
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    yield
+    peers: Peers = app.state.peers
+    await peers.close(grace=SHUTDOWN_GRACE_SECONDS / 2)
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document, with errors as problem+json and without the
+    422 validation body FastAPI documents but the gateway never sends."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(
+        title=app.title,
+        version=app.version,
+        description=app.description,
+        routes=app.routes,
+        tags=app.openapi_tags,
+    )
+    for path_item in schema.get("paths", {}).values():
+        for operation in path_item.values():
+            responses: dict[str, Any] = operation.get("responses", {})
+            for code in list(responses):
+                content: dict[str, Any] = responses[code].get("content", {})
+                if "HTTPValidationError" in str(content):
+                    del responses[code]
+                elif int(code) >= 400 and "application/json" in content:
+                    content[PROBLEM_JSON] = content.pop("application/json")
+    components: dict[str, Any] = schema.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    app.openapi_schema = schema
+    return schema
+
+
+def create_app(settings: Settings, members_channel: grpc.aio.Channel | None = None) -> FastAPI:
+    """The gateway app. ``members_channel`` is for tests and embedders; by
+    default a channel to ``settings.peer("members")`` is opened on first use."""
+    app = FastAPI(
+        title="Cornucopia gateway",
+        version="1",
+        description="The HTTP/JSON API for stores. Errors are RFC 9457 `application/problem+json`.",
+        openapi_tags=TAGS,
+        lifespan=_lifespan,
+        # The gateway makes its own server span (RequestTracing); FastAPI's
+        # native telemetry would add a second one and log request values.
+        telemetry={
+            "tracing": False,
+            "metrics": False,
+            "logs": False,
+            "operation_spans": False,
+            "auto_configure": False,
+        },
+    )
+    app.state.settings = settings
+    app.state.peers = Peers(settings, members_channel)
+    install_problem_handlers(app)
+    app.include_router(router)
+    # The last added is the outermost: the span covers the size check.
+    app.add_middleware(LimitBody)
+    app.add_middleware(RequestTracing)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """``host:port`` (``[::1]:8080``, ``:8080`` for every interface)."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"HTTP_LISTEN must be host:port, not {listen!r}")
+    host = host.strip("[]") or "0.0.0.0"  # noqa: S104 - ":port" asks for every interface
+    return host, int(port)
+
+
+def main() -> None:
+    settings = Settings.from_env(SERVICE)
+    configure_logging(SERVICE, settings.log_level, settings.log_json)
+    configure_tracing(SERVICE)
+    host, port = split_listen(settings.http_listen)
+    config = uvicorn.Config(
+        create_app(settings),
+        host=host,
+        port=port,
+        # Our logging pipeline (JSON, trace ids, redaction) and our own
+        # access log line with the route and trace id.
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        # SIGTERM: stop accepting, let requests in flight finish (at most
+        # this long), then run the shutdown that closes the channels.
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS,
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    log.info("http listening", listen=settings.http_listen)
+    try:
+        server.run()
+    finally:
+        shutdown_tracing()
+    if not server.started:
+        raise SystemExit(3)
