@@ -21,7 +21,7 @@ from chassis.logs import (
     redact_personal_data,
     redact_text,
 )
-from services.members.domain import normalise_email
+from services.members.domain.members import normalise_email
 
 
 def redact(**event: Any) -> dict[str, Any]:

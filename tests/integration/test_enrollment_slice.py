@@ -18,7 +18,7 @@ from chassis.db import inbox_table, outbox_table
 from cornucopia.members.v1 import members_pb2, members_pb2_grpc
 from cornucopia.notify.v1 import notify_pb2, notify_pb2_grpc
 from services.members.server import definition as members_definition
-from services.members.store import members as members_table
+from services.members.store.members import members as members_table
 from services.notify.server import definition as notify_definition
 from services.notify.store import messages as messages_table
 from tests.integration.conftest import (
@@ -300,7 +300,7 @@ async def test_redelivered_event_is_applied_once(
 async def test_personal_fields_are_encrypted_at_rest_and_die_with_the_data_key(
     suite: Suite, database_url: DatabaseFactory
 ) -> None:
-    from services.members.store import member_keys
+    from services.members.store.members import member_keys
 
     await start_slice(suite, database_url)
     stub = members_stub(suite)

@@ -12,7 +12,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from chassis.errors import InvalidArgument
-from services.members.domain import (
+from services.members.domain.members import (
     LANGUAGES,
     MAX_NAME_LENGTH,
     Birthday,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -11,12 +10,14 @@ from chassis.auth import STAFF_ROLES, Principal, Role, ScopeLevel, current_princ
 from chassis.crypto import keys_from_env
 from chassis.db import utcnow
 from chassis.errors import AlreadyExists, FieldViolation, InvalidArgument, NotFound
-from chassis.grpcserver import Context, GrpcService
+from chassis.grpcserver import Context
 from chassis.idempotency import run_idempotent
-from chassis.service import ServiceContext, ServiceDefinition
+from chassis.service import ServiceContext
 from cornucopia.common.v1 import date_pb2, org_pb2
 from cornucopia.members.v1 import members_pb2, members_pb2_grpc
-from services.members import domain, events, store
+from services.members import events
+from services.members.domain import members as domain
+from services.members.store import members as store
 
 GENDERS = {
     members_pb2.GENDER_UNSPECIFIED: domain.Gender.UNSPECIFIED,
@@ -181,16 +182,3 @@ class MembersServicer(members_pb2_grpc.MembersServiceServicer):
                 metadata={"member_id": request.member_id},
             )
         return to_proto(record)
-
-
-definition = ServiceDefinition(
-    name="members",
-    migrations_dir=Path(__file__).parent / "migrations",
-    grpc_services=lambda ctx: [
-        GrpcService(
-            full_name=members_pb2.DESCRIPTOR.services_by_name["MembersService"].full_name,
-            servicer=MembersServicer(ctx),
-            add_to_server=members_pb2_grpc.add_MembersServiceServicer_to_server,
-        )
-    ],
-)

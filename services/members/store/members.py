@@ -19,9 +19,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.crypto import BlindIndex, DecryptionError, FieldCipher, KeyRing, WrappedKey
 from chassis.db import UTCDateTime, is_unique_violation
-from services.members.domain import Birthday, EnrollmentChannel, Gender, NewMember
-
-metadata = sa.MetaData()
+from services.members.domain.members import Birthday, EnrollmentChannel, Gender, NewMember
+from services.members.store import metadata
 
 member_keys = sa.Table(
     "member_keys",

@@ -1,0 +1,28 @@
+"""The members gRPC edge: one module per gRPC service, all served by one
+process that owns the members database."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from chassis.grpcserver import GrpcService
+from chassis.service import ServiceContext, ServiceDefinition
+from cornucopia.members.v1 import members_pb2, members_pb2_grpc
+from services.members.server.members import MembersServicer
+
+
+def grpc_services(ctx: ServiceContext) -> list[GrpcService]:
+    return [
+        GrpcService(
+            full_name=members_pb2.DESCRIPTOR.services_by_name["MembersService"].full_name,
+            servicer=MembersServicer(ctx),
+            add_to_server=members_pb2_grpc.add_MembersServiceServicer_to_server,
+        ),
+    ]
+
+
+definition = ServiceDefinition(
+    name="members",
+    migrations_dir=Path(__file__).parent.parent / "migrations",
+    grpc_services=grpc_services,
+)
