@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import json
 import os
@@ -239,7 +240,51 @@ def cmd_deadletters(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     var_dir = Path(args.var_dir) if args.var_dir else supervisor.default_var_dir()
-    return supervisor.run(var_dir, start_nats=not args.no_nats, ready_timeout=args.timeout)
+    if os.environ.get("CORNUCOPIA_ENV", "development").strip().lower() != "development":
+        return supervisor.run(var_dir, start_nats=not args.no_nats, ready_timeout=args.timeout)
+    return asyncio.run(
+        _up_with_demo_data(var_dir, start_nats=not args.no_nats, ready_timeout=args.timeout)
+    )
+
+
+async def _up_with_demo_data(var_dir: Path, *, start_nats: bool, ready_timeout: float) -> int:
+    """``up`` in development: once every service is SERVING (the supervisor
+    then writes endpoints.json), load the demo chain and print its logins."""
+    suite = supervisor.Supervisor(var_dir, start_nats=start_nats, ready_timeout=ready_timeout)
+    endpoints = var_dir / "endpoints.json"
+    endpoints.unlink(missing_ok=True)  # left by a run that did not stop cleanly
+    loader = asyncio.create_task(_load_demo_data(suite, endpoints))
+    try:
+        return await suite.run()
+    finally:
+        loader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loader
+
+
+async def _load_demo_data(suite: supervisor.Supervisor, endpoints: Path) -> None:
+    import grpc  # noqa: PLC0415 - only `up` in development needs these
+
+    from chassis.grpcclient import open_channel  # noqa: PLC0415
+    from services.members.demo import demo_banner, load_demo_data  # noqa: PLC0415
+
+    # Written by the supervisor once every health check says SERVING.
+    while True:
+        if await asyncio.to_thread(endpoints.exists):
+            text = await asyncio.to_thread(endpoints.read_text, encoding="utf-8")
+            break
+        await asyncio.sleep(0.5)
+    info = json.loads(text)
+    secret = Settings.from_env("gateway").token_secret
+    channel = open_channel(info["grpc"]["members"])
+    try:
+        logins = await load_demo_data(channel, supervisor.development_token(secret))
+    except grpc.aio.AioRpcError as exc:
+        suite.say(f"demo data not loaded: {exc.code().name}")
+        return
+    finally:
+        await channel.close(grace=None)
+    suite.print_raw(demo_banner(logins, info["gateway"]))
 
 
 # -- the parser ---------------------------------------------------------------

@@ -68,8 +68,29 @@ def test_only_idempotent_methods_are_retried() -> None:
         "test.ledger.LedgerService/EarnPoints",  # has a request_id
         "test.ledger.LedgerService/GetBalance",  # a read
         "test.ledger.LedgerService/Recompute",  # says it is idempotent
-        "cornucopia.members.v1.MembersService/CreateMember",
-        "cornucopia.members.v1.MembersService/GetMember",
+        *(
+            f"cornucopia.members.v1.MembersService/{name}"
+            for name in (
+                # request_id
+                "CreateMember",
+                "MergeMembers",
+                "ReassignConsultant",
+                "RecordFollowUp",
+                "RecordFeedback",
+                # reads
+                "GetMember",
+                "ListMembers",
+                "ListMemberChanges",
+                "ListFollowUps",
+                "ListFeedback",
+                "ListAttributeDefinitions",
+                # marked in the proto
+                "LookupMember",
+                "ExportMemberData",
+                "UpdateConsent",
+                "EraseMember",
+            )
+        ),
         "cornucopia.notify.v1.NotifyService/ListMessages",
     }
     json.dumps(retry_service_config([ledger]))  # a valid service config is JSON

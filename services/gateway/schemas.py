@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal, cast
 
 from google.protobuf.descriptor import Descriptor, EnumDescriptor
-from google.protobuf.json_format import MessageToDict
+from google.protobuf.json_format import MessageToDict, ParseDict
 from google.protobuf.message import Message
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
@@ -188,6 +188,174 @@ def member_field(name: str) -> str:
     return name.removeprefix("member.")
 
 
+SKIN_TYPES = short_names(members_pb2.SkinType.DESCRIPTOR)
+INCOME_BANDS = short_names(members_pb2.IncomeBand.DESCRIPTOR)
+CONTACT_CHANNELS = short_names(members_pb2.ContactChannel.DESCRIPTOR)
+MEMBER_STATES = short_names(members_pb2.MemberState.DESCRIPTOR)
+FOLLOW_UP_CHANNELS = short_names(members_pb2.FollowUpChannel.DESCRIPTOR)
+FOLLOW_UP_OUTCOMES = short_names(members_pb2.FollowUpOutcome.DESCRIPTOR)
+
+
+class Coordinates(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    latitude: float = Field(ge=-90, le=90)
+    longitude: float = Field(ge=-180, le=180)
+
+
+class PostalAddress(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    province: Text = ""
+    city: Text = ""
+    district: Text = ""
+    street: Text = ""
+    postcode: Text = ""
+    coordinates: Coordinates | None = None
+
+
+class Anniversary(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Text = Field(examples=["wedding"])
+    date: BirthdayInput
+
+
+class ContactWindow(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    start_time: Text = Field(examples=["18:00"])
+    end_time: Text = Field(examples=["20:30"])
+
+
+class Consent(BaseModel):
+    channel: Annotated[str, _enum_schema(CONTACT_CHANNELS)] | None = None
+    granted: bool = False
+    update_time: datetime | None = None
+    recorded_by: AuditStamp | None = None
+    source: str = ""
+
+
+def _expand_enums(data: dict[str, Any], descriptor: Descriptor) -> dict[str, Any]:
+    """The inverse of _shorten_enums: short names back to proto names."""
+    for field in descriptor.fields:
+        value = data.get(field.name)
+        if value is None:
+            data.pop(field.name, None)
+            continue
+        enum, message = field.enum_type, field.message_type
+        items = value if field.is_repeated else [value]
+        if enum is not None:
+            prefix = enum_prefix(enum)
+            expanded = [prefix + str(item).upper() for item in items]
+            data[field.name] = expanded if field.is_repeated else expanded[0]
+        elif message is not None and not message.GetOptions().map_entry:
+            for item in items:
+                if isinstance(item, dict):
+                    _expand_enums(item, message)
+    return data
+
+
+class MemberPatch(BaseModel):
+    """The fields to change; only the fields sent are changed (a field sent
+    as null or empty is cleared). Consents change through their own call."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"email": "ana@example.org", "tags": ["vip"]}]},
+    )
+
+    home_store_id: Text | None = None
+    given_name: Text | None = None
+    family_name: Text | None = None
+    mobile: Text | None = None
+    email: Text | None = None
+    gender: GenderName | None = None
+    birthday: BirthdayInput | None = None
+    preferred_language: Text | None = None
+    landline: Text | None = None
+    address: PostalAddress | None = None
+    anniversaries: list[Anniversary] | None = None
+    skin_type: Annotated[str, _one_of(SKIN_TYPES), _enum_schema(SKIN_TYPES)] | None = None
+    skin_concerns: list[Text] | None = None
+    occupation: Text | None = None
+    income_band: Annotated[str, _one_of(INCOME_BANDS), _enum_schema(INCOME_BANDS)] | None = None
+    brands_used: list[Text] | None = None
+    preferences: list[Text] | None = None
+    tags: list[Text] | None = None
+    preferred_contact_channel: (
+        Annotated[str, _one_of(CONTACT_CHANNELS), _enum_schema(CONTACT_CHANNELS)] | None
+    ) = None
+    contact_windows: list[ContactWindow] | None = None
+    consultant_id: Text | None = None
+    referrer_member_id: Text | None = None
+    notes: Text | None = None
+    attributes: dict[Text, Text] | None = None
+
+    def to_proto(self, member_id: str, etag: str) -> tuple[members_pb2.Member, list[str]]:
+        """The member message and the field mask (the fields sent)."""
+        data = self.model_dump(exclude_unset=True, mode="json")
+        paths = sorted(data)
+        member = members_pb2.Member(member_id=member_id, etag=etag)
+        ParseDict(_expand_enums(data, members_pb2.Member.DESCRIPTOR), member)
+        return member, paths
+
+
+class NewFollowUp(BaseModel):
+    """A call, message or visit with a member."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "channel": "phone",
+                    "outcome": "reached",
+                    "duration_seconds": 95,
+                    "next_step": "call back when the serum is in",
+                }
+            ]
+        },
+    )
+
+    channel: Annotated[str, _one_of(FOLLOW_UP_CHANNELS), _enum_schema(FOLLOW_UP_CHANNELS)]
+    outcome: Annotated[str, _one_of(FOLLOW_UP_OUTCOMES), _enum_schema(FOLLOW_UP_OUTCOMES)]
+    duration_seconds: int = Field(default=0, ge=0, le=2**31 - 1)
+    next_step: Text = ""
+    staff_id: Text | None = Field(default=None, description="Who called; by default the caller.")
+    occur_time: datetime | None = Field(default=None, description="By default now.")
+
+    def to_proto(self, member_id: str) -> members_pb2.FollowUp:
+        follow_up = members_pb2.FollowUp(
+            member_id=member_id,
+            channel=FOLLOW_UP_CHANNELS[self.channel],  # type: ignore[arg-type]
+            outcome=FOLLOW_UP_OUTCOMES[self.outcome],  # type: ignore[arg-type]
+            duration_seconds=self.duration_seconds,
+            next_step=self.next_step,
+            staff_id=self.staff_id or "",
+        )
+        if self.occur_time is not None:
+            follow_up.occur_time.FromDatetime(self.occur_time)
+        return follow_up
+
+
+class FollowUp(BaseModel):
+    follow_up_id: str
+    member_id: str
+    channel: Annotated[str, _enum_schema(FOLLOW_UP_CHANNELS)] | None = None
+    outcome: Annotated[str, _enum_schema(FOLLOW_UP_OUTCOMES)] | None = None
+    duration_seconds: int = 0
+    next_step: str = ""
+    staff_id: str = ""
+    store_id: str = ""
+    occur_time: datetime | None = None
+    create_time: datetime | None = None
+
+
+def follow_up_from_proto(follow_up: members_pb2.FollowUp) -> FollowUp:
+    return FollowUp.model_validate(proto_to_json(follow_up))
+
+
 class AuditStamp(BaseModel):
     principal: str = Field(default="", description="Who enrolled the member.")
     store_id: str = Field(default="", description="The store they acted from, if any.")
@@ -211,6 +379,29 @@ class Member(BaseModel):
     update_time: datetime | None = None
     etag: str = Field(default="", description="Changes with every update.")
     enrolled_by: AuditStamp | None = None
+    # The full file (issue 3). Personal fields come masked for callers whose
+    # role may not read them (then `masked` is true).
+    landline: str = ""
+    address: PostalAddress | None = None
+    anniversaries: list[Anniversary] = Field(default_factory=list)
+    skin_type: Annotated[str, _enum_schema(SKIN_TYPES)] | None = None
+    skin_concerns: list[str] = Field(default_factory=list)
+    occupation: str = ""
+    income_band: Annotated[str, _enum_schema(INCOME_BANDS)] | None = None
+    brands_used: list[str] = Field(default_factory=list)
+    preferences: list[str] = Field(default_factory=list)
+    tags: list[str] = Field(default_factory=list)
+    preferred_contact_channel: Annotated[str, _enum_schema(CONTACT_CHANNELS)] | None = None
+    contact_windows: list[ContactWindow] = Field(default_factory=list)
+    consultant_id: str = ""
+    referrer_member_id: str = ""
+    enroll_time: datetime | None = None
+    consents: list[Consent] = Field(default_factory=list)
+    notes: str = ""
+    attributes: dict[str, str] = Field(default_factory=dict)
+    state: Annotated[str, _enum_schema(MEMBER_STATES)] | None = None
+    merged_into: str = ""
+    masked: bool = False
 
 
 class Health(BaseModel):

@@ -18,9 +18,10 @@ from urllib.parse import quote
 import grpc
 import structlog
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI, Header, Path, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.openapi.utils import get_openapi
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from google.protobuf import field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, StatusCode
@@ -33,6 +34,7 @@ from chassis.grpcclient import bearer, open_channel, rich_error
 from chassis.logs import configure_logging, get_logger
 from chassis.telemetry import configure_tracing, shutdown_tracing
 from cornucopia.members.v1 import members_pb2, members_pb2_grpc
+from services.gateway import staff, transfers
 from services.gateway.problems import (
     PROBLEM_JSON,
     FieldError,
@@ -44,10 +46,14 @@ from services.gateway.problems import (
     problem_response,
 )
 from services.gateway.schemas import (
+    FollowUp,
     Health,
     Member,
+    MemberPatch,
+    NewFollowUp,
     NewMember,
     Readiness,
+    follow_up_from_proto,
     member_field,
     member_from_proto,
 )
@@ -169,8 +175,10 @@ def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
         403: "The token's role or scope does not allow this.",
         404: "No such resource.",
         409: "Conflicts with the current state (e.g. the mobile is already a member's).",
+        412: "If-Match does not match: the resource changed since you read it.",
         422: "Well formed but refused: a business rule, or an Idempotency-Key reused "
         "for a different request.",
+        428: "If-Match is required.",
         429: "Too many requests; see Retry-After.",
         500: "An unexpected error; quote the trace_id.",
         503: "A service behind the gateway is unavailable; see Retry-After.",
@@ -282,6 +290,116 @@ async def get_member(
     return member_from_proto(member)
 
 
+@router.get(
+    "/v1/members",
+    tags=["members"],
+    summary="Look a member up by mobile or e-mail",
+    description="Exactly one of `mobile` (any usual format, e.g. `138 0013 8000`) or `email`. "
+    "The identifier you looked up with comes back in clear; other personal fields are "
+    "masked unless your role may read this member's file.",
+    responses=_problems(400, 401, 403, 404, 429, 500, 503, 504),
+    operation_id="lookupMember",
+)
+async def lookup_member(
+    request: Request,
+    response: Response,
+    token: Annotated[str, Depends(caller_token)],
+    mobile: Annotated[str | None, Query(max_length=40)] = None,
+    email: Annotated[str | None, Query(max_length=254)] = None,
+) -> Member:
+    try:
+        member = await peers_of(request).members.LookupMember(
+            members_pb2.LookupMemberRequest(mobile=mobile or "", email=email or ""),
+            metadata=bearer(token),
+            timeout=CALL_TIMEOUT_SECONDS,
+        )
+    except grpc.aio.AioRpcError as exc:
+        raise _call_failed(exc) from None
+    if member.etag:
+        response.headers["ETag"] = member.etag
+    return member_from_proto(member)
+
+
+@router.patch(
+    "/v1/members/{member_id}",
+    tags=["members"],
+    summary="Change a member file",
+    description="Changes the fields sent (a field sent as null is cleared). Send the "
+    "`ETag` you read as `If-Match`: a file changed since is a 412. Only the member's "
+    "home store, its region, HQ and the call center may change a file.",
+    responses=_problems(400, 401, 403, 404, 409, 412, 422, 428, 429, 500, 503, 504),
+    operation_id="updateMember",
+)
+async def update_member(
+    *,
+    member_id: Annotated[str, Path(min_length=1, max_length=64, description="e.g. M7Q2K9X4TD")],
+    body: MemberPatch,
+    request: Request,
+    response: Response,
+    token: Annotated[str, Depends(caller_token)],
+    if_match: Annotated[
+        str | None,
+        Header(description="The ETag of the file as you read it."),
+    ] = None,
+) -> Member:
+    if if_match is None or not if_match.strip():
+        raise ProblemError(
+            428,
+            "PRECONDITION_REQUIRED",
+            "send the member's ETag as If-Match so that no change is lost",
+            errors=[FieldError(field="If-Match", description="required")],
+        )
+    member, paths = body.to_proto(member_id, if_match.strip())
+    call = members_pb2.UpdateMemberRequest(
+        member=member, update_mask=field_mask_pb2.FieldMask(paths=paths)
+    )
+    try:
+        updated = await peers_of(request).members.UpdateMember(
+            call, metadata=bearer(token), timeout=CALL_TIMEOUT_SECONDS
+        )
+    except grpc.aio.AioRpcError as exc:
+        problem = rich_error(exc)
+        if problem.reason == "ETAG_MISMATCH":
+            raise ProblemError(
+                412, "ETAG_MISMATCH", "the member file changed since you read it; read it again"
+            ) from None
+        raise from_rpc(problem, peer="members", rename=member_field) from None
+    if updated.etag:
+        response.headers["ETag"] = updated.etag
+    return member_from_proto(updated)
+
+
+@router.post(
+    "/v1/members/{member_id}/follow-ups",
+    tags=["members"],
+    summary="Record a follow-up",
+    description="A call, message or visit with a member; any store may record one. Needs "
+    "an `Idempotency-Key`.",
+    status_code=201,
+    responses=_problems(400, 401, 403, 404, 422, 429, 500, 503, 504),
+    operation_id="recordFollowUp",
+)
+async def record_follow_up(
+    member_id: Annotated[str, Path(min_length=1, max_length=64, description="e.g. M7Q2K9X4TD")],
+    body: NewFollowUp,
+    request: Request,
+    token: Annotated[str, Depends(caller_token)],
+    key: Annotated[str, Depends(idempotency_key)],
+) -> FollowUp:
+    call = members_pb2.RecordFollowUpRequest(request_id=key, follow_up=body.to_proto(member_id))
+
+    def rename(name: str) -> str:
+        return "Idempotency-Key" if name == "request_id" else name.removeprefix("follow_up.")
+
+    try:
+        saved = await peers_of(request).members.RecordFollowUp(
+            call, metadata=bearer(token), timeout=CALL_TIMEOUT_SECONDS
+        )
+    except grpc.aio.AioRpcError as exc:
+        raise _call_failed(exc, rename) from None
+    return follow_up_from_proto(saved)
+
+
 # -- tracing and access log -----------------------------------------------------------
 
 
@@ -361,7 +479,7 @@ class LimitBody:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"] in transfers.UPLOAD_PATHS:
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length", b"")
@@ -395,6 +513,7 @@ def _route_template(scope: Scope) -> str:
 
 TAGS = [
     {"name": "members", "description": "Member files: enrollment and lookup."},
+    {"name": "auth", "description": "Staff login: a token for a login id and password."},
     {"name": "health", "description": "Liveness and readiness probes."},
 ]
 
@@ -456,7 +575,10 @@ def create_app(settings: Settings, members_channel: grpc.aio.Channel | None = No
     app.state.settings = settings
     app.state.peers = Peers(settings, members_channel)
     install_problem_handlers(app)
+    # Before the member routes: /v1/members/export is not a member id.
+    app.include_router(transfers.router)
     app.include_router(router)
+    app.include_router(staff.router)
     # The last added is the outermost: the span covers the size check.
     app.add_middleware(LimitBody)
     app.add_middleware(RequestTracing)

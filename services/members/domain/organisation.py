@@ -1,0 +1,438 @@
+"""The organisation tree (HQ → regions → stores) and the staff directory.
+
+Pure: no I/O, no clock (``now`` is passed in), no protobuf. Validation of
+codes, time zones, currencies and addresses; which roles fit which
+assignment; who may manage whom; and the password rules (slow salted hash,
+lockout after repeated wrong tries).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import enum
+import hashlib
+import hmac
+import re
+import secrets
+import zoneinfo
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from chassis.auth import STAFF_ROLES, Principal, Role, Scope, ScopeLevel
+from chassis.errors import PermissionDenied, Violations
+
+# Region and store codes are what the signs and the tills already show:
+# upper-case, short, no spaces.
+_CODE = re.compile(r"^[A-Z0-9][A-Z0-9_\-]{0,31}$")
+_LOGIN_ID = re.compile(r"^[a-z0-9][a-z0-9._\-]{2,63}$")
+_CURRENCY = re.compile(r"^[A-Z]{3}$")
+_POSTCODE = re.compile(r"^[A-Za-z0-9 \-]{0,12}$")
+# Crockford's base32 without I, L, O, U (read over the phone).
+_ID_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+MAX_NAME_LENGTH = 100
+MAX_ADDRESS_PART = 200
+
+# ISO 4217 active codes a chain in our markets may price in. A closed list,
+# not just three letters: a typo ("CYN") must not create a store whose sales
+# no one can settle.
+CURRENCIES = frozenset(
+    {
+        "AED", "AUD", "BRL", "CAD", "CHF", "CLP", "CNY", "COP", "CZK", "DKK",
+        "EUR", "GBP", "HKD", "HUF", "IDR", "ILS", "INR", "JPY", "KRW", "MOP",
+        "MXN", "MYR", "NOK", "NZD", "PEN", "PHP", "PLN", "RON", "RUB", "SAR",
+        "SEK", "SGD", "THB", "TRY", "TWD", "UAH", "USD", "VND", "ZAR",
+    }
+)  # fmt: skip
+
+MIN_PASSWORD_LENGTH = 10
+# scrypt's cost grows with the input too; a cap keeps a login from being a
+# way to burn CPU.
+MAX_PASSWORD_LENGTH = 128
+MAX_FAILED_ATTEMPTS = 5
+LOCKOUT = dt.timedelta(minutes=5)
+
+# scrypt cost: about 50 ms and 16 MiB a check on a laptop core, which makes
+# offline guessing of a stolen hash expensive while a login stays quick.
+SCRYPT_N = 2**14
+SCRYPT_R = 8
+SCRYPT_P = 1
+SCRYPT_MAXMEM = 64 * 1024 * 1024
+_SALT_BYTES = 16
+_HASH_BYTES = 32
+
+
+class AssignmentLevel(enum.StrEnum):
+    HQ = "hq"
+    REGION = "region"
+    STORE = "store"
+
+
+class StaffState(enum.StrEnum):
+    ACTIVE = "active"
+    LEFT = "left"
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """Where a staff member works: HQ (no id), a region or a store."""
+
+    level: AssignmentLevel
+    id: str = ""
+
+    def __str__(self) -> str:
+        return self.level.value if self.level == AssignmentLevel.HQ else f"{self.level}:{self.id}"
+
+
+HQ = Assignment(AssignmentLevel.HQ)
+
+# The one level each staff role works at.
+ROLE_LEVEL: dict[Role, AssignmentLevel] = {
+    Role.HQ_ADMIN: AssignmentLevel.HQ,
+    Role.CALL_CENTER: AssignmentLevel.HQ,
+    Role.REGION_MANAGER: AssignmentLevel.REGION,
+    Role.STORE_MANAGER: AssignmentLevel.STORE,
+    Role.STORE_OPERATOR: AssignmentLevel.STORE,
+}
+
+# The roles a manager may hand out (and so the staff they may manage):
+# always below their own, so that no one can raise themselves or a peer.
+GRANTABLE: dict[Role, frozenset[Role]] = {
+    Role.HQ_ADMIN: frozenset(STAFF_ROLES),
+    Role.REGION_MANAGER: frozenset({Role.STORE_MANAGER, Role.STORE_OPERATOR}),
+    Role.STORE_MANAGER: frozenset({Role.STORE_OPERATOR}),
+}
+
+
+# -- ids and codes ----------------------------------------------------------------
+
+
+def new_staff_id() -> str:
+    return "ST" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(10))
+
+
+def is_code(text: str) -> bool:
+    return bool(_CODE.match(text))
+
+
+def check_code(text: str, field: str, v: Violations) -> None:
+    if not text:
+        v.add(field, "required")
+    elif not is_code(text):
+        v.add(field, "upper-case letters, digits, '-' and '_', at most 32 (e.g. EAST, S001)")
+
+
+def check_display_name(text: str, field: str, v: Violations) -> str:
+    name = text.strip()
+    if not name:
+        v.add(field, "required")
+    elif len(name) > MAX_NAME_LENGTH:
+        v.add(field, f"at most {MAX_NAME_LENGTH} characters")
+    return name
+
+
+def is_time_zone(name: str) -> bool:
+    if not name or name != name.strip() or name.startswith("/") or ".." in name:
+        return False
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
+
+
+def check_time_zone(name: str, field: str, v: Violations) -> None:
+    if not name:
+        v.add(field, "required: an IANA time zone such as Asia/Shanghai")
+    elif not is_time_zone(name):
+        v.add(field, "not an IANA time zone (e.g. Asia/Shanghai)")
+
+
+def check_currency(code: str, field: str, v: Violations) -> None:
+    if not code:
+        v.add(field, "required: an ISO 4217 code such as CNY")
+    elif not _CURRENCY.match(code) or code not in CURRENCIES:
+        v.add(field, "not an ISO 4217 currency code this chain can use (e.g. CNY)")
+
+
+def normalise_login_id(raw: str) -> str:
+    return raw.strip().lower()
+
+
+def check_login_id(login_id: str, field: str, v: Violations) -> None:
+    if not login_id:
+        v.add(field, "required")
+    elif not _LOGIN_ID.match(login_id):
+        v.add(field, "3 to 64 lower-case letters, digits, '.', '_' or '-'")
+
+
+# -- regions and stores -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Address:
+    province: str = ""
+    city: str = ""
+    district: str = ""
+    street: str = ""
+    postcode: str = ""
+
+
+def normalise_address(address: Address, field: str, v: Violations) -> Address:
+    parts = {
+        "province": address.province.strip(),
+        "city": address.city.strip(),
+        "district": address.district.strip(),
+        "street": address.street.strip(),
+        "postcode": address.postcode.strip(),
+    }
+    for name in ("province", "city", "street"):
+        if not parts[name]:
+            v.add(f"{field}.{name}", "required")
+    for name, value in parts.items():
+        if len(value) > MAX_ADDRESS_PART:
+            v.add(f"{field}.{name}", f"at most {MAX_ADDRESS_PART} characters")
+    if not _POSTCODE.match(parts["postcode"]):
+        v.add(f"{field}.postcode", "letters, digits, spaces and '-', at most 12")
+    return Address(**parts)
+
+
+@dataclass(frozen=True)
+class NewRegion:
+    region_id: str
+    display_name: str
+
+
+def validate_region(region_id: str, display_name: str) -> NewRegion:
+    v = Violations()
+    check_code(region_id, "region.region_id", v)
+    name = check_display_name(display_name, "region.display_name", v)
+    v.raise_if_any()
+    return NewRegion(region_id, name)
+
+
+@dataclass(frozen=True)
+class StoreFields:
+    """A store as created, or as it becomes after an update."""
+
+    store_id: str
+    region_id: str
+    display_name: str
+    address: Address
+    time_zone: str
+    currency: str
+
+
+def validate_store(store: StoreFields) -> StoreFields:
+    v = Violations()
+    check_code(store.store_id, "store.store_id", v)
+    check_code(store.region_id, "store.region_id", v)
+    name = check_display_name(store.display_name, "store.display_name", v)
+    address = normalise_address(store.address, "store.address", v)
+    time_zone = store.time_zone.strip()
+    check_time_zone(time_zone, "store.time_zone", v)
+    currency = store.currency.strip().upper()
+    check_currency(currency, "store.currency_code", v)
+    v.raise_if_any()
+    return StoreFields(store.store_id, store.region_id, name, address, time_zone, currency)
+
+
+# -- update masks -------------------------------------------------------------------
+
+REGION_UPDATABLE = frozenset({"display_name"})
+STORE_UPDATABLE = frozenset({"display_name", "address", "time_zone", "currency_code", "region_id"})
+STAFF_UPDATABLE = frozenset({"display_name", "roles", "assignment"})
+
+
+def check_update_mask(paths: Iterable[str], allowed: frozenset[str]) -> frozenset[str]:
+    """The mask's paths, each one an updatable field; an empty mask is
+    refused rather than read as "everything", so that a client that forgot
+    the mask cannot blank a record."""
+    chosen = frozenset(paths)
+    v = Violations()
+    if not chosen:
+        v.add("update_mask", f"required: one or more of {', '.join(sorted(allowed))}")
+    for path in sorted(chosen - allowed):
+        v.add("update_mask", f"{path!r} cannot be updated; one of {', '.join(sorted(allowed))}")
+    v.raise_if_any()
+    return chosen
+
+
+def etag(version: int) -> str:
+    return f'W/"{version}"'
+
+
+# -- staff --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StaffFields:
+    display_name: str
+    assignment: Assignment
+    roles: frozenset[Role]
+
+
+def check_roles_fit(
+    roles: frozenset[Role], assignment: Assignment, field: str, v: Violations
+) -> None:
+    if not roles:
+        v.add(f"{field}.roles", "at least one role")
+        return
+    for role in sorted(roles):
+        if role not in STAFF_ROLES:
+            v.add(f"{field}.roles", f"{role.value} is not a staff role")
+        elif ROLE_LEVEL[role] != assignment.level:
+            v.add(
+                f"{field}.roles",
+                f"{role.value} works at {ROLE_LEVEL[role].value} level, "
+                f"not at the assignment's ({assignment.level.value})",
+            )
+
+
+def validate_staff(
+    display_name: str, assignment: Assignment, roles: Iterable[Role], field: str = "staff_member"
+) -> StaffFields:
+    v = Violations()
+    name = check_display_name(display_name, f"{field}.display_name", v)
+    if assignment.level == AssignmentLevel.HQ:
+        if assignment.id:
+            v.add(f"{field}.assignment.id", "must be empty for HQ")
+    else:
+        check_code(assignment.id, f"{field}.assignment.id", v)
+    role_set = frozenset(roles)
+    check_roles_fit(role_set, assignment, field, v)
+    v.raise_if_any()
+    return StaffFields(name, assignment, role_set)
+
+
+def token_scope(assignment: Assignment, roles: frozenset[Role]) -> Scope:
+    """The scope a staff member's tokens carry. Call-center agents at HQ
+    get the call-center scope, not HQ: the least that lets them work."""
+    if assignment.level == AssignmentLevel.STORE:
+        return Scope(ScopeLevel.STORE, assignment.id)
+    if assignment.level == AssignmentLevel.REGION:
+        return Scope(ScopeLevel.REGION, assignment.id)
+    if Role.HQ_ADMIN not in roles:
+        return Scope(ScopeLevel.CALL_CENTER)
+    return Scope(ScopeLevel.HQ)
+
+
+def _denied(message: str, reason: str = "OUT_OF_SCOPE") -> PermissionDenied:
+    return PermissionDenied(message, reason=reason)
+
+
+def grantable_by(principal: Principal) -> frozenset[Role]:
+    granted: set[Role] = set()
+    for role in principal.roles:
+        granted |= GRANTABLE.get(role, frozenset())
+    return frozenset(granted)
+
+
+def assignment_in_scope(
+    principal: Principal, assignment: Assignment, region_of_store: str | None
+) -> bool:
+    """Whether ``assignment`` lies inside the principal's organisation
+    scope (``region_of_store``: the region of the assignment's store)."""
+    scope = principal.scope
+    if scope.level == ScopeLevel.HQ:
+        return True
+    if scope.level == ScopeLevel.REGION:
+        if assignment.level == AssignmentLevel.REGION:
+            return assignment.id == scope.id
+        if assignment.level == AssignmentLevel.STORE:
+            return region_of_store is not None and region_of_store == scope.id
+        return False
+    if scope.level == ScopeLevel.STORE:
+        return assignment.level == AssignmentLevel.STORE and assignment.id == scope.id
+    return False
+
+
+def require_may_manage(
+    principal: Principal,
+    assignment: Assignment,
+    roles: frozenset[Role],
+    region_of_store: str | None,
+) -> None:
+    """A manager manages staff inside their scope whose roles are all
+    below their own (see GRANTABLE)."""
+    allowed = grantable_by(principal)
+    if not allowed:
+        raise _denied("your role may not manage staff", "ROLE_NOT_ALLOWED")
+    if not roles <= allowed:
+        raise _denied("you may not grant or manage these roles", "ROLE_NOT_GRANTABLE")
+    if not assignment_in_scope(principal, assignment, region_of_store):
+        raise _denied("this assignment is outside your organisation scope")
+
+
+# -- passwords ----------------------------------------------------------------------
+
+
+def check_password(password: str, v: Violations, field: str = "password") -> None:
+    if len(password) < MIN_PASSWORD_LENGTH:
+        v.add(field, f"at least {MIN_PASSWORD_LENGTH} characters")
+    elif len(password) > MAX_PASSWORD_LENGTH:
+        v.add(field, f"at most {MAX_PASSWORD_LENGTH} characters")
+    elif password.strip() != password or not password.strip():
+        v.add(field, "must not begin or end with spaces")
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _scrypt(password: str, salt: bytes, n: int, r: int, p: int) -> bytes:
+    return hashlib.scrypt(
+        password.encode(), salt=salt, n=n, r=r, p=p, maxmem=SCRYPT_MAXMEM, dklen=_HASH_BYTES
+    )
+
+
+def hash_password(password: str, *, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P) -> str:
+    """``scrypt$n$r$p$salt$hash``: the parameters travel with the hash, so
+    they can be raised later without invalidating older hashes."""
+    salt = secrets.token_bytes(_SALT_BYTES)
+    return f"scrypt${n}${r}${p}${_b64(salt)}${_b64(_scrypt(password, salt, n, r, p))}"
+
+
+# Checked when the login id is unknown, so that an unknown id costs the
+# same time as a wrong password and timing does not tell which ids exist.
+DUMMY_HASH = "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+
+
+def password_matches(password: str, stored: str) -> bool:
+    try:
+        scheme, n, r, p, salt, expected = stored.split("$")
+        if scheme != "scrypt":
+            return False
+        actual = _scrypt(password[:MAX_PASSWORD_LENGTH], _unb64(salt), int(n), int(r), int(p))
+        return hmac.compare_digest(actual, _unb64(expected))
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class LoginState:
+    failed_attempts: int = 0
+    locked_until: dt.datetime | None = None
+
+
+def is_locked(state: LoginState, now: dt.datetime) -> bool:
+    return state.locked_until is not None and now < state.locked_until
+
+
+def after_failure(state: LoginState, now: dt.datetime) -> LoginState:
+    """One more wrong password. The fifth in a row locks the account for a
+    few minutes; the count then starts again."""
+    failed = state.failed_attempts
+    if state.locked_until is not None and now >= state.locked_until:
+        failed = 0  # a lock that has run out: a fresh start
+    failed += 1
+    if failed >= MAX_FAILED_ATTEMPTS:
+        return LoginState(0, now + LOCKOUT)
+    return LoginState(failed, state.locked_until if is_locked(state, now) else None)
+
+
+AFTER_SUCCESS = LoginState()

@@ -1,0 +1,285 @@
+"""Import jobs and their per-row problems. A job's counters and its resume
+point (``records_done``) are written in the same transaction as the batch
+of members they count, so a restart resumes exactly after the last
+committed batch."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from chassis.db import BigIntKey, UTCDateTime
+from services.members.domain.transfers import RowProblem
+from services.members.store import metadata
+
+RUNNING = "running"
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+
+REFUSED = "refused"
+DUPLICATE = "duplicate"
+
+import_jobs = sa.Table(
+    "import_jobs",
+    metadata,
+    sa.Column("import_job_id", sa.String(16), primary_key=True),
+    sa.Column("state", sa.String(12), nullable=False),
+    sa.Column("file_format", sa.String(8), nullable=False),
+    sa.Column("dry_run", sa.Boolean, nullable=False),
+    sa.Column("default_home_store_id", sa.String(32), nullable=False, server_default=""),
+    sa.Column("enrollment_channel", sa.String(20), nullable=False),
+    sa.Column("file_sha256", sa.String(64), nullable=False),
+    sa.Column("ignored_columns", sa.JSON, nullable=False),
+    # Who asked, kept so that the rows are checked against their scope
+    # when the job runs (or resumes after a restart).
+    sa.Column("created_by", sa.String(100), nullable=False),
+    sa.Column("created_from_store", sa.String(32), nullable=False, server_default=""),
+    sa.Column("scope", sa.String(100), nullable=False),
+    sa.Column("roles", sa.String(200), nullable=False),
+    # File records consumed (blank ones included): where a resume starts.
+    sa.Column("records_done", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("rows_read", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("enrolled", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("duplicates", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("refused", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("failure_reason", sa.String(500), nullable=False, server_default=""),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.Column("finished_at", UTCDateTime, nullable=True),
+    sa.Index("ix_import_jobs_state", "state"),
+)
+
+import_row_problems = sa.Table(
+    "import_row_problems",
+    metadata,
+    sa.Column("seq", BigIntKey, primary_key=True, autoincrement=True),
+    sa.Column("import_job_id", sa.String(16), nullable=False),
+    sa.Column("row_number", sa.BigInteger, nullable=False),
+    sa.Column("field", sa.String(64), nullable=False),
+    sa.Column("reason", sa.String(300), nullable=False),
+    sa.Column("kind", sa.String(12), nullable=False),
+    sa.Index("ix_import_row_problems_job", "import_job_id", "seq"),
+)
+
+
+@dataclass(frozen=True)
+class ImportJobRecord:
+    import_job_id: str
+    state: str
+    file_format: str
+    dry_run: bool
+    default_home_store_id: str
+    enrollment_channel: str
+    file_sha256: str
+    ignored_columns: tuple[str, ...]
+    created_by: str
+    created_from_store: str
+    scope: str
+    roles: tuple[str, ...]
+    records_done: int
+    rows_read: int
+    enrolled: int
+    duplicates: int
+    refused: int
+    failure_reason: str
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    finished_at: dt.datetime | None
+
+
+@dataclass(frozen=True)
+class ProblemRecord:
+    seq: int
+    row: int
+    field: str
+    reason: str
+    kind: str
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What one batch adds to a job."""
+
+    records: int = 0
+    rows_read: int = 0
+    enrolled: int = 0
+    duplicates: int = 0
+    refused: int = 0
+
+
+def _job(row: sa.Row[tuple[object, ...]]) -> ImportJobRecord:
+    m = row._mapping
+    return ImportJobRecord(
+        import_job_id=m["import_job_id"],
+        state=m["state"],
+        file_format=m["file_format"],
+        dry_run=bool(m["dry_run"]),
+        default_home_store_id=m["default_home_store_id"],
+        enrollment_channel=m["enrollment_channel"],
+        file_sha256=m["file_sha256"],
+        ignored_columns=tuple(m["ignored_columns"] or ()),
+        created_by=m["created_by"],
+        created_from_store=m["created_from_store"],
+        scope=m["scope"],
+        roles=tuple(r for r in m["roles"].split(",") if r),
+        records_done=m["records_done"],
+        rows_read=m["rows_read"],
+        enrolled=m["enrolled"],
+        duplicates=m["duplicates"],
+        refused=m["refused"],
+        failure_reason=m["failure_reason"],
+        created_at=m["created_at"],
+        updated_at=m["updated_at"],
+        finished_at=m["finished_at"],
+    )
+
+
+async def insert_job(
+    session: AsyncSession,
+    *,
+    import_job_id: str,
+    file_format: str,
+    dry_run: bool,
+    default_home_store_id: str,
+    enrollment_channel: str,
+    file_sha256: str,
+    ignored_columns: Sequence[str],
+    created_by: str,
+    created_from_store: str,
+    scope: str,
+    roles: Sequence[str],
+    now: dt.datetime,
+) -> ImportJobRecord:
+    await session.execute(
+        sa.insert(import_jobs).values(
+            import_job_id=import_job_id,
+            state=RUNNING,
+            file_format=file_format,
+            dry_run=dry_run,
+            default_home_store_id=default_home_store_id,
+            enrollment_channel=enrollment_channel,
+            file_sha256=file_sha256,
+            ignored_columns=list(ignored_columns),
+            created_by=created_by,
+            created_from_store=created_from_store,
+            scope=scope,
+            roles=",".join(sorted(roles)),
+            created_at=now,
+            updated_at=now,
+        )
+    )
+    job = await get_job(session, import_job_id)
+    assert job is not None  # just inserted in this transaction
+    return job
+
+
+async def get_job(session: AsyncSession, import_job_id: str) -> ImportJobRecord | None:
+    row = (
+        await session.execute(
+            sa.select(import_jobs).where(import_jobs.c.import_job_id == import_job_id)
+        )
+    ).first()
+    return None if row is None else _job(row)
+
+
+async def running_job_ids(session: AsyncSession) -> list[str]:
+    result = await session.execute(
+        sa.select(import_jobs.c.import_job_id)
+        .where(import_jobs.c.state == RUNNING)
+        .order_by(import_jobs.c.created_at)
+    )
+    return list(result.scalars())
+
+
+async def start_batch(
+    session: AsyncSession, import_job_id: str, *, records_done: int, now: dt.datetime
+) -> bool:
+    """The batch's first statement: claims the job where the caller left
+    it (False when another runner moved it on or it is no longer running).
+    Being a write, it also opens the transaction on SQLite before any
+    savepoint, so that a savepoint cannot commit on its own."""
+    c = import_jobs.c
+    result = await session.execute(
+        sa.update(import_jobs)
+        .where(
+            c.import_job_id == import_job_id,
+            c.records_done == records_done,
+            c.state == RUNNING,
+        )
+        .values(updated_at=now)
+    )
+    return getattr(result, "rowcount", 0) == 1
+
+
+async def record_batch(
+    session: AsyncSession,
+    import_job_id: str,
+    progress: Progress,
+    problems: Sequence[tuple[RowProblem, str]],
+    *,
+    now: dt.datetime,
+) -> None:
+    """Add one batch's counts and problems to the job, in the batch's
+    transaction."""
+    if problems:
+        await session.execute(
+            sa.insert(import_row_problems),
+            [
+                {
+                    "import_job_id": import_job_id,
+                    "row_number": problem.row,
+                    "field": problem.field[:64],
+                    "reason": problem.reason[:300],
+                    "kind": kind,
+                }
+                for problem, kind in problems
+            ],
+        )
+    c = import_jobs.c
+    await session.execute(
+        sa.update(import_jobs)
+        .where(c.import_job_id == import_job_id)
+        .values(
+            records_done=c.records_done + progress.records,
+            rows_read=c.rows_read + progress.rows_read,
+            enrolled=c.enrolled + progress.enrolled,
+            duplicates=c.duplicates + progress.duplicates,
+            refused=c.refused + progress.refused,
+            updated_at=now,
+        )
+    )
+
+
+async def finish_job(
+    session: AsyncSession,
+    import_job_id: str,
+    *,
+    state: str,
+    now: dt.datetime,
+    failure_reason: str = "",
+) -> None:
+    await session.execute(
+        sa.update(import_jobs)
+        .where(import_jobs.c.import_job_id == import_job_id)
+        .values(state=state, failure_reason=failure_reason[:500], updated_at=now, finished_at=now)
+    )
+
+
+async def list_problems(
+    session: AsyncSession, import_job_id: str, *, after_seq: int, limit: int
+) -> list[ProblemRecord]:
+    p = import_row_problems.c
+    result = await session.execute(
+        sa.select(p.seq, p.row_number, p.field, p.reason, p.kind)
+        .where(p.import_job_id == import_job_id, p.seq > after_seq)
+        .order_by(p.seq)
+        .limit(limit)
+    )
+    return [
+        ProblemRecord(seq=r.seq, row=r.row_number, field=r.field, reason=r.reason, kind=r.kind)
+        for r in result
+    ]
