@@ -113,6 +113,22 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None
     cursor.execute("PRAGMA busy_timeout=5000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+    # Let SQLAlchemy, not the driver, say when a transaction begins (see
+    # _sqlite_begin): the driver's own implicit BEGIN comes only before the
+    # first write, so a savepoint taken earlier would commit on release.
+    dbapi_connection.isolation_level = None
+
+
+_WRITE_OPTION = "cornucopia_writer"
+
+
+def _sqlite_begin(conn: sa.Connection) -> None:
+    # A unit of work takes the write lock up front (IMMEDIATE): a deferred
+    # transaction that reads and then writes cannot wait for another process's
+    # writer and fails with "database is locked" instead. Reads stay deferred
+    # so they never block a writer.
+    immediate = conn.get_execution_options().get(_WRITE_OPTION, False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
 class Database:
@@ -131,6 +147,7 @@ class Database:
         self._write_lock: asyncio.Lock | None = None
         if self.dialect == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine.sync_engine, "begin", _sqlite_begin)
             self._write_lock = asyncio.Lock()
         # A session class of this database's own, so that commit hooks fire
         # for its sessions only (tests run several services in one process).
@@ -139,6 +156,12 @@ class Database:
         event.listen(self._session_class, "after_commit", self._after_commit)
         self.sessions = async_sessionmaker(
             self.engine, expire_on_commit=False, sync_session_class=self._session_class
+        )
+        # Units of work run on the same pool with the writer's begin.
+        self._write_sessions = async_sessionmaker(
+            self.engine.execution_options(**{_WRITE_OPTION: True}),
+            expire_on_commit=False,
+            sync_session_class=self._session_class,
         )
 
     def on_commit(self, hook: Callable[[dict[str, Any]], None]) -> None:
@@ -159,7 +182,7 @@ class Database:
         and outbox rows alike, commits together or not at all. A database
         that cannot be reached becomes UNAVAILABLE for the caller."""
         try:
-            async with self._writer(), self.sessions() as session, session.begin():
+            async with self._writer(), self._write_sessions() as session, session.begin():
                 yield session
         except (OperationalError, DBAPIError) as exc:
             if _is_unavailable(exc):
