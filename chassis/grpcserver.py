@@ -1,6 +1,7 @@
 """The gRPC edge every service shares: a grpc.aio server with the standard
 health service, reflection, graceful shutdown, and interceptors for tracing,
-logging, error mapping and authentication.
+logging, error mapping and authentication. The interceptors wrap all four
+kinds of method (unary and streaming requests and responses) alike.
 
 Errors: a ``ServiceError`` raised anywhere below the edge becomes its status
 code with ``google.rpc`` details (always ``ErrorInfo``; ``BadRequest`` for
@@ -10,8 +11,12 @@ logged with its trace id and becomes INTERNAL with no exception text.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import inspect
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +31,7 @@ from opentelemetry import trace
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from chassis.auth import reset_current_principal, set_current_principal, verify_token
+from chassis.config import GrpcConnections
 from chassis.errors import Code, ServiceError, Unauthenticated
 from chassis.logs import get_logger
 
@@ -39,6 +45,9 @@ else:
     Context = grpc.aio.ServicerContext
     Handler = grpc.RpcMethodHandler
     ServerInterceptor = grpc.aio.ServerInterceptor
+
+# What an interceptor wraps a call in, given the call's context.
+_Scope = Callable[[Context], AbstractAsyncContextManager[None]]
 
 _RPC_CODES = {
     Code.INVALID_ARGUMENT: code_pb2.INVALID_ARGUMENT,
@@ -94,8 +103,87 @@ def internal_status(domain: str) -> grpc.Status:
     return result
 
 
+def _wrap_unary_response(
+    behaviour: Callable[..., Any], scope: _Scope
+) -> Callable[[Any, Context], Awaitable[Any]]:
+    """unary-unary and stream-unary: the request (or the request iterator,
+    passed on untouched) goes to the handler inside the scope."""
+
+    async def call(request_or_iterator: Any, context: Context) -> Any:
+        async with scope(context):
+            outcome = behaviour(request_or_iterator, context)
+            if inspect.isawaitable(outcome):
+                outcome = await outcome
+            return outcome
+
+    return call
+
+
+def _wrap_stream_response(
+    behaviour: Callable[..., Any], scope: _Scope
+) -> Callable[[Any, Context], AsyncIterator[Any]]:
+    """unary-stream and stream-stream: an async generator (so grpc.aio
+    sends what it yields) that stays inside the scope until the last
+    message, so an error raised mid-stream is still mapped and the access
+    log sees the whole call."""
+
+    async def call(request_or_iterator: Any, context: Context) -> AsyncIterator[Any]:
+        async with scope(context):
+            outcome = behaviour(request_or_iterator, context)
+            if inspect.isawaitable(outcome):
+                # The reader/writer API: the handler sends with context.write.
+                await outcome
+                return
+            if not hasattr(outcome, "__aiter__"):
+                for response in outcome:
+                    yield response
+                return
+            try:
+                async for response in outcome:
+                    yield response
+            finally:
+                # Closed here, not whenever it is collected: the handler's
+                # own clean-up runs while the principal is still current.
+                aclose = getattr(outcome, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+
+    return call
+
+
+def _wrap(handler: Handler, scope: _Scope) -> Handler:
+    """The same handler, of whichever of the four kinds, run inside ``scope``."""
+    codec: dict[str, Any] = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(
+            _wrap_unary_response(handler.unary_unary, scope), **codec
+        )
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(
+            _wrap_unary_response(handler.stream_unary, scope), **codec
+        )
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            _wrap_stream_response(handler.unary_stream, scope), **codec
+        )
+    if handler.stream_stream is not None:
+        return grpc.stream_stream_rpc_method_handler(
+            _wrap_stream_response(handler.stream_stream, scope), **codec
+        )
+    return handler
+
+
 class _WrappingInterceptor(ServerInterceptor):
-    """Wraps unary-unary handlers with ``around(call, request, context, method)``."""
+    """Runs every call, of any of the four kinds, inside ``scope(context,
+    method)``: an async context manager entered before the handler is called
+    and left once its response, or its last streamed message, has been
+    produced, or the exception it raised has gone through it."""
+
+    def scope(self, context: Context, method: str) -> AbstractAsyncContextManager[None]:
+        raise NotImplementedError  # each interceptor defines its behaviour
 
     async def around(
         self,
@@ -104,7 +192,9 @@ class _WrappingInterceptor(ServerInterceptor):
         context: Context,
         method: str,
     ) -> Any:
-        raise NotImplementedError  # each interceptor defines its behaviour
+        """One unary call through this interceptor alone."""
+        async with self.scope(context, method):
+            return await call(request, context)
 
     async def intercept_service(
         self,
@@ -112,41 +202,43 @@ class _WrappingInterceptor(ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> Handler:
         handler = await continuation(details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
             return handler
-        inner = handler.unary_unary
         method = details.method
 
-        async def wrapped(request: Any, context: Context) -> Any:
-            return await self.around(inner, request, context, method)  # type: ignore[arg-type]
+        def scope(context: Context) -> AbstractAsyncContextManager[None]:
+            return self.scope(context, method)
 
-        return grpc.unary_unary_rpc_method_handler(
-            wrapped,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return _wrap(handler, scope)
 
 
 class AccessLogInterceptor(_WrappingInterceptor):
-    """One log line per call: method, status code, duration, principal."""
+    """One log line per call, whatever its kind, when it ends: method,
+    status code and duration (of the whole stream for a streaming call)."""
 
     def __init__(self, service: str) -> None:
         self.service = service
 
-    async def around(self, call: Any, request: Any, context: Any, method: str) -> Any:
+    @contextlib.asynccontextmanager
+    async def scope(self, context: Context, method: str) -> AsyncIterator[None]:
         if method.startswith(PUBLIC_METHOD_PREFIXES):
-            return await call(request, context)
+            yield
+            return
         started = time.perf_counter()
         code = "OK"
         with structlog.contextvars.bound_contextvars(rpc=method):
             try:
-                return await call(request, context)
-            except BaseException:
-                code = _code_name(context)
+                yield
+            except (asyncio.CancelledError, GeneratorExit):
+                # The caller went away (or the server is stopping).
+                code = "CANCELLED"
                 raise
+            except BaseException:
+                code = _code_name(context, failed=True)
+                raise
+            else:
+                code = _code_name(context)
             finally:
-                if code == "OK":
-                    code = _code_name(context)
                 log.info(
                     "rpc",
                     code=code,
@@ -154,26 +246,29 @@ class AccessLogInterceptor(_WrappingInterceptor):
                 )
 
 
-def _code_name(context: Any) -> str:
+def _code_name(context: Any, *, failed: bool = False) -> str:
     try:
         code = context.code()
     except Exception:
         return "UNKNOWN"
     if code is None:
-        return "OK"
+        return "UNKNOWN" if failed else "OK"
     return code.name if isinstance(code, grpc.StatusCode) else str(code)
 
 
 class ErrorInterceptor(_WrappingInterceptor):
     """Domain errors become statuses with details; the unexpected becomes
-    INTERNAL with nothing of the exception sent to the caller."""
+    INTERNAL with nothing of the exception sent to the caller. For a
+    streaming call this holds mid-stream too: the messages already sent
+    stay sent and the status ends the stream."""
 
     def __init__(self, service: str) -> None:
         self.domain = error_domain(service)
 
-    async def around(self, call: Any, request: Any, context: Any, method: str) -> Any:
+    @contextlib.asynccontextmanager
+    async def scope(self, context: Context, method: str) -> AsyncIterator[None]:
         try:
-            return await call(request, context)
+            yield
         except ServiceError as err:
             status = to_grpc_status(err, self.domain)
             trace.get_current_span().set_attribute("cornucopia.error.reason", err.reason)
@@ -187,15 +282,19 @@ class ErrorInterceptor(_WrappingInterceptor):
 
 
 class AuthInterceptor(_WrappingInterceptor):
-    """Verifies the bearer token and makes the principal current for the
-    call. Authorisation (which role, which store) is decided by each method."""
+    """Verifies the bearer token before the handler is called (before a
+    streaming call reads its first message) and makes the principal current
+    for the call. Authorisation (which role, which store) is decided by each
+    method."""
 
     def __init__(self, token_secret: str) -> None:
         self.token_secret = token_secret
 
-    async def around(self, call: Any, request: Any, context: Any, method: str) -> Any:
+    @contextlib.asynccontextmanager
+    async def scope(self, context: Context, method: str) -> AsyncIterator[None]:
         if method.startswith(PUBLIC_METHOD_PREFIXES):
-            return await call(request, context)
+            yield
+            return
         metadata = dict(context.invocation_metadata() or ())
         header = str(metadata.get("authorization", ""))
         scheme, _, token = header.partition(" ")
@@ -209,9 +308,37 @@ class AuthInterceptor(_WrappingInterceptor):
             with structlog.contextvars.bound_contextvars(
                 principal=principal.subject, scope=str(principal.scope)
             ):
-                return await call(request, context)
+                yield
         finally:
-            reset_current_principal(reset)
+            # A stream the caller abandoned may be closed from another
+            # context, where the token cannot be reset (nor needs to be).
+            with contextlib.suppress(ValueError):
+                reset_current_principal(reset)
+
+
+def server_options(connections: GrpcConnections) -> list[tuple[str, int]]:
+    """The grpc.aio server's channel arguments."""
+
+    def ms(seconds: float) -> int:
+        return round(seconds * 1000)
+
+    options = [
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+        # Ping a silent caller, and drop it when the ping goes unanswered.
+        ("grpc.keepalive_time_ms", ms(connections.keepalive_time_seconds)),
+        ("grpc.keepalive_timeout_ms", ms(connections.keepalive_timeout_seconds)),
+        # Let callers ping (chassis.grpcclient does every 30 s), idle or not.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ]
+    if connections.max_age_seconds > 0:
+        # Callers reconnect now and then, and so find pods added since.
+        options += [
+            ("grpc.max_connection_age_ms", ms(connections.max_age_seconds)),
+            ("grpc.max_connection_age_grace_ms", ms(connections.max_age_grace_seconds)),
+        ]
+    return options
 
 
 @dataclass(frozen=True)
@@ -232,6 +359,7 @@ class GrpcServer:
         services: Sequence[GrpcService],
         *,
         extra_interceptors: Iterable[ServerInterceptor] = (),
+        connections: GrpcConnections | None = None,
     ) -> None:
         self.service = service
         self.listen = listen
@@ -248,13 +376,7 @@ class GrpcServer:
             *extra_interceptors,
         ]
         self.server = grpc.aio.server(
-            interceptors=interceptors,
-            options=[
-                ("grpc.so_reuseport", 0),
-                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-            ],
+            interceptors=interceptors, options=server_options(connections or GrpcConnections())
         )
         self.port = 0
 
