@@ -7,6 +7,7 @@ than run against a development secret or a throwaway SQLite file.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,6 +15,10 @@ from pathlib import Path
 
 GRPC_SERVICES = ("members", "cards", "loyalty", "campaigns", "notify")
 ALL_SERVICES = (*GRPC_SERVICES, "gateway")
+# What each component uses of the shared infrastructure, so that production
+# mode requires exactly that: the gateway keeps nothing and publishes nothing.
+USES_DATABASE = frozenset(GRPC_SERVICES)
+USES_NATS = frozenset(GRPC_SERVICES)
 
 DEFAULT_GRPC_PORTS = {
     "members": 50051,
@@ -28,9 +33,77 @@ DEFAULT_HTTP_PORT = 8080
 # anywhere that sets a real secret.
 DEVELOPMENT_TOKEN_SECRET = "cornucopia-development-only-secret-do-not-use-in-production"  # noqa: S105
 
+# How long the DEADLETTER stream keeps a parked event, and so how late an
+# operator can replay one.
+DEAD_LETTER_RETENTION_DAYS = 90
+# Consumed event ids must outlive every dead letter: a replay is delivered to
+# every consumer of the subject, and those that handled the event the first
+# time skip it only while its id is still in their inbox. The extra day
+# covers the retries before an event is parked and the hourly housekeeping.
+INBOX_RETENTION_HOURS = (DEAD_LETTER_RETENTION_DAYS + 1) * 24
+# JetStream allows at most five replicas of a stream.
+MAX_STREAM_REPLICAS = 5
+
 
 class ConfigError(RuntimeError):
     """The environment does not describe a service that can start safely."""
+
+
+@dataclass(frozen=True)
+class GrpcConnections:
+    """How long a gRPC server keeps its callers' connections.
+
+    A connection older than ``max_age_seconds`` (gRPC adds up to 10 % of
+    jitter either way) is told to go away: the caller resolves the address
+    again and reconnects, so callers of a headless Service spread over the
+    pods added since they first connected. Calls still running then have
+    ``max_age_grace_seconds`` to finish before the connection is closed;
+    the default covers the longest call the suite makes (a member file
+    import or export, allowed ten minutes), since new calls already move
+    to the new connection the moment the old one is told to go.
+    A maximum age of 0 means none. Keepalive pings (every
+    ``keepalive_time_seconds`` of silence, each answered within
+    ``keepalive_timeout_seconds``) find connections whose peer has gone
+    without closing them."""
+
+    max_age_seconds: float = 300.0
+    max_age_grace_seconds: float = 600.0
+    keepalive_time_seconds: float = 60.0
+    keepalive_timeout_seconds: float = 20.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> GrpcConnections:
+        def seconds(name: str, default: float, *, zero_allowed: bool) -> float:
+            text = env.get(name, "").strip()
+            if not text:
+                return default
+            try:
+                value = float(text)
+            except ValueError:
+                value = math.nan
+            if not math.isfinite(value) or value < 0 or (value == 0 and not zero_allowed):
+                least = "0 or more" if zero_allowed else "more than 0"
+                raise ConfigError(f"{name} must be a number of seconds, {least}, not {text!r}")
+            return value
+
+        return cls(
+            max_age_seconds=seconds(
+                "GRPC_MAX_CONNECTION_AGE_SECONDS", cls.max_age_seconds, zero_allowed=True
+            ),
+            max_age_grace_seconds=seconds(
+                "GRPC_MAX_CONNECTION_AGE_GRACE_SECONDS",
+                cls.max_age_grace_seconds,
+                zero_allowed=True,
+            ),
+            keepalive_time_seconds=seconds(
+                "GRPC_KEEPALIVE_TIME_SECONDS", cls.keepalive_time_seconds, zero_allowed=False
+            ),
+            keepalive_timeout_seconds=seconds(
+                "GRPC_KEEPALIVE_TIMEOUT_SECONDS",
+                cls.keepalive_timeout_seconds,
+                zero_allowed=False,
+            ),
+        )
 
 
 @dataclass(frozen=True)
@@ -41,18 +114,36 @@ class Settings:
     database_url: str = ""
     nats_url: str = "nats://127.0.0.1:4222"
     grpc_listen: str = ""
+    # GRPC_MAX_CONNECTION_AGE_SECONDS and the other GRPC_* durations.
+    grpc_connections: GrpcConnections = field(default_factory=GrpcConnections)
     http_listen: str = f"127.0.0.1:{DEFAULT_HTTP_PORT}"
     token_secret: str = DEVELOPMENT_TOKEN_SECRET
     log_level: str = "INFO"
     log_json: bool = True
     peers: Mapping[str, str] = field(default_factory=dict)
-    # How long idempotency keys and consumed event ids are kept.
+    # NATS_STREAM_REPLICAS: how many servers of a NATS cluster hold each
+    # stream (1 on a single server; 3 on a three-node cluster).
+    stream_replicas: int = 1
+    # How long idempotency keys, consumed event ids and sent outbox rows are
+    # kept. The inbox must keep ids at least as long as dead letters are kept
+    # (checked by ``check_retention``).
     idempotency_retention_hours: int = 48
-    inbox_retention_hours: int = 24 * 7
+    inbox_retention_hours: int = INBOX_RETENTION_HOURS
+    sent_outbox_retention_hours: int = 24 * 7
 
     @property
     def production(self) -> bool:
         return self.environment == "production"
+
+    def check_retention(self) -> None:
+        """Refuse an inbox that forgets event ids before the dead letters
+        that could replay them are gone."""
+        if self.inbox_retention_hours < DEAD_LETTER_RETENTION_DAYS * 24:
+            raise ConfigError(
+                f"inbox_retention_hours ({self.inbox_retention_hours}) is shorter than the "
+                f"dead-letter retention ({DEAD_LETTER_RETENTION_DAYS} days): a replayed dead "
+                "letter would be handled again by consumers that had already handled it"
+            )
 
     def peer(self, service: str) -> str:
         """The address (host:port) where another service's gRPC API listens."""
@@ -81,16 +172,21 @@ class Settings:
             return default
 
         database_url = ""
-        if service != "gateway":
+        if service in USES_DATABASE:
             database_url = required_in_production(
                 f"{prefix}_DATABASE_URL",
                 f"sqlite+aiosqlite:///{var_dir / (service + '.db')}",
             )
-        nats_url = required_in_production("NATS_URL", "nats://127.0.0.1:4222")
+        nats_default = "nats://127.0.0.1:4222"
+        if service in USES_NATS:
+            nats_url = required_in_production("NATS_URL", nats_default)
+        else:
+            nats_url = env.get("NATS_URL", "").strip() or nats_default
         token_secret = required_in_production("CORNUCOPIA_TOKEN_SECRET", DEVELOPMENT_TOKEN_SECRET)
         if missing:
             raise ConfigError(
-                "production mode needs these environment variables: " + ", ".join(missing)
+                f"production mode needs these environment variables for {service}: "
+                + ", ".join(missing)
             )
         if production and token_secret == DEVELOPMENT_TOKEN_SECRET:
             raise ConfigError("CORNUCOPIA_TOKEN_SECRET is the development secret")
@@ -110,12 +206,30 @@ class Settings:
             database_url=normalise_database_url(database_url) if database_url else "",
             nats_url=nats_url,
             grpc_listen=env.get("GRPC_LISTEN", default_listen),
+            grpc_connections=GrpcConnections.from_env(env),
             http_listen=env.get("HTTP_LISTEN", f"127.0.0.1:{DEFAULT_HTTP_PORT}"),
             token_secret=token_secret,
             log_level=env.get("LOG_LEVEL", "INFO").upper(),
             log_json=env.get("LOG_FORMAT", "json").lower() != "console",
             peers=peers,
+            stream_replicas=stream_replicas_from(env),
         )
+
+
+def stream_replicas_from(env: Mapping[str, str]) -> int:
+    text = env.get("NATS_STREAM_REPLICAS", "").strip()
+    if not text:
+        return 1
+    try:
+        replicas = int(text)
+    except ValueError:
+        replicas = 0
+    if not 1 <= replicas <= MAX_STREAM_REPLICAS:
+        raise ConfigError(
+            f"NATS_STREAM_REPLICAS must be a whole number from 1 to {MAX_STREAM_REPLICAS}, "
+            f"not {text!r}"
+        )
+    return replicas
 
 
 def normalise_database_url(url: str) -> str:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from chassis.config import ConfigError
+
 NONCE_BYTES = 12
 KEY_BYTES = 32
 
@@ -31,6 +33,16 @@ KEY_BYTES = 32
 class DecryptionError(Exception):
     """The data cannot be read: wrong key, wrong owner or field, tampered,
     or the owner's data key was destroyed."""
+
+
+class UnknownMasterKey(DecryptionError):
+    """A data key is wrapped by a master key this key ring does not hold:
+    the key was removed from the configuration while data keys still used
+    it (see the rotation procedure), not a destroyed data key."""
+
+    def __init__(self, master_key_id: str) -> None:
+        super().__init__(f"unknown master key {master_key_id!r}")
+        self.master_key_id = master_key_id
 
 
 @dataclass(frozen=True)
@@ -85,6 +97,10 @@ class KeyRing:
         self._keys = dict(keys)
         self.active_id = active_id
 
+    @property
+    def key_ids(self) -> frozenset[str]:
+        return frozenset(self._keys)
+
     def new_data_key(self, owner_id: str) -> tuple[bytes, WrappedKey]:
         data_key = AESGCM.generate_key(bit_length=KEY_BYTES * 8)
         return data_key, self.wrap(data_key, owner_id)
@@ -96,7 +112,7 @@ class KeyRing:
     def unwrap(self, wrapped: WrappedKey, owner_id: str) -> bytes:
         master = self._keys.get(wrapped.master_key_id)
         if master is None:
-            raise DecryptionError(f"unknown master key {wrapped.master_key_id!r}")
+            raise UnknownMasterKey(wrapped.master_key_id)
         return _open(master, wrapped.ciphertext, self._aad(wrapped.master_key_id, owner_id))
 
     def rewrap(self, wrapped: WrappedKey, owner_id: str) -> WrappedKey:
@@ -147,20 +163,41 @@ def keys_from_env(
     ``<PREFIX>_MASTER_KEYS`` (``id:base64,...``), ``<PREFIX>_ACTIVE_KEY_ID``
     (default: the last listed) and ``<PREFIX>_BLIND_INDEX_KEY`` (base64, at
     least 32 bytes). Outside production, fixed development keys stand in; in
-    production they are required.
+    production they are required. A missing or malformed key is a
+    ``ConfigError`` naming the variable (never showing its value).
     """
-    keys_text = environ.get(f"{prefix}_MASTER_KEYS", "").strip()
-    index_text = environ.get(f"{prefix}_BLIND_INDEX_KEY", "").strip()
-    if production and (not keys_text or not index_text):
-        raise ValueError(f"production mode needs {prefix}_MASTER_KEYS and {prefix}_BLIND_INDEX_KEY")
+    keys_name, index_name = f"{prefix}_MASTER_KEYS", f"{prefix}_BLIND_INDEX_KEY"
+    active_name = f"{prefix}_ACTIVE_KEY_ID"
+    keys_text = environ.get(keys_name, "").strip()
+    index_text = environ.get(index_name, "").strip()
+    if production:
+        missing = [
+            name for name, text in ((keys_name, keys_text), (index_name, index_text)) if not text
+        ]
+        if missing:
+            raise ConfigError(
+                "production mode needs these environment variables: " + ", ".join(missing)
+            )
     if keys_text:
-        keys = parse_keys(keys_text)
-        active = environ.get(f"{prefix}_ACTIVE_KEY_ID", "").strip() or list(keys)[-1]
+        try:
+            keys = parse_keys(keys_text)
+        except ValueError as exc:
+            # binascii.Error is a ValueError too; neither message holds key material.
+            raise ConfigError(f"{keys_name}: {exc}") from None
+        if not keys:
+            raise ConfigError(f"{keys_name} lists no key")
+        active = environ.get(active_name, "").strip() or list(keys)[-1]
+        if active not in keys:
+            raise ConfigError(f"{active_name} {active!r} is not among the keys of {keys_name}")
     else:
         keys, active = {"dev": development_key(f"{prefix}-master")}, "dev"
-    index_key = (
-        base64.b64decode(index_text, validate=True)
-        if index_text
-        else development_key(f"{prefix}-blind-index")
-    )
-    return KeyRing(keys, active), BlindIndex(index_key)
+    try:
+        index_key = (
+            base64.b64decode(index_text, validate=True)
+            if index_text
+            else development_key(f"{prefix}-blind-index")
+        )
+        index = BlindIndex(index_key)
+    except ValueError as exc:
+        raise ConfigError(f"{index_name}: {exc}") from None
+    return KeyRing(keys, active), index

@@ -269,18 +269,26 @@ async def inbox_contains(db: Database, consumer: str, event_id: str) -> bool:
         return row.first() is not None
 
 
-async def forget_messaging_older_than(db: Database, hours: int) -> tuple[int, int]:
-    """Housekeeping: drop consumed event ids and sent outbox rows past their
-    retention. Event ids are kept far longer than any redelivery can come
-    (ack_wait and backoff are minutes); sent outbox rows are only history."""
-    cutoff = utcnow() - dt.timedelta(hours=max(24, hours))
+async def forget_messaging_older_than(
+    db: Database, hours: int, *, sent_outbox_hours: int | None = None
+) -> tuple[int, int]:
+    """Housekeeping: drop consumed event ids older than ``hours`` and sent
+    outbox rows older than ``sent_outbox_hours`` (default: ``hours``).
+    Event ids must be kept at least as long as dead letters are (a replay
+    reaches every consumer of the subject; see ``Settings.check_retention``);
+    sent outbox rows are only history. Returns the rows dropped from each."""
+    now = utcnow()
+    inbox_cutoff = now - dt.timedelta(hours=max(24, hours))
+    outbox_cutoff = now - dt.timedelta(
+        hours=max(24, hours if sent_outbox_hours is None else sent_outbox_hours)
+    )
     async with db.transaction() as session:
         inbox = await session.execute(
-            sa.delete(inbox_table).where(inbox_table.c.processed_at < cutoff)
+            sa.delete(inbox_table).where(inbox_table.c.processed_at < inbox_cutoff)
         )
         outbox = await session.execute(
             sa.delete(outbox_table).where(
-                outbox_table.c.sent_at.is_not(None), outbox_table.c.sent_at < cutoff
+                outbox_table.c.sent_at.is_not(None), outbox_table.c.sent_at < outbox_cutoff
             )
         )
     return int(getattr(inbox, "rowcount", 0) or 0), int(getattr(outbox, "rowcount", 0) or 0)

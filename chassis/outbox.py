@@ -21,6 +21,7 @@ from google.protobuf.message import Message
 from opentelemetry import trace
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from chassis.bulk import insert_rows
 from chassis.bus import Bus, cloudevent_headers
 from chassis.db import Database, outbox_table, utcnow
 from chassis.logs import get_logger
@@ -72,6 +73,49 @@ async def enqueue(
     )
     session.info[OUTBOX_WRITTEN] = True
     return eid
+
+
+def outbox_rows(*, source: str, events: Sequence[tuple[str, Message]]) -> list[dict[str, Any]]:
+    """The outbox rows ``enqueue`` writes for these events (subject,
+    payload), built without a session: a bulk writer may build them ahead
+    of its transaction and insert them with ``enqueue_rows``."""
+    now = utcnow()
+    trace_headers = current_traceparent()
+    rows: list[dict[str, Any]] = []
+    for subject, message in events:
+        eid = new_event_id()
+        headers = cloudevent_headers(
+            event_id=eid, event_type=event_type(message), source=source, time=now, subject=subject
+        )
+        headers.update(trace_headers)
+        rows.append(
+            {
+                "event_id": eid,
+                "subject": subject,
+                "event_type": event_type(message),
+                "payload": message.SerializeToString(),
+                "headers": headers,
+                "created_at": now,
+            }
+        )
+    return rows
+
+
+async def enqueue_rows(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
+    """Write ``outbox_rows`` inside the caller's transaction, in one insert."""
+    if rows:
+        await insert_rows(session, outbox_table, rows)
+        session.info[OUTBOX_WRITTEN] = True
+
+
+async def enqueue_many(
+    session: AsyncSession, *, source: str, events: Sequence[tuple[str, Message]]
+) -> list[str]:
+    """``enqueue`` for many events (subject, payload) in one multi-row
+    insert: the same rows, headers and trace context as one call each."""
+    rows = outbox_rows(source=source, events=events)
+    await enqueue_rows(session, rows)
+    return [row["event_id"] for row in rows]
 
 
 class OutboxRelay:

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chassis.bus import STREAMS, Bus
+from chassis.bus import STREAMS, Bus, StreamConfigError
 from chassis.config import Settings
 from chassis.db import Database
 from chassis.grpcserver import GrpcServer, GrpcService
@@ -35,6 +35,21 @@ class ServiceContext:
     settings: Settings
     db: Database
     bus: Bus
+    _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list, repr=False)
+
+    def on_close(self, close: Callable[[], Awaitable[None]]) -> None:
+        """Have the runtime await ``close()`` when it stops, after the last
+        call and worker: for what a service opens itself (a channel to a
+        peer, say) and shares between servicers and workers."""
+        self._closers.append(close)
+
+    async def close(self) -> None:
+        for close in reversed(self._closers):
+            try:
+                await close()
+            except Exception:
+                log.exception("closing a service resource failed")
+        self._closers.clear()
 
     @property
     def source(self) -> str:
@@ -59,10 +74,15 @@ class ServiceDefinition:
 
 class ServiceRuntime:
     def __init__(self, definition: ServiceDefinition, settings: Settings) -> None:
+        settings.check_retention()
         self.definition = definition
         self.settings = settings
         self.db = Database(settings.database_url)
-        self.bus = Bus(settings.nats_url, client_name=f"cornucopia-{settings.service}")
+        self.bus = Bus(
+            settings.nats_url,
+            client_name=f"cornucopia-{settings.service}",
+            stream_replicas=settings.stream_replicas,
+        )
         self.context = ServiceContext(settings=settings, db=self.db, bus=self.bus)
         self.relay = OutboxRelay(self.db, self.bus)
         self.consumers = [
@@ -74,6 +94,7 @@ class ServiceRuntime:
             settings.grpc_listen,
             settings.token_secret,
             definition.grpc_services(self.context),
+            connections=settings.grpc_connections,
         )
         self._tasks: list[asyncio.Task[None]] = []
         self.ready = asyncio.Event()
@@ -114,6 +135,12 @@ class ServiceRuntime:
                 for consumer in self.consumers:
                     await consumer.ensure()
                 break
+            except StreamConfigError as exc:
+                # NATS answers but refuses the stream settings: an operator
+                # must act (NATS_STREAM_REPLICAS above the cluster's size...).
+                log.error("stream configuration refused; retrying", error=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
             except Exception as exc:
                 log.warning("nats not ready; retrying", url=self.settings.nats_url, error=str(exc))
                 await asyncio.sleep(delay)
@@ -130,7 +157,11 @@ class ServiceRuntime:
             await asyncio.sleep(3600)
             try:
                 await forget_older_than(self.db, self.settings.idempotency_retention_hours)
-                await forget_messaging_older_than(self.db, self.settings.inbox_retention_hours)
+                await forget_messaging_older_than(
+                    self.db,
+                    self.settings.inbox_retention_hours,
+                    sent_outbox_hours=self.settings.sent_outbox_retention_hours,
+                )
             except Exception:
                 log.exception("housekeeping failed")
 
@@ -147,6 +178,7 @@ class ServiceRuntime:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        await self.context.close()
         await self.bus.close()
         await self.db.dispose()
         shutdown_tracing()

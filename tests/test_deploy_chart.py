@@ -391,6 +391,9 @@ def test_values_match_the_schema(values: dict[str, Any], schema: dict[str, Any])
         (lambda v: v.update(environment="staging"), "/environment"),
         (lambda v: v.update(existingSecret=""), "/existingSecret"),
         (lambda v: v.update(logLevle="DEBUG"), "'logLevle' is not allowed"),
+        (lambda v: v["nats"].update(streamReplicas=0), "/nats/streamReplicas"),
+        (lambda v: v["nats"].update(streamReplicas=6), "/nats/streamReplicas"),
+        (lambda v: v["nats"].pop("streamReplicas"), "'streamReplicas' is required"),
     ],
 )
 def test_the_schema_refuses_mistakes(
@@ -439,7 +442,15 @@ def test_the_chart_gives_each_component_what_production_requires(
     env_helper = helpers.split('define "cornucopia.env"', 1)[1]
     literal = set(re.findall(r"- name: ([A-Z][A-Z0-9_]*)", env_helper))
     from_secret = set(re.findall(r'"env" "([A-Z][A-Z0-9_]*)"', env_helper))
-    assert {"CORNUCOPIA_ENV", "NATS_URL", "LOG_LEVEL", "GRPC_LISTEN", "HTTP_LISTEN"} <= literal
+    assert {
+        "CORNUCOPIA_ENV",
+        "NATS_URL",
+        "NATS_STREAM_REPLICAS",
+        "LOG_LEVEL",
+        "GRPC_LISTEN",
+        "HTTP_LISTEN",
+    } <= literal
+    assert "$root.Values.nats.streamReplicas" in env_helper
     assert "CORNUCOPIA_TOKEN_SECRET" in from_secret
     assert 'printf "%s_DATABASE_URL"' in env_helper
     assert 'printf "%s_GRPC_ADDR"' in env_helper
@@ -449,6 +460,7 @@ def test_the_chart_gives_each_component_what_production_requires(
         env.update(
             CORNUCOPIA_ENV=values["environment"],
             NATS_URL=values["nats"]["url"],
+            NATS_STREAM_REPLICAS=str(values["nats"]["streamReplicas"]),
             LOG_LEVEL=values["logLevel"],
             CORNUCOPIA_TOKEN_SECRET="a-secret-from-the-secret",
             MEMBERS_MASTER_KEYS=f"k1:{key}",
@@ -459,9 +471,26 @@ def test_the_chart_gives_each_component_what_production_requires(
             env[f"{name.upper()}_DATABASE_URL"] = f"postgresql://u:p@db/{name}"
         settings = Settings.from_env(name, env)
         assert settings.production
+        assert settings.stream_replicas == values["nats"]["streamReplicas"]
         if name == "members":
             ring, _ = keys_from_env("MEMBERS", env, production=True)
             assert ring.active_id == "k1"
+
+
+def test_every_grpc_component_runs_several_replicas_side_by_side(
+    values: dict[str, Any],
+) -> None:
+    """Replicas share the outbox, the consumers and (notify) the queue of
+    messages, each claiming what it works on; none needs to run alone, so
+    none is pinned to one replica or to the Recreate strategy."""
+    for name, component in values["components"].items():
+        if component["kind"] != "grpc":
+            continue
+        assert component["replicas"] >= 2, name
+        assert component["autoscaling"]["maxReplicas"] > 1, name
+        assert component["strategy"].get("type", "RollingUpdate") == "RollingUpdate", name
+        assert component["podDisruptionBudget"]["enabled"], name
+        assert component["podDisruptionBudget"]["minAvailable"] == 1, name
 
 
 def test_templates_use_only_values_that_exist(

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from chassis.bus import STREAMS
 from chassis.config import (
+    DEAD_LETTER_RETENTION_DAYS,
     DEFAULT_GRPC_PORTS,
     DEFAULT_HTTP_PORT,
     DEVELOPMENT_TOKEN_SECRET,
@@ -139,6 +141,43 @@ def test_the_gateway_in_production_needs_no_database() -> None:
     assert Settings.from_env("gateway", environ).production
     with pytest.raises(ConfigError, match="CARDS_DATABASE_URL"):
         Settings.from_env("cards", environ)
+
+
+def test_the_gateway_in_production_needs_no_nats() -> None:
+    """The gateway publishes and consumes nothing: NATS_URL is not its concern."""
+    environ = {
+        "CORNUCOPIA_ENV": "production",
+        "CORNUCOPIA_TOKEN_SECRET": PRODUCTION["CORNUCOPIA_TOKEN_SECRET"],
+    }
+    assert Settings.from_env("gateway", environ).production
+    # Still required by every service that uses the bus, named alone.
+    for service in GRPC_SERVICES:
+        env = {**environ, f"{service.upper()}_DATABASE_URL": "postgresql://u@db/x"}
+        with pytest.raises(ConfigError, match="NATS_URL") as caught:
+            Settings.from_env(service, env)
+        assert "DATABASE_URL" not in str(caught.value)
+
+
+def test_the_stream_replica_count_comes_from_the_environment() -> None:
+    assert Settings.from_env("members", {}).stream_replicas == 1
+    assert Settings.from_env("notify", {"NATS_STREAM_REPLICAS": " 3 "}).stream_replicas == 3
+    for wrong in ("0", "6", "three", "-1", "2.5"):
+        with pytest.raises(ConfigError, match="NATS_STREAM_REPLICAS"):
+            Settings.from_env("members", {"NATS_STREAM_REPLICAS": wrong})
+
+
+def test_consumed_event_ids_outlive_the_dead_letters() -> None:
+    """A replayed dead letter reaches every consumer of its subject; those
+    that handled the event before must still find its id in their inbox."""
+    assert STREAMS["deadletter"].max_age_days == DEAD_LETTER_RETENTION_DAYS
+    settings = Settings.from_env("notify", {})
+    assert settings.inbox_retention_hours >= DEAD_LETTER_RETENTION_DAYS * 24
+    settings.check_retention()
+    # Sent outbox rows are only history: they need not be kept as long.
+    assert settings.sent_outbox_retention_hours < settings.inbox_retention_hours
+    short = Settings(service="notify", inbox_retention_hours=24 * 7)
+    with pytest.raises(ConfigError, match="dead-letter retention"):
+        short.check_retention()
 
 
 def test_production_refuses_the_development_secret() -> None:

@@ -7,13 +7,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from chassis.config import ConfigError
 from chassis.crypto import (
     BlindIndex,
     DecryptionError,
     FieldCipher,
     KeyRing,
+    UnknownMasterKey,
     WrappedKey,
     development_key,
+    keys_from_env,
     parse_keys,
 )
 
@@ -100,3 +103,75 @@ def test_master_keys_parse_from_the_secret_format() -> None:
         parse_keys("k:" + base64.b64encode(b"too short").decode())
     with pytest.raises(ValueError):
         KeyRing({"k1": a}, "k9")
+
+
+KEY = base64.b64encode(development_key("test-master")).decode()
+INDEX = base64.b64encode(development_key("test-index")).decode()
+
+
+@pytest.mark.parametrize(
+    ("environ", "named"),
+    [
+        ({}, ["MEMBERS_MASTER_KEYS", "MEMBERS_BLIND_INDEX_KEY"]),
+        ({"MEMBERS_BLIND_INDEX_KEY": INDEX}, ["MEMBERS_MASTER_KEYS"]),
+        (
+            {"MEMBERS_MASTER_KEYS": f"k1:{KEY}", "MEMBERS_BLIND_INDEX_KEY": " "},
+            ["MEMBERS_BLIND_INDEX_KEY"],
+        ),
+    ],
+)
+def test_missing_keys_in_production_are_a_configuration_error(
+    environ: dict[str, str], named: list[str]
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        keys_from_env("MEMBERS", environ, production=True)
+    message = str(caught.value)
+    for name in named:
+        assert name in message
+    for name in {"MEMBERS_MASTER_KEYS", "MEMBERS_BLIND_INDEX_KEY"} - set(named):
+        assert name not in message
+    # Outside production the development keys stand in.
+    ring, _ = keys_from_env("MEMBERS", environ, production=False)
+    assert ring.active_id in ("dev", "k1")
+
+
+@pytest.mark.parametrize(
+    ("environ", "named"),
+    [
+        ({"MEMBERS_MASTER_KEYS": "k1"}, "MEMBERS_MASTER_KEYS"),
+        ({"MEMBERS_MASTER_KEYS": "k1:not base64!"}, "MEMBERS_MASTER_KEYS"),
+        (
+            {"MEMBERS_MASTER_KEYS": "k1:" + base64.b64encode(b"short").decode()},
+            "MEMBERS_MASTER_KEYS",
+        ),
+        (
+            {"MEMBERS_MASTER_KEYS": f"k1:{KEY}", "MEMBERS_ACTIVE_KEY_ID": "k9"},
+            "MEMBERS_ACTIVE_KEY_ID",
+        ),
+        ({"MEMBERS_BLIND_INDEX_KEY": "%%%"}, "MEMBERS_BLIND_INDEX_KEY"),
+        (
+            {"MEMBERS_BLIND_INDEX_KEY": base64.b64encode(b"short").decode()},
+            "MEMBERS_BLIND_INDEX_KEY",
+        ),
+    ],
+)
+def test_malformed_keys_are_a_configuration_error_that_shows_no_key(
+    environ: dict[str, str], named: str
+) -> None:
+    with pytest.raises(ConfigError, match=named) as caught:
+        keys_from_env("MEMBERS", environ, production=False)
+    assert KEY not in str(caught.value)
+
+
+def test_an_unknown_master_key_is_told_apart_from_a_wrong_one() -> None:
+    data_key, wrapped = ring("k1").new_data_key("M1")
+    retired = KeyRing({"k2": development_key("k2")}, "k2")
+    with pytest.raises(UnknownMasterKey) as caught:
+        retired.unwrap(wrapped, "M1")
+    assert caught.value.master_key_id == "k1"
+    replaced = KeyRing({"k1": development_key("another k1")}, "k1")
+    with pytest.raises(DecryptionError) as wrong:
+        replaced.unwrap(wrapped, "M1")
+    assert not isinstance(wrong.value, UnknownMasterKey)
+    assert ring("k2").key_ids == {"k1", "k2"}
+    assert ring("k2").unwrap(ring("k2").rewrap(wrapped, "M1"), "M1") == data_key

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,10 @@ messages = sa.Table(
     sa.Column("sent_at", UTCDateTime, nullable=True),
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
     sa.Column("last_error", sa.String(500), nullable=True),
+    # 0002: the dispatcher pass that holds a queued message, and until when.
+    # A claim that has expired (its dispatcher died) can be taken again.
+    sa.Column("claim_token", sa.String(32), nullable=True),
+    sa.Column("claim_expires_at", UTCDateTime, nullable=True),
     sa.UniqueConstraint("trigger_event_id", "template", "channel", name="uq_messages_trigger"),
     sa.Index("ix_messages_member", "member_id", "created_at"),
     sa.Index("ix_messages_status", "status", "created_at"),
@@ -81,29 +86,113 @@ async def queue_message(session: AsyncSession, **values: Any) -> None:
     session.info[MESSAGES_QUEUED] = True
 
 
-async def queued(session: AsyncSession, limit: int) -> list[MessageRecord]:
+def _claimable(now: dt.datetime) -> sa.ColumnElement[bool]:
+    c = messages.c
+    return sa.and_(
+        c.status == MessageStatus.QUEUED.value,
+        sa.or_(c.claim_expires_at.is_(None), c.claim_expires_at <= now),
+    )
+
+
+async def claim_queued(
+    session: AsyncSession,
+    *,
+    limit: int,
+    token: str,
+    now: dt.datetime,
+    lease: dt.timedelta,
+    skip_locked: bool,
+) -> list[MessageRecord]:
+    """Claim up to ``limit`` queued messages nobody holds (oldest first) for
+    the dispatcher pass ``token`` until ``now + lease``, and return them.
+    Call it in a unit of work of its own, committed before sending.
+
+    Two passes never hold the same message: on PostgreSQL the candidates are
+    picked and locked with ``FOR UPDATE SKIP LOCKED`` (concurrent passes take
+    different rows instead of waiting on the same ones), on SQLite the unit
+    of work holds the file's write lock; and the claim itself checks the
+    row is still claimable as it writes it."""
+    c = messages.c
+    candidates = (
+        sa.select(c.message_id)
+        .where(_claimable(now))
+        .order_by(c.created_at, c.message_id)
+        .limit(limit)
+    )
+    if skip_locked:
+        candidates = candidates.with_for_update(skip_locked=True)
+    # Two statements, not UPDATE ... IN (SELECT ... LIMIT ... SKIP LOCKED):
+    # PostgreSQL may run such a subquery again for every row it updates,
+    # each run skipping the rows the previous ones locked, and claim far
+    # more than ``limit``.
+    picked = list((await session.execute(candidates)).scalars())
+    if not picked:
+        return []
+    await session.execute(
+        sa.update(messages)
+        .where(c.message_id.in_(picked), _claimable(now))
+        .values(claim_token=token, claim_expires_at=now + lease)
+    )
     rows = await session.execute(
         sa.select(messages)
-        .where(messages.c.status == MessageStatus.QUEUED.value)
-        .order_by(messages.c.created_at, messages.c.message_id)
-        .limit(limit)
+        .where(c.claim_token == token, c.status == MessageStatus.QUEUED.value)
+        .order_by(c.created_at, c.message_id)
     )
     return [_record(r) for r in rows]
 
 
-async def mark_sent(session: AsyncSession, message_id: str, now: dt.datetime) -> None:
-    await session.execute(
-        sa.update(messages)
-        .where(messages.c.message_id == message_id)
-        .values(status=MessageStatus.SENT.value, sent_at=now, attempts=messages.c.attempts + 1)
+def _held(message_id: str, token: str) -> sa.ColumnElement[bool]:
+    c = messages.c
+    return sa.and_(
+        c.message_id == message_id,
+        c.claim_token == token,
+        c.status == MessageStatus.QUEUED.value,
     )
 
 
-async def mark_attempt_failed(session: AsyncSession, message_id: str, error: str) -> None:
+async def mark_sent(session: AsyncSession, message_id: str, now: dt.datetime, token: str) -> bool:
+    """Mark a claimed message sent; False when the pass ``token`` no longer
+    holds it (its claim expired and another pass took it over)."""
+    result = await session.execute(
+        sa.update(messages)
+        .where(_held(message_id, token))
+        .values(
+            status=MessageStatus.SENT.value,
+            sent_at=now,
+            attempts=messages.c.attempts + 1,
+            claim_token=None,
+            claim_expires_at=None,
+        )
+    )
+    return bool(getattr(result, "rowcount", 0) == 1)
+
+
+async def mark_attempt_failed(
+    session: AsyncSession, message_id: str, error: str, token: str
+) -> bool:
+    """Count a failed send and give the message back to the queue."""
+    result = await session.execute(
+        sa.update(messages)
+        .where(_held(message_id, token))
+        .values(
+            attempts=messages.c.attempts + 1,
+            last_error=error[:500],
+            claim_token=None,
+            claim_expires_at=None,
+        )
+    )
+    return bool(getattr(result, "rowcount", 0) == 1)
+
+
+async def release_claims(session: AsyncSession, token: str, message_ids: Sequence[str]) -> None:
+    """Give back claimed messages this pass will not send."""
+    if not message_ids:
+        return
+    c = messages.c
     await session.execute(
         sa.update(messages)
-        .where(messages.c.message_id == message_id)
-        .values(attempts=messages.c.attempts + 1, last_error=error[:500])
+        .where(c.claim_token == token, c.message_id.in_(list(message_ids)))
+        .values(claim_token=None, claim_expires_at=None)
     )
 
 

@@ -67,6 +67,8 @@ The environment of one component. dict "root" $ "name" <component> "component" <
 - name: CORNUCOPIA_VAR_DIR
   value: /tmp/cornucopia
 {{- if eq $c.kind "grpc" }}
+- name: NATS_STREAM_REPLICAS
+  value: {{ int $root.Values.nats.streamReplicas | toString | quote }}
 - name: GRPC_LISTEN
   value: {{ printf "0.0.0.0:%d" (int $c.port) | quote }}
 {{- else }}

@@ -1,0 +1,270 @@
+"""The dispatcher's claims: replicas on one database share the queue and
+never send a message twice, a dead replica's messages are taken over once
+its lease expires, and a pass gives back what it cannot send in time. On
+real databases, SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import datetime as dt
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from chassis.db import Database, outbox_table, utcnow
+from chassis.migrations import upgrade_to_head
+from services.notify import dispatch, store
+from services.notify.domain import Channel, MessageStatus
+from services.notify.store import MessageRecord, messages
+from tests.integration.infra import Postgres, start_postgres
+
+pytestmark = pytest.mark.integration
+
+MIGRATIONS = Path(__file__).resolve().parents[1] / "migrations"
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Postgres]:
+    server = start_postgres()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A fresh notify database at head; each replica opens its own engine."""
+    pg: Postgres | None = None
+    name = ""
+    if request.param == "postgresql":
+        pg = request.getfixturevalue("postgres")
+        name = await pg.create_database("cornucopia_test_notify")
+        url = pg.url_for(name).replace("postgresql://", "postgresql+asyncpg://", 1)
+    else:
+        url = f"sqlite+aiosqlite:///{tmp_path / 'notify.db'}"
+    db = Database(url)
+    try:
+        await upgrade_to_head(db, MIGRATIONS, "notify")
+    finally:
+        await db.dispose()
+    yield url
+    if pg is not None:
+        await pg.drop_database(name)
+
+
+@pytest.fixture
+async def replicas(database_url: str) -> AsyncIterator[Callable[[], Database]]:
+    opened: list[Database] = []
+
+    def open_one() -> Database:
+        db = Database(database_url)
+        opened.append(db)
+        return db
+
+    yield open_one
+    for db in opened:
+        await db.dispose()
+
+
+class Recorder:
+    """A channel that takes a little time per message and remembers who sent what."""
+
+    def __init__(self, name: str, sent: list[tuple[str, str]], delay: float = 0.005) -> None:
+        self.name = name
+        self.sent = sent
+        self.delay = delay
+
+    async def send(self, message: MessageRecord) -> None:
+        await asyncio.sleep(self.delay)
+        self.sent.append((self.name, message.message_id))
+
+
+async def queue(db: Database, count: int) -> list[str]:
+    start = utcnow() - dt.timedelta(minutes=1)
+    ids = [f"MSG{i:05d}" for i in range(count)]
+    async with db.transaction() as session:
+        for i, message_id in enumerate(ids):
+            await store.queue_message(
+                session,
+                message_id=message_id,
+                member_id="M0000000001",
+                template="welcome",
+                channel=Channel.DEV_LOG.value,
+                locale="en",
+                body=f"hello {i}",
+                trigger_event_id=f"event-{i}",
+                trace_headers={},
+                created_at=start + dt.timedelta(milliseconds=i),
+            )
+    return ids
+
+
+async def statuses(db: Database) -> dict[str, str]:
+    async with db.sessions() as session:
+        rows = await session.execute(sa.select(messages.c.message_id, messages.c.status))
+        return {row.message_id: row.status for row in rows}
+
+
+async def sent_events(db: Database) -> int:
+    async with db.sessions() as session:
+        result = await session.execute(sa.select(sa.func.count()).select_from(outbox_table))
+        return int(result.scalar_one())
+
+
+async def drain(dispatcher: dispatch.Dispatcher, db: Database) -> None:
+    """Dispatch until nothing is queued any more (the other replica may
+    hold the last messages for a moment)."""
+    while True:
+        if await dispatcher.dispatch_queued():
+            continue
+        if MessageStatus.QUEUED.value not in (await statuses(db)).values():
+            return
+        await asyncio.sleep(0.01)
+
+
+async def test_two_dispatchers_on_one_database_never_send_a_message_twice(
+    replicas: Callable[[], Database],
+) -> None:
+    first, second = replicas(), replicas()
+    ids = await queue(first, 120)
+    sent: list[tuple[str, str]] = []
+    one = dispatch.Dispatcher(
+        first, {Channel.DEV_LOG: Recorder("one", sent)}, batch_size=7, poll_interval=0.05
+    )
+    two = dispatch.Dispatcher(
+        second, {Channel.DEV_LOG: Recorder("two", sent)}, batch_size=7, poll_interval=0.05
+    )
+    await asyncio.wait_for(asyncio.gather(drain(one, first), drain(two, second)), timeout=60)
+
+    times = collections.Counter(message_id for _, message_id in sent)
+    assert [m for m, n in times.items() if n > 1] == []
+    assert set(times) == set(ids)
+    # Both replicas did part of the work...
+    assert {who for who, _ in sent} == {"one", "two"}
+    # ...and every message is sent once in the history and the events.
+    assert set((await statuses(first)).values()) == {MessageStatus.SENT.value}
+    assert await sent_events(first) == len(ids)
+    async with first.sessions() as session:
+        held = await session.execute(
+            sa.select(sa.func.count()).where(messages.c.claim_token.is_not(None))
+        )
+        assert held.scalar_one() == 0
+
+
+async def test_the_loops_of_two_replicas_share_the_queue(
+    replicas: Callable[[], Database],
+) -> None:
+    """As in production: both run() loops, woken by polls, messages arriving."""
+    first, second = replicas(), replicas()
+    sent: list[tuple[str, str]] = []
+    loops = [
+        asyncio.create_task(
+            dispatch.Dispatcher(
+                db, {Channel.DEV_LOG: Recorder(name, sent)}, batch_size=5, poll_interval=0.02
+            ).run()
+        )
+        for name, db in (("one", first), ("two", second))
+    ]
+    try:
+        ids = await queue(first, 40)
+        for _ in range(600):
+            if set((await statuses(first)).values()) == {MessageStatus.SENT.value}:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        for loop in loops:
+            loop.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+    times = collections.Counter(message_id for _, message_id in sent)
+    assert set(times) == set(ids)
+    assert max(times.values()) == 1
+    assert await sent_events(first) == len(ids)
+
+
+async def test_a_dead_replicas_messages_are_taken_over_after_its_lease(
+    replicas: Callable[[], Database],
+) -> None:
+    db = replicas()
+    ids = await queue(db, 3)
+    now = utcnow()
+    # A replica claimed everything, then died: its lease is still running.
+    async with db.transaction() as session:
+        held = await store.claim_queued(
+            session,
+            limit=10,
+            token="dead-replica",
+            now=now,
+            lease=dt.timedelta(minutes=5),
+            skip_locked=db.dialect == "postgresql",
+        )
+    assert [m.message_id for m in held] == ids
+    sent: list[tuple[str, str]] = []
+    survivor = dispatch.Dispatcher(db, {Channel.DEV_LOG: Recorder("survivor", sent)})
+    assert await survivor.dispatch_queued() == 0
+    assert sent == []
+    # Once the lease has run out, the survivor takes them.
+    async with db.transaction() as session:
+        await session.execute(
+            sa.update(messages).values(claim_expires_at=now - dt.timedelta(seconds=1))
+        )
+    assert await survivor.dispatch_queued() == 3
+    assert sorted(m for _, m in sent) == ids
+    # Had the first replica come back, its mark no longer counts.
+    async with db.transaction() as session:
+        assert not await store.mark_sent(session, ids[0], utcnow(), "dead-replica")
+    assert await sent_events(db) == 3
+
+
+async def test_a_pass_gives_back_what_it_could_not_start_in_its_lease(
+    replicas: Callable[[], Database], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = replicas()
+    ids = await queue(db, 5)
+    clock = [1000.0]
+    monkeypatch.setattr(dispatch.time, "monotonic", lambda: clock[0])
+
+    class Slow:
+        async def send(self, message: MessageRecord) -> None:
+            clock[0] += 20.0  # each send takes 20 s of the lease
+
+    # Lease 100 s, sends up to 10 s, 30 s margin: starts allowed until +60 s.
+    slow = dispatch.Dispatcher(
+        db, {Channel.DEV_LOG: Slow()}, batch_size=10, lease_seconds=100.0, send_timeout=10.0
+    )
+    assert await slow.dispatch_queued() == 5
+    state = await statuses(db)
+    assert [state[m] for m in ids] == ["sent"] * 4 + ["queued"]
+    async with db.sessions() as session:
+        row = (
+            await session.execute(
+                sa.select(messages.c.claim_token, messages.c.claim_expires_at).where(
+                    messages.c.message_id == ids[-1]
+                )
+            )
+        ).one()
+    assert tuple(row) == (None, None)
+
+
+async def test_a_failed_send_is_given_back_for_a_retry(
+    replicas: Callable[[], Database],
+) -> None:
+    db = replicas()
+    [message_id] = await queue(db, 1)
+
+    class Broken:
+        async def send(self, message: MessageRecord) -> None:
+            raise OSError("provider down")
+
+    assert await dispatch.Dispatcher(db, {Channel.DEV_LOG: Broken()}).dispatch_queued() == 1
+    sent: list[tuple[str, str]] = []
+    assert await dispatch.Dispatcher(db, {Channel.DEV_LOG: Recorder("r", sent)}).dispatch_queued()
+    assert sent == [("r", message_id)]
+    async with db.sessions() as session:
+        attempts = await session.execute(
+            sa.select(messages.c.attempts, messages.c.last_error).where(
+                messages.c.message_id == message_id
+            )
+        )
+        assert tuple(attempts.one()) == (2, "OSError: provider down")
