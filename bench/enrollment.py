@@ -3,7 +3,8 @@
     python -m bench.enrollment [--seconds 10] [--concurrency 16] [--postgres URL]
 
 Starts a NATS server (from the wheel) and the members service in processes of
-their own, then measures in the same run:
+their own, opens the store the members enroll into (through the service's
+organisation API), then measures in the same run:
 - CreateMember through the real gRPC edge (auth, validation, idempotency key,
   member row, outbox row, relay publishing to JetStream);
 - the baseline: a bare grpc.aio health check against a bare server process;
@@ -26,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from bench.harness import Result, drive, spawn
+from bench.organisation import open_stores
 from chassis.auth import Role, Scope, ScopeLevel, mint_token
 from chassis.config import DEVELOPMENT_TOKEN_SECRET, normalise_database_url
 from chassis.natsserver import NatsServer, free_port
@@ -117,6 +119,7 @@ async def run(seconds: float, concurrency: int, postgres: str | None) -> None:
         await wait_serving(f"127.0.0.1:{baseline_port}")
         token = mint_token(DEVELOPMENT_TOKEN_SECRET, "bench", [Role.HQ_ADMIN], Scope(ScopeLevel.HQ))
         metadata = (("authorization", f"Bearer {token}"),)
+        await open_stores(f"127.0.0.1:{members_port}", metadata, ["S001"])
         run_id = uuid.uuid4().hex[:6]
 
         async with grpc.aio.insecure_channel(f"127.0.0.1:{baseline_port}") as ch:

@@ -4,7 +4,8 @@
 
 Starts a NATS server (from the wheel) and the members service in processes of
 their own, on SQLite or (with --postgres, an admin URL) on a throwaway
-PostgreSQL database, and measures in the same run:
+PostgreSQL database, opens the stores the file names (through the service's
+organisation API), and measures in the same run:
 - ImportMembers of a CSV of ``--rows`` generated members (every row valid,
   every mobile new) through the real gRPC edge: upload, then the service's
   runner enrolling every row (validation, encryption, member row, history,
@@ -31,12 +32,15 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from bench.enrollment import wait_serving
 from bench.harness import spawn
+from bench.organisation import open_stores, store_id
 from chassis.auth import Role, Scope, ScopeLevel, mint_token
 from chassis.config import DEVELOPMENT_TOKEN_SECRET, normalise_database_url
 from chassis.natsserver import NatsServer, free_port
 from cornucopia.members.v1 import transfers_pb2, transfers_pb2_grpc
 
 CHUNK = 256 * 1024
+# The generated members' home stores: S000 to S049.
+STORES = 50
 
 
 def generate_csv(path: Path, rows: int) -> None:
@@ -51,7 +55,7 @@ def generate_csv(path: Path, rows: int) -> None:
                     f"member{n}@example.com",
                     "女" if n % 2 else "男",
                     f"{1960 + n % 40}-{1 + n % 12:02d}-{1 + n % 28:02d}",
-                    f"S{n % 50:03d}",
+                    store_id(n % STORES),
                 ]
             )
 
@@ -153,6 +157,7 @@ async def run(rows: int, postgres: str | None) -> None:
         await wait_serving(f"127.0.0.1:{port}")
         token = mint_token(DEVELOPMENT_TOKEN_SECRET, "bench", [Role.HQ_ADMIN], Scope(ScopeLevel.HQ))
         metadata = (("authorization", f"Bearer {token}"),)
+        await open_stores(f"127.0.0.1:{port}", metadata, map(store_id, range(STORES)))
         kind = "PostgreSQL" if postgres else "SQLite"
         size_mb = file.stat().st_size / 2**20
         print(f"\nmember import benchmark: {kind}, {rows:,} rows ({size_mb:.1f} MiB CSV)")

@@ -4,12 +4,13 @@
         [--concurrency 8] [--postgres URL] [--no-grpc]
 
 Creates a throwaway PostgreSQL database, migrates the members schema, and
-seeds ``--members`` members. Seeding takes the fast road, and says so: the
-rows are built by the store's own column mapping (each member with a data
-key of their own, wrapped by the master key, and every personal field
-sealed under it, exactly as an enrollment stores them) in a process pool,
-then written with COPY instead of one CreateMember call each (which would
-take hours). No history, tags or consents rows are written; a lookup does
+seeds ``--members`` members into 200 stores. Seeding takes the fast road, and
+says so: the stores are written through the store layer (no events), and
+the member rows are built by the store's own column mapping (each member
+with a data key of their own, wrapped by the master key, and every personal
+field sealed under it, exactly as an enrollment stores them) in a process
+pool, then written with COPY instead of one CreateMember call each (which
+would take hours). No history, tags or consents rows are written; a lookup does
 not read history, and finds no consents either way.
 
 Then measures in the same run, closed loop, ``--concurrency`` callers:
@@ -43,6 +44,7 @@ import sqlalchemy as sa
 
 from bench.enrollment import wait_serving
 from bench.harness import Result, drive, spawn
+from bench.organisation import insert_stores, store_id
 from chassis.auth import Role, Scope, ScopeLevel, mint_token
 from chassis.config import DEVELOPMENT_TOKEN_SECRET, normalise_database_url
 from chassis.crypto import FieldCipher, keys_from_env
@@ -55,6 +57,8 @@ from services.members.server import definition
 from services.members.store import members as store
 
 SEED_CHUNK = 20_000
+# The seeded members' home stores: S000 to S199.
+STORES = 200
 NOW = dt.datetime(2026, 11, 23, tzinfo=dt.UTC)
 
 
@@ -76,7 +80,7 @@ def build_rows(start: int, stop: int) -> tuple[list[dict[str, Any]], list[tuple[
     for n in range(start, stop):
         member_id = f"B{n:010d}"
         member = NewMember(
-            home_store_id=f"S{n % 200:03d}",
+            home_store_id=store_id(n % STORES),
             given_name=f"会员{n}",
             family_name="王",
             mobile=mobile_of(n),
@@ -156,6 +160,7 @@ async def run(count: int, seconds: float, concurrency: int, postgres: str, with_
     nats = None
     try:
         await upgrade_to_head(db, definition.migrations_dir, "members")
+        await insert_stores(db, map(store_id, range(STORES)))
         print(f"\nseeding {count:,} members (process pool + COPY)...", flush=True)
         seeded = await seed(dsn, count)
         print(f"  seeded in {seeded:.0f} s ({count / seeded:,.0f} members/s)")

@@ -148,6 +148,23 @@ def mint_token(
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
 
+SERVICE_TOKEN_TTL_SECONDS = 60
+
+
+def service_token(secret: str, service: str, *, now: float | None = None) -> str:
+    """A short-lived token a service sends when it calls a peer on its own
+    behalf (not a staff member's): chain-wide, role ``service``, named
+    after the calling service so the peer's logs say who asked."""
+    return mint_token(
+        secret,
+        service,
+        [Role.SERVICE],
+        Scope(ScopeLevel.HQ),
+        ttl_seconds=SERVICE_TOKEN_TTL_SECONDS,
+        now=now,
+    )
+
+
 def verify_token(secret: str, token: str) -> Principal:
     try:
         claims = jwt.decode(

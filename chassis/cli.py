@@ -5,6 +5,7 @@ cornucopia serve <service>                      one service (or the gateway)
 cornucopia migrate <service>                    apply a service's migrations
 cornucopia token --role R --scope S             a signed development token
 cornucopia deadletters list|replay|discard      the events consumers gave up on
+cornucopia rekey members [--batch-size N]       rewrap data keys under the active master key
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import nats
 from chassis import deadletters, supervisor
 from chassis.auth import Role, Scope, mint_token
 from chassis.config import ALL_SERVICES, GRPC_SERVICES, ConfigError, Settings
+from chassis.crypto import KeyRing, keys_from_env
 from chassis.db import Database
 from chassis.logs import configure_logging
 from chassis.migrations import upgrade_to_head
@@ -142,7 +144,11 @@ def nats_url(explicit: str | None = None, environ: dict[str, str] | None = None)
         url = None
     if isinstance(url, str) and url:
         return url
-    return Settings.from_env("gateway", env).nats_url
+    settings = Settings.from_env("gateway", env)
+    if settings.production:
+        # No guessing at a local server in production.
+        raise ConfigError("production mode needs NATS_URL (or --nats-url)")
+    return settings.nats_url
 
 
 async def _with_jetstream(url: str, action: Callable[[Any], Awaitable[int]]) -> int:
@@ -233,6 +239,85 @@ def cmd_deadletters(args: argparse.Namespace) -> int:
             return await deadletters_discard(js, sequences)
 
     return asyncio.run(_with_jetstream(url, action))
+
+
+# -- rekey --------------------------------------------------------------------
+
+# Services that keep data keys wrapped by master keys.
+REKEY_SERVICES = ("members",)
+
+
+def cmd_rekey(args: argparse.Namespace) -> int:
+    service = check_service(args.service, REKEY_SERVICES)
+    settings = Settings.from_env(service)
+    configure_logging(service, settings.log_level, settings.log_json)
+    ring, _index = keys_from_env(service.upper(), os.environ, production=settings.production)
+    return asyncio.run(
+        rekey(settings, ring, batch_size=int(args.batch_size), dry_run=bool(args.dry_run))
+    )
+
+
+def _key_counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{key_id} {n}" for key_id, n in sorted(counts.items())) or "none"
+
+
+async def rekey(settings: Settings, ring: KeyRing, *, batch_size: int, dry_run: bool) -> int:
+    """Rewrap every data key not under the active master key; report what
+    is left under other keys. Exit status 1 if some could not be rewrapped."""
+    from services.members import rekey as members_rekey  # noqa: PLC0415 - members only
+
+    service = settings.service
+    prefix = service.upper()
+    db = Database(settings.database_url)
+    try:
+        before = await members_rekey.data_keys_by_master_key(db)
+        print(f"{service}: active master key {ring.active_id!r}")
+        print(f"data keys by master key: {_key_counts(before)}")
+        if dry_run:
+            waiting = sum(n for key_id, n in before.items() if key_id != ring.active_id)
+            print(f"{waiting} data keys to rewrap (dry run: nothing changed)")
+            return 0
+
+        def progress(report: members_rekey.RekeyReport) -> None:
+            print(
+                f"batch {report.batches}: {report.rewrapped} rewrapped so far",
+                file=sys.stderr,
+            )
+
+        report = await members_rekey.rewrap_data_keys(
+            db, ring, batch_size=batch_size, progress=progress
+        )
+        after = await members_rekey.data_keys_by_master_key(db)
+    finally:
+        await db.dispose()
+    print(f"rewrapped {report.rewrapped} data keys to {ring.active_id!r}")
+    print(f"data keys by master key now: {_key_counts(after)}")
+    for key_id, n in sorted(report.unknown_key.items()):
+        print(
+            f"{n} data keys are wrapped by master key {key_id!r}, which is not in "
+            f"{prefix}_MASTER_KEYS: add it back and run again",
+            file=sys.stderr,
+        )
+    for key_id, n in sorted(report.unreadable.items()):
+        print(
+            f"{n} data keys do not open with master key {key_id!r}: {prefix}_MASTER_KEYS "
+            "holds a different key under that id",
+            file=sys.stderr,
+        )
+    if report.failed:
+        return 1
+    others = sorted(key_id for key_id in after if key_id != ring.active_id)
+    if others:
+        # Written by another process meanwhile (a pod with another active key).
+        print(f"data keys under {', '.join(others)} remain: run again", file=sys.stderr)
+        return 1
+    retired = sorted(ring.key_ids - {ring.active_id})
+    if retired:
+        print(
+            f"no data key uses {', '.join(map(repr, retired))} any more: "
+            f"it may be removed from {prefix}_MASTER_KEYS"
+        )
+    return 0
 
 
 # -- up -----------------------------------------------------------------------
@@ -373,6 +458,22 @@ def build_parser() -> argparse.ArgumentParser:
     discard = dead_actions.add_parser("discard", help="delete dead letters for good")
     discard.add_argument("sequence", type=_positive_int, nargs="+")
     dead.set_defaults(handler=cmd_deadletters)
+
+    rekey_cmd = commands.add_parser(
+        "rekey",
+        help="rewrap data keys under the active master key (after a rotation)",
+        description="Rewrap every member data key that is not under the active master key "
+        "(MEMBERS_ACTIVE_KEY_ID, default the last of MEMBERS_MASTER_KEYS), in batches that "
+        "each commit: safe to interrupt and to run again, and while the service runs.",
+    )
+    rekey_cmd.add_argument("service", help=", ".join(REKEY_SERVICES))
+    rekey_cmd.add_argument(
+        "--batch-size", type=_positive_int, default=500, help="rows per transaction (default 500)"
+    )
+    rekey_cmd.add_argument(
+        "--dry-run", action="store_true", help="only count the data keys by master key"
+    )
+    rekey_cmd.set_defaults(handler=cmd_rekey)
 
     return parser
 

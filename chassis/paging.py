@@ -5,8 +5,11 @@ while rows are added, no OFFSET scans)."""
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
-from typing import Any
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
 
 from chassis.errors import FieldViolation, InvalidArgument
 
@@ -43,3 +46,21 @@ def decode_token(token: str) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         raise InvalidArgument([FieldViolation("page_token", "not a token this service issued")])
     return value
+
+
+Query = TypeVar("Query", bound=sa.Select[Any])
+
+
+def newest_first(
+    query: Query,
+    at: sa.ColumnElement[dt.datetime],
+    key: sa.ColumnElement[str],
+    after: tuple[dt.datetime, str] | None,
+    limit: int,
+) -> Query:
+    """``query`` newest first by ``(at, key)``, resuming after the last row
+    a page showed: the order lists of records, changes and messages share."""
+    if after is not None:
+        last_at, last_key = after
+        query = query.where(sa.or_(at < last_at, sa.and_(at == last_at, key < last_key)))
+    return query.order_by(at.desc(), key.desc()).limit(limit)

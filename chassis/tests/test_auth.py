@@ -22,6 +22,7 @@ from chassis.auth import (
     current_principal,
     mint_token,
     reset_current_principal,
+    service_token,
     set_current_principal,
     verify_token,
 )
@@ -308,3 +309,14 @@ def test_the_current_principal_is_per_call() -> None:
         reset_current_principal(token)
     with pytest.raises(Unauthenticated):
         current_principal()
+
+
+def test_a_service_token_is_short_lived_chain_wide_and_names_its_service() -> None:
+    principal = verify_token(SECRET, service_token(SECRET, "cards"))
+    assert principal.subject == "cards"
+    assert principal.has_any((Role.SERVICE,))
+    assert not principal.has_any((Role.HQ_ADMIN,))
+    assert principal.scope.level == ScopeLevel.HQ
+    stale = service_token(SECRET, "cards", now=time.time() - 120)
+    with pytest.raises(Unauthenticated):
+        verify_token(SECRET, stale)

@@ -15,7 +15,7 @@ import pytest
 from chassis import cli, deadletters
 from chassis.auth import Role, Scope, ScopeLevel, verify_token
 from chassis.bus import STREAMS, Bus, cloudevent_headers, header_map
-from chassis.config import DEVELOPMENT_TOKEN_SECRET
+from chassis.config import DEVELOPMENT_TOKEN_SECRET, ConfigError
 from chassis.errors import Unauthenticated
 from chassis.inbox import dead_letter_subject
 from chassis.natsserver import NatsServer
@@ -159,6 +159,17 @@ def test_nats_url_prefers_flag_then_env_then_running_suite(tmp_path: Path) -> No
     env["NATS_URL"] = "nats://elsewhere:4222"
     assert cli.nats_url(None, env) == "nats://elsewhere:4222"
     assert cli.nats_url("nats://flag:1", env) == "nats://flag:1"
+
+
+def test_nats_url_in_production_is_never_guessed(tmp_path: Path) -> None:
+    env = {
+        "CORNUCOPIA_ENV": "production",
+        "CORNUCOPIA_TOKEN_SECRET": "a-real-secret",
+        "CORNUCOPIA_VAR_DIR": str(tmp_path),
+    }
+    with pytest.raises(ConfigError, match="NATS_URL"):
+        cli.nats_url(None, env)
+    assert cli.nats_url(None, {**env, "NATS_URL": "nats://nats:4222"}) == "nats://nats:4222"
 
 
 def test_deadletters_cannot_connect_says_so(capsys: pytest.CaptureFixture[str]) -> None:

@@ -5,7 +5,7 @@ another request."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -17,9 +17,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from chassis.db import Database, idempotency_table, outbox_table
 from chassis.errors import Code, FailedPrecondition, InvalidArgument
 from chassis.idempotency import MAX_REQUEST_ID_LENGTH, run_idempotent
-from chassis.migrations import upgrade_to_head
 from chassis.outbox import enqueue
-from tests.integration.infra import Postgres, start_postgres
+from tests.integration.infra import DatabaseFactory, migrated
 
 pytestmark = pytest.mark.integration
 
@@ -29,32 +28,14 @@ METHOD = "/cornucopia.cards.v1.CardService/IssueCard"
 StringValue = wrappers_pb2.StringValue
 
 
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[Postgres]:
-    server = start_postgres()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
+@pytest.fixture
+async def db(database_url: DatabaseFactory) -> AsyncIterator[Database]:
     """A fresh database with the chassis tables, dropped afterwards."""
-    pg: Postgres | None = None
-    name = ""
-    if request.param == "postgresql":
-        pg = request.getfixturevalue("postgres")
-        name = await pg.create_database("cornucopia_test_idempotency")
-        url = pg.url_for(name).replace("postgresql://", "postgresql+asyncpg://", 1)
-    else:
-        url = f"sqlite+aiosqlite:///{tmp_path / 'cards.db'}"
-    database = Database(url)
+    database = Database(await migrated(database_url, CARDS_MIGRATIONS, "cards"))
     try:
-        await upgrade_to_head(database, CARDS_MIGRATIONS, "cards")
         yield database
     finally:
         await database.dispose()
-        if pg is not None:
-            await pg.drop_database(name)
 
 
 class Work:

@@ -25,10 +25,9 @@ from chassis.bus import STREAMS, Bus, cloudevent_headers
 from chassis.db import Database, outbox_table
 from chassis.deadletters import DeadLetter, list_dead_letters
 from chassis.inbox import Consumer, Envelope, Subscription, dead_letter_subject, inbox_contains
-from chassis.migrations import upgrade_to_head
 from chassis.natsserver import NatsServer
 from chassis.outbox import OutboxRelay, enqueue
-from tests.integration.infra import Postgres, start_postgres
+from tests.integration.infra import DatabaseFactory, migrated
 
 pytestmark = pytest.mark.integration
 
@@ -44,32 +43,14 @@ SERVICE = "tests"
 # -- fixtures ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[Postgres]:
-    server = start_postgres()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
+@pytest.fixture
+async def db(database_url: DatabaseFactory) -> AsyncIterator[Database]:
     """A fresh database with the chassis tables, dropped afterwards."""
-    pg: Postgres | None = None
-    name = ""
-    if request.param == "postgresql":
-        pg = request.getfixturevalue("postgres")
-        name = await pg.create_database("cornucopia_test_messaging")
-        url = pg.url_for(name).replace("postgresql://", "postgresql+asyncpg://", 1)
-    else:
-        url = f"sqlite+aiosqlite:///{tmp_path / 'cards.db'}"
-    database = Database(url)
+    database = Database(await migrated(database_url, CARDS_MIGRATIONS, "cards"))
     try:
-        await upgrade_to_head(database, CARDS_MIGRATIONS, "cards")
         yield database
     finally:
         await database.dispose()
-        if pg is not None:
-            await pg.drop_database(name)
 
 
 @pytest.fixture

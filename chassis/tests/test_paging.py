@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import base64
+import datetime as dt
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from hypothesis import given
 from hypothesis import strategies as st
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from chassis.errors import FieldViolation, InvalidArgument
 from chassis.paging import (
@@ -15,6 +18,7 @@ from chassis.paging import (
     MAX_PAGE_SIZE,
     decode_token,
     encode_token,
+    newest_first,
     page_size,
 )
 
@@ -131,3 +135,30 @@ def test_any_text_is_a_key_or_invalid_argument(token: str) -> None:
         assert [v.field for v in err.violations] == ["page_token"]
     else:
         assert isinstance(decoded, dict)
+
+
+async def test_newest_first_pages_through_ties_without_gaps_or_repeats() -> None:
+    rows = sa.Table(
+        "rows",
+        sa.MetaData(),
+        sa.Column("row_id", sa.String(8), primary_key=True),
+        sa.Column("at", sa.DateTime, nullable=False),
+    )
+    noon = dt.datetime(2026, 11, 30, 12, 0)
+    # Three rows share a time: only the id breaks the tie.
+    data = [("A", noon), ("B", noon), ("C", noon), ("D", noon + dt.timedelta(minutes=1))]
+    engine = create_async_engine("sqlite+aiosqlite://")
+    async with engine.begin() as conn:
+        await conn.run_sync(rows.metadata.create_all)
+        await conn.execute(sa.insert(rows), [{"row_id": i, "at": at} for i, at in data])
+        seen: list[str] = []
+        after = None
+        while True:
+            query = newest_first(sa.select(rows), rows.c.at, rows.c.row_id, after, 2)
+            page = (await conn.execute(query)).all()
+            seen.extend(r.row_id for r in page)
+            if len(page) < 2:
+                break
+            after = (page[-1].at, page[-1].row_id)
+    await engine.dispose()
+    assert seen == ["D", "C", "B", "A"]

@@ -16,7 +16,8 @@ import grpc
 from fastapi import APIRouter, Body, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from chassis.auth import Role, Scope, ScopeLevel, mint_token
+from chassis import auth
+from chassis.auth import Scope, mint_token
 from chassis.config import Settings
 from chassis.grpcclient import bearer, rich_error
 from chassis.logs import get_logger
@@ -33,7 +34,6 @@ ORGANISATION_SERVICE = organisation_pb2.DESCRIPTOR.services_by_name["Organisatio
 # token left on a shared terminal runs out overnight.
 STAFF_TOKEN_TTL_SECONDS = 8 * 3600
 # The gateway's own token, minted per login: it only has to reach members.
-SERVICE_TOKEN_TTL_SECONDS = 60
 SERVICE_SUBJECT = "gateway"
 CALL_TIMEOUT_SECONDS = 5.0
 INVALID_CREDENTIALS = "INVALID_CREDENTIALS"
@@ -66,13 +66,7 @@ def _organisation(request: Request) -> organisation_pb2_grpc.OrganisationService
 
 
 def service_token(settings: Settings) -> str:
-    return mint_token(
-        settings.token_secret,
-        SERVICE_SUBJECT,
-        [Role.SERVICE],
-        Scope(ScopeLevel.HQ),
-        ttl_seconds=SERVICE_TOKEN_TTL_SECONDS,
-    )
+    return auth.service_token(settings.token_secret, SERVICE_SUBJECT)
 
 
 def _refused() -> ProblemError:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
+from typing import Any
 
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chassis.outbox import enqueue
+from chassis.outbox import enqueue, outbox_rows
 from cornucopia.members.v1 import events_pb2
 
 SOURCE = "cornucopia/members"
@@ -29,6 +31,18 @@ def timestamp(value: dt.datetime) -> Timestamp:
     return ts
 
 
+def member_enrolled_message(
+    *, member_id: str, home_store_id: str, channel: int, language: str, enrolled_at: dt.datetime
+) -> events_pb2.MemberEnrolled:
+    return events_pb2.MemberEnrolled(
+        member_id=member_id,
+        home_store_id=home_store_id,
+        enrollment_channel=channel,  # type: ignore[arg-type]
+        preferred_language=language,
+        enroll_time=timestamp(enrolled_at),
+    )
+
+
 async def member_enrolled(
     session: AsyncSession,
     *,
@@ -42,20 +56,27 @@ async def member_enrolled(
         session,
         source=SOURCE,
         subject=MEMBER_ENROLLED,
-        message=events_pb2.MemberEnrolled(
+        message=member_enrolled_message(
             member_id=member_id,
             home_store_id=home_store_id,
-            enrollment_channel=channel,  # type: ignore[arg-type]
-            preferred_language=language,
-            enroll_time=timestamp(enrolled_at),
+            channel=channel,
+            language=language,
+            enrolled_at=enrolled_at,
         ),
     )
+
+
+def member_enrolled_rows(messages: Sequence[events_pb2.MemberEnrolled]) -> list[dict[str, Any]]:
+    """The outbox rows of ``member.enrolled`` events, built ahead of the
+    transaction that writes them (``chassis.outbox.enqueue_rows``): imports."""
+    return outbox_rows(source=SOURCE, events=[(MEMBER_ENROLLED, m) for m in messages])
 
 
 # -- the organisation tree ------------------------------------------------------------
 
 STORE_OPENED = "members.v1.store.opened"
 STORE_CLOSED = "members.v1.store.closed"
+STORE_REOPENED = "members.v1.store.reopened"
 STAFF_LEFT = "members.v1.staff.left"
 
 
@@ -91,6 +112,29 @@ async def store_closed(
         subject=STORE_CLOSED,
         message=events_pb2.StoreClosed(
             store_id=store_id, region_id=region_id, close_time=timestamp(closed_at)
+        ),
+    )
+
+
+async def store_reopened(
+    session: AsyncSession,
+    *,
+    store_id: str,
+    region_id: str,
+    time_zone: str,
+    currency_code: str,
+    reopened_at: dt.datetime,
+) -> str:
+    return await enqueue(
+        session,
+        source=SOURCE,
+        subject=STORE_REOPENED,
+        message=events_pb2.StoreReopened(
+            store_id=store_id,
+            region_id=region_id,
+            time_zone=time_zone,
+            currency_code=currency_code,
+            reopen_time=timestamp(reopened_at),
         ),
     )
 

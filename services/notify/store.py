@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import UTCDateTime
+from chassis.paging import newest_first
 from services.notify.domain import Channel, MessageStatus
 
 metadata = sa.MetaData()
@@ -199,14 +200,11 @@ async def release_claims(session: AsyncSession, token: str, message_ids: Sequenc
 async def list_for_member(
     session: AsyncSession, member_id: str, limit: int, after: tuple[dt.datetime, str] | None
 ) -> list[MessageRecord]:
-    query = sa.select(messages).where(messages.c.member_id == member_id)
-    if after is not None:
-        created, message_id = after
-        query = query.where(
-            sa.or_(
-                messages.c.created_at < created,
-                sa.and_(messages.c.created_at == created, messages.c.message_id < message_id),
-            )
-        )
-    query = query.order_by(messages.c.created_at.desc(), messages.c.message_id.desc()).limit(limit)
+    query = newest_first(
+        sa.select(messages).where(messages.c.member_id == member_id),
+        messages.c.created_at,
+        messages.c.message_id,
+        after,
+        limit,
+    )
     return [_record(r) for r in await session.execute(query)]

@@ -20,7 +20,9 @@ from chassis.auth import Role, Scope, ScopeLevel, mint_token
 from chassis.config import DEVELOPMENT_TOKEN_SECRET, Settings
 from chassis.service import ServiceDefinition, ServiceRuntime
 from chassis.telemetry import configure_tracing
-from tests.integration.infra import Nats, Postgres, start_nats, start_postgres
+from cornucopia.common.v1 import org_pb2
+from cornucopia.members.v1 import organisation_pb2, organisation_pb2_grpc
+from tests.integration.infra import Nats, start_nats
 
 T = TypeVar("T")
 
@@ -47,40 +49,6 @@ def nats(tmp_path: Path) -> Iterator[Nats]:
     server = start_nats(tmp_path / "nats")
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[Postgres]:
-    server = start_postgres()
-    yield server
-    server.stop()
-
-
-DatabaseFactory = Callable[[str], Awaitable[str]]
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def database_url(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> AsyncIterator[DatabaseFactory]:
-    """A factory of fresh, empty databases of one kind: ``await make("members")``."""
-    created: list[str] = []
-    pg: Postgres | None = None
-    if request.param == "postgresql":
-        pg = request.getfixturevalue("postgres")
-
-    async def make(service: str) -> str:
-        if pg is None:
-            return f"sqlite+aiosqlite:///{tmp_path / (service + '.db')}"
-        name = await pg.create_database(f"cornucopia_test_{service}")
-        created.append(name)
-        return pg.url_for(name).replace("postgresql://", "postgresql+asyncpg://", 1)
-
-    make.kind = request.param  # type: ignore[attr-defined]
-    yield make
-    if pg is not None:
-        for name in created:
-            await pg.drop_database(name)
 
 
 HQ = Scope(ScopeLevel.HQ)
@@ -142,6 +110,79 @@ async def suite(nats: Nats, tmp_path: Path, spans: InMemorySpanExporter) -> Asyn
     s = Suite(nats_url=nats.url, var_dir=tmp_path / "var")
     yield s
     await s.stop_all()
+
+
+# The chain the integration tests enroll into. S001 and S002 are in
+# different regions, so that region scopes can be told apart; S001's beauty
+# advisors are there to look after members (consultant_id).
+TEST_REGIONS = {"EAST": "华东区", "WEST": "西部区"}
+TEST_STORES = {"S001": "EAST", "S002": "WEST"}
+TEST_CONSULTANTS = ("advisor.one", "advisor.two", "advisor.three")
+
+
+@dataclass(frozen=True)
+class Organisation:
+    """What seed_organisation made: store id -> region id, and the staff
+    ids of the consultants (in the order of TEST_CONSULTANTS)."""
+
+    stores: dict[str, str]
+    consultants: tuple[str, ...]
+
+
+def a_store(store_id: str, region_id: str) -> organisation_pb2.Store:
+    return organisation_pb2.Store(
+        store_id=store_id,
+        region_id=region_id,
+        display_name=f"Store {store_id}",
+        address=organisation_pb2.StoreAddress(
+            province="上海市", city="上海市", district="黄浦区", street="南京东路 1 号"
+        ),
+        time_zone="Asia/Shanghai",
+        currency_code="CNY",
+    )
+
+
+async def seed_organisation(suite: Suite) -> Organisation:
+    """Create the test chain in the running members service through its
+    public API, as an HQ admin, as ``cornucopia up`` loads the demo chain:
+    members can only be enrolled into stores of the organisation tree.
+
+    The stores' ``members.v1.store.opened`` events go to the outbox and the
+    MEMBERS stream like any other. Fixed request ids: seeding twice (after a
+    restart, say) changes nothing."""
+    stub = organisation_pb2_grpc.OrganisationServiceStub(suite.channels["members"])
+    md = auth()
+    for region_id, name in TEST_REGIONS.items():
+        await stub.CreateRegion(
+            organisation_pb2.CreateRegionRequest(
+                request_id=f"seed-region-{region_id}",
+                region=organisation_pb2.Region(region_id=region_id, display_name=name),
+            ),
+            metadata=md,
+        )
+    for store_id, region_id in TEST_STORES.items():
+        await stub.CreateStore(
+            organisation_pb2.CreateStoreRequest(
+                request_id=f"seed-store-{store_id}", store=a_store(store_id, region_id)
+            ),
+            metadata=md,
+        )
+    consultants = []
+    for login_id in TEST_CONSULTANTS:
+        staff = await stub.CreateStaffMember(
+            organisation_pb2.CreateStaffMemberRequest(
+                request_id=f"seed-staff-{login_id}",
+                staff_member=organisation_pb2.StaffMember(
+                    login_id=login_id,
+                    display_name="美容顾问",
+                    assignment=org_pb2.OrgUnitRef(level=org_pb2.ORG_LEVEL_STORE, id="S001"),
+                    roles=[organisation_pb2.STAFF_ROLE_STORE_OPERATOR],
+                ),
+            ),
+            metadata=md,
+        )
+        consultants.append(staff.staff_id)
+    return Organisation(dict(TEST_STORES), tuple(consultants))
 
 
 async def eventually(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,24 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+# ``await make("members")``: the URL of a fresh, empty database of the kind
+# the test runs on (the ``database_url`` fixture).
+DatabaseFactory = Callable[[str], Awaitable[str]]
+
+
+async def migrated(make: DatabaseFactory, migrations: Path, service: str) -> str:
+    """A fresh database of ``service`` with its migrations applied."""
+    from chassis.db import Database
+    from chassis.migrations import upgrade_to_head
+
+    url = await make(service)
+    db = Database(url)
+    try:
+        await upgrade_to_head(db, migrations, service)
+    finally:
+        await db.dispose()
+    return url
 
 
 def docker_available() -> bool:

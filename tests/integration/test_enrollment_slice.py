@@ -22,13 +22,17 @@ from services.members.store.members import members as members_table
 from services.notify.server import definition as notify_definition
 from services.notify.store import messages as messages_table
 from tests.integration.conftest import (
-    DatabaseFactory,
     Suite,
     auth,
     eventually,
     rpc_details,
+    seed_organisation,
     token,
 )
+from tests.integration.infra import DatabaseFactory
+
+# The enrollments' own events (the seeded stores' events are there too).
+ENROLLED = outbox_table.c.subject == "members.v1.member.enrolled"
 
 
 def new_member(mobile: str = "+8613800138000", store: str = "S001") -> members_pb2.Member:
@@ -45,6 +49,7 @@ def new_member(mobile: str = "+8613800138000", store: str = "S001") -> members_p
 
 async def start_slice(suite: Suite, database_url: DatabaseFactory) -> None:
     await suite.start(members_definition, await database_url("members"))
+    await seed_organisation(suite)
     await suite.start(notify_definition, await database_url("notify"))
 
 
@@ -130,7 +135,7 @@ async def test_retry_with_same_request_id_creates_nothing_twice(
     assert again == first
 
     assert await count(suite, "members", members_table) == 1
-    assert await count(suite, "members", outbox_table) == 1
+    assert await count(suite, "members", outbox_table, ENROLLED) == 1
     await eventually(lambda: messages_for(suite, first.member_id), lambda m: len(m) == 1)
 
     # Same key, different payload: refused, nothing written.
@@ -174,7 +179,7 @@ async def test_malformed_request_is_refused_with_field_violations_and_changes_no
     # The error text never echoes what was sent.
     assert "not-an-email" not in (refused.value.details() or "")
     assert await count(suite, "members", members_table) == 0
-    assert await count(suite, "members", outbox_table) == 0
+    assert await count(suite, "members", outbox_table, ENROLLED) == 0
 
     with pytest.raises(grpc.aio.AioRpcError) as no_key:
         await members_stub(suite).CreateMember(
@@ -227,7 +232,7 @@ async def test_concurrent_enrollments_of_one_mobile_have_one_winner(
     assert len(winners) == 1, outcomes
     assert all(o == "ALREADY_EXISTS" for o in outcomes if not o.startswith("OK:")), outcomes
     assert await count(suite, "members", members_table) == 1
-    assert await count(suite, "members", outbox_table) == 1
+    assert await count(suite, "members", outbox_table, ENROLLED) == 1
 
 
 async def test_credentials_and_scope_are_checked(
@@ -267,12 +272,15 @@ async def test_redelivered_event_is_applied_once(
     )
     await eventually(lambda: messages_for(suite, created.member_id), lambda m: len(m) == 1)
     members_rt = suite.runtimes["members"]
+    # The relay publishes in order: the seeded stores' events are in the
+    # stream before the enrollment's.
+    stored = (await members_rt.bus.js.stream_info("MEMBERS")).state.messages
     async with members_rt.db.transaction() as session:
-        await session.execute(sa.update(outbox_table).values(sent_at=None))
+        await session.execute(sa.update(outbox_table).where(ENROLLED).values(sent_at=None))
     # Past JetStream's duplicate window the event would be stored again; force
     # that here by publishing under a fresh Nats-Msg-Id with the same ce-id.
     async with members_rt.db.sessions() as session:
-        row = (await session.execute(sa.select(outbox_table))).one()
+        row = (await session.execute(sa.select(outbox_table).where(ENROLLED))).one()
     headers = dict(row.headers)
     headers["Nats-Msg-Id"] = headers["ce-id"] + ":again"
     await members_rt.bus.publish(row.subject, row.payload, headers)
@@ -284,14 +292,14 @@ async def test_redelivered_event_is_applied_once(
         return info.delivered.stream_seq, info.num_ack_pending
 
     # Both copies reached notify and were acknowledged...
-    await eventually(consumer_state, lambda state: state == (2, 0))
+    await eventually(consumer_state, lambda state: state == (stored + 1, 0))
     # ...the relay's republish of the original was dropped by JetStream...
     await eventually(
         lambda: count(suite, "members", outbox_table, outbox_table.c.sent_at.is_(None)),
         lambda n: n == 0,
     )
     stream = await members_rt.bus.js.stream_info("MEMBERS")
-    assert stream.state.messages == 2
+    assert stream.state.messages == stored + 1
     # ...and the inbox let only the first one act.
     assert await count(suite, "notify", inbox_table) == 1
     assert await count(suite, "notify", messages_table) == 1

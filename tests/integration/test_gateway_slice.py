@@ -10,7 +10,13 @@ from chassis.config import Settings
 from services.gateway.server import create_app
 from services.members.server import definition as members_definition
 from services.notify.server import definition as notify_definition
-from tests.integration.conftest import DatabaseFactory, Suite, eventually, token
+from tests.integration.conftest import (
+    Suite,
+    eventually,
+    seed_organisation,
+    token,
+)
+from tests.integration.infra import DatabaseFactory
 from tests.integration.test_enrollment_slice import messages_for
 
 
@@ -18,6 +24,7 @@ async def test_store_enrolls_through_the_gateway(
     suite: Suite, database_url: DatabaseFactory, spans: InMemorySpanExporter
 ) -> None:
     members = await suite.start(members_definition, await database_url("members"))
+    await seed_organisation(suite)
     await suite.start(notify_definition, await database_url("notify"))
     settings = Settings(
         service="gateway",

@@ -13,7 +13,7 @@ from chassis.db import Database, idempotency_table, inbox_table, outbox_table, u
 from chassis.idempotency import forget_older_than
 from chassis.inbox import forget_messaging_older_than
 from chassis.migrations import upgrade_to_head
-from tests.integration.conftest import DatabaseFactory
+from tests.integration.infra import DatabaseFactory
 
 
 async def test_housekeeping_keeps_what_is_young_or_unsent(database_url: DatabaseFactory) -> None:

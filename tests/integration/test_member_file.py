@@ -18,16 +18,18 @@ from google.protobuf import field_mask_pb2
 
 from chassis.auth import Role, Scope, ScopeLevel
 from chassis.db import idempotency_table, outbox_table
-from cornucopia.members.v1 import (
-    events_pb2,
-    members_pb2,
-    members_pb2_grpc,
-    organisation_pb2,
-    organisation_pb2_grpc,
-)
+from cornucopia.members.v1 import events_pb2, members_pb2, members_pb2_grpc
 from services.members.server import definition as members_definition
 from services.members.store import metadata
-from tests.integration.conftest import DatabaseFactory, Suite, auth, rpc_details, token
+from tests.integration.conftest import (
+    Organisation,
+    Suite,
+    auth,
+    rpc_details,
+    seed_organisation,
+    token,
+)
+from tests.integration.infra import DatabaseFactory
 
 M = members_pb2
 HQ = auth()
@@ -42,7 +44,9 @@ CALL_CENTER = auth(token((Role.CALL_CENTER,), Scope(ScopeLevel.CALL_CENTER), "cc
 MOBILE = "+8613800138000"
 
 
-def full_member(mobile: str = MOBILE, store: str = "S001") -> members_pb2.Member:
+def full_member(
+    mobile: str = MOBILE, store: str = "S001", consultant: str = ""
+) -> members_pb2.Member:
     member = M.Member(
         home_store_id=store,
         given_name="娜",
@@ -70,7 +74,7 @@ def full_member(mobile: str = MOBILE, store: str = "S001") -> members_pb2.Member
         tags=["VIP", "spring-event"],
         preferred_contact_channel=M.CONTACT_CHANNEL_SMS,
         contact_windows=[M.ContactWindow(start_time="18:00", end_time="20:30")],
-        consultant_id="staff-7",
+        consultant_id=consultant,
         consents=[
             M.Consent(channel=M.CONTACT_CHANNEL_SMS, granted=True, source="paper form"),
             M.Consent(channel=M.CONTACT_CHANNEL_EMAIL, granted=False),
@@ -85,9 +89,16 @@ def stub(suite: Suite) -> members_pb2_grpc.MembersServiceStub:
     return members_pb2_grpc.MembersServiceStub(suite.channels["members"])
 
 
-async def start(suite: Suite, database_url: DatabaseFactory) -> members_pb2_grpc.MembersServiceStub:
+async def start_with_organisation(
+    suite: Suite, database_url: DatabaseFactory
+) -> tuple[members_pb2_grpc.MembersServiceStub, Organisation]:
+    """The members service with the test chain (conftest) in it."""
     await suite.start(members_definition, await database_url("members"))
-    return stub(suite)
+    return stub(suite), await seed_organisation(suite)
+
+
+async def start(suite: Suite, database_url: DatabaseFactory) -> members_pb2_grpc.MembersServiceStub:
+    return (await start_with_organisation(suite, database_url))[0]
 
 
 async def create(
@@ -111,9 +122,13 @@ def mask(*paths: str) -> field_mask_pb2.FieldMask:
 
 
 async def outbox(suite: Suite) -> list[tuple[str, bytes]]:
+    """The member files' events, in order (not the seeded stores')."""
+    subject = outbox_table.c.subject
     async with suite.runtimes["members"].db.sessions() as session:
         rows = await session.execute(
-            sa.select(outbox_table.c.subject, outbox_table.c.payload).order_by(outbox_table.c.seq)
+            sa.select(subject, outbox_table.c.payload)
+            .where(subject.not_like("members.v1.store.%"))
+            .order_by(outbox_table.c.seq)
         )
         return [(r.subject, r.payload) for r in rows]
 
@@ -137,7 +152,7 @@ async def every_stored_byte(suite: Suite) -> bytes:
 async def test_the_full_static_file_round_trips(
     suite: Suite, database_url: DatabaseFactory
 ) -> None:
-    s = await start(suite, database_url)
+    s, org = await start_with_organisation(suite, database_url)
     await s.CreateAttributeDefinition(
         M.CreateAttributeDefinitionRequest(
             attribute_definition=M.AttributeDefinition(
@@ -146,7 +161,7 @@ async def test_the_full_static_file_round_trips(
         ),
         metadata=HQ,
     )
-    member = full_member()
+    member = full_member(consultant=org.consultants[0])
     member.attributes["hair_type"] = "curly"
     created = await create(s, member, OP_S001)
     got = await s.GetMember(M.GetMemberRequest(member_id=created.member_id), metadata=OP_S001)
@@ -162,7 +177,7 @@ async def test_the_full_static_file_round_trips(
     assert got.skin_type == M.SKIN_TYPE_COMBINATION
     assert got.income_band == M.INCOME_BAND_MIDDLE
     assert list(got.skin_concerns) == ["acne", "dryness"]
-    assert got.consultant_id == "staff-7"
+    assert got.consultant_id == org.consultants[0]
     assert got.notes == "prefers afternoon visits"
     assert dict(got.attributes) == {"hair_type": "curly"}
     assert got.state == M.MEMBER_STATE_ACTIVE
@@ -236,15 +251,15 @@ async def test_every_problem_is_a_field_violation_and_nothing_is_written(
 async def test_update_with_mask_and_etag_keeps_history(
     suite: Suite, database_url: DatabaseFactory
 ) -> None:
-    s = await start(suite, database_url)
-    created = await create(s, full_member())
+    s, org = await start_with_organisation(suite, database_url)
+    created = await create(s, full_member(consultant=org.consultants[0]))
     change = M.Member(
         member_id=created.member_id,
         etag=created.etag,
         email="NA.LI@Example.com",
         occupation="nurse",
         given_name="ignored because not in the mask",
-        consultant_id="staff-9",
+        consultant_id=org.consultants[1],
     )
     updated = await s.UpdateMember(
         M.UpdateMemberRequest(
@@ -332,43 +347,12 @@ async def test_update_with_mask_and_etag_keeps_history(
     event = events_pb2.MemberUpdated.FromString(updated_events[0])
     assert sorted(event.fields) == ["consultant_id", "email", "occupation"]
     consultant = [p for subject, p in events if subject == "members.v1.member.consultant_changed"]
-    assert (
-        events_pb2.MemberConsultantChanged.FromString(consultant[0]).to_consultant_id == "staff-9"
-    )
+    changed = events_pb2.MemberConsultantChanged.FromString(consultant[0])
+    assert (changed.from_consultant_id, changed.to_consultant_id) == org.consultants[:2]
 
 
 async def test_scope_rules_and_masking(suite: Suite, database_url: DatabaseFactory) -> None:
-    s = await start(suite, database_url)
-    org = organisation_pb2_grpc.OrganisationServiceStub(suite.channels["members"])
-    for region in ("EAST", "WEST"):
-        await org.CreateRegion(
-            organisation_pb2.CreateRegionRequest(
-                request_id=f"r-{region}",
-                region=organisation_pb2.Region(region_id=region, display_name=region.title()),
-            ),
-            metadata=HQ,
-        )
-    for store_id, region in (("S001", "EAST"), ("S002", "WEST")):
-        await org.CreateStore(
-            organisation_pb2.CreateStoreRequest(
-                request_id=f"s-{store_id}",
-                store=organisation_pb2.Store(
-                    store_id=store_id,
-                    region_id=region,
-                    display_name=f"Store {store_id}",
-                    address=organisation_pb2.StoreAddress(
-                        province="上海市",
-                        city="上海市",
-                        district="黄浦区",
-                        street="南京东路 1 号",
-                        postcode="200001",
-                    ),
-                    time_zone="Asia/Shanghai",
-                    currency_code="CNY",
-                ),
-            ),
-            metadata=HQ,
-        )
+    s = await start(suite, database_url)  # S001 in EAST, S002 in WEST
     member = await create(s, full_member(), OP_S001)
     mid = member.member_id
 
@@ -485,7 +469,8 @@ async def test_scope_rules_and_masking(suite: Suite, database_url: DatabaseFacto
 
 
 async def test_list_filters_and_paging(suite: Suite, database_url: DatabaseFactory) -> None:
-    s = await start(suite, database_url)
+    s, org = await start_with_organisation(suite, database_url)
+    first_consultant, second_consultant, third_consultant = org.consultants
     ids = []
     for i in range(5):
         member = full_member(f"+861380013800{i}", store="S001" if i < 3 else "S002")
@@ -493,7 +478,7 @@ async def test_list_filters_and_paging(suite: Suite, database_url: DatabaseFacto
         member.birthday.year = 1980 + i * 5
         member.birthday.month = 3 if i % 2 == 0 else 7
         member.tags[:] = ["vip"] if i in (1, 2) else ["new"]
-        member.consultant_id = "staff-1" if i < 2 else "staff-2"
+        member.consultant_id = first_consultant if i < 2 else second_consultant
         del member.consents[:]
         if i == 4:
             member.consents.add(channel=M.CONTACT_CHANNEL_APP, granted=True)
@@ -508,7 +493,7 @@ async def test_list_filters_and_paging(suite: Suite, database_url: DatabaseFacto
     assert await listed(birth_month=7) == sorted([ids[1], ids[3]])
     assert await listed(tags=["vip"]) == sorted(ids[1:3])
     assert await listed(tags=["vip", "new"]) == []
-    assert await listed(consultant_id="staff-1") == sorted(ids[:2])
+    assert await listed(consultant_id=first_consultant) == sorted(ids[:2])
     assert await listed(consent_channel=M.CONTACT_CHANNEL_APP) == [ids[4]]
     # Born 1980..2000: in 2026 that is 46..26 years old, by year.
     import datetime as dt
@@ -560,10 +545,13 @@ async def test_list_filters_and_paging(suite: Suite, database_url: DatabaseFacto
     assert "members.v1.member.archived" in subjects
     assert "members.v1.member.reactivated" in subjects
 
-    # Staff leaving: all of staff-2's members in scope go to staff-3.
+    # Staff leaving: all of the second consultant's members in scope go to
+    # the third.
     moved = await s.ReassignConsultant(
         M.ReassignConsultantRequest(
-            request_id="re-1", from_consultant_id="staff-2", to_consultant_id="staff-3"
+            request_id="re-1",
+            from_consultant_id=second_consultant,
+            to_consultant_id=third_consultant,
         ),
         metadata=MGR_S002,
     )
@@ -571,14 +559,14 @@ async def test_list_filters_and_paging(suite: Suite, database_url: DatabaseFacto
     moved = await s.ReassignConsultant(
         M.ReassignConsultantRequest(
             request_id="re-2",
-            from_consultant_id="staff-2",
-            to_consultant_id="staff-3",
+            from_consultant_id=second_consultant,
+            to_consultant_id=third_consultant,
             member_ids=[ids[2]],
         ),
         metadata=HQ,
     )
     assert list(moved.member_ids) == [ids[2]]
-    assert await listed(consultant_id="staff-3") == sorted(ids[2:])
+    assert await listed(consultant_id=third_consultant) == sorted(ids[2:])
     changed = [
         events_pb2.MemberConsultantChanged.FromString(p)
         for subject, p in await outbox(suite)

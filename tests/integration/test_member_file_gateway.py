@@ -9,13 +9,15 @@ from chassis.auth import Role, Scope, ScopeLevel
 from chassis.config import Settings
 from services.gateway.server import create_app
 from services.members.server import definition as members_definition
-from tests.integration.conftest import DatabaseFactory, Suite, token
+from tests.integration.conftest import Suite, seed_organisation, token
+from tests.integration.infra import DatabaseFactory
 
 
 async def test_lookup_patch_and_follow_up_through_the_gateway(
     suite: Suite, database_url: DatabaseFactory
 ) -> None:
     members = await suite.start(members_definition, await database_url("members"))
+    await seed_organisation(suite)
     settings = Settings(
         service="gateway",
         environment="test",

@@ -22,7 +22,8 @@ from cornucopia.members.v1 import organisation_pb2 as pb
 from services.gateway.server import create_app
 from services.members.demo import DEMO_PASSWORD, load_demo_data
 from services.members.server import definition as members_definition
-from tests.integration.conftest import DatabaseFactory, Suite, auth, rpc_details, token
+from tests.integration.conftest import Suite, auth, rpc_details, token
+from tests.integration.infra import DatabaseFactory
 
 T = TypeVar("T")
 

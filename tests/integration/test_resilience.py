@@ -14,7 +14,13 @@ from cornucopia.members.v1 import members_pb2, members_pb2_grpc
 from services.members.server import definition as members_definition
 from services.notify.server import definition as notify_definition
 from services.notify.store import messages as messages_table
-from tests.integration.conftest import DatabaseFactory, Suite, auth, eventually
+from tests.integration.conftest import (
+    Suite,
+    auth,
+    eventually,
+    seed_organisation,
+)
+from tests.integration.infra import DatabaseFactory
 
 
 async def enroll(stub: members_pb2_grpc.MembersServiceStub, n: int) -> str:
@@ -40,6 +46,7 @@ async def test_nats_outage_delivers_every_event_exactly_once(
     suite = Suite(nats_url=server.url, var_dir=tmp_path / "var")
     try:
         await suite.start(members_definition, await database_url("members"))
+        await seed_organisation(suite)
         await suite.start(notify_definition, await database_url("notify"))
         stub = members_pb2_grpc.MembersServiceStub(suite.channels["members"])
         members = suite.runtimes["members"]
@@ -69,8 +76,12 @@ async def test_nats_outage_delivers_every_event_exactly_once(
                 sa.select(sa.func.count()).where(outbox_table.c.sent_at.is_(None))
             )
             assert unsent.scalar_one() == 0
+            events = await session.execute(sa.select(sa.func.count()).select_from(outbox_table))
+            written = events.scalar_one()
+        # Every event once in the stream: the enrollments' and the seeded
+        # stores'.
         stream = await members.bus.js.stream_info("MEMBERS")
-        assert stream.state.messages == 15
+        assert stream.state.messages == written
     finally:
         await suite.stop_all()
         server.stop()

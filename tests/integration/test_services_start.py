@@ -12,7 +12,8 @@ from services.cards.server import definition as cards
 from services.loyalty.server import definition as loyalty
 from services.members.server import definition as members
 from services.notify.server import definition as notify
-from tests.integration.conftest import DatabaseFactory, Suite
+from tests.integration.conftest import Suite
+from tests.integration.infra import DatabaseFactory
 
 ALL = {
     "members": (members, "cornucopia.members.v1.MembersService"),

@@ -2,7 +2,8 @@
 
 The stand-in runs on chassis.grpcserver's GrpcServer, so tokens are checked
 by the real auth interceptor and the chassis errors it raises become real
-statuses with google.rpc details; only its member files are a dict.
+statuses with google.rpc details; only its member files are a dict, and its
+organisation tree a set of open stores (STORES).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from services.gateway.server import MEMBERS_SERVICE, create_app
 SCRIPTED: dict[str, Callable[[], Exception]] = {
     "Boom": lambda: RuntimeError("db-7.internal refused the password hunter2"),
     "Closed": lambda: FailedPrecondition(
-        "this store does not enroll members", reason="STORE_NOT_ENROLLING"
+        "this store is closed and takes no members", reason="STORE_CLOSED"
     ),
     "Busy": lambda: ResourceExhausted(
         "too many enrollments from this store", reason="RATE_LIMITED", retry_after_seconds=2.5
@@ -52,6 +53,11 @@ SCRIPTED: dict[str, Callable[[], Exception]] = {
         "the member files are being moved", reason="MAINTENANCE", retry_after_seconds=30
     ),
 }
+
+
+# The stores members may be enrolled into, as the real service's
+# organisation tree would have them.
+STORES = frozenset({"S001", "S002"})
 
 
 def token(
@@ -126,6 +132,8 @@ class FakeMembers(members_pb2_grpc.MembersServiceServicer):
             violations.append(FieldViolation("member.birthday", "not a real calendar day"))
         if violations:
             raise InvalidArgument(violations)
+        if member.home_store_id not in STORES:
+            raise InvalidArgument([FieldViolation("member.home_store_id", "no such store")])
         mobile = "+" + digits
         for existing in self.members.values():
             if existing.mobile == mobile:

@@ -164,6 +164,18 @@ async def test_invalid_fields_are_a_400_naming_the_json_fields(http: httpx.Async
     }
 
 
+async def test_a_home_store_not_in_the_organisation_is_a_400_naming_the_field(
+    http: httpx.AsyncClient,
+) -> None:
+    hq = token((Role.HQ_ADMIN,), Scope(ScopeLevel.HQ))
+    response = await http.post(
+        "/v1/members", json={**ANA, "home_store_id": "S999"}, headers=headers(bearer=hq)
+    )
+
+    problem = assert_problem(response, 400, "INVALID_FIELDS")
+    assert problem["errors"] == [{"field": "home_store_id", "description": "no such store"}]
+
+
 async def test_a_mobile_in_use_is_a_409(http: httpx.AsyncClient) -> None:
     await http.post("/v1/members", json=ANA, headers=headers("k1"))
     response = await http.post(
@@ -202,7 +214,7 @@ async def test_an_unexpected_error_is_a_500_that_tells_nothing(
 @pytest.mark.parametrize(
     ("given_name", "status", "reason"),
     [
-        ("Closed", 422, "STORE_NOT_ENROLLING"),
+        ("Closed", 422, "STORE_CLOSED"),
         ("Racing", 409, "CONCURRENT_CHANGE"),
         ("Busy", 429, "RATE_LIMITED"),
     ],

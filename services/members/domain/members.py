@@ -223,7 +223,9 @@ class NewMember:
 
 
 def new_member_id() -> str:
-    return "M" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(10))
+    # Ten characters of a 32-letter alphabet: 50 random bits, 5 a letter.
+    bits = secrets.randbits(50)
+    return "M" + "".join(_ID_ALPHABET[(bits >> shift) & 31] for shift in range(0, 50, 5))
 
 
 def normalise_mobile(raw: str, default_region: str) -> str | None:
@@ -608,9 +610,15 @@ def _comparable(value: object) -> object:
     return value
 
 
+# The field names of each dataclass plain() has met, in order.
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+# Most values of a member are exactly these (a fast path of plain).
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
 def plain(value: object) -> object:
     """A value as JSON-ready data (for history and exports)."""
-    if value is None or isinstance(value, bool | int | float | str):
+    if type(value) in _SCALARS or isinstance(value, bool | int | float | str):
         return value
     if isinstance(value, enum.Enum):
         return value.value
@@ -621,7 +629,10 @@ def plain(value: object) -> object:
     if isinstance(value, tuple | list):
         return [plain(v) for v in value]
     if hasattr(value, "__dataclass_fields__"):
-        return {f.name: plain(getattr(value, f.name)) for f in fields(value)}  # type: ignore[arg-type]
+        names = _FIELD_NAMES.get(type(value))
+        if names is None:
+            names = _FIELD_NAMES[type(value)] = tuple(f.name for f in fields(value))  # type: ignore[arg-type]
+        return {name: plain(getattr(value, name)) for name in names}
     raise TypeError(f"cannot serialise {type(value).__name__}")
 
 

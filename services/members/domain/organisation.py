@@ -8,11 +8,8 @@ lockout after repeated wrong tries).
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import enum
-import hashlib
-import hmac
 import re
 import secrets
 import zoneinfo
@@ -20,7 +17,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from chassis.auth import STAFF_ROLES, Principal, Role, Scope, ScopeLevel
-from chassis.errors import PermissionDenied, Violations
+from chassis.errors import FailedPrecondition, PermissionDenied, Violations
+from chassis.passwords import MAX_SECRET_LENGTH
 
 # Region and store codes are what the signs and the tills already show:
 # upper-case, short, no spaces.
@@ -46,20 +44,9 @@ CURRENCIES = frozenset(
 )  # fmt: skip
 
 MIN_PASSWORD_LENGTH = 10
-# scrypt's cost grows with the input too; a cap keeps a login from being a
-# way to burn CPU.
-MAX_PASSWORD_LENGTH = 128
+MAX_PASSWORD_LENGTH = MAX_SECRET_LENGTH
 MAX_FAILED_ATTEMPTS = 5
 LOCKOUT = dt.timedelta(minutes=5)
-
-# scrypt cost: about 50 ms and 16 MiB a check on a laptop core, which makes
-# offline guessing of a stolen hash expensive while a login stays quick.
-SCRYPT_N = 2**14
-SCRYPT_R = 8
-SCRYPT_P = 1
-SCRYPT_MAXMEM = 64 * 1024 * 1024
-_SALT_BYTES = 16
-_HASH_BYTES = 32
 
 
 class AssignmentLevel(enum.StrEnum):
@@ -237,6 +224,54 @@ def validate_store(store: StoreFields) -> StoreFields:
     return StoreFields(store.store_id, store.region_id, name, address, time_zone, currency)
 
 
+# -- a store's life -----------------------------------------------------------------
+
+
+def check_store_may_close(store_id: str, *, active_staff: int) -> None:
+    """A store closes only once no active staff member is assigned to it:
+    a login scoped to a closed store would act for a store that no longer
+    trades, and its staff belong somewhere. They are moved to another store
+    or marked left first. Its members need no such step: they stay its
+    members (their history happened there) until someone moves them."""
+    if active_staff:
+        raise FailedPrecondition(
+            "active staff are assigned to this store: move them to another store "
+            "or mark them left first",
+            reason="STORE_HAS_ACTIVE_STAFF",
+            metadata={"store_id": store_id, "active_staff": str(active_staff)},
+        )
+
+
+def check_store_may_reopen(store_id: str, region_id: str, *, region_closed: bool) -> None:
+    """A store reopens in its own region, which must be open."""
+    if region_closed:
+        raise FailedPrecondition(
+            "the store's region is closed",
+            reason="REGION_CLOSED",
+            metadata={"store_id": store_id, "region_id": region_id},
+        )
+
+
+def require_open_store(store_id: str, *, closed: bool) -> None:
+    """A closed store takes no one: no new member, no member moving in."""
+    if closed:
+        raise FailedPrecondition(
+            "this store is closed and takes no members",
+            reason="STORE_CLOSED",
+            metadata={"store_id": store_id},
+        )
+
+
+def consultant_problem(state: StaffState | None) -> str | None:
+    """Why a staff member (None: no such staff member) cannot start looking
+    after members; None when they can."""
+    if state is None:
+        return "no such staff member"
+    if state != StaffState.ACTIVE:
+        return "this staff member has left"
+    return None
+
+
 # -- update masks -------------------------------------------------------------------
 
 REGION_UPDATABLE = frozenset({"display_name"})
@@ -374,43 +409,6 @@ def check_password(password: str, v: Violations, field: str = "password") -> Non
         v.add(field, f"at most {MAX_PASSWORD_LENGTH} characters")
     elif password.strip() != password or not password.strip():
         v.add(field, "must not begin or end with spaces")
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).decode().rstrip("=")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def _scrypt(password: str, salt: bytes, n: int, r: int, p: int) -> bytes:
-    return hashlib.scrypt(
-        password.encode(), salt=salt, n=n, r=r, p=p, maxmem=SCRYPT_MAXMEM, dklen=_HASH_BYTES
-    )
-
-
-def hash_password(password: str, *, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P) -> str:
-    """``scrypt$n$r$p$salt$hash``: the parameters travel with the hash, so
-    they can be raised later without invalidating older hashes."""
-    salt = secrets.token_bytes(_SALT_BYTES)
-    return f"scrypt${n}${r}${p}${_b64(salt)}${_b64(_scrypt(password, salt, n, r, p))}"
-
-
-# Checked when the login id is unknown, so that an unknown id costs the
-# same time as a wrong password and timing does not tell which ids exist.
-DUMMY_HASH = "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
-
-
-def password_matches(password: str, stored: str) -> bool:
-    try:
-        scheme, n, r, p, salt, expected = stored.split("$")
-        if scheme != "scrypt":
-            return False
-        actual = _scrypt(password[:MAX_PASSWORD_LENGTH], _unb64(salt), int(n), int(r), int(p))
-        return hmac.compare_digest(actual, _unb64(expected))
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True)

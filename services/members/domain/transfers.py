@@ -243,6 +243,20 @@ def violations_to_problems(
     ]
 
 
+NO_SUCH_STORE = "no such store"
+STORE_CLOSED = "this store is closed and takes no members"
+
+
+def home_store_problem(row_number: int, *, exists: bool, closed: bool) -> RowProblem | None:
+    """Why a row's home store cannot take the member, as CreateMember says
+    it: the store must be one of the organisation tree, and open."""
+    if not exists:
+        return RowProblem(row_number, "home_store_id", NO_SUCH_STORE)
+    if closed:
+        return RowProblem(row_number, "home_store_id", STORE_CLOSED)
+    return None
+
+
 def new_import_job_id() -> str:
     return "J" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(11))
 

@@ -20,10 +20,12 @@ from chassis.db import utcnow
 from chassis.errors import (
     Aborted,
     AlreadyExists,
+    FailedPrecondition,
     FieldViolation,
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    Violations,
 )
 from chassis.grpcserver import Context
 from chassis.idempotency import run_idempotent
@@ -33,6 +35,7 @@ from cornucopia.common.v1 import date_pb2, money_pb2, org_pb2
 from cornucopia.members.v1 import events_pb2, members_pb2, members_pb2_grpc
 from services.members import events
 from services.members.domain import members as domain
+from services.members.domain import organisation as org_rules
 from services.members.store import members as store
 from services.members.store import organisation
 
@@ -423,10 +426,17 @@ class MembersServicer(members_pb2_grpc.MembersServiceServicer):
         enrollment = to_enrollment(request.member)
         async with self.db.sessions() as session:
             member = await self._validate(session, enrollment, principal, now)
-        # Enrolling puts the member into the caller's own files.
-        principal.require_store(member.home_store_id)
+            # Enrolling puts the member into the caller's own files.
+            await self._require_scope(session, principal, member.home_store_id)
 
         async def enroll(session: AsyncSession) -> members_pb2.Member:
+            # In the unit of work, not before it: a replay of an enrollment
+            # returns the member even if the store has closed since.
+            await self._check_links(
+                session,
+                home_store_id=member.home_store_id,
+                consultant_id=member.consultant_id,
+            )
             member_id = domain.new_member_id()
             try:
                 record = await store.insert_member(
@@ -495,8 +505,13 @@ class MembersServicer(members_pb2_grpc.MembersServiceServicer):
             changed = [name for name in domain.changed_fields(current, after) if name in paths]
             if not changed:
                 return to_proto(before, principal)
+            await self._check_links(
+                session,
+                home_store_id=after.home_store_id if "home_store_id" in changed else None,
+                consultant_id=after.consultant_id if "consultant_id" in changed else None,
+            )
             if "home_store_id" in changed:
-                await self._check_new_home(session, principal, after.home_store_id)
+                await self._require_scope(session, principal, after.home_store_id)
             try:
                 record = await store.update_member(
                     session, self.keys, before, after, changed, stamp=self._stamp(principal, now)
@@ -516,13 +531,29 @@ class MembersServicer(members_pb2_grpc.MembersServiceServicer):
                 )
         return to_proto(record, principal)
 
-    async def _check_new_home(
-        self, session: AsyncSession, principal: Principal, store_id: str
+    @staticmethod
+    async def _check_links(
+        session: AsyncSession, *, home_store_id: str | None, consultant_id: str | None
     ) -> None:
-        found = await organisation.get_store(session, store_id)
-        if found is None or found.closed:
-            raise InvalidArgument([FieldViolation("member.home_store_id", "no such open store")])
-        await self._require_scope(session, principal, store_id)
+        """A member's new home store is a store of the tree (a field
+        violation otherwise) and open (FAILED_PRECONDITION otherwise); a new
+        consultant is an active staff member. None: not changing. The rows
+        read stay locked until the change commits (see the organisation
+        store)."""
+        v = Violations()
+        home = None
+        if home_store_id is not None:
+            home = await organisation.get_store(session, home_store_id, lock="share")
+            if home is None:
+                v.add("member.home_store_id", "no such store")
+        if consultant_id:
+            staff = await organisation.get_staff(session, consultant_id, lock="share")
+            problem = org_rules.consultant_problem(None if staff is None else staff.state)
+            if problem is not None:
+                v.add("member.consultant_id", problem)
+        v.raise_if_any()
+        if home is not None:
+            org_rules.require_open_store(home.store_id, closed=home.closed)
 
     async def LookupMember(
         self, request: members_pb2.LookupMemberRequest, context: Context
@@ -804,6 +835,9 @@ class MembersServicer(members_pb2_grpc.MembersServiceServicer):
         now = utcnow()
 
         async def reassign(session: AsyncSession) -> members_pb2.ReassignConsultantResponse:
+            # The members' new consultant must be able to look after them;
+            # the old one may have left (that is when this is needed most).
+            await self._require_active_staff(session, target)
             theirs = dict(await store.members_of_consultant(session, source))
             chosen: list[tuple[str, str]] = []
             if request.member_ids:
@@ -841,6 +875,17 @@ class MembersServicer(members_pb2_grpc.MembersServiceServicer):
             response_type=members_pb2.ReassignConsultantResponse,
             work=reassign,
         )
+
+    @staticmethod
+    async def _require_active_staff(session: AsyncSession, staff_id: str) -> None:
+        found = await organisation.get_staff(session, staff_id, lock="share")
+        problem = org_rules.consultant_problem(None if found is None else found.state)
+        if problem is not None:
+            raise FailedPrecondition(
+                f"to_consultant_id: {problem}",
+                reason="STAFF_NOT_FOUND" if found is None else "STAFF_LEFT",
+                metadata={"staff_id": staff_id},
+            )
 
     async def _in_scope(self, session: AsyncSession, principal: Principal, store_id: str) -> bool:
         try:

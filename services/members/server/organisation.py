@@ -14,6 +14,7 @@ from typing import TypeVar
 from google.protobuf.message import Message
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from chassis import passwords
 from chassis.auth import STAFF_ROLES, Principal, Role, ScopeLevel, current_principal
 from chassis.db import utcnow
 from chassis.errors import (
@@ -377,7 +378,7 @@ class OrganisationServicer(organisation_pb2_grpc.OrganisationServiceServicer):
         _require_hq_admin(principal)
         region_id = _required(request.region_id, "region_id")
         async with self.db.transaction() as session:
-            record = await store.get_region(session, region_id)
+            record = await store.get_region(session, region_id, lock="update")
             if record is None:
                 raise _region_missing(region_id)
             if not record.closed:
@@ -396,7 +397,7 @@ class OrganisationServicer(organisation_pb2_grpc.OrganisationServiceServicer):
     # -- stores ---------------------------------------------------------------------
 
     async def _open_region(self, session: AsyncSession, region_id: str) -> None:
-        region = await store.get_region(session, region_id)
+        region = await store.get_region(session, region_id, lock="share")
         if region is None:
             raise _region_missing(region_id)
         if region.closed:
@@ -502,14 +503,44 @@ class OrganisationServicer(organisation_pb2_grpc.OrganisationServiceServicer):
         _require_hq_admin(principal)
         store_id = _required(request.store_id, "store_id")
         async with self.db.transaction() as session:
-            record = await store.get_store(session, store_id)
+            record = await store.get_store(session, store_id, lock="update")
             if record is None:
                 raise _store_missing(store_id)
             if not record.closed:
+                domain.check_store_may_close(
+                    store_id, active_staff=await store.active_staff_count(session, store_id)
+                )
                 stamp = self._stamp(principal)
                 await store.close_store(session, store_id, stamp)
                 await events.store_closed(
                     session, store_id=store_id, region_id=record.region_id, closed_at=stamp.now
+                )
+                record = await store.get_store(session, store_id)
+        assert record is not None
+        return store_proto(record)
+
+    async def ReopenStore(self, request: pb.ReopenStoreRequest, context: Context) -> pb.Store:
+        principal = current_principal()
+        _require_hq_admin(principal)
+        store_id = _required(request.store_id, "store_id")
+        async with self.db.transaction() as session:
+            record = await store.get_store(session, store_id, lock="update")
+            if record is None:
+                raise _store_missing(store_id)
+            if record.closed:
+                region = await store.get_region(session, record.region_id, lock="share")
+                domain.check_store_may_reopen(
+                    store_id, record.region_id, region_closed=region is None or region.closed
+                )
+                stamp = self._stamp(principal)
+                await store.reopen_store(session, store_id, stamp)
+                await events.store_reopened(
+                    session,
+                    store_id=store_id,
+                    region_id=record.region_id,
+                    time_zone=record.time_zone,
+                    currency_code=record.currency,
+                    reopened_at=stamp.now,
                 )
                 record = await store.get_store(session, store_id)
         assert record is not None
@@ -526,7 +557,7 @@ class OrganisationServicer(organisation_pb2_grpc.OrganisationServiceServicer):
             await self._open_region(session, assignment.id)
             return None
         if assignment.level == domain.AssignmentLevel.STORE:
-            record = await store.get_store(session, assignment.id)
+            record = await store.get_store(session, assignment.id, lock="share")
             if record is None:
                 raise _store_missing(assignment.id)
             if record.closed:
@@ -691,7 +722,7 @@ class OrganisationServicer(organisation_pb2_grpc.OrganisationServiceServicer):
             raise FailedPrecondition(
                 "this staff member has left", reason="STAFF_LEFT", metadata={"staff_id": staff_id}
             )
-        hashed = await asyncio.to_thread(domain.hash_password, request.password)
+        hashed = await asyncio.to_thread(passwords.hash_secret, request.password)
         async with self.db.transaction() as session:
             record = await store.set_password_hash(
                 session, staff_id, hashed, self._stamp(principal)
@@ -721,11 +752,11 @@ class OrganisationServicer(organisation_pb2_grpc.OrganisationServiceServicer):
         ):
             # The same work as a real check: timing must not tell which
             # login ids exist, have left or are locked.
-            await asyncio.to_thread(domain.password_matches, password, domain.DUMMY_HASH)
+            await asyncio.to_thread(passwords.secret_matches, password, passwords.DUMMY_HASH)
             if creds is not None:
                 log.info("staff login refused", staff_id=creds.staff.staff_id)
             raise refused
-        matches = await asyncio.to_thread(domain.password_matches, password, creds.password_hash)
+        matches = await asyncio.to_thread(passwords.secret_matches, password, creds.password_hash)
         staff_id = creds.staff.staff_id
         accepted = False
         async with self.db.transaction() as session:

@@ -1,15 +1,20 @@
 """The gRPC edge of member imports and exports, and the import runner.
 
-An import is received as a stream of chunks and spooled to a file under the
-service's var dir (never held in memory), checked as a file (readable, a
-header with a mobile and a name column), and recorded as a RUNNING job. The
-runner, a worker of the service, then reads the file as a stream and
-enrolls its rows in batches: each batch's members, their
-``member.enrolled`` events, the job's counters and its resume point commit
-in one transaction, so a restart resumes after the last committed batch.
+An import is received as a stream of chunks and spooled to a scratch file
+(never held in memory), checked as a file (readable, a header with a mobile
+and a name column), and recorded as a RUNNING job together with the file's
+content (``import_chunks``), so that the runner of any replica can work it.
+The runner, a worker of the service, claims a job with a lease, reads the
+file as a stream and enrolls its rows in batches: per batch the rows are
+checked (pure), their home stores and mobiles looked up in one query each,
+and the new members, data keys, history and ``member.enrolled`` events
+inserted a table at a time; the members, the job's counters and its resume
+point commit in one transaction, so a restart resumes after the last
+committed batch.
 
-The chassis interceptors wrap unary calls only, so the two streaming
-methods check the token and map errors themselves (``_streaming_edge``).
+The two streaming methods rely on the chassis interceptors, as the unary
+ones do: the token is checked before they run and errors, mid-stream ones
+included, become statuses with details.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import csv
 import datetime as dt
 import hashlib
 import os
+import secrets
+import socket
 import tempfile
 import zipfile
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -36,29 +43,25 @@ from chassis.auth import (
     Scope,
     ScopeLevel,
     current_principal,
-    reset_current_principal,
-    set_current_principal,
-    verify_token,
 )
-from chassis.crypto import keys_from_env
+from chassis.crypto import DecryptionError, keys_from_env
 from chassis.db import Database, utcnow
 from chassis.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
     PermissionDenied,
-    ServiceError,
-    Unauthenticated,
     Unavailable,
 )
-from chassis.grpcserver import Context, error_domain, internal_status, to_grpc_status
+from chassis.grpcserver import Context
 from chassis.idempotency import check_request_id, run_idempotent
 from chassis.logs import get_logger
+from chassis.outbox import enqueue_rows
 from chassis.paging import decode_token, encode_token, page_size
 from chassis.service import ServiceContext
 from cornucopia.common.v1 import org_pb2
 from cornucopia.members.v1 import members_pb2, transfers_pb2, transfers_pb2_grpc
-from services.members import events
+from services.members import events, importing
 from services.members.domain import members as domain
 from services.members.domain import transfers as rules
 from services.members.server.members import CHANNELS, CHANNELS_PROTO, GENDERS
@@ -78,6 +81,11 @@ MAX_IMPORT_BYTES = 256 * 1024 * 1024
 EXPORT_CHUNK_BYTES = 64 * 1024
 EXPORT_PAGE = 500
 POLL_SECONDS = 0.3
+# How long a runner's claim on a job holds without a batch renewing it:
+# how long a job whose replica died waits before another takes it over.
+LEASE = dt.timedelta(seconds=60)
+# A job received before files were kept in the database, whose file no
+# replica has found for this long, has lost it.
 STALE_JOB = dt.timedelta(minutes=15)
 
 FORMATS = {
@@ -97,10 +105,14 @@ KINDS_PROTO = {
 
 
 def imports_dir(ctx: ServiceContext) -> Path:
+    """Scratch files of this replica: uploads being checked, jobs' files
+    being read. What must outlive the replica is in the database."""
     return ctx.settings.var_dir / "members" / "imports"
 
 
 def spooled_file(ctx: ServiceContext, import_job_id: str, file_format: str) -> Path:
+    """Where a job received before files were kept in the database has its
+    file (on the replica that received it)."""
     return imports_dir(ctx) / f"{import_job_id}.{file_format}"
 
 
@@ -185,33 +197,6 @@ def check_file(path: Path, file_format: str) -> rules.ColumnMap:
         return columns
 
 
-# -- the streaming edge -------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _principal_of(context: Context, token_secret: str) -> Iterator[Principal]:
-    metadata = dict(context.invocation_metadata() or ())
-    scheme, _, token = str(metadata.get("authorization", "")).partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise Unauthenticated("send 'authorization: Bearer <token>'", reason="MISSING_CREDENTIALS")
-    principal = verify_token(token_secret, token.strip())
-    reset = set_current_principal(principal)
-    try:
-        yield principal
-    finally:
-        reset_current_principal(reset)
-
-
-async def _abort(context: Context, exc: BaseException) -> None:
-    domain_name = error_domain("members")
-    if isinstance(exc, ServiceError):
-        status = to_grpc_status(exc, domain_name)
-    else:
-        log.error("unhandled error", exc_info=exc)
-        status = internal_status(domain_name)
-    await context.abort(status.code, status.details, status.trailing_metadata)
-
-
 # -- servicer ---------------------------------------------------------------------
 
 
@@ -256,12 +241,7 @@ class MemberTransfersServicer(transfers_pb2_grpc.MemberTransfersServiceServicer)
         request_iterator: AsyncIterator[transfers_pb2.ImportMembersRequest],
         context: Context,
     ) -> transfers_pb2.ImportJob:
-        try:
-            with _principal_of(context, self.ctx.settings.token_secret) as principal:
-                return await self._import(principal, request_iterator)
-        except Exception as exc:
-            await _abort(context, exc)
-            raise  # unreachable: abort raises
+        return await self._import(current_principal(), request_iterator)
 
     async def _import(
         self,
@@ -291,8 +271,10 @@ class MemberTransfersServicer(transfers_pb2_grpc.MemberTransfersServiceServicer)
 
         folder = imports_dir(self.ctx)
         folder.mkdir(parents=True, exist_ok=True)
+        # The upload is spooled to a scratch file of this replica while it is
+        # checked, then kept in the database with the job, where the runner
+        # of any replica finds it.
         spool = _new_file(folder, prefix="upload-", suffix=f".{file_format}")
-        keep = False
         try:
             digest = await _spool(parts, spool, text=file_format == "csv")
             try:
@@ -304,11 +286,9 @@ class MemberTransfersServicer(transfers_pb2_grpc.MemberTransfersServiceServicer)
                     reason="BAD_IMPORT_FILE",
                 ) from None
             job_id = rules.new_import_job_id()
-            target = spooled_file(self.ctx, job_id, file_format)
-            # In place before the job commits: a committed RUNNING job
-            # always has its file.
-            await asyncio.to_thread(spool.rename, target)
-            spool = target
+            # The file holds personal data: it is kept sealed, under a key
+            # of the job's own.
+            cipher, file_key = store.FileCipher.new(self.keys.ring, job_id)
             as_requested = transfers_pb2.ImportJob(
                 format=header.format,
                 dry_run=header.dry_run,
@@ -333,7 +313,11 @@ class MemberTransfersServicer(transfers_pb2_grpc.MemberTransfersServiceServicer)
                     scope=str(principal.scope),
                     roles=[r.value for r in principal.roles],
                     now=now,
+                    file_key=file_key,
                 )
+                # In the job's transaction: a committed RUNNING job always
+                # has its file.
+                await _store_file(session, job_id, spool, cipher)
                 return job_to_proto(job)
 
             result = await run_idempotent(
@@ -345,7 +329,6 @@ class MemberTransfersServicer(transfers_pb2_grpc.MemberTransfersServiceServicer)
                 work=create,
             )
             if result.import_job_id == job_id:
-                keep = True  # the runner owns it now
                 log.info("import received", import_job_id=job_id, dry_run=header.dry_run)
                 return result
             # A repeat of an earlier request: report that job as it is now.
@@ -353,8 +336,7 @@ class MemberTransfersServicer(transfers_pb2_grpc.MemberTransfersServiceServicer)
                 current = await store.get_job(session, result.import_job_id)
             return job_to_proto(current) if current is not None else result
         finally:
-            if not keep:
-                spool.unlink(missing_ok=True)
+            await asyncio.to_thread(spool.unlink, missing_ok=True)
 
     async def GetImportJob(
         self, request: transfers_pb2.GetImportJobRequest, context: Context
@@ -417,12 +399,7 @@ class MemberTransfersServicer(transfers_pb2_grpc.MemberTransfersServiceServicer)
     async def ExportMembers(
         self, request: transfers_pb2.ExportMembersRequest, context: Context
     ) -> AsyncIterator[transfers_pb2.ExportMembersResponse]:
-        try:
-            with _principal_of(context, self.ctx.settings.token_secret) as principal:
-                path = await self._export(principal, request)
-        except Exception as exc:
-            await _abort(context, exc)
-            raise
+        path = await self._export(current_principal(), request)
         try:
             with path.open("rb") as handle:
                 while chunk := handle.read(EXPORT_CHUNK_BYTES):
@@ -594,6 +571,17 @@ async def _spool(
     return digest.hexdigest()
 
 
+async def _store_file(
+    session: AsyncSession, import_job_id: str, path: Path, cipher: store.FileCipher
+) -> None:
+    """Copy a spooled upload into the job's chunks, a sealed piece at a time."""
+    with path.open("rb") as handle:
+        seq = 0
+        while data := await asyncio.to_thread(handle.read, store.CHUNK_BYTES):
+            await store.add_chunk(session, import_job_id, seq, cipher.seal(seq, data))
+            seq += 1
+
+
 def _require_job_access(principal: Principal, job: store.ImportJobRecord) -> None:
     """A job is read by whoever started it and by the organisation above."""
     if principal.subject == job.created_by or principal.scope.level == ScopeLevel.HQ:
@@ -634,7 +622,20 @@ def job_principal(job: store.ImportJobRecord) -> Principal:
 
 
 class _Superseded(Exception):
-    """Another runner moved the job on; this one stops."""
+    """Another runner holds the job now (this one's lease lapsed), moved it
+    on, or it ended; this one stops."""
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What a batch does with a row: enroll it (``member`` set), or report
+    its problems (refused or duplicate)."""
+
+    row: int
+    kind: str = ""
+    problems: tuple[rules.RowProblem, ...] = ()
+    member: domain.NewMember | None = None
+    mobile_index: str = ""
 
 
 @dataclass
@@ -643,40 +644,66 @@ class _JobRun:
 
     job: store.ImportJobRecord
     principal: Principal
-    channel: domain.EnrollmentChannel
-    columns: rules.ColumnMap
-    # The chain's own attributes, checked as CreateMember checks them.
-    definitions: Mapping[str, domain.AttributeDefinition] = field(default_factory=dict)
+    how: importing.RowRules
+    author: importing.Author
     # Mobile blind index -> the row that first had it: repeats inside the
     # file are duplicates too.
     seen: dict[str, int] = field(default_factory=dict)
-    regions: dict[str, str | None] = field(default_factory=dict)
 
-    async def in_scope(self, session: AsyncSession, store_id: str) -> bool:
-        if store_id not in self.regions:
-            self.regions[store_id] = await region_of(session, self.principal, store_id)
-        try:
-            self.principal.require_store(store_id, self.regions[store_id])
-        except PermissionDenied:
-            return False
-        return True
+
+@dataclass(frozen=True)
+class _Sealed:
+    """A batch's rows after the pure checks, and the members sealed in
+    advance for those that looked new (by row number)."""
+
+    now: dt.datetime
+    rows: Sequence[importing.Row]
+    prepared: Mapping[int, importing.Prepared] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A batch on its way: its records, the job's records done before it,
+    and the task checking and sealing it."""
+
+    records: Sequence[Record]
+    records_done: int
+    sealing: asyncio.Task[_Sealed]
+
+
+def default_runner_id() -> str:
+    """This process among the replicas: the host (the pod's name on a
+    cluster), the process and a random part."""
+    return f"{socket.gethostname()[:60]}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 class ImportRunner:
-    """Processes RUNNING import jobs, one at a time, oldest first; on start
-    it picks up the jobs a previous instance left running."""
+    """Processes RUNNING import jobs, one at a time, oldest first, on any
+    replica: a job's file is in the database, and a lease (renewed by every
+    batch) keeps every other runner off the job while this one works it.
+    A job whose runner died is taken over once the lease lapses; a runner
+    that shuts down gives its lease up at once."""
 
-    def __init__(self, ctx: ServiceContext) -> None:
+    def __init__(
+        self,
+        ctx: ServiceContext,
+        *,
+        runner_id: str | None = None,
+        lease: dt.timedelta = LEASE,
+    ) -> None:
         self.ctx = ctx
         self.db = ctx.db
         self.keys = member_keys(ctx)
         self.default_region = os.environ.get("CORNUCOPIA_DEFAULT_REGION", "CN")
+        self.runner_id = runner_id or default_runner_id()
+        self.lease = lease
+        self._renewed_at = utcnow()
 
     async def run(self) -> None:
         while True:
             try:
                 async with self.db.sessions() as session:
-                    job_ids = await store.running_job_ids(session)
+                    job_ids = await store.claimable_job_ids(session, self.runner_id, now=utcnow())
                 for job_id in job_ids:
                     await self.process(job_id)
             except asyncio.CancelledError:
@@ -688,38 +715,159 @@ class ImportRunner:
             await asyncio.sleep(POLL_SECONDS)
 
     async def process(self, import_job_id: str) -> None:
-        async with self.db.sessions() as session:
-            job = await store.get_job(session, import_job_id)
-        if job is None or job.state != store.RUNNING:
-            return
-        path = spooled_file(self.ctx, job.import_job_id, job.file_format)
-        if not path.exists():
-            # Another replica's upload (its var dir holds the file), unless
-            # nobody has moved the job for a long time: then the file is gone.
-            if utcnow() - job.updated_at > STALE_JOB:
-                await self._finish(job, store.FAILED, "the uploaded file was lost; import it again")
+        """Work the job if this runner can claim it; return when it is done,
+        or when another runner holds it."""
+        job = await self._claim(import_job_id)
+        if job is None:
             return
         try:
+            await self._process(job)
+        except asyncio.CancelledError:
+            # Shutting down: another replica may take the job over at once.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._release(job), timeout=5)
+            raise
+
+    async def _process(self, job: store.ImportJobRecord) -> None:
+        try:
+            fetched = await self._fetch(job)
+        except _Superseded:
+            log.warning("import taken over elsewhere", import_job_id=job.import_job_id)
+            return
+        if fetched is None:
+            return
+        path, temporary = fetched
+        finished = False
+        try:
+            # Fetching a large file may take a while: the lease starts again.
+            if await self._claim(job.import_job_id) is None:
+                raise _Superseded
             await self._run(job, path)
         except _Superseded:
-            log.warning("import moved on elsewhere", import_job_id=job.import_job_id)
-            return
+            log.warning("import taken over elsewhere", import_job_id=job.import_job_id)
         except BadFile as exc:
-            await self._finish(job, store.FAILED, str(exc))
+            finished = await self._finish(job, store.FAILED, str(exc))
         except InvalidArgument as exc:
-            await self._finish(job, store.FAILED, "; ".join(v.description for v in exc.violations))
-        except (UnicodeDecodeError, csv.Error):
-            await self._finish(job, store.FAILED, "the file cannot be read as UTF-8 CSV")
-        else:
-            await self._finish(job, store.SUCCEEDED)
-        path.unlink(missing_ok=True)
-
-    async def _finish(self, job: store.ImportJobRecord, state: str, reason: str = "") -> None:
-        async with self.db.transaction() as session:
-            await store.finish_job(
-                session, job.import_job_id, state=state, now=utcnow(), failure_reason=reason
+            finished = await self._finish(
+                job, store.FAILED, "; ".join(v.description for v in exc.violations)
             )
-        log.info("import finished", import_job_id=job.import_job_id, state=state)
+        except (UnicodeDecodeError, csv.Error):
+            finished = await self._finish(job, store.FAILED, "the file cannot be read as UTF-8 CSV")
+        else:
+            finished = await self._finish(job, store.SUCCEEDED)
+        finally:
+            if temporary or finished:
+                path.unlink(missing_ok=True)
+
+    # The pure work runs in a worker thread, so that calls keep being served
+    # while a batch is checked and sealed.
+
+    async def _check(
+        self, run: _JobRun, records: Sequence[Record], today: dt.date
+    ) -> list[importing.Row]:
+        cells = [(record.row, record.cells) for record in records]
+        return await asyncio.to_thread(importing.check_rows, self.keys, run.how, today, cells)
+
+    async def _prepare(
+        self, run: _JobRun, members: Sequence[domain.NewMember], now: dt.datetime
+    ) -> list[importing.Prepared]:
+        return await asyncio.to_thread(importing.prepare, self.keys, run.author, now, members)
+
+    async def _claim(self, import_job_id: str) -> store.ImportJobRecord | None:
+        """Take or renew the job's lease; the job as it now is, or None when
+        another runner holds it or it is no longer running."""
+        now = utcnow()
+        async with self.db.transaction() as session:
+            if not await store.claim_job(
+                session,
+                import_job_id,
+                runner_id=self.runner_id,
+                now=now,
+                lease_until=now + self.lease,
+            ):
+                return None
+            job = await store.get_job(session, import_job_id)
+        self._renewed_at = now
+        return job
+
+    async def _keep_lease(self, job: store.ImportJobRecord) -> None:
+        """Renew the lease during work that writes no batch (fetching,
+        re-reading the rows an earlier run committed)."""
+        due = utcnow() - self._renewed_at > self.lease / 3
+        if due and await self._claim(job.import_job_id) is None:
+            raise _Superseded
+
+    async def _release(self, job: store.ImportJobRecord) -> None:
+        async with self.db.transaction() as session:
+            await store.release_job(session, job.import_job_id, runner_id=self.runner_id)
+
+    async def _finish(self, job: store.ImportJobRecord, state: str, reason: str = "") -> bool:
+        async with self.db.transaction() as session:
+            done = await store.finish_job(
+                session,
+                job.import_job_id,
+                runner_id=self.runner_id,
+                state=state,
+                now=utcnow(),
+                failure_reason=reason,
+            )
+        if done:
+            log.info("import finished", import_job_id=job.import_job_id, state=state)
+        return done
+
+    async def _fetch(self, job: store.ImportJobRecord) -> tuple[Path, bool] | None:
+        """The job's file from the database into a scratch file of this
+        replica (removed after the run): the path, and True. A job received
+        before the file was kept in the database still has it in the var
+        dir of the replica that received it: that path, and False. None
+        when the file cannot be had (the job is failed once it is stale)."""
+        cipher = None
+        if job.file_key is not None:
+            try:
+                cipher = store.FileCipher.of(self.keys.ring, job.import_job_id, job.file_key)
+            except DecryptionError:
+                reason = "the key of the uploaded file is not among the master keys"
+                await self._finish(job, store.FAILED, f"{reason}; import it again")
+                return None
+        folder = imports_dir(self.ctx)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = _new_file(folder, prefix=f"{job.import_job_id}-", suffix=f".{job.file_format}")
+        digest = hashlib.sha256()
+        chunks = 0
+        intact = True
+        try:
+            with path.open("wb") as handle:
+                while True:
+                    async with self.db.sessions() as session:
+                        sealed = await store.read_chunk(session, job.import_job_id, chunks)
+                    if sealed is None:
+                        break
+                    try:
+                        if cipher is None:
+                            raise DecryptionError("a file piece without a key")
+                        data = cipher.open(chunks, sealed)
+                    except DecryptionError:
+                        intact = False
+                        break
+                    digest.update(data)
+                    await asyncio.to_thread(handle.write, data)
+                    chunks += 1
+                    await self._keep_lease(job)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        if intact and chunks and digest.hexdigest() == job.file_sha256:
+            return path, True
+        path.unlink(missing_ok=True)
+        if chunks or not intact:
+            await self._finish(job, store.FAILED, "the uploaded file is damaged; import it again")
+            return None
+        legacy = spooled_file(self.ctx, job.import_job_id, job.file_format)
+        if legacy.exists():
+            return legacy, False
+        if utcnow() - job.updated_at > STALE_JOB:
+            await self._finish(job, store.FAILED, "the uploaded file was lost; import it again")
+        return None
 
     async def _run(self, job: store.ImportJobRecord, path: Path) -> None:
         async with self.db.sessions() as session:
@@ -728,105 +876,184 @@ class ImportRunner:
             run = _JobRun(
                 job=job,
                 principal=job_principal(job),
-                channel=domain.EnrollmentChannel(job.enrollment_channel),
-                columns=columns,
-                definitions=definitions,
+                how=importing.RowRules(
+                    columns=columns,
+                    default_home_store_id=job.default_home_store_id,
+                    channel=domain.EnrollmentChannel(job.enrollment_channel),
+                    default_region=self.default_region,
+                    definitions=definitions,
+                ),
+                author=importing.Author(
+                    principal=job.created_by,
+                    from_store=job.created_from_store,
+                    channel_numbers=CHANNELS_PROTO,
+                ),
             )
             done = 0
             batch_rows = BATCH_ROWS.get(self.db.dialect, DEFAULT_BATCH_ROWS)
-            while True:
-                chunk = await asyncio.to_thread(_take, records, batch_rows)
-                if not chunk:
-                    return
-                committed = min(len(chunk), max(0, job.records_done - done))
-                if committed:
-                    # Committed by an earlier run: only remember their mobiles.
-                    async with self.db.sessions() as session:
-                        for record in chunk[:committed]:
-                            await self._evaluate(session, run, record)
-                done += len(chunk)
-                if committed < len(chunk):
-                    await self._batch(
-                        run, chunk[committed:], records_done=done - len(chunk) + committed
-                    )
+            # Two batches in flight: while one is written, the next one's rows
+            # are checked and its members sealed.
+            pending: _Pending | None = None
+            following: _Pending | None = None
+            try:
+                while True:
+                    chunk = await asyncio.to_thread(_take, records, batch_rows)
+                    committed = min(len(chunk), max(0, job.records_done - done))
+                    if committed:
+                        # Committed by an earlier run: only remember their mobiles.
+                        await self._remember(run, chunk[:committed])
+                    if committed < len(chunk):
+                        rest = chunk[committed:]
+                        sealing = asyncio.create_task(self._seal(run, rest))
+                        following = _Pending(rest, done + committed, sealing)
+                    done += len(chunk)
+                    if pending is not None:
+                        await self._batch(run, pending)
+                    pending, following = following, None
+                    if not chunk:
+                        return
+            finally:
+                for left in (pending, following):
+                    if left is not None:
+                        left.sealing.cancel()
+                        await asyncio.gather(left.sealing, return_exceptions=True)
 
-    async def _evaluate(
-        self, session: AsyncSession, run: _JobRun, record: Record
-    ) -> domain.NewMember | list[rules.RowProblem] | None:
-        """A row's validated member, or why it is refused; None for a blank
-        row. Remembers the mobile of a valid row the first time."""
-        if rules.is_blank(record.cells):
-            return None
-        asked = rules.row_to_enrollment(
-            record.row,
-            record.cells,
-            run.columns,
-            default_home_store_id=run.job.default_home_store_id,
-            channel=run.channel,
+    async def _admit(
+        self, session: AsyncSession, run: _JobRun, rows: Sequence[importing.Row], *, lock: bool
+    ) -> list[_Outcome]:
+        """The checks against the database, a query each for the batch: the
+        home stores (within the job's scope, of the tree, open; locked
+        until the batch commits when it writes, as CreateMember locks
+        its store), repeats inside the file, mobiles already members'. A
+        valid row's mobile is remembered the first time it is seen."""
+        found = await org_store.stores_by_id(
+            session,
+            (r.member.home_store_id for r in rows if r.member is not None),
+            lock="share" if lock else None,
         )
-        if isinstance(asked, list):
-            return asked
-        try:
-            member = domain.validate_enrollment(
-                asked,
-                today=utcnow().date(),
-                default_region=self.default_region,
-                default_channel=run.channel,
-                definitions=run.definitions,
-            )
-        except InvalidArgument as exc:
-            return rules.violations_to_problems(record.row, exc.violations)
-        if not await run.in_scope(session, member.home_store_id):
-            return [rules.RowProblem(record.row, "home_store_id", "outside your scope")]
-        run.seen.setdefault(self.keys.mobile_index(member.mobile), record.row)
-        return member
+        outcomes: list[_Outcome] = []
+        for row in rows:
+            if row.member is None:
+                outcomes.append(_Outcome(row.row, store.REFUSED, row.problems))
+                continue
+            home = found.get(row.member.home_store_id)
+            problem = None
+            try:
+                run.principal.require_store(
+                    row.member.home_store_id, None if home is None else home.region_id
+                )
+            except PermissionDenied:
+                problem = rules.RowProblem(row.row, "home_store_id", "outside your scope")
+            if problem is None:
+                problem = rules.home_store_problem(
+                    row.row, exists=home is not None, closed=home is not None and home.closed
+                )
+            if problem is not None:
+                outcomes.append(_Outcome(row.row, store.REFUSED, (problem,)))
+                continue
+            first = run.seen.setdefault(row.mobile_index, row.row)
+            if first != row.row:
+                reason = f"the mobile repeats row {first}"
+                problem = rules.RowProblem(row.row, "mobile", reason)
+                outcomes.append(_Outcome(row.row, store.DUPLICATE, (problem,)))
+                continue
+            outcomes.append(_Outcome(row.row, member=row.member, mobile_index=row.mobile_index))
+        return outcomes
 
-    async def _batch(self, run: _JobRun, records: Sequence[Record], *, records_done: int) -> None:
-        rows_read = enrolled = duplicates = refused = 0
-        problems: list[tuple[rules.RowProblem, str]] = []
+    async def _remember(self, run: _JobRun, records: Sequence[Record]) -> None:
+        """Rows an earlier run committed: only their mobiles are remembered,
+        so that later repeats of them are still found."""
+        await self._keep_lease(run.job)
+        rows = await self._check(run, records, utcnow().date())
+        async with self.db.sessions() as session:
+            await self._admit(session, run, rows, lock=False)
+
+    async def _seal(self, run: _JobRun, records: Sequence[Record]) -> _Sealed:
+        """A batch's work before its transaction: its rows checked, and the
+        members that look new (no member has their mobile yet) sealed in
+        advance. The transaction decides; this only saves it the time."""
         now = utcnow()
+        rows = await self._check(run, records, now.date())
+        if run.job.dry_run:
+            return _Sealed(now, rows)
+        async with self.db.sessions() as session:
+            taken = await member_store.existing_mobile_indexes(
+                session, [r.mobile_index for r in rows if r.member is not None]
+            )
+        likely = [
+            (r.row, r.member)
+            for r in rows
+            if r.member is not None
+            and r.mobile_index not in taken
+            and run.seen.get(r.mobile_index, r.row) == r.row
+        ]
+        members = await self._prepare(run, [m for _, m in likely], now)
+        prepared = {row: member for (row, _), member in zip(likely, members, strict=True)}
+        return _Sealed(now, rows, prepared)
+
+    async def _batch(self, run: _JobRun, batch: _Pending) -> None:
+        sealed = await batch.sealing
+        try:
+            await self._write_batch(run, batch, sealed)
+        except member_store.MobileTaken:
+            # A mobile enrolled (by CreateMember, say) between the batch's
+            # lookup and its insert: the whole batch rolled back; again, one
+            # member at a time, each one's mobile checked and inserted under
+            # a savepoint of its own.
+            log.info("import batch meets an enrollment", import_job_id=run.job.import_job_id)
+            await self._write_batch(run, batch, sealed, one_by_one=True)
+
+    async def _write_batch(
+        self, run: _JobRun, batch: _Pending, sealed: _Sealed, *, one_by_one: bool = False
+    ) -> None:
+        """One batch in one transaction: the lease check and renewal, the
+        members (multi-row inserts of members, data keys, history and
+        ``member.enrolled`` events), the job's counters, problems and
+        resume point."""
+        job, now = run.job, sealed.now
         async with self.db.transaction() as session:
+            renewed = utcnow()
             if not await store.start_batch(
-                session, run.job.import_job_id, records_done=records_done, now=now
+                session,
+                job.import_job_id,
+                runner_id=self.runner_id,
+                records_done=batch.records_done,
+                now=renewed,
+                lease_until=renewed + self.lease,
             ):
                 raise _Superseded
-            for record in records:
-                outcome = await self._evaluate(session, run, record)
-                if outcome is None:
-                    continue
-                rows_read += 1
-                if isinstance(outcome, list):
-                    refused += 1
-                    problems.extend((p, store.REFUSED) for p in outcome)
-                    continue
-                first = run.seen[self.keys.mobile_index(outcome.mobile)]
-                if first != record.row:
-                    duplicates += 1
-                    reason = f"the mobile repeats row {first}"
-                    problems.append(
-                        (rules.RowProblem(record.row, "mobile", reason), store.DUPLICATE)
-                    )
-                elif await self._enroll(session, run.job, outcome, now):
-                    enrolled += 1
-                else:
-                    duplicates += 1
-                    reason = "already a member's mobile"
-                    problems.append(
-                        (rules.RowProblem(record.row, "mobile", reason), store.DUPLICATE)
-                    )
-            await store.record_batch(
-                session,
-                run.job.import_job_id,
-                store.Progress(
-                    records=len(records),
-                    rows_read=rows_read,
-                    enrolled=enrolled,
-                    duplicates=duplicates,
-                    refused=refused,
-                ),
-                problems,
-                now=now,
+            self._renewed_at = renewed
+            outcomes = await self._admit(session, run, sealed.rows, lock=not job.dry_run)
+            taken = await member_store.existing_mobile_indexes(
+                session, [o.mobile_index for o in outcomes if o.member is not None]
             )
+            outcomes = [
+                _already_a_member(o.row) if o.member is not None and o.mobile_index in taken else o
+                for o in outcomes
+            ]
+            fresh = [o for o in outcomes if o.member is not None]
+            if job.dry_run:
+                pass
+            elif one_by_one:
+                enrolled = set()
+                for outcome in fresh:
+                    assert outcome.member is not None
+                    if await self._enroll(session, job, outcome.member, now):
+                        enrolled.add(outcome.row)
+                outcomes = [
+                    o if o.member is None or o.row in enrolled else _already_a_member(o.row)
+                    for o in outcomes
+                ]
+            else:
+                unsealed = [
+                    o.member for o in fresh if o.member is not None and o.row not in sealed.prepared
+                ]
+                more = iter(await self._prepare(run, unsealed, now))
+                prepared = [sealed.prepared.get(o.row) or next(more) for o in fresh]
+                await member_store.insert_members(session, [p.member for p in prepared])
+                await enqueue_rows(session, [dict(p.event) for p in prepared])
+            progress, problems = _tally(len(batch.records), outcomes)
+            await store.record_batch(session, job.import_job_id, progress, problems, now=renewed)
 
     async def _enroll(
         self,
@@ -835,11 +1062,8 @@ class ImportRunner:
         member: domain.NewMember,
         now: dt.datetime,
     ) -> bool:
-        """Enroll one member (or, in a dry run, check that it could be);
-        False when the mobile is already a member's."""
-        if job.dry_run:
-            existing = await member_store.member_id_by_mobile(session, self.keys, member.mobile)
-            return existing is None
+        """Enroll one member as CreateMember does; False when the mobile is
+        already a member's."""
         member_id = domain.new_member_id()
         try:
             record = await member_store.insert_member(
@@ -862,6 +1086,36 @@ class ImportRunner:
             enrolled_at=now,
         )
         return True
+
+
+def _already_a_member(row: int) -> _Outcome:
+    problem = rules.RowProblem(row, "mobile", "already a member's mobile")
+    return _Outcome(row, store.DUPLICATE, (problem,))
+
+
+def _tally(
+    records: int, outcomes: Sequence[_Outcome]
+) -> tuple[store.Progress, list[tuple[rules.RowProblem, str]]]:
+    """A batch's counts and its problems, in row order."""
+    enrolled = duplicates = refused = 0
+    problems: list[tuple[rules.RowProblem, str]] = []
+    for outcome in outcomes:
+        if outcome.member is not None:
+            enrolled += 1
+            continue
+        if outcome.kind == store.DUPLICATE:
+            duplicates += 1
+        else:
+            refused += 1
+        problems.extend((problem, outcome.kind) for problem in outcome.problems)
+    progress = store.Progress(
+        records=records,
+        rows_read=len(outcomes),
+        enrolled=enrolled,
+        duplicates=duplicates,
+        refused=refused,
+    )
+    return progress, problems
 
 
 def _new_file(folder: Path, *, prefix: str, suffix: str) -> Path:

@@ -26,8 +26,18 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chassis.crypto import BlindIndex, DecryptionError, FieldCipher, KeyRing, WrappedKey
+from chassis.bulk import insert_rows
+from chassis.crypto import (
+    BlindIndex,
+    DecryptionError,
+    FieldCipher,
+    KeyRing,
+    UnknownMasterKey,
+    WrappedKey,
+)
 from chassis.db import BigIntKey, UTCDateTime, is_unique_violation
+from chassis.errors import FailedPrecondition
+from chassis.paging import newest_first
 from services.members.domain.members import (
     Address,
     Anniversary,
@@ -483,14 +493,29 @@ def _record(m: Any, cipher: FieldCipher | None, consents: Sequence[ConsentRecord
 def _cipher_of(
     keys: Keys, member_id: str, master_key_id: str | None, wrapped: bytes | None
 ) -> FieldCipher | None:
+    """The member's field cipher; None for an erased member (no key row).
+    A key row that cannot be unwrapped is a configuration fault, never
+    erasure: it fails the call rather than read back as empty fields."""
     if master_key_id is None or wrapped is None:
         return None
     try:
         return FieldCipher(
             keys.ring.unwrap(WrappedKey(master_key_id, wrapped), member_id), member_id
         )
+    except UnknownMasterKey:
+        raise FailedPrecondition(
+            f"this member's data key is wrapped by master key {master_key_id!r}, which is "
+            "not in MEMBERS_MASTER_KEYS; the key must be restored (see key rotation)",
+            reason="MASTER_KEY_UNKNOWN",
+            metadata={"master_key_id": master_key_id},
+        ) from None
     except DecryptionError:
-        return None
+        raise FailedPrecondition(
+            f"this member's data key does not open with master key {master_key_id!r}: "
+            "MEMBERS_MASTER_KEYS holds a different key under that id",
+            reason="MASTER_KEY_MISMATCH",
+            metadata={"master_key_id": master_key_id},
+        ) from None
 
 
 async def cipher_for(session: AsyncSession, keys: Keys, member_id: str) -> FieldCipher | None:
@@ -543,6 +568,116 @@ async def _records(
     return out
 
 
+@dataclass(frozen=True)
+class PreparedMember:
+    """A new member's rows, sealed under a fresh data key and ready to be
+    inserted: what ``insert_member`` writes, built without touching the
+    database so that an import can prepare a batch and insert it in bulk."""
+
+    member_id: str
+    member: NewMember
+    member_row: Mapping[str, Any]
+    key_row: Mapping[str, Any]
+    tag_rows: Sequence[Mapping[str, Any]]
+    consent_rows: Sequence[Mapping[str, Any]]
+    change_row: Mapping[str, Any]
+    consents: Sequence[ConsentRecord]
+
+    @property
+    def mobile_index(self) -> str:
+        index: str = self.member_row["mobile_index"]
+        return index
+
+    def record(self) -> MemberRecord:
+        """The member as stored, as insert_member returns it (built here
+        rather than read back: enrollment is the hot write path)."""
+        row, consents = self.member_row, self.consents
+        return MemberRecord(
+            member_id=self.member_id,
+            file=replace(
+                self.member,
+                enrolled_at=row["enrolled_at"],
+                consents=tuple(ConsentChoice(c.channel, c.granted, c.source) for c in consents),
+            ),
+            enrolled_by=row["enrolled_by"],
+            enrolled_from_store=row["enrolled_from_store"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+            version=1,
+            consents=tuple(sorted(consents, key=lambda c: c.channel.value)),
+        )
+
+
+def prepare_member(
+    keys: Keys,
+    member_id: str,
+    member: NewMember,
+    *,
+    principal: str,
+    from_store: str,
+    now: dt.datetime,
+) -> PreparedMember:
+    """The rows of a new member with its consents, tags and first history
+    entry (pure: keys and encryption only)."""
+    data_key, wrapped = keys.ring.new_data_key(member_id)
+    cipher = FieldCipher(data_key, member_id)
+    values = {
+        **_columns(keys, cipher, member),
+        "member_id": member_id,
+        "enrollment_channel": member.enrollment_channel.value,
+        "enrolled_by": principal,
+        "enrolled_from_store": from_store,
+        "enrolled_at": member.enrolled_at or now,
+        "created_at": now,
+        "updated_at": now,
+        "version": 1,
+        "state": MemberState.ACTIVE.value,
+    }
+    stamp = Stamp(principal, from_store, now)
+    consents = [
+        ConsentRecord(c.channel, c.granted, c.source[:60], now, principal, from_store)
+        for c in member.consents
+    ]
+    # What plain(replace(member, enrolled_at=...)) gives, without copying
+    # the member first.
+    enrolled = plain(member)
+    assert isinstance(enrolled, dict)
+    enrolled["enrolled_at"] = plain(values["enrolled_at"])
+    return PreparedMember(
+        member_id=member_id,
+        member=member,
+        member_row=values,
+        key_row={
+            "member_id": member_id,
+            "master_key_id": wrapped.master_key_id,
+            "wrapped_key": wrapped.ciphertext,
+        },
+        tag_rows=[{"member_id": member_id, "tag": tag} for tag in member.tags],
+        consent_rows=[
+            {
+                "member_id": member_id,
+                "channel": c.channel.value,
+                "granted": c.granted,
+                "source": c.source,
+                "changed_at": now,
+                "changed_by": principal,
+                "store_id": from_store,
+            }
+            for c in consents
+        ],
+        change_row=_change_row(
+            cipher,
+            member_id,
+            operation="create",
+            fields=("member",),
+            old={},
+            new={"member": enrolled},
+            stamp=stamp,
+        ),
+        consents=consents,
+    )
+
+
 async def insert_member(
     session: AsyncSession,
     keys: Keys,
@@ -559,84 +694,59 @@ async def insert_member(
     win)."""
     if await member_id_by_mobile(session, keys, member.mobile) is not None:
         raise MobileTaken
-    data_key, wrapped = keys.ring.new_data_key(member_id)
-    cipher = FieldCipher(data_key, member_id)
-    values = {
-        **_columns(keys, cipher, member),
-        "member_id": member_id,
-        "enrollment_channel": member.enrollment_channel.value,
-        "enrolled_by": principal,
-        "enrolled_from_store": from_store,
-        "enrolled_at": member.enrolled_at or now,
-        "created_at": now,
-        "updated_at": now,
-        "version": 1,
-        "state": MemberState.ACTIVE.value,
-    }
+    prepared = prepare_member(
+        keys, member_id, member, principal=principal, from_store=from_store, now=now
+    )
     try:
         async with session.begin_nested():
-            await session.execute(sa.insert(members).values(**values))
-            await session.execute(
-                sa.insert(member_keys).values(
-                    member_id=member_id,
-                    master_key_id=wrapped.master_key_id,
-                    wrapped_key=wrapped.ciphertext,
-                )
-            )
+            await session.execute(sa.insert(members).values(**prepared.member_row))
+            await session.execute(sa.insert(member_keys).values(**prepared.key_row))
     except IntegrityError as exc:
         if is_unique_violation(exc) and "mobile" in str(exc.orig).lower():
             raise MobileTaken from exc
         raise
-    if member.tags:
-        await session.execute(
-            sa.insert(member_tags), [{"member_id": member_id, "tag": tag} for tag in member.tags]
-        )
-    stamp = Stamp(principal, from_store, now)
-    consents = [
-        ConsentRecord(c.channel, c.granted, c.source[:60], now, principal, from_store)
-        for c in member.consents
-    ]
-    if consents:
-        await session.execute(
-            sa.insert(member_consents),
-            [
-                {
-                    "member_id": member_id,
-                    "channel": c.channel.value,
-                    "granted": c.granted,
-                    "source": c.source,
-                    "changed_at": now,
-                    "changed_by": principal,
-                    "store_id": from_store,
-                }
-                for c in consents
-            ],
-        )
-    await record_change(
-        session,
-        cipher,
-        member_id,
-        operation="create",
-        fields=("member",),
-        old={},
-        new={"member": plain(replace(member, enrolled_at=member.enrolled_at or now))},
-        stamp=stamp,
+    if prepared.tag_rows:
+        await session.execute(sa.insert(member_tags), list(prepared.tag_rows))
+    if prepared.consent_rows:
+        await session.execute(sa.insert(member_consents), list(prepared.consent_rows))
+    await session.execute(sa.insert(member_changes).values(**prepared.change_row))
+    return prepared.record()
+
+
+async def insert_members(session: AsyncSession, prepared: Sequence[PreparedMember]) -> None:
+    """Insert many prepared members, one bulk insert per table (COPY on
+    PostgreSQL). ``MobileTaken`` when a mobile is already a member's (the
+    unique blind index decides); the caller's transaction is then to be
+    rolled back, as nothing here runs under a savepoint."""
+    if not prepared:
+        return
+    try:
+        await insert_rows(session, members, [p.member_row for p in prepared])
+    except IntegrityError as exc:
+        if is_unique_violation(exc) and "mobile" in str(exc.orig).lower():
+            raise MobileTaken from exc
+        raise
+    await insert_rows(session, member_keys, [p.key_row for p in prepared])
+    await insert_rows(session, member_tags, [row for p in prepared for row in p.tag_rows])
+    await insert_rows(session, member_consents, [row for p in prepared for row in p.consent_rows])
+    await insert_rows(session, member_changes, [p.change_row for p in prepared])
+
+
+async def existing_mobile_indexes(session: AsyncSession, indexes: Iterable[str]) -> set[str]:
+    """Which of these mobile blind indexes are already members' (one query)."""
+    wanted = sorted(set(indexes))
+    if not wanted:
+        return set()
+    if (await session.connection()).dialect.name == "postgresql":
+        # The statement is prepared once per connection; a generic plan made
+        # while the table was small (an import into an empty file) would go
+        # on scanning all of it, testing every row against every index. A
+        # plan for the values at hand uses the unique index.
+        await session.execute(sa.text("SET LOCAL plan_cache_mode = force_custom_plan"))
+    result = await session.execute(
+        sa.select(members.c.mobile_index).where(members.c.mobile_index.in_(wanted))
     )
-    # Built here rather than read back: enrollment is the hot write path.
-    return MemberRecord(
-        member_id=member_id,
-        file=replace(
-            member,
-            enrolled_at=values["enrolled_at"],
-            consents=tuple(ConsentChoice(c.channel, c.granted, c.source) for c in consents),
-        ),
-        enrolled_by=principal,
-        enrolled_from_store=from_store,
-        created_at=now,
-        updated_at=now,
-        version=1,
-        consents=tuple(sorted(consents, key=lambda c: c.channel.value)),
-    )
+    return set(result.scalars())
 
 
 async def _write_tags(session: AsyncSession, member_id: str, tags: Iterable[str]) -> None:
@@ -778,20 +888,37 @@ async def record_change(
     new: Mapping[str, Any],
     stamp: Stamp,
 ) -> None:
+    await session.execute(
+        sa.insert(member_changes).values(
+            **_change_row(
+                cipher, member_id, operation=operation, fields=fields, old=old, new=new, stamp=stamp
+            )
+        )
+    )
+
+
+def _change_row(
+    cipher: FieldCipher | None,
+    member_id: str,
+    *,
+    operation: str,
+    fields: Sequence[str],
+    old: Mapping[str, Any],
+    new: Mapping[str, Any],
+    stamp: Stamp,
+) -> dict[str, Any]:
     sealed = None
     if cipher is not None and (old or new):
         sealed = _seal_json(cipher, "history", {"old": old, "new": new})
-    await session.execute(
-        sa.insert(member_changes).values(
-            member_id=member_id,
-            operation=operation,
-            fields=list(fields),
-            values_enc=sealed,
-            principal=stamp.principal,
-            store_id=stamp.store_id,
-            changed_at=stamp.at,
-        )
-    )
+    return {
+        "member_id": member_id,
+        "operation": operation,
+        "fields": list(fields),
+        "values_enc": sealed,
+        "principal": stamp.principal,
+        "store_id": stamp.store_id,
+        "changed_at": stamp.at,
+    }
 
 
 async def list_changes(
@@ -915,13 +1042,7 @@ async def list_members(
 ) -> list[MemberRecord]:
     """Newest enrollment first, keyset paged on (enrolled_at, member_id)."""
     m = members.c
-    query = _filtered(_SELECT, where)
-    if after is not None:
-        at, member_id = after
-        query = query.where(
-            sa.or_(m.enrolled_at < at, sa.and_(m.enrolled_at == at, m.member_id < member_id))
-        )
-    query = query.order_by(m.enrolled_at.desc(), m.member_id.desc()).limit(limit)
+    query = newest_first(_filtered(_SELECT, where), m.enrolled_at, m.member_id, after, limit)
     return await _records(session, keys, (await session.execute(query)).all())
 
 
@@ -1068,17 +1189,8 @@ async def list_follow_ups(
 ) -> list[FollowUpRecord]:
     f = member_follow_ups.c
     query = sa.select(member_follow_ups).where(f.member_id == member_id)
-    if after is not None:
-        query = query.where(
-            sa.or_(
-                f.occurred_at < after[0],
-                sa.and_(f.occurred_at == after[0], f.follow_up_id < after[1]),
-            )
-        )
     rows = (
-        await session.execute(
-            query.order_by(f.occurred_at.desc(), f.follow_up_id.desc()).limit(limit)
-        )
+        await session.execute(newest_first(query, f.occurred_at, f.follow_up_id, after, limit))
     ).all()
     cipher = await cipher_for(session, keys, member_id)
     return [
@@ -1132,17 +1244,8 @@ async def list_feedback(
 ) -> list[FeedbackRecord]:
     b = member_feedback.c
     query = sa.select(member_feedback).where(b.member_id == member_id)
-    if after is not None:
-        query = query.where(
-            sa.or_(
-                b.created_at < after[0],
-                sa.and_(b.created_at == after[0], b.feedback_id < after[1]),
-            )
-        )
     rows = (
-        await session.execute(
-            query.order_by(b.created_at.desc(), b.feedback_id.desc()).limit(limit)
-        )
+        await session.execute(newest_first(query, b.created_at, b.feedback_id, after, limit))
     ).all()
     cipher = await cipher_for(session, keys, member_id)
     return [

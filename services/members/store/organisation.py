@@ -3,14 +3,22 @@ staff directory. Functions run inside the caller's unit of work so that state
 and outbox rows commit together.
 
 ``get_store`` and ``region_of_store`` are what the rest of the members
-service uses to check a store and a region manager's scope.
+service uses to check a store and a region manager's scope, ``get_staff``
+to check a consultant.
+
+On PostgreSQL a check that a later write depends on locks the row it read
+(``lock``): "share" while enrolling into a store or naming a consultant,
+"update" while closing the store, so that a store cannot close under a
+staff member being assigned to it, nor a consultant leave under a member
+being handed to them. SQLite units of work are serialised anyway.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
@@ -157,6 +165,13 @@ class Credentials:
     login: LoginState
 
 
+Lock = Literal["share", "update"] | None
+
+
+def _locked(query: sa.Select[Any], lock: Lock) -> sa.Select[Any]:
+    return query if lock is None else query.with_for_update(read=lock == "share")
+
+
 class RegionExists(Exception):
     pass
 
@@ -256,10 +271,11 @@ async def insert_region(
     return record
 
 
-async def get_region(session: AsyncSession, region_id: str) -> RegionRecord | None:
-    row = (
-        await session.execute(sa.select(regions).where(regions.c.region_id == region_id))
-    ).first()
+async def get_region(
+    session: AsyncSession, region_id: str, *, lock: Lock = None
+) -> RegionRecord | None:
+    query = _locked(sa.select(regions).where(regions.c.region_id == region_id), lock)
+    row = (await session.execute(query)).first()
     return None if row is None else _region(row)
 
 
@@ -365,10 +381,25 @@ async def insert_store(session: AsyncSession, store: StoreFields, stamp: Stamp) 
     return record
 
 
-async def get_store(session: AsyncSession, store_id: str) -> StoreRecord | None:
+async def get_store(
+    session: AsyncSession, store_id: str, *, lock: Lock = None
+) -> StoreRecord | None:
     """The store with this code, open or closed; None when there is none."""
-    row = (await session.execute(sa.select(stores).where(stores.c.store_id == store_id))).first()
+    query = _locked(sa.select(stores).where(stores.c.store_id == store_id), lock)
+    row = (await session.execute(query)).first()
     return None if row is None else _store(row)
+
+
+async def stores_by_id(
+    session: AsyncSession, store_ids: Iterable[str], *, lock: Lock = None
+) -> dict[str, StoreRecord]:
+    """The stores with these codes, open or closed, in one query (an
+    import checks a batch's home stores at once); absent ones are left out."""
+    wanted = sorted(set(store_ids))
+    if not wanted:
+        return {}
+    query = _locked(sa.select(stores).where(stores.c.store_id.in_(wanted)), lock)
+    return {row.store_id: _store(row) for row in (await session.execute(query)).all()}
 
 
 async def region_of_store(session: AsyncSession, store_id: str) -> str | None:
@@ -416,6 +447,26 @@ async def close_store(session: AsyncSession, store_id: str, stamp: Stamp) -> Non
     await _versioned_update(
         session, stores, stores.c.store_id == store_id, {"closed": True, **_updated(stamp)}, None
     )
+
+
+async def reopen_store(session: AsyncSession, store_id: str, stamp: Stamp) -> None:
+    await _versioned_update(
+        session, stores, stores.c.store_id == store_id, {"closed": False, **_updated(stamp)}, None
+    )
+
+
+async def active_staff_count(session: AsyncSession, store_id: str) -> int:
+    """How many active staff members are assigned to the store."""
+    result = await session.execute(
+        sa.select(sa.func.count())
+        .select_from(staff)
+        .where(
+            staff.c.assignment_level == AssignmentLevel.STORE.value,
+            staff.c.assignment_id == store_id,
+            staff.c.state == StaffState.ACTIVE.value,
+        )
+    )
+    return int(result.scalar_one())
 
 
 # -- staff --------------------------------------------------------------------------
@@ -467,8 +518,11 @@ async def insert_staff(
     return record
 
 
-async def get_staff(session: AsyncSession, staff_id: str) -> StaffRecord | None:
-    row = (await session.execute(sa.select(staff).where(staff.c.staff_id == staff_id))).first()
+async def get_staff(
+    session: AsyncSession, staff_id: str, *, lock: Lock = None
+) -> StaffRecord | None:
+    query = _locked(sa.select(staff).where(staff.c.staff_id == staff_id), lock)
+    row = (await session.execute(query)).first()
     return None if row is None else _staff(row)
 
 

@@ -1,17 +1,28 @@
 """Import jobs and their per-row problems. A job's counters and its resume
 point (``records_done``) are written in the same transaction as the batch
 of members they count, so a restart resumes exactly after the last
-committed batch."""
+committed batch.
+
+The uploaded file itself is kept in ``import_chunks`` (written in the
+transaction that creates the job, deleted when it finishes), so any replica
+can run a job. A running job is worked by one runner at a time: the runner
+holds a lease (``runner_id`` and ``lease_expires_at``), renewed by every
+batch; once a lease lapses (its replica died) another runner may claim the
+job and resume it from ``records_done``."""
 
 from __future__ import annotations
 
 import datetime as dt
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import sqlalchemy as sa
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from chassis.crypto import NONCE_BYTES, DecryptionError, KeyRing, WrappedKey
 from chassis.db import BigIntKey, UTCDateTime
 from services.members.domain.transfers import RowProblem
 from services.members.store import metadata
@@ -50,8 +61,26 @@ import_jobs = sa.Table(
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("updated_at", UTCDateTime, nullable=False),
     sa.Column("finished_at", UTCDateTime, nullable=True),
+    # 0005: who runs the job, and until when their claim holds.
+    sa.Column("runner_id", sa.String(100), nullable=False, server_default=""),
+    sa.Column("lease_expires_at", UTCDateTime, nullable=True),
+    # The key the file's chunks are sealed with, wrapped by a master key
+    # (whose id is beside it), while the job runs.
+    sa.Column("file_key_id", sa.String(64), nullable=True),
+    sa.Column("file_key", sa.LargeBinary, nullable=True),
     sa.Index("ix_import_jobs_state", "state"),
 )
+
+# The uploaded file of a job, in pieces of at most CHUNK_BYTES, each sealed
+# with the job's file key (FileCipher), while the job runs.
+import_chunks = sa.Table(
+    "import_chunks",
+    metadata,
+    sa.Column("import_job_id", sa.String(16), primary_key=True),
+    sa.Column("seq", sa.Integer, primary_key=True),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
+CHUNK_BYTES = 1024 * 1024
 
 import_row_problems = sa.Table(
     "import_row_problems",
@@ -89,6 +118,9 @@ class ImportJobRecord:
     created_at: dt.datetime
     updated_at: dt.datetime
     finished_at: dt.datetime | None
+    runner_id: str = ""
+    lease_expires_at: dt.datetime | None = None
+    file_key: WrappedKey | None = None
 
 
 @dataclass(frozen=True)
@@ -135,6 +167,11 @@ def _job(row: sa.Row[tuple[object, ...]]) -> ImportJobRecord:
         created_at=m["created_at"],
         updated_at=m["updated_at"],
         finished_at=m["finished_at"],
+        runner_id=m["runner_id"],
+        lease_expires_at=m["lease_expires_at"],
+        file_key=WrappedKey(m["file_key_id"], m["file_key"])
+        if m["file_key_id"] and m["file_key"]
+        else None,
     )
 
 
@@ -153,6 +190,7 @@ async def insert_job(
     scope: str,
     roles: Sequence[str],
     now: dt.datetime,
+    file_key: WrappedKey | None = None,
 ) -> ImportJobRecord:
     await session.execute(
         sa.insert(import_jobs).values(
@@ -170,6 +208,8 @@ async def insert_job(
             roles=",".join(sorted(roles)),
             created_at=now,
             updated_at=now,
+            file_key_id=file_key.master_key_id if file_key else None,
+            file_key=file_key.ciphertext if file_key else None,
         )
     )
     job = await get_job(session, import_job_id)
@@ -186,22 +226,126 @@ async def get_job(session: AsyncSession, import_job_id: str) -> ImportJobRecord 
     return None if row is None else _job(row)
 
 
-async def running_job_ids(session: AsyncSession) -> list[str]:
+class FileCipher:
+    """Seals the pieces of one job's file with the job's own key: the file
+    holds personal data, and like every personal value it is stored only
+    encrypted. Each piece is bound to its job and place in the file."""
+
+    def __init__(self, key: bytes, import_job_id: str) -> None:
+        self._aead = AESGCM(key)
+        self.import_job_id = import_job_id
+
+    @classmethod
+    def new(cls, ring: KeyRing, import_job_id: str) -> tuple[FileCipher, WrappedKey]:
+        key, wrapped = ring.new_data_key(f"import/{import_job_id}")
+        return cls(key, import_job_id), wrapped
+
+    @classmethod
+    def of(cls, ring: KeyRing, import_job_id: str, wrapped: WrappedKey) -> FileCipher:
+        """DecryptionError when the key does not unwrap."""
+        return cls(ring.unwrap(wrapped, f"import/{import_job_id}"), import_job_id)
+
+    def seal(self, seq: int, data: bytes) -> bytes:
+        nonce = os.urandom(NONCE_BYTES)
+        return nonce + self._aead.encrypt(nonce, data, self._aad(seq))
+
+    def open(self, seq: int, sealed: bytes) -> bytes:
+        try:
+            return self._aead.decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], self._aad(seq))
+        except InvalidTag:
+            raise DecryptionError(f"piece {seq} of the file does not open") from None
+
+    def _aad(self, seq: int) -> bytes:
+        return f"import/{self.import_job_id}/{seq}".encode()
+
+
+async def add_chunk(session: AsyncSession, import_job_id: str, seq: int, data: bytes) -> None:
+    """One (sealed) piece of a job's file, in the transaction that creates
+    the job."""
+    await session.execute(
+        sa.insert(import_chunks).values(import_job_id=import_job_id, seq=seq, data=data)
+    )
+
+
+async def read_chunk(session: AsyncSession, import_job_id: str, seq: int) -> bytes | None:
+    c = import_chunks.c
+    result = await session.execute(
+        sa.select(c.data).where(c.import_job_id == import_job_id, c.seq == seq)
+    )
+    data: bytes | None = result.scalar_one_or_none()
+    return data
+
+
+def _claimable(runner_id: str, now: dt.datetime) -> sa.ColumnElement[bool]:
+    c = import_jobs.c
+    return sa.and_(
+        c.state == RUNNING,
+        sa.or_(
+            c.runner_id == runner_id,
+            c.runner_id == "",
+            c.lease_expires_at.is_(None),
+            c.lease_expires_at < now,
+        ),
+    )
+
+
+async def claimable_job_ids(
+    session: AsyncSession, runner_id: str, *, now: dt.datetime
+) -> list[str]:
+    """Running jobs that nobody else holds a live lease on, oldest first."""
     result = await session.execute(
         sa.select(import_jobs.c.import_job_id)
-        .where(import_jobs.c.state == RUNNING)
+        .where(_claimable(runner_id, now))
         .order_by(import_jobs.c.created_at)
     )
     return list(result.scalars())
 
 
-async def start_batch(
-    session: AsyncSession, import_job_id: str, *, records_done: int, now: dt.datetime
+async def claim_job(
+    session: AsyncSession,
+    import_job_id: str,
+    *,
+    runner_id: str,
+    now: dt.datetime,
+    lease_until: dt.datetime,
 ) -> bool:
-    """The batch's first statement: claims the job where the caller left
-    it (False when another runner moved it on or it is no longer running).
-    Being a write, it also opens the transaction on SQLite before any
-    savepoint, so that a savepoint cannot commit on its own."""
+    """Take (or extend) the lease on a running job: True when this runner
+    now holds it. Another runner's lease is taken only once it has lapsed;
+    on PostgreSQL the row lock makes a claim wait for a batch in flight and
+    then see the lease that batch renewed."""
+    result = await session.execute(
+        sa.update(import_jobs)
+        .where(import_jobs.c.import_job_id == import_job_id, _claimable(runner_id, now))
+        .values(runner_id=runner_id, lease_expires_at=lease_until)
+    )
+    return getattr(result, "rowcount", 0) == 1
+
+
+async def release_job(session: AsyncSession, import_job_id: str, *, runner_id: str) -> None:
+    """Give the lease up (a runner shutting down), so that another runner
+    need not wait for it to lapse."""
+    c = import_jobs.c
+    await session.execute(
+        sa.update(import_jobs)
+        .where(c.import_job_id == import_job_id, c.runner_id == runner_id)
+        .values(runner_id="", lease_expires_at=None)
+    )
+
+
+async def start_batch(
+    session: AsyncSession,
+    import_job_id: str,
+    *,
+    runner_id: str,
+    records_done: int,
+    now: dt.datetime,
+    lease_until: dt.datetime,
+) -> bool:
+    """The batch's first statement: checks that this runner still holds
+    the job's lease and the job is where the runner left it (False when
+    another runner took the job over, moved it on, or it is no longer
+    running), and renews the lease. Being a write, it also takes the job's
+    row lock (PostgreSQL) or the write lock (SQLite) for the batch."""
     c = import_jobs.c
     result = await session.execute(
         sa.update(import_jobs)
@@ -209,8 +353,9 @@ async def start_batch(
             c.import_job_id == import_job_id,
             c.records_done == records_done,
             c.state == RUNNING,
+            c.runner_id == runner_id,
         )
-        .values(updated_at=now)
+        .values(updated_at=now, lease_expires_at=lease_until)
     )
     return getattr(result, "rowcount", 0) == 1
 
@@ -258,15 +403,34 @@ async def finish_job(
     session: AsyncSession,
     import_job_id: str,
     *,
+    runner_id: str,
     state: str,
     now: dt.datetime,
     failure_reason: str = "",
-) -> None:
-    await session.execute(
+) -> bool:
+    """End a running job held by this runner and drop its file; False when
+    the job was not this runner's to end."""
+    c = import_jobs.c
+    result = await session.execute(
         sa.update(import_jobs)
-        .where(import_jobs.c.import_job_id == import_job_id)
-        .values(state=state, failure_reason=failure_reason[:500], updated_at=now, finished_at=now)
+        .where(c.import_job_id == import_job_id, c.state == RUNNING, c.runner_id == runner_id)
+        .values(
+            state=state,
+            failure_reason=failure_reason[:500],
+            updated_at=now,
+            finished_at=now,
+            runner_id="",
+            lease_expires_at=None,
+            file_key_id=None,
+            file_key=None,
+        )
     )
+    if getattr(result, "rowcount", 0) != 1:
+        return False
+    await session.execute(
+        sa.delete(import_chunks).where(import_chunks.c.import_job_id == import_job_id)
+    )
+    return True
 
 
 async def list_problems(

@@ -1,5 +1,7 @@
 """The organisation rules: codes, time zones, currencies, addresses, which
-roles fit which assignment, who may manage whom, passwords and lockout."""
+roles fit which assignment, who may manage whom, when a store may close,
+reopen or take members, who may look after members, passwords and
+lockout."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import datetime as dt
 import pytest
 
 from chassis.auth import Principal, Role, Scope, ScopeLevel
-from chassis.errors import InvalidArgument, PermissionDenied, Violations
+from chassis.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Violations
 from services.members.domain import organisation as org
 
 NOW = dt.datetime(2026, 11, 23, 9, 0, tzinfo=dt.UTC)
@@ -222,36 +224,6 @@ def test_operators_manage_no_one() -> None:
 
 # -- passwords ------------------------------------------------------------------------
 
-# Cheap parameters: the rules, not the cost, are under test.
-FAST = {"n": 2**4, "r": 8, "p": 1}
-
-
-def test_password_hash_is_salted_and_checks() -> None:
-    first = org.hash_password("correct horse battery", **FAST)
-    second = org.hash_password("correct horse battery", **FAST)
-    assert first != second
-    assert first.startswith("scrypt$16$8$1$")
-    assert "correct" not in first
-    assert org.password_matches("correct horse battery", first)
-    assert not org.password_matches("correct horse batterY", first)
-
-
-def test_default_cost_is_slow_scrypt() -> None:
-    stored = org.hash_password("correct horse battery")
-    assert stored.startswith(f"scrypt${org.SCRYPT_N}$")
-    assert org.SCRYPT_N >= 2**14
-    assert org.password_matches("correct horse battery", stored)
-
-
-@pytest.mark.parametrize("stored", ["", "md5$abc", "scrypt$x$8$1$a$b", "scrypt$16$8$1"])
-def test_malformed_hashes_never_match(stored: str) -> None:
-    assert not org.password_matches("anything at all", stored)
-
-
-def test_the_dummy_hash_matches_nothing() -> None:
-    assert not org.password_matches("", org.DUMMY_HASH)
-    assert not org.password_matches("password123", org.DUMMY_HASH)
-
 
 @pytest.mark.parametrize(
     ("password", "ok"),
@@ -292,3 +264,32 @@ def test_staff_ids_are_readable() -> None:
     assert staff_id.startswith("ST")
     assert len(staff_id) == 12
     assert not set(staff_id[2:]) & set("ILOU")
+
+
+def test_a_store_closes_only_without_active_staff() -> None:
+    org.check_store_may_close("S001", active_staff=0)
+    with pytest.raises(FailedPrecondition) as refused:
+        org.check_store_may_close("S001", active_staff=2)
+    assert refused.value.reason == "STORE_HAS_ACTIVE_STAFF"
+    assert refused.value.metadata == {"store_id": "S001", "active_staff": "2"}
+
+
+def test_a_store_reopens_only_in_an_open_region() -> None:
+    org.check_store_may_reopen("S001", "EAST", region_closed=False)
+    with pytest.raises(FailedPrecondition) as refused:
+        org.check_store_may_reopen("S001", "EAST", region_closed=True)
+    assert refused.value.reason == "REGION_CLOSED"
+    assert refused.value.metadata == {"store_id": "S001", "region_id": "EAST"}
+
+
+def test_a_closed_store_takes_no_members() -> None:
+    org.require_open_store("S001", closed=False)
+    with pytest.raises(FailedPrecondition) as refused:
+        org.require_open_store("S001", closed=True)
+    assert refused.value.reason == "STORE_CLOSED"
+
+
+def test_only_active_staff_look_after_members() -> None:
+    assert org.consultant_problem(org.StaffState.ACTIVE) is None
+    assert org.consultant_problem(org.StaffState.LEFT) == "this staff member has left"
+    assert org.consultant_problem(None) == "no such staff member"

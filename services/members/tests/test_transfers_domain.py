@@ -6,21 +6,28 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+import json
+from dataclasses import replace
 
 import pytest
 
+from chassis.crypto import FieldCipher, WrappedKey, keys_from_env
 from chassis.errors import InvalidArgument
+from cornucopia.members.v1.events_pb2 import MemberEnrolled
+from services.members import importing
 from services.members.domain.members import (
     Birthday,
     Enrollment,
     EnrollmentChannel,
     Gender,
+    plain,
     validate_enrollment,
 )
 from services.members.domain.transfers import (
     RowProblem,
     birthday_text,
     cell_text,
+    home_store_problem,
     is_blank,
     map_header,
     new_import_job_id,
@@ -29,6 +36,7 @@ from services.members.domain.transfers import (
     safe_cell,
     violations_to_problems,
 )
+from services.members.store.members import Keys, prepare_member
 
 TODAY = dt.date(2026, 11, 23)
 
@@ -197,3 +205,111 @@ def test_job_ids() -> None:
     assert first != second
     assert first.startswith("J")
     assert len(first) == 12
+
+
+def test_a_row_needs_an_open_home_store_of_the_tree() -> None:
+    assert home_store_problem(7, exists=True, closed=False) is None
+    assert home_store_problem(7, exists=False, closed=False) == RowProblem(
+        7, "home_store_id", "no such store"
+    )
+    assert home_store_problem(7, exists=True, closed=True) == RowProblem(
+        7, "home_store_id", "this store is closed and takes no members"
+    )
+
+
+def test_an_imported_member_is_sealed_as_create_member_seals_one() -> None:
+    """The rows an import prepares ahead of its bulk insert are those
+    insert_member writes: each member under a data key of its own, the
+    mobile and e-mail found by blind index, the first history entry the
+    whole enrollment."""
+    ring, index = keys_from_env("MEMBERS", {}, production=False)
+    keys = Keys(ring, index)
+    asked = convert(
+        ["姓名", "手机号", "邮箱", "性别", "生日"],
+        ["李娜", "138 0013 8000", "Li.Na@Example.com", "女", "1990-05-17"],
+    )
+    assert isinstance(asked, Enrollment)
+    member = validate_enrollment(
+        asked, today=TODAY, default_region="CN", default_channel=EnrollmentChannel.BATCH_IMPORT
+    )
+    now = dt.datetime(2026, 11, 23, 8, 30, tzinfo=dt.UTC)
+    prepared = prepare_member(keys, "M0000000001", member, principal="hq-1", from_store="", now=now)
+    other = prepare_member(keys, "M0000000002", member, principal="hq-1", from_store="", now=now)
+
+    row, key_row = prepared.member_row, prepared.key_row
+    assert key_row["member_id"] == "M0000000001"
+    data_key = ring.unwrap(
+        WrappedKey(key_row["master_key_id"], key_row["wrapped_key"]), "M0000000001"
+    )
+    cipher = FieldCipher(data_key, "M0000000001")
+    assert cipher.decrypt("given_name", row["given_name_enc"]) == "李娜"
+    assert cipher.decrypt("mobile", row["mobile_enc"]) == "+8613800138000"
+    assert row["mobile_index"] == keys.mobile_index("+8613800138000") == prepared.mobile_index
+    assert row["email_index"] == keys.email_index(member.email)
+    assert (row["birth_month"], row["birth_year"], row["gender"]) == (5, 1990, "female")
+    assert (row["enrolled_at"], row["created_at"], row["version"]) == (now, now, 1)
+    # Every member has a key of their own: the same values seal differently.
+    assert other.key_row["wrapped_key"] != key_row["wrapped_key"]
+    assert other.member_row["mobile_enc"] != row["mobile_enc"]
+    assert other.member_row["mobile_index"] == row["mobile_index"]
+
+    change = prepared.change_row
+    assert (change["operation"], change["fields"], change["principal"]) == (
+        "create",
+        ["member"],
+        "hq-1",
+    )
+    history = json.loads(cipher.decrypt("history", change["values_enc"]))
+    assert history == {"old": {}, "new": {"member": plain(replace(member, enrolled_at=now))}}
+    record = prepared.record()
+    assert record.member_id == "M0000000001"
+    assert record.file == replace(member, enrolled_at=now)
+    assert (record.enrolled_by, record.created_at, record.version) == ("hq-1", now, 1)
+    assert prepared.tag_rows == [] and prepared.consent_rows == []
+
+
+def test_a_batch_is_checked_and_sealed_as_single_enrollments_are() -> None:
+    """importing.check_rows and importing.prepare, the pure part of an
+    import batch: rows refused with their reasons, blank ones skipped, the
+    rest validated; each new member sealed with the event CreateMember
+    writes for them."""
+    ring, index = keys_from_env("MEMBERS", {}, production=False)
+    keys = Keys(ring, index)
+    how = importing.RowRules(
+        columns=map_header(["姓名", "手机号", "生日", "门店"]),
+        default_home_store_id="S001",
+        channel=EnrollmentChannel.BATCH_IMPORT,
+        default_region="CN",
+    )
+    rows = importing.check_rows(
+        keys,
+        how,
+        TODAY,
+        [
+            (2, ["李娜", "13800138000", "1990-05-17", ""]),
+            (3, ["", "", "", ""]),
+            (4, ["Bad", "12345", "someday", "S002"]),
+            (5, ["Wang", "13900139000", "", "S002"]),
+        ],
+    )
+    assert [(r.row, r.member is not None) for r in rows] == [(2, True), (4, False), (5, True)]
+    assert rows[1].problems == (RowProblem(4, "birthday", "a date such as 1990-05-17"),)
+    first = rows[0].member
+    assert first is not None and first.home_store_id == "S001"
+    assert rows[0].mobile_index == keys.mobile_index("+8613800138000")
+
+    now = dt.datetime(2026, 11, 23, 8, 30, tzinfo=dt.UTC)
+    author = importing.Author("hq-1", "", {EnrollmentChannel.BATCH_IMPORT: 7})
+    members = [r.member for r in rows if r.member is not None]
+    prepared = importing.prepare(keys, author, now, members)
+    assert [p.member.member.mobile for p in prepared] == ["+8613800138000", "+8613900139000"]
+    assert len({p.member.member_id for p in prepared}) == 2
+    for p in prepared:
+        assert p.event["subject"] == "members.v1.member.enrolled"
+        event = MemberEnrolled.FromString(p.event["payload"])
+        assert (event.member_id, event.home_store_id, event.enrollment_channel) == (
+            p.member.member_id,
+            p.member.member.home_store_id,
+            7,
+        )
+        assert event.enroll_time.ToDatetime(dt.UTC) == now

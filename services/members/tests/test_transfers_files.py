@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 from openpyxl import Workbook
 
+from chassis.crypto import DecryptionError, keys_from_env
 from chassis.errors import InvalidArgument
 from services.members.domain.members import Birthday, Enrollment, EnrollmentChannel
 from services.members.domain.transfers import is_blank, row_to_enrollment
 from services.members.server.transfers import BadFile, check_file, open_records
+from services.members.store.transfers import FileCipher
 
 
 def enrollments(path: Path, file_format: str) -> list[tuple[int, Enrollment]]:
@@ -70,3 +72,17 @@ def test_files_that_are_not_what_they_claim(tmp_path: Path) -> None:
     headless.write_bytes(b"")
     with pytest.raises(InvalidArgument):
         check_file(headless, "csv")
+
+
+def test_the_pieces_of_a_file_are_sealed_to_their_job_and_place() -> None:
+    ring, _index = keys_from_env("MEMBERS", {}, production=False)
+    cipher, wrapped = FileCipher.new(ring, "J0000000001")
+    sealed = [cipher.seal(seq, piece) for seq, piece in enumerate([b"name,mobile\n", b"Li,138\n"])]
+    assert all(b"mobile" not in s and b"138" not in s for s in sealed)
+    # Another replica opens them with the wrapped key kept beside the job.
+    again = FileCipher.of(ring, "J0000000001", wrapped)
+    assert [again.open(seq, s) for seq, s in enumerate(sealed)] == [b"name,mobile\n", b"Li,138\n"]
+    with pytest.raises(DecryptionError):
+        again.open(1, sealed[0])  # a piece moved to another place
+    with pytest.raises(DecryptionError):
+        FileCipher.of(ring, "J0000000002", wrapped)  # another job's key

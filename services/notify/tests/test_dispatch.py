@@ -8,58 +8,35 @@ from __future__ import annotations
 import asyncio
 import collections
 import datetime as dt
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from chassis.db import Database, outbox_table, utcnow
-from chassis.migrations import upgrade_to_head
 from services.notify import dispatch, store
 from services.notify.domain import Channel, MessageStatus
 from services.notify.store import MessageRecord, messages
-from tests.integration.infra import Postgres, start_postgres
+from tests.integration.infra import DatabaseFactory, migrated
 
 pytestmark = pytest.mark.integration
 
 MIGRATIONS = Path(__file__).resolve().parents[1] / "migrations"
 
 
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[Postgres]:
-    server = start_postgres()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+@pytest.fixture
+async def notify_url(database_url: DatabaseFactory) -> str:
     """A fresh notify database at head; each replica opens its own engine."""
-    pg: Postgres | None = None
-    name = ""
-    if request.param == "postgresql":
-        pg = request.getfixturevalue("postgres")
-        name = await pg.create_database("cornucopia_test_notify")
-        url = pg.url_for(name).replace("postgresql://", "postgresql+asyncpg://", 1)
-    else:
-        url = f"sqlite+aiosqlite:///{tmp_path / 'notify.db'}"
-    db = Database(url)
-    try:
-        await upgrade_to_head(db, MIGRATIONS, "notify")
-    finally:
-        await db.dispose()
-    yield url
-    if pg is not None:
-        await pg.drop_database(name)
+    return await migrated(database_url, MIGRATIONS, "notify")
 
 
 @pytest.fixture
-async def replicas(database_url: str) -> AsyncIterator[Callable[[], Database]]:
+async def replicas(notify_url: str) -> AsyncIterator[Callable[[], Database]]:
     opened: list[Database] = []
 
     def open_one() -> Database:
-        db = Database(database_url)
+        db = Database(notify_url)
         opened.append(db)
         return db
 

@@ -1,0 +1,43 @@
+"""Fixtures every test folder shares: real databases, SQLite and PostgreSQL
+alike (PostgreSQL from testcontainers where Docker answers, else the local
+server; see tests/integration/infra.py)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.infra import DatabaseFactory, Postgres, start_postgres
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    server = start_postgres()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def database_url(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[DatabaseFactory]:
+    """A factory of fresh, empty databases of one kind: ``await make("members")``."""
+    created: list[str] = []
+    pg: Postgres | None = None
+    if request.param == "postgresql":
+        pg = request.getfixturevalue("postgres")
+
+    async def make(service: str) -> str:
+        if pg is None:
+            return f"sqlite+aiosqlite:///{tmp_path / (service + '.db')}"
+        name = await pg.create_database(f"cornucopia_test_{service}")
+        created.append(name)
+        return pg.url_for(name).replace("postgresql://", "postgresql+asyncpg://", 1)
+
+    make.kind = request.param  # type: ignore[attr-defined]
+    yield make
+    if pg is not None:
+        for name in created:
+            await pg.drop_database(name)
