@@ -1,0 +1,91 @@
+"""What the cards service publishes: one event per change of a card's
+state, through the outbox in the same transaction as the change. No event
+carries a personal value or a card number."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf.message import Message
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from chassis.outbox import enqueue
+from cornucopia.cards.v1 import events_pb2
+from services.cards.convert import FORMS_PROTO, ROLES_PROTO, audit_stamp, timestamp
+from services.cards.domain.cards import Action
+from services.cards.domain.programs import Form
+from services.cards.store.cards import CardRecord, Stamp
+
+SOURCE = "cornucopia/cards"
+CARD_ISSUED = "cards.v1.card.issued"
+CARD_REPORTED_LOST = "cards.v1.card.reported_lost"
+CARD_LOSS_CANCELLED = "cards.v1.card.loss_cancelled"
+CARD_FROZEN = "cards.v1.card.frozen"
+CARD_UNFROZEN = "cards.v1.card.unfrozen"
+CARD_REPLACED = "cards.v1.card.replaced"
+CARD_CANCELLED = "cards.v1.card.cancelled"
+CARD_EXPIRED = "cards.v1.card.expired"
+
+
+async def publish(session: AsyncSession, subject: str, message: Message) -> str:
+    return await enqueue(session, source=SOURCE, subject=subject, message=message)
+
+
+async def card_issued(session: AsyncSession, card: CardRecord, form: Form, stamp: Stamp) -> str:
+    message = events_pb2.CardIssued(
+        card_id=card.card_id,
+        program_id=card.program_id,
+        member_id=card.member_id,
+        account_id=card.account_id,
+        role=ROLES_PROTO[card.role],
+        form=FORMS_PROTO[form],
+        principal_card_id=card.principal_card_id,
+        replaces_card_id=card.replaces_card_id,
+        stamp=audit_stamp(stamp),
+    )
+    if card.expires_at is not None:
+        message.expire_time.CopyFrom(timestamp(card.expires_at))
+    return await publish(session, CARD_ISSUED, message)
+
+
+async def card_moved(
+    session: AsyncSession,
+    card: CardRecord,
+    action: Action,
+    stamp: Stamp,
+    *,
+    new_card_id: str = "",
+    member_erased: bool = False,
+) -> str:
+    """The event of one lifecycle move of ``card`` (as it was before)."""
+    message: Any
+    if action == Action.REPORT_LOST:
+        subject, message = CARD_REPORTED_LOST, events_pb2.CardReportedLost()
+    elif action == Action.CANCEL_LOSS:
+        subject, message = CARD_LOSS_CANCELLED, events_pb2.CardLossCancelled()
+    elif action == Action.FREEZE:
+        subject, message = CARD_FROZEN, events_pb2.CardFrozen()
+    elif action == Action.UNFREEZE:
+        subject, message = CARD_UNFROZEN, events_pb2.CardUnfrozen()
+    elif action == Action.REPLACE:
+        subject, message = CARD_REPLACED, events_pb2.CardReplaced(new_card_id=new_card_id)
+    elif action == Action.CANCEL:
+        cause = (
+            events_pb2.CANCEL_CAUSE_MEMBER_ERASED
+            if member_erased
+            else events_pb2.CANCEL_CAUSE_STAFF
+        )
+        subject, message = CARD_CANCELLED, events_pb2.CardCancelled(cause=cause)
+    elif action == Action.EXPIRE:
+        subject, message = CARD_EXPIRED, events_pb2.CardExpired()
+        if card.expires_at is not None:
+            message.expire_time.CopyFrom(timestamp(card.expires_at))
+    else:
+        raise ValueError(f"{action} is not a lifecycle move")
+    # Every card event names the card, its program, holder and account.
+    message.card_id = card.card_id
+    message.program_id = card.program_id
+    message.member_id = card.member_id
+    message.account_id = card.account_id
+    message.stamp.CopyFrom(audit_stamp(stamp))
+    return await publish(session, subject, message)

@@ -1,0 +1,116 @@
+"""Calls to the members service: who owns a mobile (the e-card) and what
+state a member is in, for a member the cards service has not heard of yet.
+Cards calls with a short-lived service token of its own; the caller's token
+would not do, since members masks and scopes what staff may see."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import grpc
+
+from chassis.auth import service_token
+from chassis.config import Settings
+from chassis.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
+from chassis.grpcclient import bearer, open_channel, rich_error
+from chassis.logs import get_logger
+from cornucopia.members.v1 import members_pb2, members_pb2_grpc
+from services.cards.store.projections import MemberStatus
+
+if TYPE_CHECKING:
+    from cornucopia.members.v1.members_pb2_grpc import MembersServiceAsyncStub
+
+log = get_logger(__name__)
+
+MEMBERS_SERVICE = members_pb2.DESCRIPTOR.services_by_name["MembersService"]
+CALL_TIMEOUT_SECONDS = 3.0
+SUBJECT = "cards"
+
+STATUSES = {
+    members_pb2.MEMBER_STATE_ACTIVE: MemberStatus.ACTIVE,
+    members_pb2.MEMBER_STATE_ARCHIVED: MemberStatus.ARCHIVED,
+    members_pb2.MEMBER_STATE_MERGED: MemberStatus.MERGED,
+    members_pb2.MEMBER_STATE_ERASED: MemberStatus.ERASED,
+}
+
+
+@dataclass(frozen=True)
+class MemberFacts:
+    member_id: str
+    status: MemberStatus
+    merged_into: str
+    as_of: dt.datetime
+
+
+class MembersClient:
+    """One channel to members, opened on first use inside the running loop
+    and closed when the service stops."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._channel: grpc.aio.Channel | None = None
+
+    def _stub(self) -> MembersServiceAsyncStub:
+        if self._channel is None:
+            self._channel = open_channel(self.settings.peer("members"), services=[MEMBERS_SERVICE])
+        return members_pb2_grpc.MembersServiceStub(self._channel)
+
+    def _token(self) -> tuple[tuple[str, str]]:
+        return bearer(service_token(self.settings.token_secret, SUBJECT))
+
+    async def member_id_by_mobile(self, mobile: str) -> str:
+        """The member whose mobile (their e-card) this is; a merged
+        duplicate's mobile gives the survivor."""
+        try:
+            member = await self._stub().LookupMember(
+                members_pb2.LookupMemberRequest(mobile=mobile),
+                metadata=self._token(),
+                timeout=CALL_TIMEOUT_SECONDS,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise self._translate(exc, field="mobile") from None
+        return str(member.member_id)
+
+    async def member_facts(self, member_id: str) -> MemberFacts | None:
+        try:
+            member = await self._stub().GetMember(
+                members_pb2.GetMemberRequest(member_id=member_id),
+                metadata=self._token(),
+                timeout=CALL_TIMEOUT_SECONDS,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise self._translate(exc, field="member_id") from None
+        status = STATUSES.get(member.state, MemberStatus.ACTIVE)
+        as_of = member.update_time.ToDatetime(dt.UTC) if member.HasField("update_time") else None
+        return MemberFacts(
+            member.member_id,
+            status,
+            member.merged_into,
+            as_of or dt.datetime.now(dt.UTC),
+        )
+
+    @staticmethod
+    def _translate(exc: grpc.aio.AioRpcError, *, field: str) -> Exception:
+        problem = rich_error(exc)
+        if problem.code == grpc.StatusCode.NOT_FOUND:
+            return NotFound("no member with this identifier", reason="MEMBER_NOT_FOUND")
+        if problem.code == grpc.StatusCode.INVALID_ARGUMENT:
+            description = problem.violations[0].description if problem.violations else "invalid"
+            return InvalidArgument([FieldViolation(field, description)])
+        # Anything else is members failing us, not the caller's mistake.
+        log.warning("members call failed", code=problem.code.name, reason=problem.reason)
+        return Unavailable(
+            "the members service did not answer; try again",
+            reason="MEMBERS_UNAVAILABLE",
+            retry_after_seconds=1.0,
+        )
+
+    async def close(self) -> None:
+        """Close the channel; the service's context calls this at shutdown."""
+        if self._channel is not None:
+            await self._channel.close(None)
+            self._channel = None

@@ -1,0 +1,8 @@
+"""The cards service's tables and queries, one module per area. Every table
+registers on ``metadata``; the migrations' env imports the modules."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()

@@ -1,0 +1,138 @@
+"""What the cards service keeps of the members service's facts: whether a
+member exists and is active (or merged into whom), and which region a store
+belongs to. Filled from members' events (and, for a member not seen yet,
+from a call to members); never read from members' tables."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from chassis.db import UTCDateTime
+from services.cards.store import metadata
+
+known_members = sa.Table(
+    "known_members",
+    metadata,
+    sa.Column("member_id", sa.String(16), primary_key=True),
+    sa.Column("state", sa.String(10), nullable=False),
+    sa.Column("merged_into", sa.String(16), nullable=False, server_default=""),
+    # When the fact held: an older fact arriving late changes nothing.
+    sa.Column("as_of", UTCDateTime, nullable=False),
+)
+
+known_stores = sa.Table(
+    "known_stores",
+    metadata,
+    sa.Column("store_id", sa.String(32), primary_key=True),
+    sa.Column("region_id", sa.String(32), nullable=False),
+)
+
+
+class MemberStatus(enum.StrEnum):
+    ACTIVE = "active"
+    ARCHIVED = "archived"
+    MERGED = "merged"
+    ERASED = "erased"
+
+
+# A merge or an erasure is never undone.
+FINAL = frozenset({MemberStatus.MERGED, MemberStatus.ERASED})
+
+
+@dataclass(frozen=True)
+class KnownMember:
+    member_id: str
+    status: MemberStatus
+    merged_into: str
+    as_of: dt.datetime
+
+
+async def get_member(session: AsyncSession, member_id: str) -> KnownMember | None:
+    row = (
+        await session.execute(
+            sa.select(known_members).where(known_members.c.member_id == member_id)
+        )
+    ).first()
+    if row is None:
+        return None
+    return KnownMember(row.member_id, MemberStatus(row.state), row.merged_into, row.as_of)
+
+
+async def note_member(
+    session: AsyncSession,
+    member_id: str,
+    status: MemberStatus,
+    as_of: dt.datetime,
+    *,
+    merged_into: str = "",
+) -> bool:
+    """Records what is known of a member unless something newer (or final)
+    is known already. Returns whether it changed anything."""
+    current = await get_member(session, member_id)
+    if current is None:
+        # The consumer and an issue's look-up may learn of a new member at
+        # the same moment; the second insert then yields to the first.
+        insert = (
+            postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+        )
+        result = await session.execute(
+            insert(known_members)
+            .values(member_id=member_id, state=status.value, merged_into=merged_into, as_of=as_of)
+            .on_conflict_do_nothing(index_elements=["member_id"])
+        )
+        if getattr(result, "rowcount", 0) == 1:
+            return True
+        current = await get_member(session, member_id)
+        if current is None:
+            return False
+    if current.status in FINAL or (current.as_of > as_of and status not in FINAL):
+        return False
+    await session.execute(
+        sa.update(known_members)
+        .where(known_members.c.member_id == member_id)
+        .values(state=status.value, merged_into=merged_into, as_of=as_of)
+    )
+    return True
+
+
+async def survivor_of(session: AsyncSession, member_id: str) -> str:
+    """The member a possibly merged member id now stands for."""
+    for _ in range(5):
+        known = await get_member(session, member_id)
+        if known is None or known.status != MemberStatus.MERGED or not known.merged_into:
+            break
+        member_id = known.merged_into
+    return member_id
+
+
+async def note_store(session: AsyncSession, store_id: str, region_id: str) -> None:
+    found = (
+        await session.execute(
+            sa.select(known_stores.c.region_id).where(known_stores.c.store_id == store_id)
+        )
+    ).first()
+    if found is None:
+        await session.execute(
+            sa.insert(known_stores).values(store_id=store_id, region_id=region_id)
+        )
+    elif found.region_id != region_id:
+        await session.execute(
+            sa.update(known_stores)
+            .where(known_stores.c.store_id == store_id)
+            .values(region_id=region_id)
+        )
+
+
+async def region_of_store(session: AsyncSession, store_id: str) -> str | None:
+    row = (
+        await session.execute(
+            sa.select(known_stores.c.region_id).where(known_stores.c.store_id == store_id)
+        )
+    ).first()
+    return None if row is None else str(row.region_id)
