@@ -7,7 +7,7 @@ to point them elsewhere.
 
 import os
 
-from bench import enrollment, members_import, members_lookup
+from bench import enrollment, members_import, members_lookup, outbox_relay
 
 POSTGRES = os.environ.get("BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -16,3 +16,5 @@ if __name__ == "__main__":
     members_import.main([])
     members_import.main(["--postgres", POSTGRES])
     members_lookup.main(["--postgres", POSTGRES])
+    outbox_relay.main([])
+    outbox_relay.main(["--postgres", POSTGRES])
