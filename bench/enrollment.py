@@ -168,6 +168,15 @@ async def run(seconds: float, concurrency: int, postgres: str | None) -> None:
         members.wait(15)
         baseline.wait(15)
         nats.stop()
+        if postgres:
+            import asyncpg  # noqa: PLC0415
+
+            admin = await asyncpg.connect(postgres)
+            try:
+                for name in (dbname, f"{dbname}_base"):
+                    await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            finally:
+                await admin.close()
 
 
 def main(argv: list[str] | None = None) -> None:
