@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import inspect
 import time
+from abc import abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -182,8 +183,9 @@ class _WrappingInterceptor(ServerInterceptor):
     and left once its response, or its last streamed message, has been
     produced, or the exception it raised has gone through it."""
 
+    @abstractmethod
     def scope(self, context: Context, method: str) -> AbstractAsyncContextManager[None]:
-        raise NotImplementedError  # each interceptor defines its behaviour
+        """What the interceptor does around one call."""
 
     async def around(
         self,
