@@ -4,6 +4,7 @@ scrypt hashes that carry their own parameters."""
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import hashlib
 import hmac
 import secrets
@@ -68,3 +69,26 @@ def secret_matches(secret: str, stored: str) -> bool:
         return hmac.compare_digest(actual, _unb64(expected))
     except ValueError:
         return False
+
+
+def is_locked(locked_until: dt.datetime | None, now: dt.datetime) -> bool:
+    return locked_until is not None and now < locked_until
+
+
+def after_wrong_try(
+    wrong_tries: int,
+    locked_until: dt.datetime | None,
+    now: dt.datetime,
+    *,
+    max_tries: int,
+    lock: dt.timedelta,
+) -> tuple[int, dt.datetime | None]:
+    """The count and lock after one more wrong secret: the ``max_tries``-th
+    in a row locks for ``lock``; a lock that has run out starts the count
+    afresh."""
+    if locked_until is not None and now >= locked_until:
+        wrong_tries, locked_until = 0, None
+    wrong_tries += 1
+    if wrong_tries >= max_tries:
+        return 0, now + lock
+    return wrong_tries, locked_until

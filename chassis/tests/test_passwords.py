@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 
 from chassis import passwords
@@ -42,3 +44,14 @@ def test_the_stand_in_is_deterministic_per_salt() -> None:
     assert one == passwords.slow_hash("482915", b"salt-one", **FAST)
     assert one != passwords.slow_hash("482915", b"salt-two", **FAST)
     assert one != passwords.slow_hash("482916", b"salt-one", **FAST)
+
+
+def test_the_last_allowed_wrong_try_locks_and_a_spent_lock_starts_afresh() -> None:
+    now = dt.datetime(2026, 11, 30, 9, 0, tzinfo=dt.UTC)
+    lock = dt.timedelta(minutes=10)
+    assert passwords.after_wrong_try(0, None, now, max_tries=3, lock=lock) == (1, None)
+    assert passwords.after_wrong_try(2, None, now, max_tries=3, lock=lock) == (0, now + lock)
+    assert passwords.is_locked(now + lock, now)
+    assert not passwords.is_locked(now + lock, now + lock)
+    later = now + lock
+    assert passwords.after_wrong_try(0, now + lock, later, max_tries=3, lock=lock) == (1, None)

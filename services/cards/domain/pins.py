@@ -9,6 +9,7 @@ import hashlib
 import itertools
 from dataclasses import dataclass
 
+from chassis import passwords
 from chassis.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from chassis.passwords import hash_secret, secret_matches, slow_hash
 
@@ -48,17 +49,17 @@ class PinState:
 
 
 def is_locked(state: PinState, now: dt.datetime) -> bool:
-    return state.locked_until is not None and now < state.locked_until
+    return passwords.is_locked(state.locked_until, now)
 
 
 def after_wrong_try(state: PinState, now: dt.datetime) -> PinState:
     """One more wrong PIN; the third in a row locks it, and the count starts
     again once the lock has run out."""
-    tries = 0 if state.locked_until is not None and now >= state.locked_until else state.wrong_tries
-    tries += 1
-    if tries >= MAX_WRONG_TRIES:
-        return PinState(0, now + LOCK)
-    return PinState(tries, None)
+    return PinState(
+        *passwords.after_wrong_try(
+            state.wrong_tries, state.locked_until, now, max_tries=MAX_WRONG_TRIES, lock=LOCK
+        )
+    )
 
 
 def refuse_locked(state: PinState, now: dt.datetime, card_id: str) -> None:

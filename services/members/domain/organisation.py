@@ -16,6 +16,7 @@ import zoneinfo
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from chassis import passwords
 from chassis.auth import STAFF_ROLES, Principal, Role, Scope, ScopeLevel
 from chassis.errors import FailedPrecondition, PermissionDenied, Violations
 from chassis.passwords import MAX_SECRET_LENGTH
@@ -418,19 +419,21 @@ class LoginState:
 
 
 def is_locked(state: LoginState, now: dt.datetime) -> bool:
-    return state.locked_until is not None and now < state.locked_until
+    return passwords.is_locked(state.locked_until, now)
 
 
 def after_failure(state: LoginState, now: dt.datetime) -> LoginState:
     """One more wrong password. The fifth in a row locks the account for a
     few minutes; the count then starts again."""
-    failed = state.failed_attempts
-    if state.locked_until is not None and now >= state.locked_until:
-        failed = 0  # a lock that has run out: a fresh start
-    failed += 1
-    if failed >= MAX_FAILED_ATTEMPTS:
-        return LoginState(0, now + LOCKOUT)
-    return LoginState(failed, state.locked_until if is_locked(state, now) else None)
+    return LoginState(
+        *passwords.after_wrong_try(
+            state.failed_attempts,
+            state.locked_until,
+            now,
+            max_tries=MAX_FAILED_ATTEMPTS,
+            lock=LOCKOUT,
+        )
+    )
 
 
 AFTER_SUCCESS = LoginState()
