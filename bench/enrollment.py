@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from bench.harness import Result, drive, spawn
+from bench.harness import Result, ThrowawayDatabases, drive, spawn
 from bench.organisation import open_stores
 from chassis.auth import Role, Scope, ScopeLevel, mint_token
 from chassis.config import DEVELOPMENT_TOKEN_SECRET, normalise_database_url
@@ -86,17 +86,10 @@ async def run(seconds: float, concurrency: int, postgres: str | None) -> None:
     nats = NatsServer(work / "nats")
     nats.start()
     members_port, baseline_port = free_port(), free_port()
-    if postgres:
-        import asyncpg  # noqa: PLC0415
-
-        dbname = f"cornucopia_bench_{uuid.uuid4().hex[:8]}"
-        admin = await asyncpg.connect(postgres)
-        await admin.execute(f'CREATE DATABASE "{dbname}"')
-        await admin.execute(f'CREATE DATABASE "{dbname}_base"')
-        await admin.close()
-        base = postgres.rsplit("/", 1)[0]
-        members_url = f"{base}/{dbname}"
-        baseline_url = normalise_database_url(f"{base}/{dbname}_base")
+    databases = ThrowawayDatabases(postgres) if postgres else None
+    if databases is not None:
+        members_url = await databases.create()
+        baseline_url = normalise_database_url(await databases.create())
     else:
         members_url = f"sqlite+aiosqlite:///{work / 'members.db'}"
         baseline_url = f"sqlite+aiosqlite:///{work / 'baseline.db'}"
@@ -168,15 +161,8 @@ async def run(seconds: float, concurrency: int, postgres: str | None) -> None:
         members.wait(15)
         baseline.wait(15)
         nats.stop()
-        if postgres:
-            import asyncpg  # noqa: PLC0415
-
-            admin = await asyncpg.connect(postgres)
-            try:
-                for name in (dbname, f"{dbname}_base"):
-                    await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            finally:
-                await admin.close()
+        if databases is not None:
+            await databases.drop_all()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,6 +9,7 @@ import statistics
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,3 +78,38 @@ def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
     return subprocess.Popen(
         [sys.executable, *args], env={**os.environ, **env}, stdout=handle, stderr=subprocess.STDOUT
     )
+
+
+class ThrowawayDatabases:
+    """PostgreSQL databases a benchmark creates on the server of an admin
+    URL and drops when it ends, whatever happened."""
+
+    def __init__(self, admin_url: str) -> None:
+        self.admin_url = admin_url
+        self.created: list[str] = []
+
+    async def create(self) -> str:
+        """A new, empty database; returns its plain ``postgresql://`` URL."""
+        import asyncpg  # noqa: PLC0415 - only the PostgreSQL runs need it
+
+        name = f"cornucopia_bench_{uuid.uuid4().hex[:8]}"
+        admin = await asyncpg.connect(self.admin_url)
+        try:
+            await admin.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await admin.close()
+        self.created.append(name)
+        return f"{self.admin_url.rsplit('/', 1)[0]}/{name}"
+
+    async def drop_all(self) -> None:
+        if not self.created:
+            return
+        import asyncpg  # noqa: PLC0415
+
+        admin = await asyncpg.connect(self.admin_url)
+        try:
+            for name in self.created:
+                await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+        self.created.clear()

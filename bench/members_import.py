@@ -31,7 +31,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from bench.enrollment import wait_serving
-from bench.harness import spawn
+from bench.harness import ThrowawayDatabases, spawn
 from bench.organisation import open_stores, store_id
 from chassis.auth import Role, Scope, ScopeLevel, mint_token
 from chassis.config import DEVELOPMENT_TOKEN_SECRET, normalise_database_url
@@ -128,16 +128,9 @@ async def run(rows: int, postgres: str | None) -> None:
     nats = NatsServer(work / "nats")
     nats.start()
     port = free_port()
-    dbnames: list[str] = []
-    if postgres:
-        import asyncpg  # noqa: PLC0415
-
-        dbname = f"cornucopia_bench_{uuid.uuid4().hex[:8]}"
-        admin = await asyncpg.connect(postgres)
-        await admin.execute(f'CREATE DATABASE "{dbname}"')
-        await admin.close()
-        dbnames.append(dbname)
-        members_url = f"{postgres.rsplit('/', 1)[0]}/{dbname}"
+    databases = ThrowawayDatabases(postgres) if postgres else None
+    if databases is not None:
+        members_url = await databases.create()
         baseline_url = normalise_database_url(members_url)
     else:
         members_url = f"sqlite+aiosqlite:///{work / 'members.db'}"
@@ -174,13 +167,8 @@ async def run(rows: int, postgres: str | None) -> None:
         members.terminate()
         members.wait(15)
         nats.stop()
-        if postgres and dbnames:
-            import asyncpg  # noqa: PLC0415
-
-            admin = await asyncpg.connect(postgres)
-            for name in dbnames:
-                await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            await admin.close()
+        if databases is not None:
+            await databases.drop_all()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,7 +33,6 @@ import os
 import random
 import tempfile
 import time
-import uuid
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ import grpc
 import sqlalchemy as sa
 
 from bench.enrollment import wait_serving
-from bench.harness import Result, drive, spawn
+from bench.harness import Result, ThrowawayDatabases, drive, spawn
 from bench.organisation import insert_stores, store_id
 from chassis.auth import Role, Scope, ScopeLevel, mint_token
 from chassis.config import DEVELOPMENT_TOKEN_SECRET, normalise_database_url
@@ -148,11 +147,8 @@ async def seed(dsn: str, count: int) -> float:
 
 
 async def run(count: int, seconds: float, concurrency: int, postgres: str, with_grpc: bool) -> None:
-    dbname = f"cornucopia_bench_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(postgres)
-    await admin.execute(f'CREATE DATABASE "{dbname}"')
-    await admin.close()
-    dsn = f"{postgres.rsplit('/', 1)[0]}/{dbname}"
+    databases = ThrowawayDatabases(postgres)
+    dsn = await databases.create()
     url = normalise_database_url(dsn)
     work = Path(tempfile.mkdtemp(prefix="cornucopia-bench-lookup-"))
     db = Database(url)
@@ -250,9 +246,7 @@ async def run(count: int, seconds: float, concurrency: int, postgres: str, with_
         if nats is not None:
             nats.stop()
         await db.dispose()
-        admin = await asyncpg.connect(postgres)
-        await admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
-        await admin.close()
+        await databases.drop_all()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,6 +28,7 @@ import sqlalchemy as sa
 from nats.js.api import StreamConfig
 from nats.js.errors import NotFoundError
 
+from bench.harness import ThrowawayDatabases
 from chassis.bus import STREAMS, Bus, cloudevent_headers
 from chassis.config import normalise_database_url
 from chassis.db import Database, outbox_table, utcnow
@@ -112,18 +113,11 @@ async def run(events: int, postgres: str | None) -> None:
         nats = NatsServer(Path(tmp) / "nats")
         nats.start()
         bus = Bus(nats.url, client_name="bench-relay")
-        drop: str | None = None
+        databases = ThrowawayDatabases(postgres) if postgres else None
         try:
             await bus.connect()
-            if postgres:
-                import asyncpg  # noqa: PLC0415
-
-                drop = f"cornucopia_bench_relay_{uuid.uuid4().hex[:8]}"
-                admin = await asyncpg.connect(postgres)
-                await admin.execute(f'CREATE DATABASE "{drop}"')
-                await admin.close()
-                base = postgres.rsplit("/", 1)[0]
-                url = normalise_database_url(f"{base}/{drop}")
+            if databases is not None:
+                url = normalise_database_url(await databases.create())
                 kind = "PostgreSQL"
             else:
                 url = f"sqlite+aiosqlite:///{Path(tmp) / 'relay.db'}"
@@ -134,12 +128,8 @@ async def run(events: int, postgres: str | None) -> None:
         finally:
             await bus.close()
             nats.stop()
-            if drop and postgres:
-                import asyncpg  # noqa: PLC0415
-
-                admin = await asyncpg.connect(postgres)
-                await admin.execute(f'DROP DATABASE IF EXISTS "{drop}" WITH (FORCE)')
-                await admin.close()
+            if databases is not None:
+                await databases.drop_all()
     print(f"outbox relay on {kind}, {events} events, batches of {BATCH}")
     print(f"  relay (read, publish with acks, mark sent): {relay:10,.0f} events/s")
     print(f"  bare publishes, one awaited at a time:      {one_by_one:10,.0f} events/s")
