@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 GRPC_SERVICES = ("members", "cards", "loyalty", "campaigns", "notify")
 ALL_SERVICES = (*GRPC_SERVICES, "gateway")
@@ -47,6 +48,65 @@ MAX_STREAM_REPLICAS = 5
 
 class ConfigError(RuntimeError):
     """The environment does not describe a service that can start safely."""
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """The PEM files of a server that authenticates its clients by
+    certificate, set by ``<prefix>_TLS_CERT`` (the server's certificate,
+    then any intermediates), ``<prefix>_TLS_KEY`` (its private key) and
+    ``<prefix>_CLIENT_CA`` (the CAs a client certificate must be signed by).
+    ``chassis.mtls.server_credentials`` reads them."""
+
+    prefix: str
+    cert_chain: Path
+    private_key: Path
+    client_ca: Path
+
+    SUFFIXES: ClassVar[tuple[str, str, str]] = ("TLS_CERT", "TLS_KEY", "CLIENT_CA")
+
+    def by_setting(self) -> list[tuple[str, Path]]:
+        """(setting, path) of the chain, the key and the client CAs, so that
+        an error about a file names the setting to fix."""
+        paths = (self.cert_chain, self.private_key, self.client_ca)
+        return [
+            (f"{self.prefix}_{suffix}", path)
+            for suffix, path in zip(self.SUFFIXES, paths, strict=True)
+        ]
+
+    @classmethod
+    def from_env(cls, prefix: str, env: Mapping[str, str]) -> TlsFiles:
+        values = {
+            f"{prefix}_{suffix}": env.get(f"{prefix}_{suffix}", "").strip()
+            for suffix in cls.SUFFIXES
+        }
+        missing = [name for name, value in values.items() if not value]
+        if missing:
+            raise ConfigError(
+                f"{', '.join(missing)} not set: mutual TLS needs the server's certificate "
+                "chain, its private key and the CAs that sign client certificates"
+            )
+        cert_chain, private_key, client_ca = (Path(value) for value in values.values())
+        return cls(prefix, cert_chain, private_key, client_ca)
+
+
+@dataclass(frozen=True)
+class PartnerGrpc:
+    """A service's partner endpoint: a second gRPC port where partners (banks,
+    co-brand issuers) authenticate by client certificate instead of a token.
+    Set by ``<SERVICE>_PARTNER_GRPC_LISTEN`` and the ``<SERVICE>_PARTNER_``
+    TLS files (see ``TlsFiles``); off while the listen address is unset."""
+
+    listen: str
+    tls: TlsFiles
+
+    @classmethod
+    def from_env(cls, service: str, env: Mapping[str, str]) -> PartnerGrpc | None:
+        prefix = f"{service.upper()}_PARTNER"
+        listen = env.get(f"{prefix}_GRPC_LISTEN", "").strip()
+        if not listen:
+            return None
+        return cls(listen, TlsFiles.from_env(prefix, env))
 
 
 @dataclass(frozen=True)
@@ -116,6 +176,8 @@ class Settings:
     grpc_listen: str = ""
     # GRPC_MAX_CONNECTION_AGE_SECONDS and the other GRPC_* durations.
     grpc_connections: GrpcConnections = field(default_factory=GrpcConnections)
+    # Only for a service whose definition declares a partner endpoint.
+    partner_grpc: PartnerGrpc | None = None
     http_listen: str = f"127.0.0.1:{DEFAULT_HTTP_PORT}"
     token_secret: str = DEVELOPMENT_TOKEN_SECRET
     log_level: str = "INFO"
@@ -207,6 +269,7 @@ class Settings:
             nats_url=nats_url,
             grpc_listen=env.get("GRPC_LISTEN", default_listen),
             grpc_connections=GrpcConnections.from_env(env),
+            partner_grpc=PartnerGrpc.from_env(service, env),
             http_listen=env.get("HTTP_LISTEN", f"127.0.0.1:{DEFAULT_HTTP_PORT}"),
             token_secret=token_secret,
             log_level=env.get("LOG_LEVEL", "INFO").upper(),

@@ -16,7 +16,7 @@ import contextlib
 import inspect
 import time
 from abc import abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -31,7 +31,7 @@ from grpc_status import rpc_status
 from opentelemetry import trace
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
-from chassis.auth import reset_current_principal, set_current_principal, verify_token
+from chassis.auth import Principal, reset_current_principal, set_current_principal, verify_token
 from chassis.config import GrpcConnections
 from chassis.errors import Code, ServiceError, Unauthenticated
 from chassis.logs import get_logger
@@ -177,7 +177,7 @@ def _wrap(handler: Handler, scope: _Scope) -> Handler:
     return handler
 
 
-class _WrappingInterceptor(ServerInterceptor):
+class WrappingInterceptor(ServerInterceptor):
     """Runs every call, of any of the four kinds, inside ``scope(context,
     method)``: an async context manager entered before the handler is called
     and left once its response, or its last streamed message, has been
@@ -214,7 +214,7 @@ class _WrappingInterceptor(ServerInterceptor):
         return _wrap(handler, scope)
 
 
-class AccessLogInterceptor(_WrappingInterceptor):
+class AccessLogInterceptor(WrappingInterceptor):
     """One log line per call, whatever its kind, when it ends: method,
     status code and duration (of the whole stream for a streaming call)."""
 
@@ -258,7 +258,7 @@ def _code_name(context: Any, *, failed: bool = False) -> str:
     return code.name if isinstance(code, grpc.StatusCode) else str(code)
 
 
-class ErrorInterceptor(_WrappingInterceptor):
+class ErrorInterceptor(WrappingInterceptor):
     """Domain errors become statuses with details; the unexpected becomes
     INTERNAL with nothing of the exception sent to the caller. For a
     streaming call this holds mid-stream too: the messages already sent
@@ -283,7 +283,25 @@ class ErrorInterceptor(_WrappingInterceptor):
             await context.abort(status.code, status.details, status.trailing_metadata)
 
 
-class AuthInterceptor(_WrappingInterceptor):
+@contextlib.contextmanager
+def acting_as(principal: Principal) -> Iterator[None]:
+    """Makes ``principal`` the current one, and names it in log lines, for
+    the rest of a call: what every authenticating interceptor does once it
+    knows who calls."""
+    reset = set_current_principal(principal)
+    try:
+        with structlog.contextvars.bound_contextvars(
+            principal=principal.subject, scope=str(principal.scope)
+        ):
+            yield
+    finally:
+        # A stream the caller abandoned may be closed from another
+        # context, where the token cannot be reset (nor needs to be).
+        with contextlib.suppress(ValueError):
+            reset_current_principal(reset)
+
+
+class AuthInterceptor(WrappingInterceptor):
     """Verifies the bearer token before the handler is called (before a
     streaming call reads its first message) and makes the principal current
     for the call. Authorisation (which role, which store) is decided by each
@@ -304,18 +322,8 @@ class AuthInterceptor(_WrappingInterceptor):
             raise Unauthenticated(
                 "send 'authorization: Bearer <token>'", reason="MISSING_CREDENTIALS"
             )
-        principal = verify_token(self.token_secret, token.strip())
-        reset = set_current_principal(principal)
-        try:
-            with structlog.contextvars.bound_contextvars(
-                principal=principal.subject, scope=str(principal.scope)
-            ):
-                yield
-        finally:
-            # A stream the caller abandoned may be closed from another
-            # context, where the token cannot be reset (nor needs to be).
-            with contextlib.suppress(ValueError):
-                reset_current_principal(reset)
+        with acting_as(verify_token(self.token_secret, token.strip())):
+            yield
 
 
 def server_options(connections: GrpcConnections) -> list[tuple[str, int]]:
@@ -353,6 +361,11 @@ class GrpcService:
 
 
 class GrpcServer:
+    """One listening port. By default in plain text, with callers
+    authenticated by bearer token; ``credentials`` serve it over TLS, and
+    ``auth`` authenticates callers another way (by client certificate, see
+    ``chassis.mtls``) in place of the token check."""
+
     def __init__(
         self,
         service: str,
@@ -362,10 +375,13 @@ class GrpcServer:
         *,
         extra_interceptors: Iterable[ServerInterceptor] = (),
         connections: GrpcConnections | None = None,
+        credentials: grpc.ServerCredentials | None = None,
+        auth: ServerInterceptor | None = None,
     ) -> None:
         self.service = service
         self.listen = listen
         self.services = tuple(services)
+        self.credentials = credentials
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         # Order matters: tracing outermost so the span covers everything;
         # the access log sees the final code; errors map what auth and the
@@ -374,7 +390,7 @@ class GrpcServer:
             aio_server_interceptor(),  # type: ignore[no-untyped-call]
             AccessLogInterceptor(service),
             ErrorInterceptor(service),
-            AuthInterceptor(token_secret),
+            AuthInterceptor(token_secret) if auth is None else auth,
             *extra_interceptors,
         ]
         self.server = grpc.aio.server(
@@ -396,11 +412,16 @@ class GrpcServer:
             self.server,
         )
         await self.set_serving(False)
-        self.port = self.server.add_insecure_port(self.listen)
+        if self.credentials is None:
+            self.port = self.server.add_insecure_port(self.listen)
+        else:
+            self.port = self.server.add_secure_port(self.listen, self.credentials)
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {self.listen}")
         await self.server.start()
-        log.info("grpc listening", listen=self.listen, port=self.port)
+        log.info(
+            "grpc listening", listen=self.listen, port=self.port, tls=self.credentials is not None
+        )
         return self.port
 
     async def set_serving(self, serving: bool) -> None:

@@ -3,7 +3,9 @@
 ``ServiceRuntime`` is what ``python -m services.<name>`` and
 ``cornucopia serve <name>`` run, and what the integration tests start in
 process. A service module only describes itself with a ``ServiceDefinition``:
-its gRPC servicers, its consumers and its migrations folder.
+its gRPC servicers, its consumers and its migrations folder, and perhaps a
+``PartnerEndpoint``: gRPC services for partners on a second port, where they
+authenticate by client certificate (mutual TLS) rather than by token.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from chassis.idempotency import forget_older_than
 from chassis.inbox import Consumer, Subscription, forget_messaging_older_than
 from chassis.logs import configure_logging, get_logger
 from chassis.migrations import upgrade_to_head
+from chassis.mtls import CertificateResolver, MutualTlsAuthInterceptor, server_credentials
 from chassis.outbox import OutboxRelay
 from chassis.telemetry import configure_tracing, shutdown_tracing
 
@@ -58,6 +61,16 @@ class ServiceContext:
 
 
 @dataclass(frozen=True)
+class PartnerEndpoint:
+    """What a service serves on its partner port: gRPC services, and who
+    each client certificate belongs to (``resolve`` raises Unauthenticated
+    or PermissionDenied for a certificate it does not know or has revoked)."""
+
+    grpc_services: Sequence[GrpcService]
+    resolve: CertificateResolver
+
+
+@dataclass(frozen=True)
 class ServiceDefinition:
     name: str
     migrations_dir: Path
@@ -70,6 +83,9 @@ class ServiceDefinition:
     workers: Callable[[ServiceContext], Sequence[Callable[[], Awaitable[None]]]] = field(
         default=lambda _ctx: ()
     )
+    # Served only where the settings say where and with which certificates
+    # (<SERVICE>_PARTNER_GRPC_LISTEN and the rest, see config.PartnerGrpc).
+    partner_endpoint: Callable[[ServiceContext], PartnerEndpoint] | None = None
 
 
 class ServiceRuntime:
@@ -96,12 +112,48 @@ class ServiceRuntime:
             definition.grpc_services(self.context),
             connections=settings.grpc_connections,
         )
+        self.partner = self._partner_server()
         self._tasks: list[asyncio.Task[None]] = []
         self.ready = asyncio.Event()
+
+    def _partner_server(self) -> GrpcServer | None:
+        """The partner endpoint, if the definition declares one and the
+        settings configure it."""
+        configured = self.settings.partner_grpc
+        declared = self.definition.partner_endpoint
+        if configured is None:
+            return None
+        if declared is None:
+            log.warning(
+                "partner endpoint configured, but this service has none: not started",
+                listen=configured.listen,
+            )
+            return None
+        # The files first: a bad setting stops the service before anything is built.
+        credentials = server_credentials(configured.tls)
+        endpoint = declared(self.context)
+        return GrpcServer(
+            self.settings.service,
+            configured.listen,
+            self.settings.token_secret,
+            endpoint.grpc_services,
+            connections=self.settings.grpc_connections,
+            credentials=credentials,
+            auth=MutualTlsAuthInterceptor(endpoint.resolve),
+        )
+
+    @property
+    def servers(self) -> list[GrpcServer]:
+        return [self.grpc] if self.partner is None else [self.grpc, self.partner]
 
     @property
     def port(self) -> int:
         return self.grpc.port
+
+    @property
+    def partner_port(self) -> int | None:
+        """Where the partner endpoint listens; None when there is none."""
+        return None if self.partner is None else self.partner.port
 
     async def start(self) -> None:
         """Migrate and listen at once (health NOT_SERVING); connect to NATS
@@ -109,7 +161,8 @@ class ServiceRuntime:
         are in place. Requests that write meanwhile are kept in the outbox."""
         log.info("starting", environment=self.settings.environment)
         await upgrade_to_head(self.db, self.definition.migrations_dir, self.settings.service)
-        await self.grpc.start()
+        for server in self.servers:
+            await server.start()
         self._spawn(self._connect_and_run(), "bus")
         for index, worker in enumerate(self.definition.workers(self.context)):
             self._spawn(worker(), f"worker-{index}")
@@ -148,9 +201,10 @@ class ServiceRuntime:
         self._spawn(self.relay.run(), "outbox-relay")
         for consumer in self.consumers:
             self._spawn(consumer.run(), f"consumer-{consumer.durable}")
-        await self.grpc.set_serving(True)
+        for server in self.servers:
+            await server.set_serving(True)
         self.ready.set()
-        log.info("serving", port=self.grpc.port)
+        log.info("serving", port=self.port, partner_port=self.partner_port)
 
     async def _housekeeping(self) -> None:
         while True:
@@ -170,7 +224,7 @@ class ServiceRuntime:
         the relay and consumers (what they had not acknowledged is
         redelivered to the next instance) and close connections."""
         log.info("stopping")
-        await self.grpc.stop(grace)
+        await asyncio.gather(*(server.stop(grace) for server in self.servers))
         self.relay.stop()
         for consumer in self.consumers:
             consumer.stop()

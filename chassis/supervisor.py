@@ -8,12 +8,22 @@ until every health check says SERVING, then prints the endpoints, a
 development token and commands to try. Ctrl-C or SIGTERM stops everything:
 SIGTERM to each child, SIGKILL to those still running after a grace period,
 then the NATS server. The data stays in ``var/`` for the next run.
+
+A service whose definition declares a partner endpoint (mutual TLS, see
+``chassis.mtls``) serves it on a port of its own too, with development
+certificates made on the first run in ``var/partner-tls/``: ``ca.pem`` and
+``ca-key.pem`` (the development partner CA), ``server.pem`` and
+``server-key.pem`` (for localhost and 127.0.0.1) and ``demo-bank.pem`` and
+``demo-bank-key.pem`` (the demo partner's client certificate). Their paths
+are in ``var/endpoints.json`` under ``partner_tls``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
+import importlib
 import json
 import os
 import signal
@@ -24,7 +34,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -32,6 +42,7 @@ from typing import Any, TextIO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from chassis import mtls
 from chassis.auth import Role, Scope, ScopeLevel, mint_token
 from chassis.config import (
     DEFAULT_GRPC_PORTS,
@@ -40,6 +51,7 @@ from chassis.config import (
     ConfigError,
     Settings,
 )
+from chassis.mtls import CertificateFiles
 from chassis.natsserver import NatsServer, free_port, port_is_free
 
 HOST = "127.0.0.1"
@@ -54,6 +66,12 @@ STOP_GRACE = 15.0
 TOKEN_TTL_HOURS = 12
 # A log line longer than this is dropped (with a note) rather than buffered.
 LINE_LIMIT = 1024 * 1024
+# A partner endpoint's preferred port: the service's own plus this (cards: 51052).
+PARTNER_PORT_OFFSET = 1000
+PARTNER_TLS_DIR = "partner-tls"
+DEMO_PARTNER = "demo-bank"
+# Development certificates this close to expiry are made again.
+RENEW_BEFORE = dt.timedelta(days=30)
 
 _COLOURS = ("36", "32", "33", "35", "34", "96", "92")
 _RESET = "\033[0m"
@@ -105,11 +123,79 @@ def plan_ports(
     return plan
 
 
-def preferred_ports(nats: bool) -> dict[str, int]:
+def partner_key(name: str) -> str:
+    """A service's partner endpoint, in the port plan."""
+    return f"{name}-partner"
+
+
+def preferred_ports(nats: bool, partners: Collection[str] = ()) -> dict[str, int]:
     ports: dict[str, int] = {NATS: DEFAULT_NATS_PORT} if nats else {}
     ports.update({name: DEFAULT_GRPC_PORTS[name] for name in GRPC_SERVICES})
+    ports.update(
+        {partner_key(name): DEFAULT_GRPC_PORTS[name] + PARTNER_PORT_OFFSET for name in partners}
+    )
     ports[GATEWAY] = DEFAULT_HTTP_PORT
     return ports
+
+
+def partner_services() -> list[str]:
+    """The services whose definitions declare a partner endpoint. One whose
+    module does not import declares none here: its child will say why."""
+    found = []
+    for name in GRPC_SERVICES:
+        try:
+            module = importlib.import_module(f"services.{name}.server")
+        except Exception:  # noqa: S112 - the child prints the traceback, prefixed
+            continue
+        if module.definition.partner_endpoint is not None:
+            found.append(name)
+    return found
+
+
+@dataclass(frozen=True)
+class DevPartnerTls:
+    """The development certificates of partner endpoints, in one folder."""
+
+    ca: CertificateFiles
+    server: CertificateFiles
+    demo_client: CertificateFiles
+
+    @classmethod
+    def under(cls, var_dir: Path) -> DevPartnerTls:
+        folder = var_dir / PARTNER_TLS_DIR
+        return cls(
+            *(CertificateFiles.named(folder, name) for name in ("ca", "server", DEMO_PARTNER))
+        )
+
+    def usable(self) -> bool:
+        """Every file is there and no certificate is about to expire."""
+        soon = dt.datetime.now(dt.UTC) + RENEW_BEFORE
+        for files in (self.ca, self.server, self.demo_client):
+            try:
+                expires = mtls.certificate_info(files.cert.read_bytes()).not_after
+            except (OSError, ValueError):
+                return False
+            if expires < soon or not files.key.exists():
+                return False
+        return True
+
+
+def dev_partner_tls(var_dir: Path) -> DevPartnerTls:
+    """The certificates of the last run if they are all usable; else a new
+    set (a new CA, and a server and a demo client certificate it signs)."""
+    tls = DevPartnerTls.under(var_dir)
+    if tls.usable():
+        return tls
+    for files in (tls.ca, tls.server, tls.demo_client):
+        files.cert.unlink(missing_ok=True)
+        files.key.unlink(missing_ok=True)
+    folder = tls.ca.cert.parent
+    ca = mtls.create_ca(folder, "Cornucopia development partner CA")
+    return DevPartnerTls(
+        ca,
+        mtls.issue_server_certificate(ca, folder),
+        mtls.issue_client_certificate(ca, folder, DEMO_PARTNER, organisation="Demo Bank"),
+    )
 
 
 def child_env(
@@ -119,10 +205,12 @@ def child_env(
     nats_url: str,
     var_dir: Path,
     base: Mapping[str, str],
+    partner_tls: DevPartnerTls | None = None,
 ) -> dict[str, str]:
     """The environment of one child: the user's, plus where everything is.
     The addresses always win (a stray GRPC_LISTEN in the shell must not put
-    five services on one port); LOG_FORMAT only defaults to console."""
+    five services on one port); LOG_FORMAT only defaults to console. A
+    service with a partner port in ``ports`` serves it with ``partner_tls``."""
     env = dict(base)
     env.setdefault("LOG_FORMAT", "console")
     env["PYTHONUNBUFFERED"] = "1"
@@ -136,6 +224,12 @@ def child_env(
         env["HTTP_LISTEN"] = f"{HOST}:{ports[GATEWAY]}"
     else:
         env["GRPC_LISTEN"] = f"{HOST}:{ports[name]}"
+    if partner_tls is not None and partner_key(name) in ports:
+        prefix = f"{name.upper()}_PARTNER"
+        env[f"{prefix}_GRPC_LISTEN"] = f"{HOST}:{ports[partner_key(name)]}"
+        env[f"{prefix}_TLS_CERT"] = str(partner_tls.server.cert)
+        env[f"{prefix}_TLS_KEY"] = str(partner_tls.server.key)
+        env[f"{prefix}_CLIENT_CA"] = str(partner_tls.ca.cert)
     return env
 
 
@@ -161,14 +255,28 @@ def use_colour(stream: TextIO, environ: Mapping[str, str] | None = None) -> bool
     return bool(isatty and isatty())
 
 
-def endpoints(ports: Mapping[str, int], nats_url: str) -> dict[str, Any]:
+def endpoints(
+    ports: Mapping[str, int], nats_url: str, partner_tls: DevPartnerTls | None = None
+) -> dict[str, Any]:
     gateway = f"http://{HOST}:{ports[GATEWAY]}"
-    return {
+    info: dict[str, Any] = {
         "nats_url": nats_url,
         "grpc": {name: f"{HOST}:{ports[name]}" for name in GRPC_SERVICES},
         "gateway": gateway,
         "docs": f"{gateway}/docs",
     }
+    if partner_tls is not None:
+        info["partner_grpc"] = {
+            name: f"{HOST}:{ports[partner_key(name)]}"
+            for name in GRPC_SERVICES
+            if partner_key(name) in ports
+        }
+        info["partner_tls"] = {
+            "ca_cert": str(partner_tls.ca.cert),
+            "demo_client_cert": str(partner_tls.demo_client.cert),
+            "demo_client_key": str(partner_tls.demo_client.key),
+        }
+    return info
 
 
 def development_token(secret: str) -> str:
@@ -196,10 +304,13 @@ def buf_command() -> str:
 
 def banner(info: Mapping[str, Any], token: str, *, nats_note: str, var_dir: Path) -> str:
     grpc_addrs: Mapping[str, str] = info["grpc"]
+    partner_addrs: Mapping[str, str] = info.get("partner_grpc", {})
     width = PREFIX_WIDTH
     lines = ["", "Cornucopia is up.", ""]
     for name, addr in grpc_addrs.items():
         lines.append(f"  {name:<{width}}  grpc  {addr}")
+        if name in partner_addrs:
+            lines.append(f"  {name:<{width}}  mtls  {partner_addrs[name]}  (partners)")
     lines.append(f"  {GATEWAY:<{width}}  http  {info['gateway']}")
     lines.append(f"  {'docs':<{width}}  http  {info['docs']}")
     lines.append(f"  {NATS:<{width}}  nats  {info['nats_url']}  ({nats_note})")
@@ -244,10 +355,30 @@ def banner(info: Mapping[str, Any], token: str, *, nats_note: str, var_dir: Path
         "    -H 'content-type: application/json' \\",
         f"    -d '{body}'",
         "",
+        *_partner_example(info),
         f"Endpoints are in {_display_path(var_dir / 'endpoints.json')}. Ctrl-C stops everything.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _partner_example(info: Mapping[str, Any]) -> list[str]:
+    partner_addrs: Mapping[str, str] = info.get("partner_grpc", {})
+    if not partner_addrs:
+        return []
+    name, addr = next(iter(partner_addrs.items()))
+    tls: Mapping[str, str] = info["partner_tls"]
+    return [
+        "Partner endpoints take a client certificate (mutual TLS) instead of a token,",
+        f"e.g. the demo bank's, to list what {name} offers partners:",
+        "",
+        f"  {buf_command()} curl --protocol grpc --list-methods \\",
+        f"    --cacert {_display_path(Path(tls['ca_cert']))} \\",
+        f"    --cert {_display_path(Path(tls['demo_client_cert']))} \\",
+        f"    --key {_display_path(Path(tls['demo_client_key']))} \\",
+        f"    https://{addr}",
+        "",
+    ]
 
 
 # -- the running suite --------------------------------------------------------
@@ -332,7 +463,15 @@ class Supervisor:
             self.say(f"cannot start: {exc}")
             return 2
 
-        plan = plan_ports(preferred_ports(self.start_nats))
+        partners = await asyncio.to_thread(partner_services)
+        partner_tls = None
+        if partners:
+            partner_tls = await asyncio.to_thread(dev_partner_tls, var_dir)
+            self.say(
+                f"partner endpoints ({', '.join(partners)}) use the development certificates "
+                f"in {_display_path(partner_tls.ca.cert.parent)}"
+            )
+        plan = plan_ports(preferred_ports(self.start_nats, partners))
         for note in plan.notes:
             self.say(note)
 
@@ -352,14 +491,19 @@ class Supervisor:
 
         for name in CHILDREN:
             env = child_env(
-                name, plan.ports, nats_url=self.nats_url, var_dir=var_dir, base=base_env
+                name,
+                plan.ports,
+                nats_url=self.nats_url,
+                var_dir=var_dir,
+                base=base_env,
+                partner_tls=partner_tls,
             )
             await self._spawn(name, plan.ports[name], env)
 
         if not await self._wait_ready():
             return 1 if self.failure else 0
 
-        info = endpoints(plan.ports, self.nats_url)
+        info = endpoints(plan.ports, self.nats_url, partner_tls)
         self._write_endpoints(info)
         token = development_token(secret)
         self.print_raw(banner(info, token, nats_note=nats_note, var_dir=self.var_dir))

@@ -13,6 +13,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -20,7 +21,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from chassis import supervisor
 from chassis.auth import Role, ScopeLevel, verify_token
-from chassis.config import DEFAULT_GRPC_PORTS, DEFAULT_HTTP_PORT, GRPC_SERVICES, Settings
+from chassis.config import (
+    DEFAULT_GRPC_PORTS,
+    DEFAULT_HTTP_PORT,
+    GRPC_SERVICES,
+    PartnerGrpc,
+    Settings,
+    TlsFiles,
+)
+from chassis.mtls import certificate_info
 from chassis.natsserver import free_port
 
 # -- ports --------------------------------------------------------------------
@@ -77,6 +86,26 @@ def test_preferred_ports_are_the_configured_defaults() -> None:
     for name in GRPC_SERVICES:
         assert ports[name] == DEFAULT_GRPC_PORTS[name]
     assert "nats" not in supervisor.preferred_ports(nats=False)
+    assert not any(name.endswith("-partner") for name in ports)
+
+
+def test_a_partner_endpoint_gets_a_port_of_its_own() -> None:
+    ports = supervisor.preferred_ports(nats=True, partners=["cards"])
+    assert ports["cards-partner"] == DEFAULT_GRPC_PORTS["cards"] + 1000
+    assert len(set(ports.values())) == len(ports)
+
+
+def test_partner_services_are_those_whose_definitions_declare_an_endpoint(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def import_module(name: str) -> SimpleNamespace:
+        if name == "services.notify.server":
+            raise ImportError("broken while someone edits it")
+        endpoint = (lambda _ctx: None) if name == "services.cards.server" else None
+        return SimpleNamespace(definition=SimpleNamespace(partner_endpoint=endpoint))
+
+    monkeypatch.setattr(supervisor.importlib, "import_module", import_module)
+    assert supervisor.partner_services() == ["cards"]
 
 
 # -- output -------------------------------------------------------------------
@@ -185,6 +214,41 @@ def test_the_users_environment_passes_through_but_addresses_are_ours() -> None:
     assert base["GRPC_LISTEN"] == "0.0.0.0:9999", "the caller's mapping is not changed"
 
 
+def test_a_service_with_a_partner_port_serves_it_with_the_development_certificates(
+    tmp_path: Path,
+) -> None:
+    tls = supervisor.dev_partner_tls(tmp_path)
+    ports = {**PORTS, "cards-partner": 51052}
+
+    def env(name: str) -> dict[str, str]:
+        return supervisor.child_env(
+            name, ports, nats_url="nats://x:1", var_dir=tmp_path, base={}, partner_tls=tls
+        )
+
+    assert Settings.from_env("cards", env("cards")).partner_grpc == PartnerGrpc(
+        "127.0.0.1:51052",
+        TlsFiles("CARDS_PARTNER", tls.server.cert, tls.server.key, tls.ca.cert),
+    )
+    assert Settings.from_env("members", env("members")).partner_grpc is None
+    assert not any("PARTNER" in name for name in env("gateway"))
+
+
+def test_development_partner_certificates_are_made_once_and_kept(tmp_path: Path) -> None:
+    tls = supervisor.dev_partner_tls(tmp_path)
+    assert tls == supervisor.DevPartnerTls.under(tmp_path)
+    assert tls.ca.cert.parent == tmp_path / "partner-tls"
+    demo = certificate_info(tls.demo_client.cert.read_bytes())
+    assert demo.subject == "CN=demo-bank,O=Demo Bank"
+
+    again = supervisor.dev_partner_tls(tmp_path)
+    assert certificate_info(again.demo_client.cert.read_bytes()) == demo, "kept"
+
+    tls.server.key.unlink()
+    remade = supervisor.dev_partner_tls(tmp_path)
+    assert remade.usable()
+    assert certificate_info(remade.demo_client.cert.read_bytes()) != demo, "a new set"
+
+
 def test_var_dir_comes_from_the_environment() -> None:
     assert supervisor.default_var_dir({}) == Path("var")
     assert supervisor.default_var_dir({"CORNUCOPIA_VAR_DIR": "/srv/c"}) == Path("/srv/c")
@@ -218,6 +282,28 @@ def test_banner_names_every_endpoint_and_gives_working_examples() -> None:
     assert len(bodies) == 2
     for body in bodies:
         json.loads(body)
+    assert "mtls" not in text, "no partner endpoint, no word of one"
+
+
+def test_banner_and_endpoints_name_the_partner_endpoint_and_its_certificates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    tls = supervisor.dev_partner_tls(Path("var").resolve())
+    info = supervisor.endpoints({**PORTS, "cards-partner": 51052}, "nats://x:1", tls)
+    assert info["partner_grpc"] == {"cards": "127.0.0.1:51052"}
+    assert info["partner_tls"] == {
+        "ca_cert": str(tls.ca.cert),
+        "demo_client_cert": str(tls.demo_client.cert),
+        "demo_client_key": str(tls.demo_client.key),
+    }
+    json.dumps(info)
+
+    text = supervisor.banner(info, "TOKEN123", nats_note="started here", var_dir=Path("var"))
+    assert "cards      mtls  127.0.0.1:51052  (partners)" in text
+    assert "--cert var/partner-tls/demo-bank.pem" in text
+    assert "--key var/partner-tls/demo-bank-key.pem" in text
+    assert "https://127.0.0.1:51052" in text
 
 
 # -- readiness checks ---------------------------------------------------------
