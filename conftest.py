@@ -4,12 +4,29 @@ server; see tests/integration/infra.py)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from tests.integration.infra import DatabaseFactory, Postgres, start_postgres
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_it_was() -> Iterator[None]:
+    """A test that runs a command (``cornucopia rekey ...``) configures the
+    process's logging onto the stderr pytest captured for that test; later
+    tests would log into a closed file. Put logging back after each test."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    config = structlog.get_config()
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    structlog.configure(**config)
+    structlog.contextvars.clear_contextvars()
 
 
 @pytest.fixture(scope="session")

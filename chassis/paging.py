@@ -48,6 +48,24 @@ def decode_token(token: str) -> dict[str, Any] | None:
     return value
 
 
+def newest_first_after(token: str) -> tuple[dt.datetime, str] | None:
+    """The (time, id) key a ``newest_first`` page token carries."""
+    key = decode_token(token)
+    if key is None:
+        return None
+    try:
+        return dt.datetime.fromisoformat(str(key["t"])), str(key["id"])
+    except (KeyError, ValueError):
+        raise InvalidArgument(
+            [FieldViolation("page_token", "not a token this service issued")]
+        ) from None
+
+
+def newest_first_token(at: dt.datetime, key: str) -> str:
+    """The page token after a row keyed (``at``, ``key``)."""
+    return encode_token({"t": at.isoformat(), "id": key})
+
+
 Query = TypeVar("Query", bound=sa.Select[Any])
 
 

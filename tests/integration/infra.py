@@ -39,6 +39,47 @@ async def migrated(make: DatabaseFactory, migrations: Path, service: str) -> str
     return url
 
 
+async def migrate(
+    db: Any, migrations: Path, service: str, target: str, *, down: bool = False
+) -> None:
+    """Upgrade (or downgrade) ``db`` (a chassis Database) to ``target``."""
+    from alembic import command
+
+    from chassis.migrations import alembic_config
+
+    cfg = alembic_config(migrations, service)
+
+    def run(connection: Any) -> None:
+        cfg.attributes["connection"] = connection
+        (command.downgrade if down else command.upgrade)(cfg, target)
+
+    async with db.engine.begin() as conn:
+        await conn.run_sync(run)
+
+
+async def schema_drift(db: Any, metadata: Any, tables: set[str]) -> list[Any]:
+    """How the migrated schema of ``tables`` differs from what ``metadata``
+    (the code) declares: [] when migrations and code agree."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    def table_of(diff: Any) -> str:
+        if isinstance(diff, list):
+            return str(diff[0][2])
+        if diff[0] in ("add_index", "remove_index"):
+            return str(diff[1].table.name)
+        if diff[0] in ("add_table", "remove_table"):
+            return str(diff[1].name)
+        return str(diff[2])
+
+    def drift(connection: Any) -> list[Any]:
+        context = MigrationContext.configure(connection, opts={"compare_type": False})
+        return [d for d in compare_metadata(context, metadata) if table_of(d) in tables]
+
+    async with db.engine.connect() as conn:
+        return list(await conn.run_sync(drift))
+
+
 def docker_available() -> bool:
     if os.environ.get("CORNUCOPIA_TEST_NO_DOCKER"):
         return False

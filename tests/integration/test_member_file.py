@@ -29,7 +29,7 @@ from tests.integration.conftest import (
     seed_organisation,
     token,
 )
-from tests.integration.infra import DatabaseFactory
+from tests.integration.infra import DatabaseFactory, migrate, schema_drift
 
 M = members_pb2
 HQ = auth()
@@ -834,26 +834,13 @@ async def test_migration_0003_upgrades_existing_files_and_matches_the_tables(
     """0003 on a database holding files enrolled under 0001: they keep their
     values and get an enrollment time; the migrated schema is the one the
     code declares; and 0003 can be rolled back and applied again."""
-    from alembic import command
-    from alembic.autogenerate import compare_metadata
-    from alembic.migration import MigrationContext
-
     from chassis.db import Database, utcnow
-    from chassis.migrations import alembic_config
 
     db = Database(await database_url("members"))
-    cfg = alembic_config(members_definition.migrations_dir, "members")
-
-    def migrate(target: str, down: bool = False) -> Any:
-        def run(connection: sa.Connection) -> None:
-            cfg.attributes["connection"] = connection
-            (command.downgrade if down else command.upgrade)(cfg, target)
-
-        return run
-
+    migrations = members_definition.migrations_dir
     try:
+        await migrate(db, migrations, "members", "0001")
         async with db.engine.begin() as conn:
-            await conn.run_sync(migrate("0001"))
             now = utcnow()
             await conn.execute(
                 sa.text(
@@ -864,8 +851,7 @@ async def test_migration_0003_upgrades_existing_files_and_matches_the_tables(
                 ),
                 {"b": b"sealed", "t": now if db.dialect != "sqlite" else now.replace(tzinfo=None)},
             )
-        async with db.engine.begin() as conn:
-            await conn.run_sync(migrate("head"))
+        await migrate(db, migrations, "members", "head")
         from services.members.store.members import members as members_table
 
         async with db.sessions() as session:
@@ -882,24 +868,8 @@ async def test_migration_0003_upgrades_existing_files_and_matches_the_tables(
             or t.name in ("member_keys", "attribute_definitions")
         }
 
-        def table_of(diff: Any) -> str:
-            if isinstance(diff, list):
-                return str(diff[0][2])
-            if diff[0] in ("add_index", "remove_index"):
-                return str(diff[1].table.name)
-            if diff[0] in ("add_table", "remove_table"):
-                return str(diff[1].name)
-            return str(diff[2])
-
-        def drift(connection: sa.Connection) -> list[Any]:
-            context = MigrationContext.configure(connection, opts={"compare_type": False})
-            return [d for d in compare_metadata(context, metadata) if table_of(d) in mine]
-
-        async with db.engine.connect() as conn:
-            assert await conn.run_sync(drift) == []
-        async with db.engine.begin() as conn:
-            await conn.run_sync(migrate("0002", down=True))
-        async with db.engine.begin() as conn:
-            await conn.run_sync(migrate("head"))
+        assert await schema_drift(db, metadata, mine) == []
+        await migrate(db, migrations, "members", "0002", down=True)
+        await migrate(db, migrations, "members", "head")
     finally:
         await db.engine.dispose()

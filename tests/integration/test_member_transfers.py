@@ -50,7 +50,7 @@ from tests.integration.conftest import (
     seed_organisation,
     token,
 )
-from tests.integration.infra import DatabaseFactory
+from tests.integration.infra import DatabaseFactory, migrate, schema_drift
 
 Job = transfers_pb2.ImportJob
 CSV = transfers_pb2.FILE_FORMAT_CSV
@@ -849,49 +849,18 @@ async def test_a_job_whose_runner_died_is_finished_by_another(
 
 async def test_migration_0005_matches_the_import_tables(database_url: DatabaseFactory) -> None:
     """0005 gives the import tables the code declares, and rolls back."""
-    from alembic import command
-    from alembic.autogenerate import compare_metadata
-    from alembic.migration import MigrationContext
-
     from chassis.db import Database
-    from chassis.migrations import alembic_config
 
     db = Database(await database_url("members"))
-    cfg = alembic_config(members_definition.migrations_dir, "members")
+    migrations = members_definition.migrations_dir
     mine = {"import_jobs", "import_row_problems", "import_chunks"}
-
-    def migrate(target: str, down: bool = False) -> Any:
-        def run(connection: sa.Connection) -> None:
-            cfg.attributes["connection"] = connection
-            (command.downgrade if down else command.upgrade)(cfg, target)
-
-        return run
-
-    def table_of(diff: Any) -> str:
-        if isinstance(diff, list):
-            return str(diff[0][2])
-        if diff[0] in ("add_index", "remove_index"):
-            return str(diff[1].table.name)
-        if diff[0] in ("add_table", "remove_table"):
-            return str(diff[1].name)
-        return str(diff[2])
-
-    def drift(connection: sa.Connection) -> list[Any]:
-        context = MigrationContext.configure(connection, opts={"compare_type": False})
-        return [d for d in compare_metadata(context, metadata) if table_of(d) in mine]
-
     try:
-        async with db.engine.begin() as conn:
-            await conn.run_sync(migrate("head"))
-        async with db.engine.connect() as conn:
-            assert await conn.run_sync(drift) == []
-        async with db.engine.begin() as conn:
-            await conn.run_sync(migrate("0004", down=True))
+        await migrate(db, migrations, "members", "head")
+        assert await schema_drift(db, metadata, mine) == []
+        await migrate(db, migrations, "members", "0004", down=True)
         async with db.engine.connect() as conn:
             assert not await conn.run_sync(lambda c: sa.inspect(c).has_table("import_chunks"))
-        async with db.engine.begin() as conn:
-            await conn.run_sync(migrate("head"))
-        async with db.engine.connect() as conn:
-            assert await conn.run_sync(drift) == []
+        await migrate(db, migrations, "members", "head")
+        assert await schema_drift(db, metadata, mine) == []
     finally:
         await db.engine.dispose()

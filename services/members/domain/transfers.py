@@ -8,11 +8,12 @@ from __future__ import annotations
 import datetime as dt
 import re
 import secrets
-import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from chassis import spreadsheets
 from chassis.errors import FieldViolation, InvalidArgument
+from chassis.spreadsheets import normalise_header
 from services.members.domain.members import Birthday, Enrollment, EnrollmentChannel, Gender
 
 # Member fields an import fills, and the header names (English and Chinese,
@@ -68,20 +69,15 @@ _GENDERS: Mapping[str, Gender] = {
 _DATE = re.compile(r"^(\d{4})\s*[-/.年]\s*(\d{1,2})\s*[-/.月]\s*(\d{1,2})\s*日?$")
 _MONTH_DAY = re.compile(r"^(\d{1,2})\s*[-/.月]\s*(\d{1,2})\s*日?$")
 _COMPACT_DATE = re.compile(r"^(\d{4})(\d{2})(\d{2})$")
-_SEPARATORS = re.compile(r"[\s_\-./:()（）：]+")
 _ID_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-# Excel shows long digit strings in scientific notation and drops leading
-# zeros, so spreadsheets often carry mobiles as numbers: 13800138000.0.
-_INTEGRAL_FLOAT = re.compile(r"^(\d+)\.0+$")
 
-
-def _normalise_header(text: str) -> str:
-    folded = unicodedata.normalize("NFKC", text).strip().lower()
-    return _SEPARATORS.sub(" ", folded).strip()
+# Cells as text, as every service reads spreadsheets.
+cell_text = spreadsheets.cell_text
+is_blank = spreadsheets.is_blank
 
 
 _BY_HEADER: Mapping[str, str] = {
-    _normalise_header(alias): name for name, aliases in HEADER_ALIASES.items() for alias in aliases
+    normalise_header(alias): name for name, aliases in HEADER_ALIASES.items() for alias in aliases
 }
 
 
@@ -104,7 +100,7 @@ def map_header(header: Sequence[object]) -> ColumnMap:
         text = cell_text(cell)
         if not text:
             continue
-        name = _BY_HEADER.get(_normalise_header(text))
+        name = _BY_HEADER.get(normalise_header(text))
         if name is None:
             ignored.append(text)
         elif name in columns:
@@ -128,28 +124,6 @@ def map_header(header: Sequence[object]) -> ColumnMap:
             problems, message="the file's header row cannot be read", reason="BAD_IMPORT_FILE"
         )
     return ColumnMap(columns=columns, ignored=tuple(ignored))
-
-
-def cell_text(value: object) -> str:
-    """A cell as text: CSV cells are text already; spreadsheet cells may be
-    numbers or dates."""
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float):
-        text = repr(value)
-        match = _INTEGRAL_FLOAT.match(text)
-        return match.group(1) if match else text
-    if isinstance(value, dt.datetime):
-        return value.date().isoformat()
-    if isinstance(value, dt.date):
-        return value.isoformat()
-    return str(value).strip()
-
-
-def is_blank(row: Sequence[object]) -> bool:
-    return all(not cell_text(cell) for cell in row)
 
 
 def parse_birthday(value: object) -> Birthday | None:

@@ -29,7 +29,13 @@ from chassis.errors import (
 )
 from chassis.grpcserver import Context
 from chassis.idempotency import run_idempotent
-from chassis.paging import decode_token, encode_token, page_size
+from chassis.paging import (
+    decode_token,
+    encode_token,
+    newest_first_after,
+    newest_first_token,
+    page_size,
+)
 from chassis.service import ServiceContext
 from cornucopia.common.v1 import date_pb2, money_pb2, org_pb2
 from cornucopia.members.v1 import events_pb2, members_pb2, members_pb2_grpc
@@ -338,22 +344,6 @@ def _stale() -> Aborted:
     )
 
 
-def _after_key(token: str) -> tuple[dt.datetime, str] | None:
-    key = decode_token(token)
-    if key is None:
-        return None
-    try:
-        return dt.datetime.fromisoformat(str(key["t"])), str(key["id"])
-    except (KeyError, ValueError):
-        raise InvalidArgument(
-            [FieldViolation("page_token", "not a token this service issued")]
-        ) from None
-
-
-def _next_token(at: dt.datetime, key: str) -> str:
-    return encode_token({"t": at.isoformat(), "id": key})
-
-
 class MembersServicer(members_pb2_grpc.MembersServiceServicer):
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
@@ -598,7 +588,7 @@ class MembersServicer(members_pb2_grpc.MembersServiceServicer):
         principal = current_principal()
         principal.require_role(*READING_ROLES)
         limit = page_size(request.page_size)
-        after = _after_key(request.page_token)
+        after = newest_first_after(request.page_token)
         now = utcnow()
         violations: list[FieldViolation] = []
         gender = _enum(GENDERS, request.gender, "gender", violations)
@@ -644,7 +634,7 @@ class MembersServicer(members_pb2_grpc.MembersServiceServicer):
         if len(records) > limit:
             last = records[limit - 1]
             assert last.file.enrolled_at is not None
-            response.next_page_token = _next_token(last.file.enrolled_at, last.member_id)
+            response.next_page_token = newest_first_token(last.file.enrolled_at, last.member_id)
         return response
 
     async def ListMemberChanges(
@@ -1028,7 +1018,7 @@ class MembersServicer(members_pb2_grpc.MembersServiceServicer):
         principal = current_principal()
         principal.require_role(*READING_ROLES)
         limit = page_size(request.page_size)
-        after = _after_key(request.page_token)
+        after = newest_first_after(request.page_token)
         async with self.db.sessions() as session:
             record = await self._load(session, request.member_id)
             found = await store.list_follow_ups(
@@ -1040,7 +1030,9 @@ class MembersServicer(members_pb2_grpc.MembersServiceServicer):
         )
         if len(found) > limit:
             last = found[limit - 1]
-            response.next_page_token = _next_token(last.follow_up.occurred_at, last.follow_up_id)
+            response.next_page_token = newest_first_token(
+                last.follow_up.occurred_at, last.follow_up_id
+            )
         return response
 
     async def RecordFeedback(
@@ -1101,7 +1093,7 @@ class MembersServicer(members_pb2_grpc.MembersServiceServicer):
         principal = current_principal()
         principal.require_role(*READING_ROLES)
         limit = page_size(request.page_size)
-        after = _after_key(request.page_token)
+        after = newest_first_after(request.page_token)
         async with self.db.sessions() as session:
             record = await self._load(session, request.member_id)
             found = await store.list_feedback(
@@ -1113,7 +1105,7 @@ class MembersServicer(members_pb2_grpc.MembersServiceServicer):
         )
         if len(found) > limit:
             last = found[limit - 1]
-            response.next_page_token = _next_token(last.created_at, last.feedback_id)
+            response.next_page_token = newest_first_token(last.created_at, last.feedback_id)
         return response
 
     # --- data-subject rights ---------------------------------------------------

@@ -29,14 +29,13 @@ import os
 import secrets
 import socket
 import tempfile
-import zipfile
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from chassis import spreadsheets
 from chassis.auth import (
     Principal,
     Role,
@@ -123,52 +122,10 @@ def member_keys(ctx: ServiceContext) -> member_store.Keys:
 
 # -- reading files ----------------------------------------------------------------
 
-
-class BadFile(Exception):
-    """The file cannot be read as the format it claims."""
-
-
-@dataclass(frozen=True)
-class Record:
-    """One record of the file after the header: its row number as a
-    spreadsheet shows it and its cells."""
-
-    row: int
-    cells: Sequence[object]
-
-
-def _csv_records(path: Path) -> tuple[list[str], Iterator[Record], IO[str]]:
-    handle = path.open(encoding="utf-8-sig", newline="")
-    reader = csv.reader(handle)
-    header = next(reader, [])
-
-    def records() -> Iterator[Record]:
-        for cells in reader:
-            yield Record(reader.line_num, cells)
-
-    return header, records(), handle
-
-
-def _xlsx_records(path: Path) -> tuple[list[object], Iterator[Record], Any]:
-    from openpyxl import load_workbook  # noqa: PLC0415 - heavy, only for XLSX
-    from openpyxl.utils.exceptions import InvalidFileException  # noqa: PLC0415
-
-    try:
-        book = load_workbook(path, read_only=True, data_only=True)
-    except (zipfile.BadZipFile, InvalidFileException, KeyError, ValueError, OSError) as exc:
-        raise BadFile("not an XLSX workbook") from exc
-    sheet = book.worksheets[0] if book.worksheets else None
-    if sheet is None:
-        book.close()
-        raise BadFile("the workbook has no sheet")
-    rows = sheet.iter_rows(values_only=True)
-    header = list(next(rows, ()) or ())
-
-    def records() -> Iterator[Record]:
-        for number, cells in enumerate(rows, start=2):
-            yield Record(number, cells)
-
-    return header, records(), book
+# What a file is made of (chassis.spreadsheets reads CSV and XLSX for every
+# service); kept under these names for the runner and the tests.
+BadFile = spreadsheets.BadFile
+Record = spreadsheets.Record
 
 
 @contextlib.contextmanager
@@ -176,19 +133,8 @@ def open_records(
     path: Path, file_format: str
 ) -> Iterator[tuple[rules.ColumnMap, Iterator[Record]]]:
     """The file's column map and its records, read as a stream."""
-    closer: Any
-    header: Sequence[object]
-    if file_format == "csv":
-        try:
-            header, records, closer = _csv_records(path)
-        except (UnicodeDecodeError, csv.Error) as exc:
-            raise BadFile("not UTF-8 CSV text") from exc
-    else:
-        header, records, closer = _xlsx_records(path)
-    try:
-        yield rules.map_header(header), records
-    finally:
-        closer.close()
+    with spreadsheets.open_sheet(path, file_format) as sheet:
+        yield rules.map_header(sheet.header), sheet.records
 
 
 def check_file(path: Path, file_format: str) -> rules.ColumnMap:
