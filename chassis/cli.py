@@ -6,6 +6,10 @@ cornucopia migrate <service>                    apply a service's migrations
 cornucopia token --role R --scope S             a signed development token
 cornucopia deadletters list|replay|discard      the events consumers gave up on
 cornucopia rekey members [--batch-size N]       rewrap data keys under the active master key
+cornucopia verify-ledger                        check the stored-value journal against the balances
+cornucopia dev-ca --out-dir D                   a CA and a localhost server certificate, to try mTLS
+cornucopia partner-cert --ca-cert F --ca-key F --common-name X --out-dir D
+                                                a partner's client certificate, and its fingerprint
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any
 
 import nats
 
-from chassis import deadletters, supervisor
+from chassis import deadletters, mtls, supervisor
 from chassis.auth import Role, Scope, mint_token
 from chassis.config import ALL_SERVICES, GRPC_SERVICES, ConfigError, Settings
 from chassis.crypto import KeyRing, keys_from_env
@@ -241,6 +245,36 @@ def cmd_deadletters(args: argparse.Namespace) -> int:
     return asyncio.run(_with_jetstream(url, action))
 
 
+# -- verify-ledger ------------------------------------------------------------
+
+
+def cmd_verify_ledger(args: argparse.Namespace) -> int:
+    settings = Settings.from_env("cards")
+    configure_logging("cards", settings.log_level, settings.log_json)
+    return asyncio.run(verify_ledger(settings))
+
+
+async def verify_ledger(settings: Settings) -> int:
+    """Every movement's entries sum to zero and every account's balances
+    equal its journal; exit status 1 with a line per problem otherwise."""
+    from services.cards.store import stored_value  # noqa: PLC0415 - cards only
+
+    db = Database(settings.database_url)
+    try:
+        async with db.sessions() as session:
+            problems = await stored_value.verify(session)
+            accounts, movements = await stored_value.counts(session)
+    finally:
+        await db.dispose()
+    for problem in problems:
+        print(f"{problem.what}: {problem.subject} {problem.detail}".rstrip(), file=sys.stderr)
+    if problems:
+        print(f"{len(problems)} problems in the stored-value ledger", file=sys.stderr)
+        return 1
+    print(f"ledger consistent: {accounts} accounts, {movements} movements, every movement balanced")
+    return 0
+
+
 # -- rekey --------------------------------------------------------------------
 
 # Services that keep data keys wrapped by master keys.
@@ -320,6 +354,45 @@ async def rekey(settings: Settings, ring: KeyRing, *, batch_size: int, dry_run: 
     return 0
 
 
+# -- certificates for partner endpoints (mutual TLS) -------------------------
+
+
+def cmd_dev_ca(args: argparse.Namespace) -> int:
+    out_dir = Path(args.out_dir)
+    hosts = args.host or ["localhost", "127.0.0.1"]
+    try:
+        ca = mtls.create_ca(out_dir, "Cornucopia development CA")
+        server = mtls.issue_server_certificate(ca, out_dir, hosts)
+    except FileExistsError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"CA:     {ca.cert} (key {ca.key})")
+    print(f"server: {server.cert} (key {server.key}) for {', '.join(hosts)}")
+    print(f"client certificates: cornucopia partner-cert --ca-cert {ca.cert} --ca-key {ca.key} ...")
+    return 0
+
+
+def cmd_partner_cert(args: argparse.Namespace) -> int:
+    ca = mtls.CertificateFiles(Path(args.ca_cert), Path(args.ca_key))
+    try:
+        issued = mtls.issue_client_certificate(
+            ca,
+            Path(args.out_dir),
+            args.common_name,
+            organisation=args.organisation,
+            days=args.days,
+        )
+    except (OSError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    info = mtls.certificate_info(issued.cert.read_bytes())
+    # Only the fingerprint on stdout: what a partner is registered with.
+    print(info.sha256_fingerprint)
+    print(
+        f"{issued.cert}: {info.subject}, valid until {info.not_after:%Y-%m-%d}; key {issued.key}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 # -- up -----------------------------------------------------------------------
 
 
@@ -351,6 +424,7 @@ async def _load_demo_data(suite: supervisor.Supervisor, endpoints: Path) -> None
     import grpc  # noqa: PLC0415 - only `up` in development needs these
 
     from chassis.grpcclient import open_channel  # noqa: PLC0415
+    from services.cards.demo import load_demo_cards  # noqa: PLC0415
     from services.members.demo import demo_banner, load_demo_data  # noqa: PLC0415
 
     # Written by the supervisor once every health check says SERVING.
@@ -367,6 +441,15 @@ async def _load_demo_data(suite: supervisor.Supervisor, endpoints: Path) -> None
     except grpc.aio.AioRpcError as exc:
         suite.say(f"demo data not loaded: {exc.code().name}")
         return
+    finally:
+        await channel.close(grace=None)
+    certificate = info.get("partner_tls", {}).get("demo_client_cert")
+    pem = await asyncio.to_thread(Path(certificate).read_text, "utf-8") if certificate else None
+    channel = open_channel(info["grpc"]["cards"])
+    try:
+        await load_demo_cards(channel, supervisor.development_token(secret), pem)
+    except grpc.aio.AioRpcError as exc:
+        suite.say(f"demo cards not loaded: {exc.code().name}")
     finally:
         await channel.close(grace=None)
     suite.print_raw(demo_banner(logins, info["gateway"]))
@@ -474,6 +557,50 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="only count the data keys by master key"
     )
     rekey_cmd.set_defaults(handler=cmd_rekey)
+
+    verify = commands.add_parser(
+        "verify-ledger",
+        help="check that every stored-value movement balances and every account's "
+        "balances equal its journal (CARDS_DATABASE_URL)",
+    )
+    verify.set_defaults(handler=cmd_verify_ledger)
+
+    dev_ca = commands.add_parser(
+        "dev-ca",
+        help="make a CA and a server certificate, to try a partner endpoint (mutual TLS)",
+        description="Write ca.pem, ca-key.pem, server.pem and server-key.pem (keys 0600) to "
+        "--out-dir; existing files are never overwritten.",
+    )
+    dev_ca.add_argument("--out-dir", required=True)
+    dev_ca.add_argument(
+        "--host",
+        action="append",
+        help="a DNS name or IP address of the server; may be repeated "
+        "(default: localhost and 127.0.0.1)",
+    )
+    dev_ca.set_defaults(handler=cmd_dev_ca)
+
+    partner_cert = commands.add_parser(
+        "partner-cert",
+        help="issue a partner's client certificate and print its SHA-256 fingerprint",
+        description="Make a key and a client certificate signed by the partner CA, write them "
+        "to --out-dir as <common-name>.pem and <common-name>-key.pem, and print the "
+        "certificate's SHA-256 fingerprint (what the partner is registered with).",
+    )
+    partner_cert.add_argument("--ca-cert", required=True, help="the CA's certificate (PEM)")
+    partner_cert.add_argument(
+        "--ca-key", required=True, help="the CA's private key (PEM, unencrypted)"
+    )
+    partner_cert.add_argument("--common-name", required=True, help="e.g. bank-a-cards")
+    partner_cert.add_argument("--organisation", default="", help="e.g. 'Bank A'")
+    partner_cert.add_argument("--out-dir", required=True)
+    partner_cert.add_argument(
+        "--days",
+        type=_positive_int,
+        default=mtls.CERTIFICATE_DAYS,
+        help=f"validity (default {mtls.CERTIFICATE_DAYS})",
+    )
+    partner_cert.set_defaults(handler=cmd_partner_cert)
 
     return parser
 

@@ -18,6 +18,7 @@ from chassis.bus import STREAMS, Bus, cloudevent_headers, header_map
 from chassis.config import DEVELOPMENT_TOKEN_SECRET, ConfigError
 from chassis.errors import Unauthenticated
 from chassis.inbox import dead_letter_subject
+from chassis.mtls import certificate_info
 from chassis.natsserver import NatsServer
 
 ORIGINAL_SUBJECT = "members.v1.member_created"
@@ -113,6 +114,49 @@ def test_token_refuses_a_production_environment_without_secret(
         cli.main(["token"])
     assert exit_info.value.code == 2
     assert "CORNUCOPIA_TOKEN_SECRET" in capsys.readouterr().err
+
+
+# -- certificates for partner endpoints --------------------------------------
+
+
+def test_partner_cert_prints_the_fingerprint_of_what_it_issued(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["dev-ca", "--out-dir", str(tmp_path / "ca")]) == 0
+    capsys.readouterr()
+    argv = [
+        "partner-cert",
+        *("--ca-cert", str(tmp_path / "ca" / "ca.pem")),
+        *("--ca-key", str(tmp_path / "ca" / "ca-key.pem")),
+        *("--common-name", "bank-a-cards", "--organisation", "Bank A"),
+        *("--out-dir", str(tmp_path / "partners"), "--days", "30"),
+    ]
+    assert cli.main(argv) == 0
+
+    info = certificate_info((tmp_path / "partners" / "bank-a-cards.pem").read_bytes())
+    assert capsys.readouterr().out == info.sha256_fingerprint + "\n"
+    assert info.subject == "CN=bank-a-cards,O=Bank A"
+    assert info.not_after < dt.datetime.now(dt.UTC) + dt.timedelta(days=31)
+    # Issued again into the same folder: refused, the first key is kept.
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert "exists; not overwriting it" in capsys.readouterr().err
+
+
+def test_partner_cert_needs_a_ca(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["dev-ca", "--out-dir", str(tmp_path)]) == 0
+    argv = ["partner-cert", "--common-name", "x", "--out-dir", str(tmp_path / "x")]
+    server = [
+        "--ca-cert",
+        str(tmp_path / "server.pem"),
+        "--ca-key",
+        str(tmp_path / "server-key.pem"),
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*argv, *server])
+    assert exit_info.value.code == 2
+    assert "is not a CA certificate" in capsys.readouterr().err
 
 
 # -- serve / migrate ----------------------------------------------------------

@@ -15,7 +15,7 @@ from chassis.db import utcnow
 from chassis.inbox import Envelope, Subscription
 from cornucopia.members.v1 import events_pb2 as member_events
 from services.cards import lifecycle
-from services.cards.domain.cards import Action
+from services.cards.domain.cards import LIVE_STATES, Action
 from services.cards.store import cards as store
 from services.cards.store import projections
 from services.cards.store.cards import Stamp
@@ -90,9 +90,11 @@ async def on_erased(
     await projections.note_member(session, event.member_id, MemberStatus.ERASED, at)
     stamp = Stamp(SYSTEM_PRINCIPAL, "", at)
     for card in await store.live_cards_of_member(session, event.member_id):
-        await lifecycle.move(
-            session, card, Action.CANCEL, stamp, "member erased", member_erased=True
-        )
+        # A supplementary card cancelled with its principal earlier in
+        # this loop is no longer live.
+        current = await store.get_card(session, card.card_id, for_update=True)
+        if current is not None and current.state in LIVE_STATES:
+            await lifecycle.cancel(session, current, stamp, "member erased", member_erased=True)
 
 
 async def on_store_opened(

@@ -10,7 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from cornucopia.cards.v1 import cards_pb2, programs_pb2
 from cornucopia.common.v1 import money_pb2, org_pb2
 from services.cards.domain.cards import Action, CardState, Role
-from services.cards.domain.programs import Form, Holding, NumberFormat, Program
+from services.cards.domain.programs import CancelSettlement, Form, Holding, NumberFormat, Program
 from services.cards.store.cards import CardRecord, HistoryEntry, Stamp
 from services.cards.store.programs import ProgramRecord
 
@@ -24,6 +24,11 @@ HOLDINGS = {
     programs_pb2.CARD_HOLDING_GROUP: Holding.GROUP,
 }
 HOLDINGS_PROTO = {v: k for k, v in HOLDINGS.items()}
+SETTLEMENTS = {
+    programs_pb2.CANCEL_SETTLEMENT_PAY_OUT: CancelSettlement.PAY_OUT,
+    programs_pb2.CANCEL_SETTLEMENT_FORFEIT: CancelSettlement.FORFEIT,
+}
+SETTLEMENTS_PROTO = {v: k for k, v in SETTLEMENTS.items()}
 STATES_PROTO = {
     CardState.ACTIVE: cards_pb2.CARD_STATE_ACTIVE,
     CardState.LOST: cards_pb2.CARD_STATE_LOST,
@@ -83,6 +88,7 @@ def program_from_proto(message: programs_pb2.CardProgram) -> Program:
         max_supplementary_cards=message.max_supplementary_cards,
         allows_linking=message.allows_linking,
         partner_id=message.partner_id,
+        cancel_settlement=SETTLEMENTS.get(message.cancel_settlement, CancelSettlement.PAY_OUT),
     )
 
 
@@ -105,6 +111,7 @@ def program_to_proto(record: ProgramRecord) -> programs_pb2.CardProgram:
         max_supplementary_cards=p.max_supplementary_cards,
         allows_linking=p.allows_linking,
         partner_id=p.partner_id,
+        cancel_settlement=SETTLEMENTS_PROTO[p.cancel_settlement],
         number_capacity=fmt.capacity,
         numbers_issued=record.numbers_issued,
         created_by=audit_stamp(

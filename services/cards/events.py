@@ -4,6 +4,7 @@ carries a personal value or a card number."""
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 from google.protobuf.message import Message
@@ -12,9 +13,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from chassis.outbox import enqueue
 from cornucopia.cards.v1 import events_pb2
 from services.cards.convert import FORMS_PROTO, ROLES_PROTO, audit_stamp, timestamp
+from services.cards.convert_stored_value import channel_to_proto, money
 from services.cards.domain.cards import Action
 from services.cards.domain.programs import Form
+from services.cards.domain.stored_value import MovementKind
 from services.cards.store.cards import CardRecord, Stamp
+from services.cards.store.stored_value import MovementRecord
 
 SOURCE = "cornucopia/cards"
 CARD_ISSUED = "cards.v1.card.issued"
@@ -25,6 +29,15 @@ CARD_UNFROZEN = "cards.v1.card.unfrozen"
 CARD_REPLACED = "cards.v1.card.replaced"
 CARD_CANCELLED = "cards.v1.card.cancelled"
 CARD_EXPIRED = "cards.v1.card.expired"
+STORED_VALUE_SUBJECTS = {
+    MovementKind.RECHARGE: "cards.v1.stored_value.recharged",
+    MovementKind.HOLD: "cards.v1.stored_value.held",
+    MovementKind.CAPTURE: "cards.v1.stored_value.captured",
+    MovementKind.RELEASE: "cards.v1.stored_value.voided",
+    MovementKind.DEBIT: "cards.v1.stored_value.debited",
+    MovementKind.REFUND: "cards.v1.stored_value.refunded",
+}
+STORED_VALUE_SETTLED = "cards.v1.stored_value.settled"
 
 
 async def publish(session: AsyncSession, subject: str, message: Message) -> str:
@@ -89,3 +102,77 @@ async def card_moved(
     message.account_id = card.account_id
     message.stamp.CopyFrom(audit_stamp(stamp))
     return await publish(session, subject, message)
+
+
+async def stored_value_moved(
+    session: AsyncSession,
+    movement: MovementRecord,
+    card: CardRecord,
+    stamp: Stamp,
+    *,
+    expire_time: dt.datetime | None = None,
+    expired: bool = False,
+) -> str:
+    """The event of one movement, on the subject of its kind. The card is
+    the one that made it (for a refund, the card that paid)."""
+    currency = movement.currency
+    moved = events_pb2.StoredValueMoved(
+        movement_id=movement.movement_id,
+        account_id=movement.account_id,
+        card_id=movement.card_id,
+        member_id=card.member_id,
+        program_id=card.program_id,
+        amount=money(currency, movement.amount),
+        paid=money(currency, movement.change.paid),
+        bonus=money(currency, movement.change.bonus),
+        available_after=money(currency, movement.after.available),
+        held_after=money(currency, movement.after.held),
+        channel=channel_to_proto(movement.channel),
+        hold_id=movement.hold_id,
+        refunds_movement_id=movement.refunds_movement_id,
+        reference=movement.reference,
+        stamp=audit_stamp(stamp),
+    )
+    message: Message
+    if movement.kind == MovementKind.RECHARGE:
+        message = events_pb2.StoredValueRecharged(
+            movement=moved, bonus_rule_id=movement.bonus_rule_id
+        )
+    elif movement.kind == MovementKind.HOLD:
+        message = events_pb2.StoredValueHeld(movement=moved)
+        if expire_time is not None:
+            message.expire_time.CopyFrom(timestamp(expire_time))
+    elif movement.kind == MovementKind.CAPTURE:
+        message = events_pb2.StoredValueCaptured(movement=moved)
+    elif movement.kind == MovementKind.RELEASE:
+        message = events_pb2.StoredValueVoided(movement=moved, expired=expired)
+    elif movement.kind == MovementKind.DEBIT:
+        message = events_pb2.StoredValueDebited(movement=moved)
+    elif movement.kind == MovementKind.REFUND:
+        message = events_pb2.StoredValueRefunded(movement=moved)
+    else:
+        raise ValueError(f"{movement.kind} has no event of its own")
+    return await publish(session, STORED_VALUE_SUBJECTS[movement.kind], message)
+
+
+async def stored_value_settled(
+    session: AsyncSession,
+    card: CardRecord,
+    currency: str,
+    *,
+    paid_out: int,
+    forfeited: int,
+    stamp: Stamp,
+) -> str:
+    return await publish(
+        session,
+        STORED_VALUE_SETTLED,
+        events_pb2.StoredValueSettled(
+            account_id=card.account_id,
+            card_id=card.card_id,
+            member_id=card.member_id,
+            paid_out=money(currency, paid_out),
+            forfeited=money(currency, forfeited),
+            stamp=audit_stamp(stamp),
+        ),
+    )

@@ -24,6 +24,8 @@ from cornucopia.cards.v1 import (
     cards_pb2,
     cards_pb2_grpc,
     events_pb2,
+    partners_pb2,
+    partners_pb2_grpc,
     programs_pb2,
     programs_pb2_grpc,
 )
@@ -55,6 +57,7 @@ class Cards:
         self.suite = suite
         self.programs = programs_pb2_grpc.CardProgramsServiceStub(suite.channels["cards"])
         self.cards = cards_pb2_grpc.CardsServiceStub(suite.channels["cards"])
+        self.partners = partners_pb2_grpc.PartnersServiceStub(suite.channels["cards"])
 
     @property
     def runtime(self) -> ServiceRuntime:
@@ -222,7 +225,17 @@ async def test_programs(suite: Suite, database_url: DatabaseFactory) -> None:
         ),
         grpc.StatusCode.PERMISSION_DENIED,
     )
-    await create_program(c, program("BANK", "6200", partner_id="icbc", form=P.CARD_FORM_VIRTUAL))
+    bank = program("BANK", "6200", partner_id="icbc", form=P.CARD_FORM_VIRTUAL)
+    details = await refused(create_program(c, bank), grpc.StatusCode.FAILED_PRECONDITION)
+    assert details["reason"] == "PARTNER_NOT_FOUND"
+    await c.partners.CreatePartner(
+        partners_pb2.CreatePartnerRequest(
+            request_id="partner-icbc",
+            partner=partners_pb2.Partner(partner_id="icbc", display_name="ICBC"),
+        ),
+        metadata=HQ,
+    )
+    await create_program(c, bank)
     await create_program(
         c,
         program(

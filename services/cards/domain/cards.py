@@ -74,7 +74,9 @@ class Role(enum.StrEnum):
 
 
 # The whole state machine. A frozen card can be neither reported lost nor
-# replaced: either would undo a manager's freeze without a manager.
+# replaced: either would undo a manager's freeze without a manager. An
+# expired card can still be cancelled, so that the stored value left on it
+# is settled (paid out or forfeited) rather than stuck.
 TRANSITIONS: dict[tuple[CardState, Action], CardState] = {
     (CardState.ACTIVE, Action.REPORT_LOST): CardState.LOST,
     (CardState.ACTIVE, Action.FREEZE): CardState.FROZEN,
@@ -88,6 +90,7 @@ TRANSITIONS: dict[tuple[CardState, Action], CardState] = {
     (CardState.FROZEN, Action.UNFREEZE): CardState.ACTIVE,
     (CardState.FROZEN, Action.CANCEL): CardState.CANCELLED,
     (CardState.FROZEN, Action.EXPIRE): CardState.EXPIRED,
+    (CardState.EXPIRED, Action.CANCEL): CardState.CANCELLED,
 }
 
 # States a card can still leave; the others are final.

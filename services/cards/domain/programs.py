@@ -12,6 +12,7 @@ next member's number from being the obvious one.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 import re
@@ -43,6 +44,14 @@ class Form(enum.StrEnum):
 class Holding(enum.StrEnum):
     PERSONAL = "personal"
     GROUP = "group"
+
+
+class CancelSettlement(enum.StrEnum):
+    """What the paid stored value of an account becomes when its last card
+    is cancelled (bonus funds are always forfeited)."""
+
+    PAY_OUT = "pay_out"
+    FORFEIT = "forfeit"
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,7 @@ class Program:
     max_supplementary_cards: int = 0
     allows_linking: bool = False
     partner_id: str = ""
+    cancel_settlement: CancelSettlement = CancelSettlement.PAY_OUT
 
 
 def validate_program(p: Program, prefix: str = "card_program") -> Program:
@@ -104,21 +114,7 @@ def validate_program(p: Program, prefix: str = "card_program") -> Program:
     if partner and not _PARTNER_ID.match(partner):
         v.add(f"{prefix}.partner_id", "letters, digits, '_' or '-', at most 64")
     v.raise_if_any()
-    return Program(
-        program_id=program_id,
-        display_name=name,
-        form=p.form,
-        number_format=p.number_format,
-        validity_months=p.validity_months,
-        stored_value=p.stored_value,
-        member_discount_bps=p.member_discount_bps,
-        holding=p.holding,
-        max_group_holders=p.max_group_holders,
-        allows_supplementary=p.allows_supplementary,
-        max_supplementary_cards=p.max_supplementary_cards,
-        allows_linking=p.allows_linking,
-        partner_id=partner,
-    )
+    return dataclasses.replace(p, program_id=program_id, display_name=name, partner_id=partner)
 
 
 def _check_number_format(fmt: NumberFormat, prefix: str, v: Violations) -> None:
@@ -203,6 +199,18 @@ def card_number(fmt: NumberFormat, spread: Spread, serial: int) -> str:
     body = (serial * spread.multiplier + spread.offset) % fmt.capacity
     payload = fmt.prefix + str(body).zfill(fmt.range_digits)
     return payload + luhn_check_digit(payload) if fmt.luhn else payload
+
+
+def fits(fmt: NumberFormat, number: str) -> bool:
+    """Whether a number given from outside (a partner's) is one of the
+    range's: its prefix, its length and, if the format has one, a right
+    check digit."""
+    return (
+        number.isdigit()
+        and len(number) == fmt.length
+        and number.startswith(fmt.prefix)
+        and (not fmt.luhn or luhn_valid(number))
+    )
 
 
 def normalise_card_number(raw: str) -> str | None:

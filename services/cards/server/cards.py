@@ -11,11 +11,17 @@ from google.protobuf import struct_pb2
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.auth import STAFF_ROLES, Principal, Role, ScopeLevel, current_principal
-from chassis.db import utcnow
+from chassis.db import Database, utcnow
 from chassis.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from chassis.grpcserver import Context
 from chassis.idempotency import check_request_id, run_idempotent
-from chassis.paging import decode_token, encode_token, page_size
+from chassis.paging import (
+    decode_token,
+    encode_token,
+    newest_first_after,
+    newest_first_token,
+    page_size,
+)
 from chassis.service import ServiceContext
 from cornucopia.cards.v1 import cards_pb2, cards_pb2_grpc
 from services.cards import lifecycle
@@ -26,6 +32,7 @@ from services.cards.domain.cards import Action, CardState, ProgramFacts
 from services.cards.domain.cards import Role as CardRole
 from services.cards.domain.programs import Holding, normalise_card_number
 from services.cards.members_client import MembersClient
+from services.cards.payment_pin import check_payment_pin, pin_refusal, try_pin
 from services.cards.server.programs import program_not_found
 from services.cards.store import cards as store
 from services.cards.store import programs as program_store
@@ -84,19 +91,139 @@ def _member_refusal(known: projections.KnownMember) -> FailedPrecondition | None
     )
 
 
-def _pin_refusal(outcome: dict[str, Any], card_id: str) -> FailedPrecondition:
-    if outcome.get("refused") == "PIN_LOCKED":
-        return FailedPrecondition(
-            "too many wrong PINs; the PIN is locked for a while",
-            reason="PIN_LOCKED",
-            metadata={"card_id": card_id},
-            retry_after_seconds=float(outcome.get("retry_after", 0.0)),
+async def get_program(
+    session: AsyncSession, program_id: str, *, for_update: bool = False
+) -> ProgramRecord:
+    record = await program_store.get_program(session, program_id, for_update=for_update)
+    if record is None:
+        raise program_not_found(program_id)
+    return record
+
+
+async def get_card(session: AsyncSession, card_id: str, *, for_update: bool = False) -> CardRecord:
+    record = await store.get_card(session, card_id, for_update=for_update)
+    if record is None:
+        raise _card_not_found(card_id)
+    return record
+
+
+async def issue_card(
+    session: AsyncSession,
+    *,
+    program_id: str,
+    member_id: str,
+    stamp: Stamp,
+    principal_card_id: str = "",
+    group_card_id: str = "",
+    limit: domain.SpendingLimit | None = None,
+    partner_reference: str | None = None,
+    card_number: str = "",
+) -> CardRecord:
+    """Issues a card in the caller's transaction: a supplementary card on
+    ``principal_card_id``, a holder joining ``group_card_id``, or a card of
+    its own, with the program's next number or (a partner's card) the one
+    given. Used by IssueCard and by the partners' IssueCobrandCard and
+    LinkCobrandCard."""
+    now = stamp.at
+    program = await get_program(session, program_id, for_update=True)
+    known = await projections.get_member(session, member_id)
+    if known is not None and (refusal := _member_refusal(known)) is not None:
+        raise refusal
+    facts = program_facts(program)
+    if principal_card_id:
+        main = await get_card(session, principal_card_id, for_update=True)
+        main_program = await get_program(session, main.program_id)
+        domain.check_supplementary(
+            main.facts,
+            program_facts(main_program),
+            facts,
+            live_supplementaries=await store.count_live(session, principal_card_id=main.card_id),
         )
-    return FailedPrecondition(
-        "the PIN is wrong",
-        reason="PIN_INCORRECT",
-        metadata={"card_id": card_id, "tries_left": str(int(outcome.get("tries_left", 0)))},
+        role, account_id = CardRole.SUPPLEMENTARY, main.account_id
+    elif group_card_id:
+        group = await get_card(session, group_card_id, for_update=True)
+        group_program = await get_program(session, group.program_id)
+        domain.check_group_join(
+            group.facts,
+            program_facts(group_program),
+            program.program.program_id,
+            live_holders=await store.count_live(session, account_id=group.account_id),
+            already_holder=bool(
+                await store.count_live(session, account_id=group.account_id, member_id=member_id)
+            ),
+        )
+        role, account_id = CardRole.GROUP_HOLDER, group.account_id
+    else:
+        domain.check_new_holder(
+            facts,
+            await store.count_live(
+                session,
+                program_id=program.program.program_id,
+                member_id=member_id,
+                exclude_roles=(CardRole.SUPPLEMENTARY,),
+            ),
+        )
+        role = (
+            CardRole.GROUP_HOLDER
+            if program.program.holding == Holding.GROUP
+            else CardRole.PRINCIPAL
+        )
+        account_id = domain.new_account_id()
+    card_id = domain.new_card_id()
+    return await lifecycle.issue(
+        session,
+        program,
+        NewCard(
+            card_id=card_id,
+            card_number=card_number,
+            program_id=program.program.program_id,
+            member_id=member_id,
+            account_id=account_id,
+            role=role,
+            lineage_id=card_id,
+            expires_at=domain.expiry(now, program.program.validity_months),
+            principal_card_id=principal_card_id,
+            spending_limit=limit,
+            partner_id=program.program.partner_id,
+            partner_reference=partner_reference,
+        ),
+        stamp,
     )
+
+
+async def learn_member(db: Database, members: MembersClient, member_id: str) -> None:
+    """Makes sure the member is in the projection: an issue right after an
+    enrollment may come before the enrollment's event."""
+    async with db.sessions() as session:
+        if await projections.get_member(session, member_id) is not None:
+            return
+    facts = await members.member_facts(member_id)
+    if facts is None:
+        raise NotFound(
+            "no member with this id",
+            reason="MEMBER_NOT_FOUND",
+            metadata={"member_id": member_id},
+        )
+    async with db.transaction() as session:
+        await projections.note_member(
+            session, facts.member_id, facts.status, facts.as_of, merged_into=facts.merged_into
+        )
+
+
+async def link_cards(session: AsyncSession, first: str, second: str, stamp: Stamp) -> None:
+    """Links two members' cards when both programs allow it."""
+    # Locked in id order so that two opposite links cannot deadlock.
+    locked = {cid: await get_card(session, cid, for_update=True) for cid in sorted({first, second})}
+    card, other = locked[first], locked[second]
+    domain.check_link(
+        card.facts,
+        program_facts(await get_program(session, card.program_id)),
+        other.facts,
+        program_facts(await get_program(session, other.program_id)),
+    )
+    for this, that in ((card, other), (other, card)):
+        await store.update_card(session, this.card_id, linked_card_id=that.card_id)
+        await store.record_history(session, this, Action.LINK, stamp, related_card_id=that.card_id)
 
 
 class CardsServicer(cards_pb2_grpc.CardsServiceServicer):
@@ -106,29 +233,13 @@ class CardsServicer(cards_pb2_grpc.CardsServiceServicer):
 
     # --- helpers ---------------------------------------------------------
 
-    @staticmethod
-    async def _program(
-        session: AsyncSession, program_id: str, *, for_update: bool = False
-    ) -> ProgramRecord:
-        record = await program_store.get_program(session, program_id, for_update=for_update)
-        if record is None:
-            raise program_not_found(program_id)
-        return record
-
-    @staticmethod
-    async def _card(session: AsyncSession, card_id: str, *, for_update: bool = False) -> CardRecord:
-        record = await store.get_card(session, card_id, for_update=for_update)
-        if record is None:
-            raise _card_not_found(card_id)
-        return record
-
     async def _to_proto(self, session: AsyncSession, card: CardRecord) -> cards_pb2.Card:
         program = await program_store.get_program(session, card.program_id)
         return card_to_proto(card, program.program if program else None)
 
     async def _read(self, card_id: str) -> cards_pb2.Card:
         async with self.db.sessions() as session:
-            return await self._to_proto(session, await self._card(session, card_id))
+            return await self._to_proto(session, await get_card(session, card_id))
 
     @staticmethod
     async def _require_scope(session: AsyncSession, principal: Principal, card: CardRecord) -> None:
@@ -138,24 +249,6 @@ class CardsServicer(cards_pb2_grpc.CardsServiceServicer):
         if principal.scope.level == ScopeLevel.REGION and card.issued_store_id:
             region = await projections.region_of_store(session, card.issued_store_id)
         principal.require_store(card.issued_store_id, region)
-
-    async def _learn_member(self, member_id: str) -> None:
-        """Makes sure the member is in the projection: an issue right after
-        an enrollment may come before the enrollment's event."""
-        async with self.db.sessions() as session:
-            if await projections.get_member(session, member_id) is not None:
-                return
-        facts = await self.members.member_facts(member_id)
-        if facts is None:
-            raise NotFound(
-                "no member with this id",
-                reason="MEMBER_NOT_FOUND",
-                metadata={"member_id": member_id},
-            )
-        async with self.db.transaction() as session:
-            await projections.note_member(
-                session, facts.member_id, facts.status, facts.as_of, merged_into=facts.merged_into
-            )
 
     # --- issue and read --------------------------------------------------
 
@@ -184,81 +277,19 @@ class CardsServicer(cards_pb2_grpc.CardsServiceServicer):
             )
         domain.check_spending_limit(limit, supplementary=bool(request.principal_card_id))
         member_id = request.member_id.strip()
-        await self._learn_member(member_id)
+        await learn_member(self.db, self.members, member_id)
         now = utcnow()
         stamp = _stamp(principal, now)
 
         async def issue(session: AsyncSession) -> cards_pb2.Card:
-            program = await self._program(session, request.program_id.strip(), for_update=True)
-            known = await projections.get_member(session, member_id)
-            if known is not None and (refusal := _member_refusal(known)) is not None:
-                raise refusal
-            facts = program_facts(program)
-            principal_card_id = ""
-            if request.principal_card_id:
-                main = await self._card(session, request.principal_card_id, for_update=True)
-                main_program = await self._program(session, main.program_id)
-                domain.check_supplementary(
-                    main.facts,
-                    program_facts(main_program),
-                    facts,
-                    live_supplementaries=await store.count_live(
-                        session, principal_card_id=main.card_id
-                    ),
-                )
-                role, account_id, principal_card_id = (
-                    CardRole.SUPPLEMENTARY,
-                    main.account_id,
-                    main.card_id,
-                )
-            elif request.group_card_id:
-                group = await self._card(session, request.group_card_id, for_update=True)
-                group_program = await self._program(session, group.program_id)
-                domain.check_group_join(
-                    group.facts,
-                    program_facts(group_program),
-                    program.program.program_id,
-                    live_holders=await store.count_live(session, account_id=group.account_id),
-                    already_holder=bool(
-                        await store.count_live(
-                            session, account_id=group.account_id, member_id=member_id
-                        )
-                    ),
-                )
-                role, account_id = CardRole.GROUP_HOLDER, group.account_id
-            else:
-                domain.check_new_holder(
-                    facts,
-                    await store.count_live(
-                        session,
-                        program_id=program.program.program_id,
-                        member_id=member_id,
-                        exclude_roles=(CardRole.SUPPLEMENTARY,),
-                    ),
-                )
-                role = (
-                    CardRole.GROUP_HOLDER
-                    if program.program.holding == Holding.GROUP
-                    else CardRole.PRINCIPAL
-                )
-                account_id = domain.new_account_id()
-            card_id = domain.new_card_id()
-            created = await lifecycle.issue(
+            created = await issue_card(
                 session,
-                program,
-                NewCard(
-                    card_id=card_id,
-                    card_number="",
-                    program_id=program.program.program_id,
-                    member_id=member_id,
-                    account_id=account_id,
-                    role=role,
-                    lineage_id=card_id,
-                    expires_at=domain.expiry(now, program.program.validity_months),
-                    principal_card_id=principal_card_id,
-                    spending_limit=limit,
-                ),
-                stamp,
+                program_id=request.program_id.strip(),
+                member_id=member_id,
+                stamp=stamp,
+                principal_card_id=request.principal_card_id.strip(),
+                group_card_id=request.group_card_id.strip(),
+                limit=limit,
             )
             return cards_pb2.Card(card_id=created.card_id)
 
@@ -285,15 +316,7 @@ class CardsServicer(cards_pb2_grpc.CardsServiceServicer):
                 [FieldViolation("member_id", "give a member_id or an account_id")]
             )
         size = page_size(request.page_size)
-        key = decode_token(request.page_token)
-        after = None
-        if key is not None:
-            try:
-                after = (dt.datetime.fromisoformat(str(key["t"])), str(key["id"]))
-            except (KeyError, ValueError):
-                raise InvalidArgument(
-                    [FieldViolation("page_token", "not a token this service issued")]
-                ) from None
+        after = newest_first_after(request.page_token)
         async with self.db.sessions() as session:
             member_id = request.member_id.strip()
             if member_id:
@@ -310,9 +333,7 @@ class CardsServicer(cards_pb2_grpc.CardsServiceServicer):
             )
         if len(records) > size:
             last = records[size - 1]
-            response.next_page_token = encode_token(
-                {"t": last.issued_at.isoformat(), "id": last.card_id}
-            )
+            response.next_page_token = newest_first_token(last.issued_at, last.card_id)
         return response
 
     async def ResolveCard(
@@ -345,7 +366,7 @@ class CardsServicer(cards_pb2_grpc.CardsServiceServicer):
                     raise NotFound("no card with this number", reason="CARD_NOT_FOUND")
             else:
                 card = await self._members_card(session, member_id)
-            program = await self._program(session, card.program_id)
+            program = await get_program(session, card.program_id)
             refusal = domain.payment_refusal(card.state, card.expires_at, utcnow())
             return cards_pb2.ResolveCardResponse(
                 card=card_to_proto(card, program.program),
@@ -398,10 +419,13 @@ class CardsServicer(cards_pb2_grpc.CardsServiceServicer):
         stamp = _stamp(principal, utcnow())
 
         async def work(session: AsyncSession) -> cards_pb2.Card:
-            card = await self._card(session, card_id, for_update=True)
+            card = await get_card(session, card_id, for_update=True)
             if managed:
                 await self._require_scope(session, principal, card)
-            await lifecycle.move(session, card, action, stamp, reason)
+            if action == Action.CANCEL:
+                await lifecycle.cancel(session, card, stamp, reason)
+            else:
+                await lifecycle.move(session, card, action, stamp, reason)
             return cards_pb2.Card(card_id=card.card_id)
 
         done = await run_idempotent(
@@ -460,8 +484,8 @@ class CardsServicer(cards_pb2_grpc.CardsServiceServicer):
         stamp = _stamp(principal, utcnow())
 
         async def work(session: AsyncSession) -> cards_pb2.ReplaceCardResponse:
-            old = await self._card(session, card_id, for_update=True)
-            program = await self._program(session, old.program_id)
+            old = await get_card(session, card_id, for_update=True)
+            program = await get_program(session, old.program_id)
             new = await lifecycle.replace(session, old, program, stamp, reason)
             return cards_pb2.ReplaceCardResponse(
                 replaced_card=cards_pb2.Card(card_id=old.card_id),
@@ -494,23 +518,7 @@ class CardsServicer(cards_pb2_grpc.CardsServiceServicer):
         stamp = _stamp(principal, utcnow())
 
         async def work(session: AsyncSession) -> cards_pb2.LinkCardsResponse:
-            # Locked in id order so that two opposite links cannot deadlock.
-            locked = {
-                cid: await self._card(session, cid, for_update=True)
-                for cid in sorted({first, second})
-            }
-            card, other = locked[first], locked[second]
-            domain.check_link(
-                card.facts,
-                program_facts(await self._program(session, card.program_id)),
-                other.facts,
-                program_facts(await self._program(session, other.program_id)),
-            )
-            for this, that in ((card, other), (other, card)):
-                await store.update_card(session, this.card_id, linked_card_id=that.card_id)
-                await store.record_history(
-                    session, this, Action.LINK, stamp, related_card_id=that.card_id
-                )
+            await link_cards(session, first, second, stamp)
             return cards_pb2.LinkCardsResponse(
                 card=cards_pb2.Card(card_id=first), other_card=cards_pb2.Card(card_id=second)
             )
@@ -538,14 +546,14 @@ class CardsServicer(cards_pb2_grpc.CardsServiceServicer):
         stamp = _stamp(principal, utcnow())
 
         async def work(session: AsyncSession) -> cards_pb2.Card:
-            card = await self._card(session, card_id, for_update=True)
+            card = await get_card(session, card_id, for_update=True)
             if not card.linked_card_id:
                 raise FailedPrecondition(
                     "this card is not linked",
                     reason="CARD_NOT_LINKED",
                     metadata={"card_id": card_id},
                 )
-            other = await self._card(session, card.linked_card_id, for_update=True)
+            other = await get_card(session, card.linked_card_id, for_update=True)
             for this, that in ((card, other), (other, card)):
                 await store.update_card(session, this.card_id, linked_card_id="")
                 await store.record_history(
@@ -579,7 +587,7 @@ class CardsServicer(cards_pb2_grpc.CardsServiceServicer):
                 [FieldViolation("page_token", "not a token this service issued")]
             ) from None
         async with self.db.sessions() as session:
-            card = await self._card(session, card_id)
+            card = await get_card(session, card_id)
             entries = await store.history(session, card.lineage_id, after_seq=after, limit=size + 1)
         response = cards_pb2.ListCardHistoryResponse(
             entries=[history_to_proto(e) for e in entries[:size]]
@@ -589,38 +597,6 @@ class CardsServicer(cards_pb2_grpc.CardsServiceServicer):
         return response
 
     # --- the payment PIN -------------------------------------------------
-
-    @staticmethod
-    async def _try_pin(
-        session: AsyncSession, card: CardRecord, pin: str, now: dt.datetime
-    ) -> dict[str, Any]:
-        """Checks a PIN against the card's and writes the try's outcome (the
-        caller commits before refusing, so that a wrong try counts)."""
-        state = pins.PinState(card.pin_wrong_tries, card.pin_locked_until)
-        if pins.is_locked(state, now) and state.locked_until is not None:
-            return {
-                "refused": "PIN_LOCKED",
-                "retry_after": (state.locked_until - now).total_seconds(),
-            }
-        if await asyncio.to_thread(pins.secret_matches, pin, card.pin_hash or ""):
-            if state != pins.PinState():
-                await store.update_card(
-                    session, card.card_id, pin_wrong_tries=0, pin_locked_until=None
-                )
-            return {}
-        after = pins.after_wrong_try(state, now)
-        await store.update_card(
-            session,
-            card.card_id,
-            pin_wrong_tries=after.wrong_tries,
-            pin_locked_until=after.locked_until,
-        )
-        if after.locked_until is not None:
-            return {"refused": "PIN_LOCKED", "retry_after": pins.LOCK.total_seconds()}
-        return {
-            "refused": "PIN_INCORRECT",
-            "tries_left": pins.MAX_WRONG_TRIES - after.wrong_tries,
-        }
 
     async def SetCardPin(
         self, request: cards_pb2.SetCardPinRequest, context: Context
@@ -647,12 +623,12 @@ class CardsServicer(cards_pb2_grpc.CardsServiceServicer):
         stamp = _stamp(principal, now)
 
         async def work(session: AsyncSession) -> struct_pb2.Struct:
-            card = await self._card(session, card_id, for_update=True)
+            card = await get_card(session, card_id, for_update=True)
             domain.require_active(card.state, card.card_id, Action.SET_PIN)
             outcome: dict[str, Any] = {}
             if card.pin_hash is not None:
                 if request.current_pin:
-                    outcome = await self._try_pin(session, card, request.current_pin, now)
+                    outcome = await try_pin(session, card, request.current_pin, now)
                 elif not may_reset:
                     raise InvalidArgument(
                         [FieldViolation("current_pin", "required: the card has a PIN")]
@@ -682,7 +658,7 @@ class CardsServicer(cards_pb2_grpc.CardsServiceServicer):
             work=work,
         )
         if "refused" in outcome:
-            raise _pin_refusal(dict(outcome), card_id)
+            raise pin_refusal(dict(outcome), card_id)
         return await self._read(card_id)
 
     async def VerifyCardPin(
@@ -692,15 +668,5 @@ class CardsServicer(cards_pb2_grpc.CardsServiceServicer):
         card_id = _required(request.card_id, "card_id")
         if not request.pin:
             raise InvalidArgument([FieldViolation("pin", "required")])
-        now = utcnow()
-        async with self.db.transaction() as session:
-            card = await self._card(session, card_id, for_update=True)
-            domain.require_active(card.state, card.card_id, Action.SET_PIN)
-            if card.pin_hash is None:
-                raise FailedPrecondition(
-                    "this card has no PIN", reason="PIN_NOT_SET", metadata={"card_id": card_id}
-                )
-            outcome = await self._try_pin(session, card, request.pin, now)
-        if outcome:
-            raise _pin_refusal(outcome, card_id)
+        await check_payment_pin(self.db, card_id, request.pin, utcnow(), required=True)
         return cards_pb2.VerifyCardPinResponse(verified=True)

@@ -19,8 +19,15 @@ from chassis.idempotency import run_idempotent
 from chassis.paging import decode_token, encode_token, page_size
 from chassis.service import ServiceContext
 from cornucopia.cards.v1 import programs_pb2, programs_pb2_grpc
-from services.cards.convert import FORMS, HOLDINGS, program_from_proto, program_to_proto
+from services.cards.convert import (
+    FORMS,
+    HOLDINGS,
+    SETTLEMENTS,
+    program_from_proto,
+    program_to_proto,
+)
 from services.cards.domain import programs as domain
+from services.cards.store import partners as partner_store
 from services.cards.store import programs as store
 
 READING_ROLES = (*STAFF_ROLES, Role.SERVICE)
@@ -57,6 +64,10 @@ class CardProgramsServicer(programs_pb2_grpc.CardProgramsServiceServicer):
             violations.append(FieldViolation("card_program.form", "physical or virtual"))
         if message.holding not in HOLDINGS:
             violations.append(FieldViolation("card_program.holding", "personal or group"))
+        if message.cancel_settlement and message.cancel_settlement not in SETTLEMENTS:
+            violations.append(
+                FieldViolation("card_program.cancel_settlement", "pay out or forfeit")
+            )
         if violations:
             raise InvalidArgument(violations)
         program = domain.validate_program(program_from_proto(message))
@@ -65,6 +76,15 @@ class CardProgramsServicer(programs_pb2_grpc.CardProgramsServiceServicer):
         async def create(session: AsyncSession) -> programs_pb2.CardProgram:
             if await store.get_program(session, program.program_id) is not None:
                 raise _exists(program.program_id)
+            if (
+                program.partner_id
+                and await partner_store.get_partner(session, program.partner_id) is None
+            ):
+                raise FailedPrecondition(
+                    "register the partner before its programs",
+                    reason="PARTNER_NOT_FOUND",
+                    metadata={"partner_id": program.partner_id},
+                )
             for other_id, other in await store.number_formats(session):
                 if program.number_format.overlaps(other):
                     raise FailedPrecondition(

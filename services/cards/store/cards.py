@@ -55,11 +55,15 @@ cards = sa.Table(
     sa.Column("pin_hash", sa.String(200), nullable=True),
     sa.Column("pin_wrong_tries", sa.SmallInteger, nullable=False, server_default="0"),
     sa.Column("pin_locked_until", UTCDateTime, nullable=True),
+    # Co-brand cards: the program's partner and the partner's own reference.
+    sa.Column("partner_id", sa.String(64), nullable=False, server_default=""),
+    sa.Column("partner_reference", sa.String(64), nullable=True),
     sa.Index("ix_cards_member", "member_id", "issued_at"),
     sa.Index("ix_cards_account", "account_id", "issued_at"),
     sa.Index("ix_cards_principal", "principal_card_id"),
     sa.Index("ix_cards_expiry", "state", "expires_at"),
     sa.Index("ix_cards_lineage", "lineage_id"),
+    sa.Index("ix_cards_partner_reference", "partner_id", "partner_reference", unique=True),
 )
 
 card_history = sa.Table(
@@ -77,6 +81,22 @@ card_history = sa.Table(
     sa.Column("store_id", sa.String(32), nullable=False, server_default=""),
     sa.Column("at", UTCDateTime, nullable=False),
     sa.Index("ix_card_history_lineage", "lineage_id", "seq"),
+)
+
+# The feed of changes to co-brand cards that partners read in order through
+# PartnerCardsService. ``seq`` counts per partner, taken from the partner's
+# row (see ``next_change_seq``), so a reader never sees a later change
+# before an earlier one has committed.
+partner_card_changes = sa.Table(
+    "partner_card_changes",
+    metadata,
+    sa.Column("partner_id", sa.String(64), primary_key=True),
+    sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("card_id", sa.String(16), nullable=False),
+    sa.Column("action", sa.String(16), nullable=False),
+    sa.Column("state", sa.String(10), nullable=False),
+    sa.Column("related_card_id", sa.String(16), nullable=False, server_default=""),
+    sa.Column("at", UTCDateTime, nullable=False),
 )
 
 _LIVE = [s.value for s in LIVE_STATES]
@@ -115,6 +135,8 @@ class CardRecord:
     pin_hash: str | None
     pin_wrong_tries: int
     pin_locked_until: dt.datetime | None
+    partner_id: str = ""
+    partner_reference: str | None = None
 
     @property
     def facts(self) -> CardFacts:
@@ -158,6 +180,8 @@ def _record(row: Any) -> CardRecord:
         pin_hash=row.pin_hash,
         pin_wrong_tries=row.pin_wrong_tries,
         pin_locked_until=row.pin_locked_until,
+        partner_id=row.partner_id,
+        partner_reference=row.partner_reference,
     )
 
 
@@ -176,6 +200,8 @@ class NewCard:
     replaces_card_id: str = ""
     linked_card_id: str = ""
     pin_hash: str | None = None
+    partner_id: str = ""
+    partner_reference: str | None = None
 
 
 async def insert_card(session: AsyncSession, card: NewCard, stamp: Stamp) -> bool:
@@ -209,6 +235,8 @@ async def insert_card(session: AsyncSession, card: NewCard, stamp: Stamp) -> boo
             state_changed_by=stamp.principal,
             state_store_id=stamp.store_id,
             pin_hash=card.pin_hash,
+            partner_id=card.partner_id,
+            partner_reference=card.partner_reference,
         )
         .on_conflict_do_nothing(index_elements=["card_number"])
     )
@@ -337,6 +365,35 @@ async def record_history(
             at=stamp.at,
         )
     )
+    if card.partner_id:
+        # What happens to a co-brand card is also the partner's to know.
+        await session.execute(
+            sa.insert(partner_card_changes).values(
+                partner_id=card.partner_id,
+                seq=await next_change_seq(session, card.partner_id),
+                card_id=card.card_id,
+                action=action.value,
+                state=(after or card.state).value,
+                related_card_id=related_card_id,
+                at=stamp.at,
+            )
+        )
+
+
+async def next_change_seq(session: AsyncSession, partner_id: str) -> int:
+    """The partner's next change number. The update locks the partner's row
+    until this transaction ends, so numbers are handed out in commit order:
+    a later number cannot commit while an earlier one is still open. (Plain
+    SQL: the partners table is declared in store/partners, which imports
+    this module.)"""
+    result = await session.execute(
+        sa.text(
+            "UPDATE partners SET change_seq = change_seq + 1 WHERE partner_id = :p "
+            "RETURNING change_seq"
+        ),
+        {"p": partner_id},
+    )
+    return int(result.scalar_one())
 
 
 @dataclass(frozen=True)
@@ -394,6 +451,16 @@ async def live_cards_of_member(session: AsyncSession, member_id: str) -> list[Ca
         sa.select(cards)
         .where(cards.c.member_id == member_id, cards.c.state.in_(_LIVE))
         .order_by(cards.c.issued_at)
+        .with_for_update()
+    )
+    return [_record(row) for row in rows]
+
+
+async def live_supplementaries(session: AsyncSession, principal_card_id: str) -> list[CardRecord]:
+    rows = await session.execute(
+        sa.select(cards)
+        .where(cards.c.principal_card_id == principal_card_id, cards.c.state.in_(_LIVE))
+        .order_by(cards.c.card_id)
         .with_for_update()
     )
     return [_record(row) for row in rows]

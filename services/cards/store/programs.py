@@ -11,7 +11,14 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import UTCDateTime
-from services.cards.domain.programs import Form, Holding, NumberFormat, Program, Spread
+from services.cards.domain.programs import (
+    CancelSettlement,
+    Form,
+    Holding,
+    NumberFormat,
+    Program,
+    Spread,
+)
 from services.cards.store import metadata
 
 card_programs = sa.Table(
@@ -32,6 +39,7 @@ card_programs = sa.Table(
     sa.Column("max_supplementary_cards", sa.Integer, nullable=False),
     sa.Column("allows_linking", sa.Boolean, nullable=False),
     sa.Column("partner_id", sa.String(64), nullable=False, server_default=""),
+    sa.Column("cancel_settlement", sa.String(10), nullable=False, server_default="pay_out"),
     sa.Column("spread_multiplier", sa.BigInteger, nullable=False),
     sa.Column("spread_offset", sa.BigInteger, nullable=False),
     # The serial of the next number: only ever grows, so a number once
@@ -70,6 +78,7 @@ def _record(row: Any) -> ProgramRecord:
             max_supplementary_cards=row.max_supplementary_cards,
             allows_linking=row.allows_linking,
             partner_id=row.partner_id,
+            cancel_settlement=CancelSettlement(row.cancel_settlement),
         ),
         spread=Spread(row.spread_multiplier, row.spread_offset),
         numbers_issued=row.next_serial,
@@ -106,6 +115,7 @@ async def insert_program(
             max_supplementary_cards=program.max_supplementary_cards,
             allows_linking=program.allows_linking,
             partner_id=program.partner_id,
+            cancel_settlement=program.cancel_settlement.value,
             spread_multiplier=spread.multiplier,
             spread_offset=spread.offset,
             created_by=principal,

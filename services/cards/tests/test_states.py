@@ -32,6 +32,7 @@ ALLOWED = {
     (S.FROZEN, A.UNFREEZE): S.ACTIVE,
     (S.FROZEN, A.CANCEL): S.CANCELLED,
     (S.FROZEN, A.EXPIRE): S.EXPIRED,
+    (S.EXPIRED, A.CANCEL): S.CANCELLED,
 }
 
 
@@ -52,12 +53,22 @@ def test_every_state_and_action(state: CardState, action: Action) -> None:
     assert refused.value.metadata["card_id"] == "C1"
 
 
-@pytest.mark.parametrize("state", [S.REPLACED, S.CANCELLED, S.EXPIRED])
+@pytest.mark.parametrize("state", [S.REPLACED, S.CANCELLED])
 def test_final_states_refuse_everything(state: CardState) -> None:
     assert state not in LIVE_STATES
     for action in LIFECYCLE_ACTIONS:
         with pytest.raises(FailedPrecondition):
             transition(state, action)
+
+
+def test_an_expired_card_can_only_be_cancelled() -> None:
+    assert S.EXPIRED not in LIVE_STATES
+    for action in LIFECYCLE_ACTIONS:
+        if action == A.CANCEL:
+            assert transition(S.EXPIRED, action) == S.CANCELLED
+        else:
+            with pytest.raises(FailedPrecondition):
+                transition(S.EXPIRED, action)
 
 
 NOW = dt.datetime(2026, 12, 1, 10, 0, tzinfo=dt.UTC)

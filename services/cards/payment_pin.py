@@ -1,0 +1,91 @@
+"""Checking a card's payment PIN: shared by VerifyCardPin, SetCardPin and
+the stored-value payments. A wrong try is written (and committed by the
+caller) before the refusal is raised, so that it counts."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from chassis.db import Database
+from chassis.errors import FailedPrecondition, NotFound
+from services.cards.domain import cards as domain
+from services.cards.domain import pins
+from services.cards.domain.cards import Action
+from services.cards.store import cards as store
+from services.cards.store.cards import CardRecord
+
+
+def pin_refusal(outcome: dict[str, Any], card_id: str) -> FailedPrecondition:
+    if outcome.get("refused") == "PIN_LOCKED":
+        return FailedPrecondition(
+            "too many wrong PINs; the PIN is locked for a while",
+            reason="PIN_LOCKED",
+            metadata={"card_id": card_id},
+            retry_after_seconds=float(outcome.get("retry_after", 0.0)),
+        )
+    return FailedPrecondition(
+        "the PIN is wrong",
+        reason="PIN_INCORRECT",
+        metadata={"card_id": card_id, "tries_left": str(int(outcome.get("tries_left", 0)))},
+    )
+
+
+async def try_pin(
+    session: AsyncSession, card: CardRecord, pin: str, now: dt.datetime
+) -> dict[str, Any]:
+    """Checks a PIN against the card's and writes the try's outcome; an
+    empty dict when it matched, else what to refuse with."""
+    state = pins.PinState(card.pin_wrong_tries, card.pin_locked_until)
+    if pins.is_locked(state, now) and state.locked_until is not None:
+        return {
+            "refused": "PIN_LOCKED",
+            "retry_after": (state.locked_until - now).total_seconds(),
+        }
+    if await asyncio.to_thread(pins.secret_matches, pin, card.pin_hash or ""):
+        if state != pins.PinState():
+            await store.update_card(session, card.card_id, pin_wrong_tries=0, pin_locked_until=None)
+        return {}
+    after = pins.after_wrong_try(state, now)
+    await store.update_card(
+        session,
+        card.card_id,
+        pin_wrong_tries=after.wrong_tries,
+        pin_locked_until=after.locked_until,
+    )
+    if after.locked_until is not None:
+        return {"refused": "PIN_LOCKED", "retry_after": pins.LOCK.total_seconds()}
+    return {"refused": "PIN_INCORRECT", "tries_left": pins.MAX_WRONG_TRIES - after.wrong_tries}
+
+
+async def check_payment_pin(
+    db: Database, card_id: str, pin: str, now: dt.datetime, *, required: bool = False
+) -> None:
+    """Before a payment from a card: a card with a PIN needs it
+    (PIN_REQUIRED), a wrong one is refused and counted. ``required`` asks
+    for a PIN even of a card without one (PIN_NOT_SET)."""
+    async with db.transaction() as session:
+        card = await store.get_card(session, card_id, for_update=True)
+        if card is None:
+            raise NotFound(
+                "no card with this id", reason="CARD_NOT_FOUND", metadata={"card_id": card_id}
+            )
+        domain.require_active(card.state, card.card_id, Action.SET_PIN)
+        if card.pin_hash is None:
+            if required:
+                raise FailedPrecondition(
+                    "this card has no PIN", reason="PIN_NOT_SET", metadata={"card_id": card_id}
+                )
+            return
+        if not pin:
+            raise FailedPrecondition(
+                "this card pays only with its PIN",
+                reason="PIN_REQUIRED",
+                metadata={"card_id": card_id},
+            )
+        outcome = await try_pin(session, card, pin, now)
+    if outcome:
+        raise pin_refusal(outcome, card_id)

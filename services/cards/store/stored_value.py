@@ -1,0 +1,665 @@
+"""Stored-value accounts, the journal, holds and the per-card day counters.
+Each function runs in the caller's unit of work, so that a movement, its
+entries, the account's balances and the outbox row commit together."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from chassis.db import BigIntKey, UTCDateTime
+from services.cards.domain.stored_value import (
+    ACCOUNT_BOOKS,
+    Balances,
+    Channel,
+    Entry,
+    Funds,
+    HoldState,
+    MovementKind,
+)
+from services.cards.store import metadata
+
+NO_FUNDS = Funds()
+
+
+def _money(name: str, nullable: bool = False) -> sa.Column[int]:
+    if nullable:
+        return sa.Column(name, sa.BigInteger, nullable=True)
+    return sa.Column(name, sa.BigInteger, nullable=False, server_default="0")
+
+
+sv_accounts = sa.Table(
+    "sv_accounts",
+    metadata,
+    sa.Column("account_id", sa.String(16), primary_key=True),
+    sa.Column("currency", sa.String(3), nullable=False),
+    _money("paid"),
+    _money("bonus"),
+    _money("held_paid"),
+    _money("held_bonus"),
+    sa.Column("opened_at", UTCDateTime, nullable=False),
+    sa.Column("closed_at", UTCDateTime, nullable=True),
+    sa.CheckConstraint("paid >= 0", name="ck_sv_accounts_paid"),
+    sa.CheckConstraint("bonus >= 0", name="ck_sv_accounts_bonus"),
+    sa.CheckConstraint("held_paid >= 0", name="ck_sv_accounts_held_paid"),
+    sa.CheckConstraint("held_bonus >= 0", name="ck_sv_accounts_held_bonus"),
+)
+
+sv_movements = sa.Table(
+    "sv_movements",
+    metadata,
+    sa.Column("seq", BigIntKey, primary_key=True, autoincrement=True),
+    sa.Column("movement_id", sa.String(16), nullable=False, unique=True),
+    sa.Column("kind", sa.String(10), nullable=False),
+    sa.Column("request_id", sa.String(220), nullable=False),
+    sa.Column("request_hash", sa.String(64), nullable=False, server_default=""),
+    sa.Column("account_id", sa.String(16), nullable=False),
+    sa.Column("card_id", sa.String(16), nullable=False),
+    sa.Column("currency", sa.String(3), nullable=False),
+    _money("amount"),
+    # What the spendable funds changed by (signed).
+    _money("paid"),
+    _money("bonus"),
+    # For a debit or a capture: what it took, and how much of that was
+    # refunded since.
+    _money("taken_paid"),
+    _money("taken_bonus"),
+    _money("refunded_paid"),
+    _money("refunded_bonus"),
+    _money("paid_after"),
+    _money("bonus_after"),
+    _money("held_paid_after"),
+    _money("held_bonus_after"),
+    sa.Column("channel", sa.String(24), nullable=False, server_default=""),
+    sa.Column("reference", sa.String(100), nullable=False, server_default=""),
+    sa.Column("note", sa.String(200), nullable=False, server_default=""),
+    sa.Column("bonus_rule_id", sa.String(16), nullable=False, server_default=""),
+    sa.Column("hold_id", sa.String(16), nullable=False, server_default=""),
+    sa.Column("refunds_movement_id", sa.String(16), nullable=False, server_default=""),
+    sa.Column("principal", sa.String(100), nullable=False),
+    sa.Column("store_id", sa.String(32), nullable=False, server_default=""),
+    sa.Column("at", UTCDateTime, nullable=False),
+    sa.UniqueConstraint("kind", "request_id", name="uq_sv_movements_request"),
+    sa.CheckConstraint("refunded_paid <= taken_paid", name="ck_sv_movements_refund_paid"),
+    sa.CheckConstraint("refunded_bonus <= taken_bonus", name="ck_sv_movements_refund_bonus"),
+    sa.Index("ix_sv_movements_account", "account_id", "seq"),
+    sa.Index("ix_sv_movements_card", "card_id", "seq"),
+)
+
+sv_entries = sa.Table(
+    "sv_entries",
+    metadata,
+    sa.Column("entry_id", BigIntKey, primary_key=True, autoincrement=True),
+    sa.Column("movement_id", sa.String(16), nullable=False),
+    sa.Column("account_id", sa.String(16), nullable=False),
+    sa.Column("book", sa.String(16), nullable=False),
+    sa.Column("channel", sa.String(24), nullable=False, server_default=""),
+    sa.Column("amount", sa.BigInteger, nullable=False),
+    sa.Column("at", UTCDateTime, nullable=False),
+    sa.Index("ix_sv_entries_movement", "movement_id"),
+    sa.Index("ix_sv_entries_account_book", "account_id", "book"),
+)
+
+sv_holds = sa.Table(
+    "sv_holds",
+    metadata,
+    sa.Column("hold_id", sa.String(16), primary_key=True),
+    sa.Column("account_id", sa.String(16), nullable=False),
+    sa.Column("card_id", sa.String(16), nullable=False),
+    sa.Column("state", sa.String(10), nullable=False),
+    sa.Column("currency", sa.String(3), nullable=False),
+    _money("paid"),
+    _money("bonus"),
+    _money("captured_paid"),
+    _money("captured_bonus"),
+    sa.Column("reference", sa.String(100), nullable=False, server_default=""),
+    # The day the hold counted against the card's daily limit.
+    sa.Column("local_day", sa.Date, nullable=False),
+    sa.Column("expires_at", UTCDateTime, nullable=False),
+    sa.Column("hold_movement_id", sa.String(16), nullable=False),
+    sa.Column("capture_movement_id", sa.String(16), nullable=False, server_default=""),
+    sa.Column("principal", sa.String(100), nullable=False),
+    sa.Column("store_id", sa.String(32), nullable=False, server_default=""),
+    sa.Column("held_at", UTCDateTime, nullable=False),
+    sa.Column("finished_at", UTCDateTime, nullable=True),
+    sa.Index("ix_sv_holds_due", "state", "expires_at"),
+    sa.Index("ix_sv_holds_account", "account_id", "state"),
+)
+
+sv_card_days = sa.Table(
+    "sv_card_days",
+    metadata,
+    sa.Column("card_id", sa.String(16), primary_key=True),
+    sa.Column("day", sa.Date, primary_key=True),
+    _money("spent"),
+    _money("recharged"),
+)
+
+
+# --- accounts ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AccountRecord:
+    account_id: str
+    currency: str
+    balances: Balances
+    opened_at: dt.datetime
+    closed_at: dt.datetime | None
+
+
+def _account(row: Any) -> AccountRecord:
+    return AccountRecord(
+        account_id=row.account_id,
+        currency=row.currency,
+        balances=Balances(row.paid, row.bonus, row.held_paid, row.held_bonus),
+        opened_at=row.opened_at,
+        closed_at=row.closed_at,
+    )
+
+
+def _insert(session: AsyncSession) -> Any:
+    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+
+
+async def open_account(
+    session: AsyncSession, account_id: str, currency: str, now: dt.datetime
+) -> None:
+    """Creates the account on its first movement; a no-op after that."""
+    await session.execute(
+        _insert(session)(sv_accounts)
+        .values(account_id=account_id, currency=currency, opened_at=now)
+        .on_conflict_do_nothing(index_elements=["account_id"])
+    )
+
+
+async def get_account(
+    session: AsyncSession, account_id: str, *, for_update: bool = False
+) -> AccountRecord | None:
+    """With ``for_update`` the account is locked until the transaction ends:
+    every movement of one account is serialised on this row."""
+    query = sa.select(sv_accounts).where(sv_accounts.c.account_id == account_id)
+    if for_update:
+        query = query.with_for_update()
+    row = (await session.execute(query)).first()
+    return None if row is None else _account(row)
+
+
+async def apply_entries(session: AsyncSession, account_id: str, entries: list[Entry]) -> Balances:
+    """Adds the account books' entries to its stored balances. The WHERE
+    clause and the CHECK constraints refuse any result below zero even if a
+    caller had not locked the row."""
+    delta = {book: 0 for book in ACCOUNT_BOOKS}
+    for entry in entries:
+        if entry.book in delta:
+            delta[entry.book] += entry.amount
+    c = sv_accounts.c
+    balances = (c.paid, c.bonus, c.held_paid, c.held_bonus)
+    changed = {book: c[book.value] for book in ACCOUNT_BOOKS if delta[book]}
+    if changed:
+        query: Any = (
+            sa.update(sv_accounts)
+            .where(
+                c.account_id == account_id,
+                *[column + delta[book] >= 0 for book, column in changed.items() if delta[book] < 0],
+            )
+            .values({column.name: column + delta[book] for book, column in changed.items()})
+            .returning(*balances)
+        )
+    else:
+        query = sa.select(*balances).where(c.account_id == account_id)
+    row = (await session.execute(query)).first()
+    if row is None:
+        raise LookupError(f"account {account_id} would go below zero or does not exist")
+    return Balances(row.paid, row.bonus, row.held_paid, row.held_bonus)
+
+
+async def any_account(session: AsyncSession) -> bool:
+    return (await session.execute(sa.select(sv_accounts.c.account_id).limit(1))).first() is not None
+
+
+async def close_account(session: AsyncSession, account_id: str, now: dt.datetime) -> None:
+    await session.execute(
+        sa.update(sv_accounts).where(sv_accounts.c.account_id == account_id).values(closed_at=now)
+    )
+
+
+# --- movements and their entries -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MovementRecord:
+    seq: int
+    movement_id: str
+    kind: MovementKind
+    request_id: str
+    request_hash: str
+    account_id: str
+    card_id: str
+    currency: str
+    amount: int
+    change: Funds
+    taken: Funds
+    refunded: Funds
+    after: Balances
+    channel: Channel | None
+    reference: str
+    note: str
+    bonus_rule_id: str
+    hold_id: str
+    refunds_movement_id: str
+    principal: str
+    store_id: str
+    at: dt.datetime
+
+
+def _movement(row: Any) -> MovementRecord:
+    return MovementRecord(
+        seq=row.seq,
+        movement_id=row.movement_id,
+        kind=MovementKind(row.kind),
+        request_id=row.request_id,
+        request_hash=row.request_hash,
+        account_id=row.account_id,
+        card_id=row.card_id,
+        currency=row.currency,
+        amount=row.amount,
+        change=Funds(row.paid, row.bonus),
+        taken=Funds(row.taken_paid, row.taken_bonus),
+        refunded=Funds(row.refunded_paid, row.refunded_bonus),
+        after=Balances(row.paid_after, row.bonus_after, row.held_paid_after, row.held_bonus_after),
+        channel=Channel(row.channel) if row.channel else None,
+        reference=row.reference,
+        note=row.note,
+        bonus_rule_id=row.bonus_rule_id,
+        hold_id=row.hold_id,
+        refunds_movement_id=row.refunds_movement_id,
+        principal=row.principal,
+        store_id=row.store_id,
+        at=row.at,
+    )
+
+
+@dataclass(frozen=True)
+class NewMovement:
+    movement_id: str
+    kind: MovementKind
+    request_id: str
+    request_hash: str
+    account_id: str
+    card_id: str
+    currency: str
+    amount: int
+    change: Funds
+    entries: list[Entry]
+    taken: Funds = NO_FUNDS
+    channel: Channel | None = None
+    reference: str = ""
+    note: str = ""
+    bonus_rule_id: str = ""
+    hold_id: str = ""
+    refunds_movement_id: str = ""
+
+
+async def record_movement(
+    session: AsyncSession,
+    movement: NewMovement,
+    after: Balances,
+    *,
+    principal: str,
+    store_id: str,
+    now: dt.datetime,
+) -> MovementRecord:
+    await session.execute(
+        sa.insert(sv_movements).values(
+            movement_id=movement.movement_id,
+            kind=movement.kind.value,
+            request_id=movement.request_id,
+            request_hash=movement.request_hash,
+            account_id=movement.account_id,
+            card_id=movement.card_id,
+            currency=movement.currency,
+            amount=movement.amount,
+            paid=movement.change.paid,
+            bonus=movement.change.bonus,
+            taken_paid=movement.taken.paid,
+            taken_bonus=movement.taken.bonus,
+            paid_after=after.paid,
+            bonus_after=after.bonus,
+            held_paid_after=after.held_paid,
+            held_bonus_after=after.held_bonus,
+            channel=movement.channel.value if movement.channel else "",
+            reference=movement.reference,
+            note=movement.note,
+            bonus_rule_id=movement.bonus_rule_id,
+            hold_id=movement.hold_id,
+            refunds_movement_id=movement.refunds_movement_id,
+            principal=principal,
+            store_id=store_id,
+            at=now,
+        )
+    )
+    if movement.entries:
+        await session.execute(
+            sa.insert(sv_entries),
+            [
+                {
+                    "movement_id": movement.movement_id,
+                    "account_id": movement.account_id,
+                    "book": e.book.value,
+                    "channel": e.channel.value if e.channel else "",
+                    "amount": e.amount,
+                    "at": now,
+                }
+                for e in movement.entries
+            ],
+        )
+    recorded = await get_movement(session, movement.movement_id)
+    assert recorded is not None  # written just now, in this transaction
+    return recorded
+
+
+async def get_movement(
+    session: AsyncSession, movement_id: str, *, for_update: bool = False
+) -> MovementRecord | None:
+    query = sa.select(sv_movements).where(sv_movements.c.movement_id == movement_id)
+    if for_update:
+        query = query.with_for_update()
+    row = (await session.execute(query)).first()
+    return None if row is None else _movement(row)
+
+
+async def movement_by_request(
+    session: AsyncSession, kind: MovementKind, request_id: str
+) -> MovementRecord | None:
+    row = (
+        await session.execute(
+            sa.select(sv_movements).where(
+                sv_movements.c.kind == kind.value, sv_movements.c.request_id == request_id
+            )
+        )
+    ).first()
+    return None if row is None else _movement(row)
+
+
+async def add_refunded(session: AsyncSession, movement_id: str, funds: Funds) -> None:
+    c = sv_movements.c
+    await session.execute(
+        sa.update(sv_movements)
+        .where(c.movement_id == movement_id)
+        .values(
+            refunded_paid=c.refunded_paid + funds.paid,
+            refunded_bonus=c.refunded_bonus + funds.bonus,
+        )
+    )
+
+
+async def movements(
+    session: AsyncSession,
+    *,
+    account_id: str = "",
+    card_id: str = "",
+    include_account_kinds: tuple[MovementKind, ...] = (),
+    start: dt.datetime | None = None,
+    end: dt.datetime | None = None,
+    before_seq: int | None = None,
+    limit: int = 100,
+    after_seq: int | None = None,
+    oldest_first: bool = False,
+) -> list[MovementRecord]:
+    """Newest first (oldest first with ``oldest_first``). By card, with
+    ``include_account_kinds`` also the account's movements of those kinds
+    whatever card made them."""
+    c = sv_movements.c
+    query = sa.select(sv_movements)
+    if card_id:
+        mine = c.card_id == card_id
+        if include_account_kinds and account_id:
+            mine = sa.or_(
+                mine,
+                sa.and_(
+                    c.account_id == account_id,
+                    c.kind.in_([k.value for k in include_account_kinds]),
+                ),
+            )
+        query = query.where(mine)
+    elif account_id:
+        query = query.where(c.account_id == account_id)
+    if start is not None:
+        query = query.where(c.at >= start)
+    if end is not None:
+        query = query.where(c.at < end)
+    if before_seq is not None:
+        query = query.where(c.seq < before_seq)
+    if after_seq is not None:
+        query = query.where(c.seq > after_seq)
+    query = query.order_by(c.seq.asc() if oldest_first else c.seq.desc()).limit(limit)
+    return [_movement(row) for row in await session.execute(query)]
+
+
+# --- holds ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HoldRecord:
+    hold_id: str
+    account_id: str
+    card_id: str
+    state: HoldState
+    currency: str
+    funds: Funds
+    captured: Funds
+    reference: str
+    local_day: dt.date
+    expires_at: dt.datetime
+    hold_movement_id: str
+    capture_movement_id: str
+    principal: str
+    store_id: str
+    held_at: dt.datetime
+    finished_at: dt.datetime | None
+
+
+def _hold(row: Any) -> HoldRecord:
+    return HoldRecord(
+        hold_id=row.hold_id,
+        account_id=row.account_id,
+        card_id=row.card_id,
+        state=HoldState(row.state),
+        currency=row.currency,
+        funds=Funds(row.paid, row.bonus),
+        captured=Funds(row.captured_paid, row.captured_bonus),
+        reference=row.reference,
+        local_day=row.local_day,
+        expires_at=row.expires_at,
+        hold_movement_id=row.hold_movement_id,
+        capture_movement_id=row.capture_movement_id,
+        principal=row.principal,
+        store_id=row.store_id,
+        held_at=row.held_at,
+        finished_at=row.finished_at,
+    )
+
+
+async def insert_hold(session: AsyncSession, hold: HoldRecord) -> None:
+    await session.execute(
+        sa.insert(sv_holds).values(
+            hold_id=hold.hold_id,
+            account_id=hold.account_id,
+            card_id=hold.card_id,
+            state=hold.state.value,
+            currency=hold.currency,
+            paid=hold.funds.paid,
+            bonus=hold.funds.bonus,
+            reference=hold.reference,
+            local_day=hold.local_day,
+            expires_at=hold.expires_at,
+            hold_movement_id=hold.hold_movement_id,
+            principal=hold.principal,
+            store_id=hold.store_id,
+            held_at=hold.held_at,
+        )
+    )
+
+
+async def get_hold(
+    session: AsyncSession, hold_id: str, *, for_update: bool = False
+) -> HoldRecord | None:
+    query = sa.select(sv_holds).where(sv_holds.c.hold_id == hold_id)
+    if for_update:
+        query = query.with_for_update()
+    row = (await session.execute(query)).first()
+    return None if row is None else _hold(row)
+
+
+async def finish_hold(
+    session: AsyncSession,
+    hold_id: str,
+    state: HoldState,
+    now: dt.datetime,
+    *,
+    captured: Funds = NO_FUNDS,
+    capture_movement_id: str = "",
+) -> None:
+    await session.execute(
+        sa.update(sv_holds)
+        .where(sv_holds.c.hold_id == hold_id)
+        .values(
+            state=state.value,
+            finished_at=now,
+            captured_paid=captured.paid,
+            captured_bonus=captured.bonus,
+            capture_movement_id=capture_movement_id,
+        )
+    )
+
+
+async def holds_due(session: AsyncSession, now: dt.datetime, limit: int) -> list[str]:
+    """Ids of open holds past their time. Each is then handled in a
+    transaction of its own that locks its account first, then the hold, as
+    every movement does, so the expiry cannot deadlock with a capture."""
+    rows = await session.execute(
+        sa.select(sv_holds.c.hold_id)
+        .where(sv_holds.c.state == HoldState.HELD.value, sv_holds.c.expires_at <= now)
+        .order_by(sv_holds.c.expires_at)
+        .limit(limit)
+    )
+    return [r.hold_id for r in rows]
+
+
+async def open_holds(session: AsyncSession, account_id: str) -> list[str]:
+    rows = await session.execute(
+        sa.select(sv_holds.c.hold_id).where(
+            sv_holds.c.account_id == account_id, sv_holds.c.state == HoldState.HELD.value
+        )
+    )
+    return [r.hold_id for r in rows]
+
+
+# --- what a card did per day -------------------------------------------------------
+
+
+async def card_day(session: AsyncSession, card_id: str, day: dt.date) -> tuple[int, int]:
+    """(spent, recharged) on that day."""
+    row = (
+        await session.execute(
+            sa.select(sv_card_days.c.spent, sv_card_days.c.recharged).where(
+                sv_card_days.c.card_id == card_id, sv_card_days.c.day == day
+            )
+        )
+    ).first()
+    return (0, 0) if row is None else (int(row.spent), int(row.recharged))
+
+
+async def spent_since(session: AsyncSession, card_id: str, first_day: dt.date) -> int:
+    result = await session.execute(
+        sa.select(sa.func.coalesce(sa.func.sum(sv_card_days.c.spent), 0)).where(
+            sv_card_days.c.card_id == card_id, sv_card_days.c.day >= first_day
+        )
+    )
+    return int(result.scalar_one())
+
+
+async def add_to_card_day(
+    session: AsyncSession, card_id: str, day: dt.date, *, spent: int = 0, recharged: int = 0
+) -> None:
+    """Callers hold the account's lock, so the counters of its cards change
+    one movement at a time."""
+    c = sv_card_days.c
+    statement = _insert(session)(sv_card_days).values(
+        card_id=card_id, day=day, spent=spent, recharged=recharged
+    )
+    await session.execute(
+        statement.on_conflict_do_update(
+            index_elements=["card_id", "day"],
+            set_={"spent": c.spent + spent, "recharged": c.recharged + recharged},
+        )
+    )
+
+
+# --- verification --------------------------------------------------------------------
+
+
+async def counts(session: AsyncSession) -> tuple[int, int]:
+    """(accounts, movements)."""
+    accounts = await session.execute(sa.select(sa.func.count()).select_from(sv_accounts))
+    moved = await session.execute(sa.select(sa.func.count()).select_from(sv_movements))
+    return int(accounts.scalar_one()), int(moved.scalar_one())
+
+
+@dataclass(frozen=True)
+class LedgerProblem:
+    what: str
+    subject: str
+    detail: str
+
+
+async def verify(session: AsyncSession) -> list[LedgerProblem]:
+    """Every movement's entries sum to zero, and every account's stored
+    balances equal the sums of its books' entries."""
+    problems: list[LedgerProblem] = []
+    e = sv_entries.c
+    unbalanced = await session.execute(
+        sa.select(e.movement_id, sa.func.sum(e.amount).label("total"))
+        .group_by(e.movement_id)
+        .having(sa.func.sum(e.amount) != 0)
+    )
+    for row in unbalanced:
+        problems.append(
+            LedgerProblem("unbalanced movement", row.movement_id, f"entries sum to {row.total}")
+        )
+    sums: dict[str, dict[str, int]] = {}
+    rows = await session.execute(
+        sa.select(e.account_id, e.book, sa.func.sum(e.amount).label("total"))
+        .where(e.book.in_([b.value for b in ACCOUNT_BOOKS]))
+        .group_by(e.account_id, e.book)
+    )
+    for book_sum in rows:
+        sums.setdefault(book_sum.account_id, {})[book_sum.book] = int(book_sum.total)
+    for account in (await session.execute(sa.select(sv_accounts))).all():
+        record = _account(account)
+        journal = sums.pop(record.account_id, {})
+        for book, stored in record.balances.by_book().items():
+            summed = journal.get(book.value, 0)
+            if summed != stored:
+                problems.append(
+                    LedgerProblem(
+                        "balance differs from journal",
+                        record.account_id,
+                        f"{book.value}: stored {stored}, journal {summed}",
+                    )
+                )
+    for account_id in sums:
+        problems.append(LedgerProblem("entries without an account", account_id, ""))
+    movement_ids = sa.select(sv_movements.c.movement_id)
+    orphans = await session.execute(
+        sa.select(sa.func.count()).where(e.movement_id.not_in(movement_ids))
+    )
+    if count := int(orphans.scalar_one()):
+        problems.append(LedgerProblem("entries without a movement", "", f"{count} entries"))
+    return problems
