@@ -233,7 +233,10 @@ def from_rpc(problem: RpcProblem, *, peer: str, rename: Callable[[str], str] = s
     headers: dict[str, str] = {}
     if status == 401:
         headers = _unauthenticated_headers(problem.reason)
-    elif status in (429, 503):
+    elif status in (429, 503) or problem.retry_delay is not None:
+        # A service that says when trying again makes sense (RetryInfo) is
+        # passed on whatever the status: a locked PIN (422) as much as a
+        # rate limit.
         headers = _retry_after(
             problem.retry_delay, DEFAULT_RETRY_AFTER_SECONDS if status == 503 else None
         )

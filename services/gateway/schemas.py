@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Annotated, Any, Literal, cast
+from typing import Annotated, Any, Literal, TypeVar, cast
 
 from google.protobuf.descriptor import Descriptor, EnumDescriptor
 from google.protobuf.json_format import MessageToDict, ParseDict
@@ -56,15 +56,16 @@ def _one_of(choices: Mapping[str, int]) -> Any:
     return AfterValidator(check)
 
 
-def _enum_schema(choices: Mapping[str, int]) -> WithJsonSchema:
+def enum_schema(choices: Mapping[str, int]) -> WithJsonSchema:
+    """The JSON schema of a string that is one of these names."""
     return WithJsonSchema({"type": "string", "enum": list(choices)})
 
 
-GenderName = Annotated[str, _one_of(GENDERS), _enum_schema(GENDERS)]
-ChannelName = Annotated[str, _one_of(ENROLLMENT_CHANNELS), _enum_schema(ENROLLMENT_CHANNELS)]
+GenderName = Annotated[str, _one_of(GENDERS), enum_schema(GENDERS)]
+ChannelName = Annotated[str, _one_of(ENROLLMENT_CHANNELS), enum_schema(ENROLLMENT_CHANNELS)]
 
 
-def _encodable(value: str) -> str:
+def encodable(value: str) -> str:
     # JSON may carry lone UTF-16 surrogates ("\ud800"); protobuf strings
     # must be valid UTF-8.
     try:
@@ -74,7 +75,7 @@ def _encodable(value: str) -> str:
     return value
 
 
-Text = Annotated[str, AfterValidator(_encodable)]
+Text = Annotated[str, AfterValidator(encodable)]
 
 
 # -- dates ----------------------------------------------------------------------
@@ -229,7 +230,7 @@ class ContactWindow(BaseModel):
 
 
 class Consent(BaseModel):
-    channel: Annotated[str, _enum_schema(CONTACT_CHANNELS)] | None = None
+    channel: Annotated[str, enum_schema(CONTACT_CHANNELS)] | None = None
     granted: bool = False
     update_time: datetime | None = None
     recorded_by: AuditStamp | None = None
@@ -276,15 +277,15 @@ class MemberPatch(BaseModel):
     landline: Text | None = None
     address: PostalAddress | None = None
     anniversaries: list[Anniversary] | None = None
-    skin_type: Annotated[str, _one_of(SKIN_TYPES), _enum_schema(SKIN_TYPES)] | None = None
+    skin_type: Annotated[str, _one_of(SKIN_TYPES), enum_schema(SKIN_TYPES)] | None = None
     skin_concerns: list[Text] | None = None
     occupation: Text | None = None
-    income_band: Annotated[str, _one_of(INCOME_BANDS), _enum_schema(INCOME_BANDS)] | None = None
+    income_band: Annotated[str, _one_of(INCOME_BANDS), enum_schema(INCOME_BANDS)] | None = None
     brands_used: list[Text] | None = None
     preferences: list[Text] | None = None
     tags: list[Text] | None = None
     preferred_contact_channel: (
-        Annotated[str, _one_of(CONTACT_CHANNELS), _enum_schema(CONTACT_CHANNELS)] | None
+        Annotated[str, _one_of(CONTACT_CHANNELS), enum_schema(CONTACT_CHANNELS)] | None
     ) = None
     contact_windows: list[ContactWindow] | None = None
     consultant_id: Text | None = None
@@ -318,8 +319,8 @@ class NewFollowUp(BaseModel):
         },
     )
 
-    channel: Annotated[str, _one_of(FOLLOW_UP_CHANNELS), _enum_schema(FOLLOW_UP_CHANNELS)]
-    outcome: Annotated[str, _one_of(FOLLOW_UP_OUTCOMES), _enum_schema(FOLLOW_UP_OUTCOMES)]
+    channel: Annotated[str, _one_of(FOLLOW_UP_CHANNELS), enum_schema(FOLLOW_UP_CHANNELS)]
+    outcome: Annotated[str, _one_of(FOLLOW_UP_OUTCOMES), enum_schema(FOLLOW_UP_OUTCOMES)]
     duration_seconds: int = Field(default=0, ge=0, le=2**31 - 1)
     next_step: Text = ""
     staff_id: Text | None = Field(default=None, description="Who called; by default the caller.")
@@ -342,8 +343,8 @@ class NewFollowUp(BaseModel):
 class FollowUp(BaseModel):
     follow_up_id: str
     member_id: str
-    channel: Annotated[str, _enum_schema(FOLLOW_UP_CHANNELS)] | None = None
-    outcome: Annotated[str, _enum_schema(FOLLOW_UP_OUTCOMES)] | None = None
+    channel: Annotated[str, enum_schema(FOLLOW_UP_CHANNELS)] | None = None
+    outcome: Annotated[str, enum_schema(FOLLOW_UP_OUTCOMES)] | None = None
     duration_seconds: int = 0
     next_step: str = ""
     staff_id: str = ""
@@ -371,9 +372,9 @@ class Member(BaseModel):
     family_name: str = ""
     mobile: str = Field(default="", description="E.164.", examples=["+34612345678"])
     email: str = ""
-    gender: Annotated[str, _enum_schema(GENDERS)] | None = None
+    gender: Annotated[str, enum_schema(GENDERS)] | None = None
     birthday: Birthday | None = None
-    enrollment_channel: Annotated[str, _enum_schema(ENROLLMENT_CHANNELS)] | None = None
+    enrollment_channel: Annotated[str, enum_schema(ENROLLMENT_CHANNELS)] | None = None
     preferred_language: str = ""
     create_time: datetime | None = None
     update_time: datetime | None = None
@@ -384,14 +385,14 @@ class Member(BaseModel):
     landline: str = ""
     address: PostalAddress | None = None
     anniversaries: list[Anniversary] = Field(default_factory=list)
-    skin_type: Annotated[str, _enum_schema(SKIN_TYPES)] | None = None
+    skin_type: Annotated[str, enum_schema(SKIN_TYPES)] | None = None
     skin_concerns: list[str] = Field(default_factory=list)
     occupation: str = ""
-    income_band: Annotated[str, _enum_schema(INCOME_BANDS)] | None = None
+    income_band: Annotated[str, enum_schema(INCOME_BANDS)] | None = None
     brands_used: list[str] = Field(default_factory=list)
     preferences: list[str] = Field(default_factory=list)
     tags: list[str] = Field(default_factory=list)
-    preferred_contact_channel: Annotated[str, _enum_schema(CONTACT_CHANNELS)] | None = None
+    preferred_contact_channel: Annotated[str, enum_schema(CONTACT_CHANNELS)] | None = None
     contact_windows: list[ContactWindow] = Field(default_factory=list)
     consultant_id: str = ""
     referrer_member_id: str = ""
@@ -399,7 +400,7 @@ class Member(BaseModel):
     consents: list[Consent] = Field(default_factory=list)
     notes: str = ""
     attributes: dict[str, str] = Field(default_factory=dict)
-    state: Annotated[str, _enum_schema(MEMBER_STATES)] | None = None
+    state: Annotated[str, enum_schema(MEMBER_STATES)] | None = None
     merged_into: str = ""
     masked: bool = False
 
@@ -454,6 +455,15 @@ def proto_to_json(message: Message) -> dict[str, Any]:
         always_print_fields_with_no_presence=True,
     )
     return _shorten_enums(data, cast(Descriptor, message.DESCRIPTOR))
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def from_proto(model: type[M], message: Message) -> M:
+    """A message as one of the gateway's JSON shapes (nested shapes
+    included)."""
+    return model.model_validate(proto_to_json(message))
 
 
 def member_from_proto(member: members_pb2.Member) -> Member:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 from urllib.parse import quote
 
 import grpc
@@ -20,7 +20,6 @@ import structlog
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.openapi.utils import get_openapi
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from google.protobuf import field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import propagate, trace
@@ -28,17 +27,23 @@ from opentelemetry.trace import SpanKind, StatusCode
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from chassis.auth import verify_token
 from chassis.config import Settings
-from chassis.grpcclient import bearer, open_channel, rich_error
+from chassis.grpcclient import bearer, rich_error
 from chassis.logs import configure_logging, get_logger
 from chassis.telemetry import configure_tracing, shutdown_tracing
-from cornucopia.members.v1 import members_pb2, members_pb2_grpc
-from services.gateway import staff, transfers
+from cornucopia.members.v1 import members_pb2
+from services.gateway import cards, staff, stored_value, transfers
+from services.gateway.deps import (
+    MEMBERS_SERVICE,
+    Peers,
+    caller_token,
+    idempotency_key,
+    peers_of,
+    problem_responses,
+)
 from services.gateway.problems import (
     PROBLEM_JSON,
     FieldError,
-    Problem,
     ProblemError,
     from_rpc,
     install_problem_handlers,
@@ -58,14 +63,10 @@ from services.gateway.schemas import (
     member_from_proto,
 )
 
-if TYPE_CHECKING:
-    from cornucopia.members.v1.members_pb2_grpc import MembersServiceAsyncStub
-
 SERVICE = "gateway"
 log = get_logger(__name__)
 tracer = trace.get_tracer("services.gateway")
 
-MEMBERS_SERVICE = members_pb2.DESCRIPTOR.services_by_name["MembersService"]
 # Deadlines of the calls a request makes; past them the caller gets a 504.
 CALL_TIMEOUT_SECONDS = 5.0
 READINESS_TIMEOUT_SECONDS = 2.0
@@ -75,116 +76,6 @@ SHUTDOWN_GRACE_SECONDS = 10
 # Probes are neither traced nor logged: every few seconds they would bury
 # the requests that matter.
 PROBE_PATHS = frozenset({"/healthz", "/readyz"})
-
-
-# -- peers ------------------------------------------------------------------------
-
-
-class Peers:
-    """Channels to the services behind the gateway. A channel the gateway
-    opens itself is opened on first use, inside the running event loop, and
-    closed on shutdown; one passed in belongs to the caller."""
-
-    def __init__(self, settings: Settings, members_channel: grpc.aio.Channel | None) -> None:
-        self._members_target = settings.peer("members")
-        self._members_channel = members_channel
-        self._owned: list[grpc.aio.Channel] = []
-        self._members_stub: MembersServiceAsyncStub | None = None
-
-    @property
-    def members_channel(self) -> grpc.aio.Channel:
-        if self._members_channel is None:
-            self._members_channel = open_channel(self._members_target, services=[MEMBERS_SERVICE])
-            self._owned.append(self._members_channel)
-        return self._members_channel
-
-    @property
-    def members(self) -> MembersServiceAsyncStub:
-        if self._members_stub is None:
-            self._members_stub = members_pb2_grpc.MembersServiceStub(self.members_channel)
-        return self._members_stub
-
-    async def close(self, grace: float | None = None) -> None:
-        for channel in self._owned:
-            await channel.close(grace)
-        self._owned.clear()
-        self._members_channel = None
-        self._members_stub = None
-
-
-def peers_of(request: Request) -> Peers:
-    peers: Peers = request.app.state.peers
-    return peers
-
-
-# -- request context --------------------------------------------------------------
-
-bearer_scheme = HTTPBearer(
-    auto_error=False,
-    scheme_name="bearer",
-    bearerFormat="JWT",
-    description="A Cornucopia token (`cornucopia token --role ... --scope ...`); "
-    "the gateway forwards it to the services, which decide what it may do.",
-)
-
-
-async def caller_token(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
-) -> str:
-    """The caller's bearer token, checked at the edge so that a forged or
-    expired token goes no further."""
-    token = credentials.credentials.strip() if credentials is not None else ""
-    if not token:
-        raise ProblemError(
-            401,
-            "MISSING_CREDENTIALS",
-            "send 'Authorization: Bearer <token>'",
-            headers={"WWW-Authenticate": 'Bearer realm="cornucopia"'},
-        )
-    principal = verify_token(request.app.state.settings.token_secret, token)
-    structlog.contextvars.bind_contextvars(principal=principal.subject)
-    return token
-
-
-async def idempotency_key(
-    key: Annotated[
-        str | None,
-        Header(
-            alias="Idempotency-Key",
-            description="A key of your choosing (a UUID is best), unique per operation. "
-            "Retrying with the same key and body returns the first answer; the same key "
-            "with another body is refused (422).",
-        ),
-    ] = None,
-) -> str:
-    if key is None or not key.strip():
-        raise ProblemError(
-            400,
-            "IDEMPOTENCY_KEY_REQUIRED",
-            "send an Idempotency-Key header so that the request can be retried safely",
-            errors=[FieldError(field="Idempotency-Key", description="required")],
-        )
-    return key.strip()
-
-
-def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    descriptions = {
-        400: "The request is malformed or has invalid fields (listed in `errors`).",
-        401: "No token, or a token that is not valid.",
-        403: "The token's role or scope does not allow this.",
-        404: "No such resource.",
-        409: "Conflicts with the current state (e.g. the mobile is already a member's).",
-        412: "If-Match does not match: the resource changed since you read it.",
-        422: "Well formed but refused: a business rule, or an Idempotency-Key reused "
-        "for a different request.",
-        428: "If-Match is required.",
-        429: "Too many requests; see Retry-After.",
-        500: "An unexpected error; quote the trace_id.",
-        503: "A service behind the gateway is unavailable; see Retry-After.",
-        504: "A service behind the gateway did not answer in time.",
-    }
-    return {s: {"model": Problem, "description": descriptions[s]} for s in statuses}
 
 
 def _call_failed(exc: grpc.aio.AioRpcError, rename: Callable[[str], str] = str) -> ProblemError:
@@ -212,7 +103,7 @@ async def healthz() -> Health:
     tags=["health"],
     summary="Readiness",
     description="200 when the members service reports SERVING on its gRPC health check.",
-    responses=_problems(503),
+    responses=problem_responses(503),
     operation_id="readyz",
 )
 async def readyz(request: Request) -> Readiness:
@@ -241,7 +132,7 @@ async def readyz(request: Request) -> Readiness:
     "is a 409 whose `reason` is `MOBILE_IN_USE`.",
     status_code=201,
     response_description="The new member; `Location` names it.",
-    responses=_problems(400, 401, 403, 409, 422, 429, 500, 503, 504),
+    responses=problem_responses(400, 401, 403, 409, 422, 429, 500, 503, 504),
     operation_id="createMember",
 )
 async def create_member(
@@ -268,7 +159,7 @@ async def create_member(
     "/v1/members/{member_id}",
     tags=["members"],
     summary="Read a member",
-    responses=_problems(400, 401, 403, 404, 429, 500, 503, 504),
+    responses=problem_responses(400, 401, 403, 404, 429, 500, 503, 504),
     operation_id="getMember",
 )
 async def get_member(
@@ -297,7 +188,7 @@ async def get_member(
     description="Exactly one of `mobile` (any usual format, e.g. `138 0013 8000`) or `email`. "
     "The identifier you looked up with comes back in clear; other personal fields are "
     "masked unless your role may read this member's file.",
-    responses=_problems(400, 401, 403, 404, 429, 500, 503, 504),
+    responses=problem_responses(400, 401, 403, 404, 429, 500, 503, 504),
     operation_id="lookupMember",
 )
 async def lookup_member(
@@ -327,7 +218,7 @@ async def lookup_member(
     description="Changes the fields sent (a field sent as null is cleared). Send the "
     "`ETag` you read as `If-Match`: a file changed since is a 412. Only the member's "
     "home store, its region, HQ and the call center may change a file.",
-    responses=_problems(400, 401, 403, 404, 409, 412, 422, 428, 429, 500, 503, 504),
+    responses=problem_responses(400, 401, 403, 404, 409, 412, 422, 428, 429, 500, 503, 504),
     operation_id="updateMember",
 )
 async def update_member(
@@ -376,7 +267,7 @@ async def update_member(
     description="A call, message or visit with a member; any store may record one. Needs "
     "an `Idempotency-Key`.",
     status_code=201,
-    responses=_problems(400, 401, 403, 404, 422, 429, 500, 503, 504),
+    responses=problem_responses(400, 401, 403, 404, 422, 429, 500, 503, 504),
     operation_id="recordFollowUp",
 )
 async def record_follow_up(
@@ -513,6 +404,17 @@ def _route_template(scope: Scope) -> str:
 
 TAGS = [
     {"name": "members", "description": "Member files: enrollment and lookup."},
+    {
+        "name": "cards",
+        "description": "Member cards: issuing, resolving at the till, the lifecycle "
+        "(lost, frozen, replaced, cancelled), links, history and the payment PIN.",
+    },
+    {"name": "card programs", "description": "The chain's card types."},
+    {
+        "name": "stored value",
+        "description": "Money on cards: balances, recharges, holds, debits, refunds, "
+        "statements, the chain's policy and its bonus rules.",
+    },
     {"name": "auth", "description": "Staff login: a token for a login id and password."},
     {"name": "health", "description": "Liveness and readiness probes."},
 ]
@@ -553,9 +455,14 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     return schema
 
 
-def create_app(settings: Settings, members_channel: grpc.aio.Channel | None = None) -> FastAPI:
-    """The gateway app. ``members_channel`` is for tests and embedders; by
-    default a channel to ``settings.peer("members")`` is opened on first use."""
+def create_app(
+    settings: Settings,
+    members_channel: grpc.aio.Channel | None = None,
+    cards_channel: grpc.aio.Channel | None = None,
+) -> FastAPI:
+    """The gateway app. ``members_channel`` and ``cards_channel`` are for
+    tests and embedders; by default a channel to ``settings.peer("members")``
+    (``settings.peer("cards")``) is opened on first use."""
     app = FastAPI(
         title="Cornucopia gateway",
         version="1",
@@ -573,11 +480,13 @@ def create_app(settings: Settings, members_channel: grpc.aio.Channel | None = No
         },
     )
     app.state.settings = settings
-    app.state.peers = Peers(settings, members_channel)
+    app.state.peers = Peers(settings, members_channel, cards_channel)
     install_problem_handlers(app)
     # Before the member routes: /v1/members/export is not a member id.
     app.include_router(transfers.router)
     app.include_router(router)
+    app.include_router(cards.router)
+    app.include_router(stored_value.router)
     app.include_router(staff.router)
     # The last added is the outermost: the span covers the size check.
     app.add_middleware(LimitBody)

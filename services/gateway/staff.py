@@ -25,7 +25,7 @@ from cornucopia.members.v1 import organisation_pb2, organisation_pb2_grpc
 from services.gateway.problems import Problem, ProblemError, from_rpc, internal_error
 
 if TYPE_CHECKING:
-    from services.gateway.server import Peers
+    from services.gateway.deps import Peers
 
 log = get_logger(__name__)
 

@@ -19,7 +19,7 @@ from cornucopia.members.v1 import members_pb2, transfers_pb2, transfers_pb2_grpc
 from services.gateway.problems import FieldError, Problem, ProblemError, from_rpc
 
 if TYPE_CHECKING:
-    from services.gateway.server import Peers
+    from services.gateway.deps import Peers
 
 TRANSFERS_SERVICE = transfers_pb2.DESCRIPTOR.services_by_name["MemberTransfersService"]
 # Paths whose request bodies are files: exempt from the gateway's small-body limit.

@@ -1,0 +1,224 @@
+"""What the gateway's routers share: the channels to the services behind it,
+the caller's bearer token, the Idempotency-Key, paging parameters, and the
+problems a route documents. Kept apart from server.py so that every router can use them
+without importing the app that includes it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Any
+
+import grpc
+import structlog
+from fastapi import Depends, Header, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from chassis.auth import verify_token
+from chassis.config import Settings
+from chassis.grpcclient import open_channel
+from cornucopia.cards.v1 import (
+    cards_pb2,
+    cards_pb2_grpc,
+    programs_pb2,
+    programs_pb2_grpc,
+    stored_value_pb2,
+    stored_value_pb2_grpc,
+)
+from cornucopia.members.v1 import members_pb2, members_pb2_grpc
+from services.gateway.problems import FieldError, Problem, ProblemError
+
+if TYPE_CHECKING:
+    from cornucopia.cards.v1.cards_pb2_grpc import CardsServiceAsyncStub
+    from cornucopia.cards.v1.programs_pb2_grpc import CardProgramsServiceAsyncStub
+    from cornucopia.cards.v1.stored_value_pb2_grpc import StoredValueServiceAsyncStub
+    from cornucopia.members.v1.members_pb2_grpc import MembersServiceAsyncStub
+
+MEMBERS_SERVICE = members_pb2.DESCRIPTOR.services_by_name["MembersService"]
+CARDS_SERVICE = cards_pb2.DESCRIPTOR.services_by_name["CardsService"]
+CARD_PROGRAMS_SERVICE = programs_pb2.DESCRIPTOR.services_by_name["CardProgramsService"]
+STORED_VALUE_SERVICE = stored_value_pb2.DESCRIPTOR.services_by_name["StoredValueService"]
+
+
+# -- peers ------------------------------------------------------------------------
+
+
+class Peers:
+    """Channels to the services behind the gateway. A channel the gateway
+    opens itself is opened on first use, inside the running event loop, and
+    closed on shutdown; one passed in belongs to the caller."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        members_channel: grpc.aio.Channel | None = None,
+        cards_channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        self._members_target = settings.peer("members")
+        self._cards_target = settings.peer("cards")
+        self._members_channel = members_channel
+        self._cards_channel = cards_channel
+        self._owned: list[grpc.aio.Channel] = []
+        self._members_stub: MembersServiceAsyncStub | None = None
+        self._cards_stub: CardsServiceAsyncStub | None = None
+        self._card_programs_stub: CardProgramsServiceAsyncStub | None = None
+        self._stored_value_stub: StoredValueServiceAsyncStub | None = None
+
+    @property
+    def members_channel(self) -> grpc.aio.Channel:
+        if self._members_channel is None:
+            self._members_channel = open_channel(self._members_target, services=[MEMBERS_SERVICE])
+            self._owned.append(self._members_channel)
+        return self._members_channel
+
+    @property
+    def members(self) -> MembersServiceAsyncStub:
+        if self._members_stub is None:
+            self._members_stub = members_pb2_grpc.MembersServiceStub(self.members_channel)
+        return self._members_stub
+
+    @property
+    def cards_channel(self) -> grpc.aio.Channel:
+        """One channel for the services of the cards process."""
+        if self._cards_channel is None:
+            self._cards_channel = open_channel(
+                self._cards_target,
+                services=[CARDS_SERVICE, CARD_PROGRAMS_SERVICE, STORED_VALUE_SERVICE],
+            )
+            self._owned.append(self._cards_channel)
+        return self._cards_channel
+
+    @property
+    def cards(self) -> CardsServiceAsyncStub:
+        if self._cards_stub is None:
+            self._cards_stub = cards_pb2_grpc.CardsServiceStub(self.cards_channel)
+        return self._cards_stub
+
+    @property
+    def card_programs(self) -> CardProgramsServiceAsyncStub:
+        if self._card_programs_stub is None:
+            self._card_programs_stub = programs_pb2_grpc.CardProgramsServiceStub(self.cards_channel)
+        return self._card_programs_stub
+
+    @property
+    def stored_value(self) -> StoredValueServiceAsyncStub:
+        if self._stored_value_stub is None:
+            self._stored_value_stub = stored_value_pb2_grpc.StoredValueServiceStub(
+                self.cards_channel
+            )
+        return self._stored_value_stub
+
+    async def close(self, grace: float | None = None) -> None:
+        for channel in self._owned:
+            await channel.close(grace)
+        self._owned.clear()
+        self._members_channel = None
+        self._members_stub = None
+        self._cards_channel = None
+        self._cards_stub = None
+        self._card_programs_stub = None
+        self._stored_value_stub = None
+
+
+def peers_of(request: Request) -> Peers:
+    peers: Peers = request.app.state.peers
+    return peers
+
+
+# -- request context --------------------------------------------------------------
+
+bearer_scheme = HTTPBearer(
+    auto_error=False,
+    scheme_name="bearer",
+    bearerFormat="JWT",
+    description="A Cornucopia token (`cornucopia token --role ... --scope ...`); "
+    "the gateway forwards it to the services, which decide what it may do.",
+)
+
+
+async def caller_token(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+) -> str:
+    """The caller's bearer token, checked at the edge so that a forged or
+    expired token goes no further."""
+    token = credentials.credentials.strip() if credentials is not None else ""
+    if not token:
+        raise ProblemError(
+            401,
+            "MISSING_CREDENTIALS",
+            "send 'Authorization: Bearer <token>'",
+            headers={"WWW-Authenticate": 'Bearer realm="cornucopia"'},
+        )
+    principal = verify_token(request.app.state.settings.token_secret, token)
+    structlog.contextvars.bind_contextvars(principal=principal.subject)
+    return token
+
+
+async def idempotency_key(
+    key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            description="A key of your choosing (a UUID is best), unique per operation. "
+            "Retrying with the same key and body returns the first answer; the same key "
+            "with another body is refused (422).",
+        ),
+    ] = None,
+) -> str:
+    if key is None or not key.strip():
+        raise ProblemError(
+            400,
+            "IDEMPOTENCY_KEY_REQUIRED",
+            "send an Idempotency-Key header so that the request can be retried safely",
+            errors=[FieldError(field="Idempotency-Key", description="required")],
+        )
+    return key.strip()
+
+
+# The parameters of a route that calls a service as its caller, and of a
+# route that changes something (idempotently).
+Token = Annotated[str, Depends(caller_token)]
+Key = Annotated[str, Depends(idempotency_key)]
+PageSize = Annotated[
+    int, Query(ge=0, le=1000, description="At most 100 are returned; 0 for the default (20).")
+]
+PageToken = Annotated[
+    str, Query(max_length=1024, description="The `next_page_token` of the previous page.")
+]
+
+# -- problems ---------------------------------------------------------------------
+
+
+_PROBLEM_DESCRIPTIONS = {
+    400: "The request is malformed or has invalid fields (listed in `errors`).",
+    401: "No token, or a token that is not valid.",
+    403: "The token's role or scope does not allow this.",
+    404: "No such resource.",
+    409: "Conflicts with the current state (e.g. the mobile is already a member's).",
+    412: "If-Match does not match: the resource changed since you read it.",
+    422: "Well formed but refused: a business rule, or an Idempotency-Key reused "
+    "for a different request.",
+    428: "If-Match is required.",
+    429: "Too many requests; see Retry-After.",
+    500: "An unexpected error; quote the trace_id.",
+    503: "A service behind the gateway is unavailable; see Retry-After.",
+    504: "A service behind the gateway did not answer in time.",
+}
+
+
+def problem_responses(
+    *statuses: int, overrides: dict[int, str] | None = None
+) -> dict[int | str, dict[str, Any]]:
+    """The ``responses=`` of a route answering with these problems;
+    ``overrides`` says what a status means for that route."""
+    described = {**_PROBLEM_DESCRIPTIONS, **(overrides or {})}
+    return {s: {"model": Problem, "description": described[s]} for s in statuses}
+
+
+# The problems of a route that reads through a service.
+READ_PROBLEMS = problem_responses(400, 401, 403, 404, 429, 500, 503, 504)
+
+
+def change_problems(refusals: str) -> dict[int | str, dict[str, Any]]:
+    """The problems of a route that changes something through a service;
+    ``refusals`` says what its 422 means there."""
+    return problem_responses(400, 401, 403, 404, 422, 429, 500, 503, 504, overrides={422: refusals})
