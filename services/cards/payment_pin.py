@@ -67,25 +67,28 @@ async def check_payment_pin(
     """Before a payment from a card: a card with a PIN needs it
     (PIN_REQUIRED), a wrong one is refused and counted. ``required`` asks
     for a PIN even of a card without one (PIN_NOT_SET)."""
-    async with db.transaction() as session:
-        card = await store.get_card(session, card_id, for_update=True)
-        if card is None:
-            raise NotFound(
-                "no card with this id", reason="CARD_NOT_FOUND", metadata={"card_id": card_id}
-            )
-        domain.require_active(card.state, card.card_id, Action.SET_PIN)
-        if card.pin_hash is None:
-            if required:
-                raise FailedPrecondition(
-                    "this card has no PIN", reason="PIN_NOT_SET", metadata={"card_id": card_id}
-                )
-            return
-        if not pin:
+    async with db.sessions() as session:
+        card = await store.get_card(session, card_id)
+    if card is None:
+        raise NotFound(
+            "no card with this id", reason="CARD_NOT_FOUND", metadata={"card_id": card_id}
+        )
+    domain.require_active(card.state, card.card_id, Action.SET_PIN)
+    if card.pin_hash is None:
+        # Most cards have no PIN: no write, no lock, for them.
+        if required:
             raise FailedPrecondition(
-                "this card pays only with its PIN",
-                reason="PIN_REQUIRED",
-                metadata={"card_id": card_id},
+                "this card has no PIN", reason="PIN_NOT_SET", metadata={"card_id": card_id}
             )
-        outcome = await try_pin(session, card, pin, now)
+        return
+    if not pin:
+        raise FailedPrecondition(
+            "this card pays only with its PIN", reason="PIN_REQUIRED", metadata={"card_id": card_id}
+        )
+    async with db.transaction() as session:
+        # Locked, so that concurrent wrong tries all count.
+        locked = await store.get_card(session, card_id, for_update=True)
+        assert locked is not None  # cards are never deleted
+        outcome = await try_pin(session, locked, pin, now)
     if outcome:
         raise pin_refusal(outcome, card_id)
