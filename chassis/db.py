@@ -14,6 +14,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -229,3 +230,17 @@ def is_unique_violation(exc: BaseException) -> bool:
         return True
     text = str(orig or exc).lower()
     return "unique constraint" in text or "duplicate key" in text
+
+
+async def upsert(
+    session: AsyncSession, table: sa.Table, key: dict[str, Any], values: dict[str, Any]
+) -> None:
+    """Insert the row, or update ``values`` of the one with that key: one
+    statement, so two writers of a new key cannot both insert."""
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    await session.execute(
+        insert(table)
+        .values(**key, **values)
+        .on_conflict_do_update(index_elements=list(key), set_=values)
+    )

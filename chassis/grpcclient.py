@@ -31,7 +31,18 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, filters
 
-from chassis.errors import FieldViolation
+from chassis.auth import service_token
+from chassis.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+)
 
 DETAILS_METADATA_KEY = "grpc-status-details-bin"
 
@@ -198,4 +209,77 @@ def rich_error(exc: grpc.aio.AioRpcError) -> RpcProblem:
         metadata=metadata,
         violations=tuple(violations),
         retry_delay=retry_delay,
+    )
+
+
+class Peer:
+    """A service's channel to a peer service, opened on first use inside
+    the running loop and closed when the service stops, and the metadata of
+    the service's own short-lived token: a service calls a peer on its own
+    behalf, since the peer masks and scopes what staff may see."""
+
+    def __init__(
+        self,
+        target: str,
+        services: Iterable[ServiceDescriptor],
+        *,
+        token_secret: str,
+        subject: str,
+    ) -> None:
+        self.target = target
+        self.services = tuple(services)
+        self.token_secret = token_secret
+        self.subject = subject
+        self._channel: grpc.aio.Channel | None = None
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        if self._channel is None:
+            self._channel = open_channel(self.target, services=self.services)
+        return self._channel
+
+    def metadata(self) -> tuple[tuple[str, str]]:
+        return bearer(service_token(self.token_secret, self.subject))
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close(None)
+            self._channel = None
+
+
+# What a peer refused because of what the caller asked: passed on as it is.
+_CALLERS_MISTAKES: dict[grpc.StatusCode, type[ServiceError]] = {
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.ABORTED: Aborted,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+}
+
+
+def passed_on(problem: RpcProblem, *, peer: str) -> ServiceError:
+    """A peer's refusal as this service's own error: a refusal the peer
+    meant for the caller (it carries ErrorInfo) keeps its code, reason,
+    metadata and field violations; anything else (the peer down, a
+    deadline, our token refused) is UNAVAILABLE, ``<PEER>_UNAVAILABLE``."""
+    if problem.from_service and problem.code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgument(
+            problem.violations,
+            message=problem.message,
+            reason=problem.reason,
+            metadata=problem.metadata,
+        )
+    kind = _CALLERS_MISTAKES.get(problem.code)
+    if problem.from_service and kind is not None:
+        return kind(
+            problem.message,
+            reason=problem.reason,
+            metadata=problem.metadata,
+            violations=problem.violations,
+            retry_after_seconds=problem.retry_delay,
+        )
+    return Unavailable(
+        f"the {peer} service did not answer; try again",
+        reason=f"{peer.upper()}_UNAVAILABLE",
+        retry_after_seconds=1.0,
     )

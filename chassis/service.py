@@ -15,6 +15,7 @@ import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 from chassis.bus import STREAMS, Bus, StreamConfigError
 from chassis.config import Settings
@@ -29,6 +30,7 @@ from chassis.outbox import OutboxRelay
 from chassis.telemetry import configure_tracing, shutdown_tracing
 
 log = get_logger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -39,12 +41,21 @@ class ServiceContext:
     db: Database
     bus: Bus
     _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list, repr=False)
+    _shared: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def on_close(self, close: Callable[[], Awaitable[None]]) -> None:
         """Have the runtime await ``close()`` when it stops, after the last
         call and worker: for what a service opens itself (a channel to a
         peer, say) and shares between servicers and workers."""
         self._closers.append(close)
+
+    def shared(self, key: str, make: Callable[[], T]) -> T:
+        """One object per service under ``key`` (a client of a peer that
+        servicers and workers share), made on first ask."""
+        if key not in self._shared:
+            self._shared[key] = make()
+        value: T = self._shared[key]
+        return value
 
     async def close(self) -> None:
         for close in reversed(self._closers):

@@ -21,7 +21,7 @@ import io
 import re
 import unicodedata
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -266,3 +266,87 @@ def amount_format(currency: str) -> str:
     decimals: '#,##0.00' for CNY, '#,##0' for JPY."""
     digits = minor_unit_digits(currency)
     return "#,##0" + ("." + "0" * digits if digits else "")
+
+
+XLSX_CONTENT_TYPE = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
+EXPORT_CHUNK_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Column:
+    """A column of an exported sheet: its header, its width in characters,
+    and what its cells hold: "text", "amount" (minor units of ``currency``,
+    written as the currency's units) or "time" (an aware datetime, written
+    in UTC)."""
+
+    header: str
+    width: int
+    kind: str = "text"
+
+
+def write_xlsx(
+    sheet_name: str,
+    columns: Sequence[Column],
+    rows: Iterable[Sequence[object]],
+    *,
+    currency: str = "",
+    footer: str = "",
+) -> bytes:
+    """A one-sheet workbook: a bold, frozen header row (amount headers say
+    the currency), then the rows; a text cell that looks like a formula
+    stays text. Pure, and slow on large sheets: call it in a thread."""
+    from openpyxl import Workbook  # noqa: PLC0415 - heavy, only when exporting
+    from openpyxl.cell import WriteOnlyCell  # noqa: PLC0415
+    from openpyxl.styles import Font  # noqa: PLC0415
+    from openpyxl.utils import get_column_letter  # noqa: PLC0415
+
+    book = Workbook(write_only=True)
+    sheet: Any = book.create_sheet(sheet_name)
+    # In a write-only sheet, the panes and widths must be set before the
+    # first row.
+    sheet.freeze_panes = "A2"
+    for index, column in enumerate(columns, start=1):
+        sheet.column_dimensions[get_column_letter(index)].width = column.width
+
+    def cell(column: Column, value: object) -> Any:
+        if column.kind == "amount" and isinstance(value, int):
+            written = WriteOnlyCell(sheet, value=amount_value(value, currency))
+            written.number_format = amount_format(currency)
+            return written
+        if column.kind == "time" and isinstance(value, dt.datetime):
+            # Spreadsheets have no time zones: UTC, as the header says.
+            written = WriteOnlyCell(sheet, value=value.astimezone(dt.UTC).replace(tzinfo=None))
+            written.number_format = "yyyy-mm-dd hh:mm:ss"
+            return written
+        written = WriteOnlyCell(sheet, value=None if value in ("", None) else value)
+        # Someone's note typed as "=..." stays text: never a formula the
+        # spreadsheet would run.
+        if written.data_type == "f":
+            written.data_type = "s"
+        return written
+
+    bold = Font(bold=True)
+    headers = []
+    for column in columns:
+        title = (
+            f"{column.header} ({currency})"
+            if currency and column.kind == "amount"
+            else column.header
+        )
+        header = WriteOnlyCell(sheet, value=title)
+        header.font = bold
+        headers.append(header)
+    sheet.append(headers)
+    for row in rows:
+        sheet.append([cell(column, value) for column, value in zip(columns, row, strict=True)])
+    if footer:
+        sheet.append([cell(Column("", 0), footer)])
+    out = io.BytesIO()
+    book.save(out)
+    return out.getvalue()
+
+
+def chunks(data: bytes, size: int = EXPORT_CHUNK_BYTES) -> Iterator[bytes]:
+    """``data`` in pieces for a streaming reply (at least one, even empty)."""
+    for offset in range(0, max(len(data), 1), size):
+        yield data[offset : offset + size]

@@ -11,10 +11,9 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from chassis.auth import service_token
 from chassis.config import Settings
 from chassis.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
-from chassis.grpcclient import bearer, open_channel, rich_error
+from chassis.grpcclient import Peer, rich_error
 from chassis.logs import get_logger
 from cornucopia.members.v1 import members_pb2, members_pb2_grpc
 from services.cards.store.projections import MemberStatus
@@ -49,16 +48,18 @@ class MembersClient:
     and closed when the service stops."""
 
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self._channel: grpc.aio.Channel | None = None
+        self.peer = Peer(
+            settings.peer("members"),
+            [MEMBERS_SERVICE],
+            token_secret=settings.token_secret,
+            subject=SUBJECT,
+        )
 
     def _stub(self) -> MembersServiceAsyncStub:
-        if self._channel is None:
-            self._channel = open_channel(self.settings.peer("members"), services=[MEMBERS_SERVICE])
-        return members_pb2_grpc.MembersServiceStub(self._channel)
+        return members_pb2_grpc.MembersServiceStub(self.peer.channel)
 
     def _token(self) -> tuple[tuple[str, str]]:
-        return bearer(service_token(self.settings.token_secret, SUBJECT))
+        return self.peer.metadata()
 
     async def member_id_by_mobile(self, mobile: str) -> str:
         """The member whose mobile (their e-card) this is; a merged
@@ -111,6 +112,4 @@ class MembersClient:
 
     async def close(self) -> None:
         """Close the channel; the service's context calls this at shutdown."""
-        if self._channel is not None:
-            await self._channel.close(None)
-            self._channel = None
+        await self.peer.close()

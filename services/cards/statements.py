@@ -12,40 +12,33 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import io
 from collections.abc import Sequence
-from typing import Any
 
 from chassis.db import Database, utcnow
-from chassis.spreadsheets import amount_format, amount_value
+from chassis.spreadsheets import Column, write_xlsx
 from services.cards.domain.stored_value import MovementKind
 from services.cards.store import stored_value as store
 from services.cards.store.stored_value import MovementRecord
 
-CONTENT_TYPE = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
 MAX_MOVEMENTS = 100_000
 PAGE = 1_000
-TIME_FORMAT = "yyyy-mm-dd hh:mm:ss"
 
-# (header, width in characters) of each column, in order.
-COLUMNS: tuple[tuple[str, int], ...] = (
-    ("Time (UTC)", 20),
-    ("Movement ID", 18),
-    ("Kind", 10),
-    ("Card ID", 18),
-    ("Amount", 14),
-    ("Paid change", 14),
-    ("Bonus change", 14),
-    ("Available after", 16),
-    ("Held after", 14),
-    ("Channel", 20),
-    ("Reference", 28),
-    ("Note", 36),
-    ("Store", 10),
-    ("By", 20),
+COLUMNS = (
+    Column("Time (UTC)", 20, "time"),
+    Column("Movement ID", 18),
+    Column("Kind", 10),
+    Column("Card ID", 18),
+    Column("Amount", 14, "amount"),
+    Column("Paid change", 14, "amount"),
+    Column("Bonus change", 14, "amount"),
+    Column("Available after", 16, "amount"),
+    Column("Held after", 14, "amount"),
+    Column("Channel", 20),
+    Column("Reference", 28),
+    Column("Note", 36),
+    Column("Store", 10),
+    Column("By", 20),
 )
-# The columns holding amounts (0-based).
-AMOUNT_COLUMNS = range(4, 9)
 
 
 def file_name(account_id: str, card_id: str, today: dt.date) -> str:
@@ -112,82 +105,39 @@ async def statement_workbook(
     return file_name(account_id, card_id, utcnow().date()), data
 
 
-def _excel_time(at: dt.datetime) -> dt.datetime:
-    """Spreadsheets have no time zones: UTC, as the header says."""
-    return at.astimezone(dt.UTC).replace(tzinfo=None)
-
-
 def build_workbook(movements: Sequence[MovementRecord], *, cut: bool = False) -> bytes:
     """The workbook of these movements, in the order given. Pure."""
-    from openpyxl import Workbook  # noqa: PLC0415 - heavy, only when exporting
-    from openpyxl.cell import WriteOnlyCell  # noqa: PLC0415
-    from openpyxl.styles import Font  # noqa: PLC0415
-    from openpyxl.utils import get_column_letter  # noqa: PLC0415
-
-    book = Workbook(write_only=True)
-    sheet: Any = book.create_sheet("Statement")
-    # In a write-only sheet, the panes and widths must be set before the
-    # first row.
-    sheet.freeze_panes = "A2"
-    for index, (_header, width) in enumerate(COLUMNS, start=1):
-        sheet.column_dimensions[get_column_letter(index)].width = width
-
-    def text(value: str) -> Any:
-        cell = WriteOnlyCell(sheet, value=value or None)
-        # A note or a reference someone typed as "=..." stays text: never a
-        # formula the spreadsheet would run.
-        if cell.data_type == "f":
-            cell.data_type = "s"
-        return cell
-
-    def amount(minor_units: int, currency: str) -> Any:
-        cell = WriteOnlyCell(sheet, value=amount_value(minor_units, currency))
-        cell.number_format = amount_format(currency)
-        return cell
-
-    bold = Font(bold=True)
-    headers = []
-    # Every account is kept in the chain's one currency.
-    currency = movements[0].currency if movements else ""
-    for index, (header, _width) in enumerate(COLUMNS):
-        title = f"{header} ({currency})" if currency and index in AMOUNT_COLUMNS else header
-        cell = WriteOnlyCell(sheet, value=title)
-        cell.font = bold
-        headers.append(cell)
-    sheet.append(headers)
-    for m in movements:
-        at = WriteOnlyCell(sheet, value=_excel_time(m.at))
-        at.number_format = TIME_FORMAT
-        c = m.currency
-        sheet.append(
-            [
-                at,
-                text(m.movement_id),
-                text(m.kind.value),
-                text(m.card_id),
-                amount(m.amount, c),
-                amount(m.change.paid, c),
-                amount(m.change.bonus, c),
-                amount(m.after.available, c),
-                amount(m.after.held, c),
-                text(m.channel.value if m.channel else ""),
-                text(m.reference),
-                text(m.note),
-                text(m.store_id),
-                text(m.principal),
-            ]
-        )
+    footer = ""
     if cut and movements:
         last = movements[-1]
-        sheet.append(
-            [
-                text(
-                    f"Cut at {len(movements):,} movements: the last is {last.movement_id} at "
-                    f"{_excel_time(last.at).isoformat(sep=' ')} UTC; export again from that "
-                    "time for the rest."
-                )
-            ]
+        at = last.at.astimezone(dt.UTC).replace(tzinfo=None).isoformat(sep=" ")
+        footer = (
+            f"Cut at {len(movements):,} movements: the last is {last.movement_id} at "
+            f"{at} UTC; export again from that time for the rest."
         )
-    out = io.BytesIO()
-    book.save(out)
-    return out.getvalue()
+    return write_xlsx(
+        "Statement",
+        COLUMNS,
+        (
+            (
+                m.at,
+                m.movement_id,
+                m.kind.value,
+                m.card_id,
+                m.amount,
+                m.change.paid,
+                m.change.bonus,
+                m.after.available,
+                m.after.held,
+                m.channel.value if m.channel else "",
+                m.reference,
+                m.note,
+                m.store_id,
+                m.principal,
+            )
+            for m in movements
+        ),
+        # Every account is kept in the chain's one currency.
+        currency=movements[0].currency if movements else "",
+        footer=footer,
+    )

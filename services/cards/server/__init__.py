@@ -36,9 +36,19 @@ from services.cards.server.programs import CardProgramsServicer
 from services.cards.server.stored_value import StoredValueServicer
 
 
+def members_client(ctx: ServiceContext) -> MembersClient:
+    """One client of members per service, for the token and partner ports."""
+
+    def make() -> MembersClient:
+        client = MembersClient(ctx.settings)
+        ctx.on_close(client.close)
+        return client
+
+    return ctx.shared("cards.members", make)
+
+
 def grpc_services(ctx: ServiceContext) -> list[GrpcService]:
-    members = MembersClient(ctx.settings)
-    ctx.on_close(members.close)
+    members = members_client(ctx)
     return [
         GrpcService(
             full_name=programs_pb2.DESCRIPTOR.services_by_name["CardProgramsService"].full_name,
@@ -65,8 +75,7 @@ def grpc_services(ctx: ServiceContext) -> list[GrpcService]:
 
 def partner_endpoint(ctx: ServiceContext) -> PartnerEndpoint:
     """PartnerCardsService, on its own port behind mutual TLS."""
-    members = MembersClient(ctx.settings)
-    ctx.on_close(members.close)
+    members = members_client(ctx)
 
     async def resolve(certificate: ClientCertificate) -> Principal:
         return await partner_principal(ctx.db, certificate)

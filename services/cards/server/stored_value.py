@@ -22,6 +22,7 @@ from chassis.paging import (
     page_size,
 )
 from chassis.service import ServiceContext
+from chassis.spreadsheets import XLSX_CONTENT_TYPE, chunks
 from cornucopia.cards.v1 import stored_value_pb2 as pb
 from cornucopia.cards.v1 import stored_value_pb2_grpc
 from cornucopia.common.v1 import money_pb2
@@ -407,15 +408,11 @@ class StoredValueServicer(stored_value_pb2_grpc.StoredValueServiceServicer):
             start=start,
             end=end,
         )
-        first = True
-        for offset in range(0, max(len(data), 1), 64 * 1024):
-            chunk = pb.ExportStatementChunk(data=data[offset : offset + 64 * 1024])
-            if first:
+        for index, piece in enumerate(chunks(data)):
+            chunk = pb.ExportStatementChunk(data=piece)
+            if index == 0:
                 chunk.file_name = name
-                chunk.content_type = (
-                    "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
-                )
-                first = False
+                chunk.content_type = XLSX_CONTENT_TYPE
             yield chunk
 
     # --- policy and bonus rules ------------------------------------------------------
