@@ -35,7 +35,9 @@ async def upgrade_to_head(db: Database, migrations_dir: Path, service: str) -> N
 
     def run(connection: sa.Connection) -> None:
         cfg.attributes["connection"] = connection
-        command.upgrade(cfg, "head")
+        # "heads": a service whose history branched and merges later (one
+        # migration per area, written side by side) upgrades all the same.
+        command.upgrade(cfg, "heads")
 
     async with db.engine.begin() as conn:
         if db.dialect == "postgresql":

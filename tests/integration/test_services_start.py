@@ -18,7 +18,7 @@ from tests.integration.infra import DatabaseFactory
 ALL = {
     "members": (members, "cornucopia.members.v1.MembersService"),
     "cards": (cards, "cornucopia.cards.v1.CardsService"),
-    "loyalty": (loyalty, "cornucopia.loyalty.v1.LoyaltyService"),
+    "loyalty": (loyalty, "cornucopia.loyalty.v1.CheckoutService"),
     "campaigns": (campaigns, "cornucopia.campaigns.v1.CampaignsService"),
     "notify": (notify, "cornucopia.notify.v1.NotifyService"),
 }

@@ -1,0 +1,232 @@
+"""What the checkout asks other services, with a token of loyalty's own:
+cards (resolve the card, hold, capture, void and refund stored value) and
+members (a store's time zone and currency, a member's birthday month).
+
+A refusal a peer meant for the caller (CARD_FROZEN, INSUFFICIENT_BALANCE,
+PIN_INCORRECT...) is passed on as it is; a peer that does not answer is
+UNAVAILABLE, which the saga treats as nobody's fault."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import Message
+
+from chassis.config import Settings
+from chassis.errors import ServiceError
+from chassis.grpcclient import Peer, passed_on, rich_error
+from cornucopia.cards.v1 import cards_pb2, cards_pb2_grpc, stored_value_pb2, stored_value_pb2_grpc
+from cornucopia.common.v1 import money_pb2
+from cornucopia.members.v1 import (
+    members_pb2,
+    members_pb2_grpc,
+    organisation_pb2,
+    organisation_pb2_grpc,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
+SUBJECT = "loyalty"
+CALL_TIMEOUT_SECONDS = 5.0
+R = TypeVar("R", bound=Message)
+
+
+@dataclass(frozen=True)
+class ResolvedCard:
+    """Who buys, as cards sees it. A member with no card has no card_id."""
+
+    member_id: str
+    card_id: str = ""
+    program_id: str = ""
+    can_pay: bool = False
+    refusal_reason: str = ""
+    discount_bps: int = 0
+    stored_value: bool = False
+
+
+@dataclass(frozen=True)
+class HeldValue:
+    hold_id: str
+    state: str
+
+
+class CardsClient:
+    def __init__(self, settings: Settings) -> None:
+        self.peer = Peer(
+            settings.peer("cards"),
+            [
+                cards_pb2.DESCRIPTOR.services_by_name["CardsService"],
+                stored_value_pb2.DESCRIPTOR.services_by_name["StoredValueService"],
+            ],
+            token_secret=settings.token_secret,
+            subject=SUBJECT,
+        )
+
+    async def _call(self, call: Awaitable[R]) -> R:
+        try:
+            return await call
+        except grpc.aio.AioRpcError as exc:
+            raise passed_on(rich_error(exc), peer="cards") from None
+
+    @property
+    def _cards(self) -> cards_pb2_grpc.CardsServiceAsyncStub:
+        return cards_pb2_grpc.CardsServiceStub(self.peer.channel)  # type: ignore[return-value]
+
+    @property
+    def _sv(self) -> stored_value_pb2_grpc.StoredValueServiceAsyncStub:
+        return stored_value_pb2_grpc.StoredValueServiceStub(self.peer.channel)  # type: ignore[return-value]
+
+    async def resolve(self, *, card_number: str, mobile: str, member_id: str) -> ResolvedCard:
+        try:
+            found = await self._call(
+                self._cards.ResolveCard(
+                    cards_pb2.ResolveCardRequest(
+                        card_number=card_number, mobile=mobile, member_id=member_id
+                    ),
+                    metadata=self.peer.metadata(),
+                    timeout=CALL_TIMEOUT_SECONDS,
+                )
+            )
+        except ServiceError as error:
+            # A member without a card still earns points.
+            if error.reason == "MEMBER_HAS_NO_CARD" and error.metadata.get("member_id"):
+                return ResolvedCard(member_id=error.metadata["member_id"])
+            raise
+        return ResolvedCard(
+            member_id=found.card.member_id,
+            card_id=found.card.card_id,
+            program_id=found.card.program_id,
+            can_pay=found.can_pay,
+            refusal_reason=found.refusal_reason,
+            discount_bps=found.member_discount_bps,
+            stored_value=found.stored_value,
+        )
+
+    async def available(self, card_id: str) -> int:
+        balance = await self._call(
+            self._sv.GetBalance(
+                stored_value_pb2.GetBalanceRequest(card_id=card_id),
+                metadata=self.peer.metadata(),
+                timeout=CALL_TIMEOUT_SECONDS,
+            )
+        )
+        return int(balance.available.minor_units)
+
+    async def hold(
+        self,
+        *,
+        request_id: str,
+        card_id: str,
+        amount: money_pb2.Money,
+        pin: str,
+        reference: str,
+        ttl: dt.timedelta,
+    ) -> HeldValue:
+        duration = Duration()
+        duration.FromTimedelta(ttl)
+        held = await self._call(
+            self._sv.HoldStoredValue(
+                stored_value_pb2.HoldStoredValueRequest(
+                    request_id=request_id,
+                    card_id=card_id,
+                    amount=amount,
+                    pin=pin,
+                    reference=reference,
+                    ttl=duration,
+                ),
+                metadata=self.peer.metadata(),
+                timeout=CALL_TIMEOUT_SECONDS,
+            )
+        )
+        return HeldValue(held.hold_id, stored_value_pb2.HoldState.Name(held.state))
+
+    async def capture(self, *, request_id: str, hold_id: str) -> str:
+        """Captures the whole hold; returns the capture's movement id."""
+        held = await self._call(
+            self._sv.CaptureHold(
+                stored_value_pb2.CaptureHoldRequest(request_id=request_id, hold_id=hold_id),
+                metadata=self.peer.metadata(),
+                timeout=CALL_TIMEOUT_SECONDS,
+            )
+        )
+        return str(held.capture_movement_id)
+
+    async def void(self, *, request_id: str, hold_id: str, reason: str) -> None:
+        await self._call(
+            self._sv.VoidHold(
+                stored_value_pb2.VoidHoldRequest(
+                    request_id=request_id, hold_id=hold_id, reason=reason
+                ),
+                metadata=self.peer.metadata(),
+                timeout=CALL_TIMEOUT_SECONDS,
+            )
+        )
+
+    async def refund(
+        self, *, request_id: str, movement_id: str, amount: money_pb2.Money, reason: str
+    ) -> str:
+        done = await self._call(
+            self._sv.Refund(
+                stored_value_pb2.RefundRequest(
+                    request_id=request_id, movement_id=movement_id, amount=amount, reason=reason
+                ),
+                metadata=self.peer.metadata(),
+                timeout=CALL_TIMEOUT_SECONDS,
+            )
+        )
+        return str(done.movement.movement_id)
+
+    async def close(self) -> None:
+        await self.peer.close()
+
+
+@dataclass(frozen=True)
+class StoreFacts:
+    store_id: str
+    region_id: str
+    time_zone: str
+    currency: str
+
+
+class MembersClient:
+    def __init__(self, settings: Settings) -> None:
+        self.peer = Peer(
+            settings.peer("members"),
+            [
+                members_pb2.DESCRIPTOR.services_by_name["MembersService"],
+                organisation_pb2.DESCRIPTOR.services_by_name["OrganisationService"],
+            ],
+            token_secret=settings.token_secret,
+            subject=SUBJECT,
+        )
+
+    async def store(self, store_id: str) -> StoreFacts:
+        try:
+            found = await organisation_pb2_grpc.OrganisationServiceStub(self.peer.channel).GetStore(
+                organisation_pb2.GetStoreRequest(store_id=store_id),
+                metadata=self.peer.metadata(),
+                timeout=CALL_TIMEOUT_SECONDS,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise passed_on(rich_error(exc), peer="members") from None
+        return StoreFacts(found.store_id, found.region_id, found.time_zone, found.currency_code)
+
+    async def birthday_month(self, member_id: str) -> int | None:
+        try:
+            member = await members_pb2_grpc.MembersServiceStub(self.peer.channel).GetMember(
+                members_pb2.GetMemberRequest(member_id=member_id),
+                metadata=self.peer.metadata(),
+                timeout=CALL_TIMEOUT_SECONDS,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise passed_on(rich_error(exc), peer="members") from None
+        month = member.birthday.month if member.HasField("birthday") else 0
+        return month or None
+
+    async def close(self) -> None:
+        await self.peer.close()

@@ -1,0 +1,588 @@
+"""Tiers: the ladder (one row, a JSON document with an etag), each member's
+tier and grace period, the qualifying activity (spend per sale and
+refund), the history of changes and the review periods done."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from chassis.db import BigIntKey, UTCDateTime
+from services.loyalty.domain.tiers import (
+    HistoryKind,
+    Ladder,
+    Qualification,
+    ReviewPeriod,
+    Standing,
+    Tier,
+    default_ladder,
+    standing_of,
+)
+from services.loyalty.store import metadata
+
+_LADDER_ROW = 1
+SALE = "sale"
+REFUND = "refund"
+
+tier_ladder = sa.Table(
+    "tier_ladder",
+    metadata,
+    sa.Column("ladder_id", sa.SmallInteger, primary_key=True, autoincrement=False),
+    sa.Column("document", sa.Text, nullable=False),
+    sa.Column("etag", sa.String(32), nullable=False),
+    sa.Column("updated_by", sa.String(100), nullable=False),
+    sa.Column("updated_store_id", sa.String(32), nullable=False, server_default=""),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
+member_tiers = sa.Table(
+    "member_tiers",
+    metadata,
+    sa.Column("member_id", sa.String(64), primary_key=True),
+    sa.Column("tier_id", sa.String(32), nullable=False),
+    # When the member reached the tier; null until the first change.
+    sa.Column("since", UTCDateTime, nullable=True),
+    # Set while the member is in a grace period.
+    sa.Column("grace_until", UTCDateTime, nullable=True),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.Index("ix_member_tiers_grace_until", "grace_until"),
+)
+
+tier_activity = sa.Table(
+    "tier_activity",
+    metadata,
+    # (sale, sale id) or (refund, refund id): each counted once.
+    sa.Column("kind", sa.String(8), primary_key=True),
+    sa.Column("reference", sa.String(64), primary_key=True),
+    sa.Column("sale_id", sa.String(64), nullable=False),
+    sa.Column("member_id", sa.String(64), nullable=False),
+    # The sale's business day (a refund counts on its sale's day).
+    sa.Column("business_day", sa.Date, nullable=False),
+    # Negative for a refund.
+    sa.Column("spend_minor_units", sa.BigInteger, nullable=False),
+    sa.Column("recorded_at", UTCDateTime, nullable=False),
+    sa.Index("ix_tier_activity_member_day", "member_id", "business_day"),
+    sa.Index("ix_tier_activity_sale", "sale_id"),
+)
+
+tier_history = sa.Table(
+    "tier_history",
+    metadata,
+    sa.Column("seq", BigIntKey, primary_key=True, autoincrement=True),
+    sa.Column("member_id", sa.String(64), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("from_tier_id", sa.String(32), nullable=False),
+    sa.Column("to_tier_id", sa.String(32), nullable=False),
+    sa.Column("reason", sa.String(200), nullable=False, server_default=""),
+    sa.Column("sale_id", sa.String(64), nullable=False, server_default=""),
+    sa.Column("period", sa.String(16), nullable=False, server_default=""),
+    sa.Column("grace_until", UTCDateTime, nullable=True),
+    sa.Column("principal", sa.String(100), nullable=False),
+    sa.Column("store_id", sa.String(32), nullable=False, server_default=""),
+    sa.Column("at", UTCDateTime, nullable=False),
+    sa.Index("ix_tier_history_member", "member_id", "seq"),
+)
+
+tier_reviews = sa.Table(
+    "tier_reviews",
+    metadata,
+    sa.Column("period", sa.String(16), primary_key=True),
+    sa.Column("period_end", UTCDateTime, nullable=False),
+    # The time the review stands at (grace periods count from it).
+    sa.Column("as_of", UTCDateTime, nullable=False),
+    sa.Column("state", sa.String(8), nullable=False),
+    # The last member reviewed: a review taken over resumes after it.
+    sa.Column("cursor", sa.String(64), nullable=False, server_default=""),
+    sa.Column("claimed_by", sa.String(64), nullable=False),
+    sa.Column("lease_until", UTCDateTime, nullable=False),
+    sa.Column("members_reviewed", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("entered_grace", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("left_grace", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("downgraded", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("requested_by", sa.String(100), nullable=False),
+    sa.Column("started_at", UTCDateTime, nullable=False),
+    sa.Column("finished_at", UTCDateTime, nullable=True),
+)
+
+
+def _insert(session: AsyncSession) -> Any:
+    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+
+
+# --- the ladder -----------------------------------------------------------------------
+
+
+def ladder_document(ladder: Ladder) -> dict[str, Any]:
+    return {
+        "currency": ladder.currency,
+        "window_days": ladder.window_days,
+        "review_period": ladder.review_period.value,
+        "time_zone": ladder.time_zone,
+        "grace_days": ladder.grace_days,
+        "tiers": [
+            {
+                "tier_id": tier.tier_id,
+                "name": tier.name,
+                "rank": tier.rank,
+                "min_spend": tier.min_spend,
+                "min_visits": tier.min_visits,
+                "qualification": tier.qualification.value,
+                "discount_bps": tier.discount_bps,
+                "points_multiplier_bps": tier.points_multiplier_bps,
+            }
+            for tier in ladder.tiers
+        ],
+    }
+
+
+def ladder_from_document(doc: dict[str, Any]) -> Ladder:
+    return Ladder(
+        currency=doc["currency"],
+        window_days=doc["window_days"],
+        review_period=ReviewPeriod(doc["review_period"]),
+        time_zone=doc["time_zone"],
+        grace_days=doc["grace_days"],
+        tiers=tuple(
+            Tier(
+                tier_id=t["tier_id"],
+                name=t["name"],
+                rank=t["rank"],
+                min_spend=t["min_spend"],
+                min_visits=t["min_visits"],
+                qualification=Qualification(t["qualification"]),
+                discount_bps=t["discount_bps"],
+                points_multiplier_bps=t["points_multiplier_bps"],
+            )
+            for t in doc["tiers"]
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class LadderRecord:
+    ladder: Ladder
+    etag: str
+    updated_by: str
+    updated_store_id: str
+    updated_at: dt.datetime | None
+
+
+def _etag(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+async def get_ladder(session: AsyncSession, *, for_update: bool = False) -> LadderRecord:
+    """The chain's ladder; the default one until HQ sets its own."""
+    query = sa.select(tier_ladder).where(tier_ladder.c.ladder_id == _LADDER_ROW)
+    if for_update:
+        query = query.with_for_update()
+    row = (await session.execute(query)).first()
+    if row is None:
+        text = json.dumps(ladder_document(default_ladder()), sort_keys=True)
+        return LadderRecord(default_ladder(), _etag(text), "", "", None)
+    return LadderRecord(
+        ladder_from_document(json.loads(row.document)),
+        row.etag,
+        row.updated_by,
+        row.updated_store_id,
+        row.updated_at,
+    )
+
+
+async def save_ladder(
+    session: AsyncSession, ladder: Ladder, *, principal: str, store_id: str, now: dt.datetime
+) -> None:
+    text = json.dumps(ladder_document(ladder), sort_keys=True, ensure_ascii=False)
+    values = {
+        "document": text,
+        "etag": _etag(text + now.isoformat()),
+        "updated_by": principal,
+        "updated_store_id": store_id,
+        "updated_at": now,
+    }
+    updated = await session.execute(
+        sa.update(tier_ladder).where(tier_ladder.c.ladder_id == _LADDER_ROW).values(**values)
+    )
+    if getattr(updated, "rowcount", 0) == 0:
+        await session.execute(sa.insert(tier_ladder).values(ladder_id=_LADDER_ROW, **values))
+
+
+async def tier_held_outside(session: AsyncSession, tier_ids: Sequence[str]) -> str | None:
+    """A tier some member holds that is not in ``tier_ids``, if any."""
+    c = member_tiers.c
+    row = (
+        await session.execute(sa.select(c.tier_id).where(c.tier_id.not_in(list(tier_ids))).limit(1))
+    ).first()
+    return None if row is None else str(row.tier_id)
+
+
+async def any_activity(session: AsyncSession) -> bool:
+    row = (await session.execute(sa.select(tier_activity.c.reference).limit(1))).first()
+    return row is not None
+
+
+# --- members ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemberTierRecord:
+    member_id: str
+    tier_id: str
+    since: dt.datetime | None
+    grace_until: dt.datetime | None
+
+
+def _member(row: Any) -> MemberTierRecord:
+    return MemberTierRecord(row.member_id, row.tier_id, row.since, row.grace_until)
+
+
+async def get_member(
+    session: AsyncSession, member_id: str, *, for_update: bool = False
+) -> MemberTierRecord | None:
+    query = sa.select(member_tiers).where(member_tiers.c.member_id == member_id)
+    if for_update:
+        query = query.with_for_update()
+    row = (await session.execute(query)).first()
+    return None if row is None else _member(row)
+
+
+async def locked_member(
+    session: AsyncSession, member_id: str, lowest_tier_id: str, now: dt.datetime
+) -> MemberTierRecord:
+    """The member's row, created at the lowest tier if missing, locked
+    until the transaction ends: one member's tier changes happen one at a
+    time (on PostgreSQL; SQLite serialises all writers)."""
+    await session.execute(
+        _insert(session)(member_tiers)
+        .values(member_id=member_id, tier_id=lowest_tier_id, updated_at=now)
+        .on_conflict_do_nothing(index_elements=["member_id"])
+    )
+    found = await get_member(session, member_id, for_update=True)
+    assert found is not None  # inserted just now if it was missing
+    return found
+
+
+async def update_member(
+    session: AsyncSession,
+    member_id: str,
+    *,
+    now: dt.datetime,
+    **values: Any,
+) -> None:
+    """Sets ``tier_id``, ``since`` and/or ``grace_until``."""
+    await session.execute(
+        sa.update(member_tiers)
+        .where(member_tiers.c.member_id == member_id)
+        .values(updated_at=now, **values)
+    )
+
+
+async def members_to_review(
+    session: AsyncSession, *, after: str, lowest_tier_id: str, limit: int
+) -> list[MemberTierRecord]:
+    """Members above the lowest tier or in grace, by member id after
+    ``after``, locked."""
+    c = member_tiers.c
+    rows = await session.execute(
+        sa.select(member_tiers)
+        .where(
+            c.member_id > after,
+            sa.or_(c.tier_id != lowest_tier_id, c.grace_until.is_not(None)),
+        )
+        .order_by(c.member_id)
+        .limit(limit)
+        .with_for_update()
+    )
+    return [_member(row) for row in rows]
+
+
+async def graces_due(session: AsyncSession, at: dt.datetime, limit: int) -> list[MemberTierRecord]:
+    """Members whose grace period ended at or before ``at``, locked in
+    member id order as the review's batches lock them, so that the two
+    running at once cannot deadlock."""
+    c = member_tiers.c
+    rows = await session.execute(
+        sa.select(member_tiers)
+        .where(c.grace_until.is_not(None), c.grace_until <= at)
+        .order_by(c.member_id)
+        .limit(limit)
+        .with_for_update()
+    )
+    return [_member(row) for row in rows]
+
+
+# --- activity ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ActivityRecord:
+    kind: str
+    reference: str
+    sale_id: str
+    member_id: str
+    business_day: dt.date
+    spend_minor_units: int
+
+
+async def get_activity(session: AsyncSession, kind: str, reference: str) -> ActivityRecord | None:
+    c = tier_activity.c
+    row = (
+        await session.execute(
+            sa.select(tier_activity).where(c.kind == kind, c.reference == reference)
+        )
+    ).first()
+    if row is None:
+        return None
+    return ActivityRecord(
+        row.kind, row.reference, row.sale_id, row.member_id, row.business_day, row.spend_minor_units
+    )
+
+
+async def refunded_of_sale(session: AsyncSession, sale_id: str) -> int:
+    """What the refunds of a sale took back so far (positive)."""
+    c = tier_activity.c
+    total = (
+        await session.execute(
+            sa.select(sa.func.coalesce(sa.func.sum(c.spend_minor_units), 0)).where(
+                c.kind == REFUND, c.sale_id == sale_id
+            )
+        )
+    ).scalar()
+    return -int(total or 0)
+
+
+async def insert_activity(
+    session: AsyncSession,
+    *,
+    kind: str,
+    reference: str,
+    sale_id: str,
+    member_id: str,
+    business_day: dt.date,
+    spend_minor_units: int,
+    now: dt.datetime,
+) -> None:
+    await session.execute(
+        sa.insert(tier_activity).values(
+            kind=kind,
+            reference=reference,
+            sale_id=sale_id,
+            member_id=member_id,
+            business_day=business_day,
+            spend_minor_units=spend_minor_units,
+            recorded_at=now,
+        )
+    )
+
+
+async def standings(
+    session: AsyncSession, member_ids: Sequence[str], first_day: dt.date, last_day: dt.date
+) -> dict[str, Standing]:
+    """Each member's spend and visits over the days from ``first_day`` to
+    ``last_day``."""
+    if not member_ids:
+        return {}
+    c = tier_activity.c
+    rows = await session.execute(
+        sa.select(c.member_id, c.business_day, sa.func.sum(c.spend_minor_units).label("total"))
+        .where(
+            c.member_id.in_(list(member_ids)),
+            c.business_day >= first_day,
+            c.business_day <= last_day,
+        )
+        .group_by(c.member_id, c.business_day)
+    )
+    days: dict[str, list[int]] = {member_id: [] for member_id in member_ids}
+    for row in rows:
+        days[row.member_id].append(int(row.total))
+    return {member_id: standing_of(totals) for member_id, totals in days.items()}
+
+
+async def standing(
+    session: AsyncSession, member_id: str, first_day: dt.date, last_day: dt.date
+) -> Standing:
+    return (await standings(session, [member_id], first_day, last_day))[member_id]
+
+
+# --- history -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HistoryRecord:
+    seq: int
+    member_id: str
+    kind: HistoryKind
+    from_tier_id: str
+    to_tier_id: str
+    reason: str
+    sale_id: str
+    period: str
+    grace_until: dt.datetime | None
+    principal: str
+    store_id: str
+    at: dt.datetime
+
+
+async def add_history(
+    session: AsyncSession,
+    member_id: str,
+    kind: HistoryKind,
+    *,
+    from_tier_id: str,
+    to_tier_id: str,
+    reason: str,
+    principal: str,
+    store_id: str,
+    at: dt.datetime,
+    sale_id: str = "",
+    period: str = "",
+    grace_until: dt.datetime | None = None,
+) -> None:
+    await session.execute(
+        sa.insert(tier_history).values(
+            member_id=member_id,
+            kind=kind.value,
+            from_tier_id=from_tier_id,
+            to_tier_id=to_tier_id,
+            reason=reason[:200],
+            sale_id=sale_id,
+            period=period,
+            grace_until=grace_until,
+            principal=principal,
+            store_id=store_id,
+            at=at,
+        )
+    )
+
+
+def _history(row: Any) -> HistoryRecord:
+    return HistoryRecord(
+        seq=row.seq,
+        member_id=row.member_id,
+        kind=HistoryKind(row.kind),
+        from_tier_id=row.from_tier_id,
+        to_tier_id=row.to_tier_id,
+        reason=row.reason,
+        sale_id=row.sale_id,
+        period=row.period,
+        grace_until=row.grace_until,
+        principal=row.principal,
+        store_id=row.store_id,
+        at=row.at,
+    )
+
+
+async def list_history(
+    session: AsyncSession, member_id: str, *, before_seq: int | None, limit: int
+) -> list[HistoryRecord]:
+    """Newest first."""
+    c = tier_history.c
+    query = sa.select(tier_history).where(c.member_id == member_id)
+    if before_seq is not None:
+        query = query.where(c.seq < before_seq)
+    rows = await session.execute(query.order_by(c.seq.desc()).limit(limit))
+    return [_history(row) for row in rows]
+
+
+async def upgrade_by_sale(session: AsyncSession, sale_id: str) -> HistoryRecord | None:
+    c = tier_history.c
+    row = (
+        await session.execute(
+            sa.select(tier_history)
+            .where(c.sale_id == sale_id, c.kind == HistoryKind.UPGRADED.value)
+            .limit(1)
+        )
+    ).first()
+    return None if row is None else _history(row)
+
+
+# --- reviews ---------------------------------------------------------------------------------
+
+RUNNING = "running"
+DONE = "done"
+
+
+@dataclass(frozen=True)
+class ReviewRecord:
+    period: str
+    period_end: dt.datetime
+    as_of: dt.datetime
+    state: str
+    cursor: str
+    claimed_by: str
+    lease_until: dt.datetime
+    members_reviewed: int
+    entered_grace: int
+    left_grace: int
+    downgraded: int
+    requested_by: str
+
+
+def _review(row: Any) -> ReviewRecord:
+    return ReviewRecord(
+        row.period,
+        row.period_end,
+        row.as_of,
+        row.state,
+        row.cursor,
+        row.claimed_by,
+        row.lease_until,
+        row.members_reviewed,
+        row.entered_grace,
+        row.left_grace,
+        row.downgraded,
+        row.requested_by,
+    )
+
+
+async def get_review(
+    session: AsyncSession, period: str, *, for_update: bool = False
+) -> ReviewRecord | None:
+    query = sa.select(tier_reviews).where(tier_reviews.c.period == period)
+    if for_update:
+        query = query.with_for_update()
+    row = (await session.execute(query)).first()
+    return None if row is None else _review(row)
+
+
+async def start_review(
+    session: AsyncSession,
+    period: str,
+    *,
+    period_end: dt.datetime,
+    as_of: dt.datetime,
+    claimed_by: str,
+    lease_until: dt.datetime,
+    requested_by: str,
+    now: dt.datetime,
+) -> bool:
+    """Claims the review of a period; False when it exists already."""
+    result = await session.execute(
+        _insert(session)(tier_reviews)
+        .values(
+            period=period,
+            period_end=period_end,
+            as_of=as_of,
+            state=RUNNING,
+            claimed_by=claimed_by,
+            lease_until=lease_until,
+            requested_by=requested_by,
+            started_at=now,
+        )
+        .on_conflict_do_nothing(index_elements=["period"])
+    )
+    return bool(getattr(result, "rowcount", 0))
+
+
+async def update_review(session: AsyncSession, period: str, **values: Any) -> None:
+    await session.execute(
+        sa.update(tier_reviews).where(tier_reviews.c.period == period).values(**values)
+    )
