@@ -7,7 +7,10 @@ Neither Helm nor PyYAML nor jsonschema is a dependency of the project, so
 values.yaml is read by a small loader of the YAML subset it is written in
 (it refuses anything else rather than guess), and values.schema.json is
 checked by a small draft-07 validator of the keywords the schema uses (it
-refuses other keywords, so a schema change cannot go unchecked).
+refuses other keywords, so a schema change cannot go unchecked). The
+templates are checked as text; where a ``helm`` binary is at hand (on PATH,
+or named by $HELM) the tests marked ``needs_helm`` also render the chart
+with ``helm template`` and read the manifests with the same loader.
 """
 
 from __future__ import annotations
@@ -15,8 +18,12 @@ from __future__ import annotations
 import base64
 import importlib
 import json
+import os
+import pkgutil
 import re
 import shlex
+import shutil
+import subprocess
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +37,9 @@ from chassis.config import (
     DEFAULT_GRPC_PORTS,
     DEFAULT_HTTP_PORT,
     GRPC_SERVICES,
+    PartnerGrpc,
     Settings,
+    TlsFiles,
 )
 from chassis.crypto import keys_from_env
 
@@ -230,12 +239,14 @@ KNOWN_KEYWORDS = {
     "propertyNames",
     "items",
     "minItems",
+    "maxItems",
     "minimum",
     "maximum",
     "minLength",
     "pattern",
     "if",
     "then",
+    "else",
 }
 _TYPES: dict[str, Any] = {
     "object": lambda v: isinstance(v, dict),
@@ -285,6 +296,8 @@ def schema_errors(value: Any, schema: Any, root: Any, path: str = "") -> list[st
     if isinstance(value, list):
         if len(value) < schema.get("minItems", 0):
             errors.append(f"{where}: fewer than {schema['minItems']} items")
+        if "maxItems" in schema and len(value) > schema["maxItems"]:
+            errors.append(f"{where}: more than {schema['maxItems']} items")
         for index, item in enumerate(value):
             errors += schema_errors(item, schema.get("items", True), root, f"{path}/{index}")
     if isinstance(value, dict):
@@ -300,8 +313,9 @@ def schema_errors(value: Any, schema: Any, root: Any, path: str = "") -> list[st
                 errors.append(f"{where}: additional property {key!r} is not allowed")
             else:
                 errors += schema_errors(item, sub, root, f"{path}/{key}")
-    if "if" in schema and not schema_errors(value, schema["if"], root, path):
-        errors += schema_errors(value, schema.get("then", True), root, path)
+    if "if" in schema:
+        branch = "then" if not schema_errors(value, schema["if"], root, path) else "else"
+        errors += schema_errors(value, schema.get(branch, True), root, path)
     return errors
 
 
@@ -312,7 +326,7 @@ def subschemas(schema: Any) -> Iterator[dict[str, Any]]:
             if key in ("properties", "definitions"):
                 for item in sub.values():
                     yield from subschemas(item)
-            elif key in ("items", "additionalProperties", "propertyNames", "if", "then"):
+            elif key in ("items", "additionalProperties", "propertyNames", "if", "then", "else"):
                 yield from subschemas(sub)
 
 
@@ -394,6 +408,33 @@ def test_values_match_the_schema(values: dict[str, Any], schema: dict[str, Any])
         (lambda v: v["nats"].update(streamReplicas=0), "/nats/streamReplicas"),
         (lambda v: v["nats"].update(streamReplicas=6), "/nats/streamReplicas"),
         (lambda v: v["nats"].pop("streamReplicas"), "'streamReplicas' is required"),
+        (lambda v: _partner(v).update(port=0), "/components/cards/partner/port"),
+        (lambda v: _partner(v).update(port="50443"), "/components/cards/partner/port"),
+        (lambda v: _partner(v).update(enabled="true"), "/components/cards/partner/enabled"),
+        (lambda v: _partner(v).update(tlsSecret="x"), "'tlsSecret' is not allowed"),
+        (lambda v: _partner(v).pop("secretName"), "'secretName' is required"),
+        (lambda v: _partner(v).update(secretName=""), "/components/cards/partner/secretName"),
+        (lambda v: _partner(v).update(secretName="Partner_TLS"), "/partner/secretName"),
+        (lambda v: _partner(v).update(clientCASecretName="A CA"), "/partner/clientCASecretName"),
+        (lambda v: _partner(v)["service"].update(type="NodePort"), "/partner/service/type"),
+        (lambda v: _partner(v)["service"].update(port=443), "'port' is not allowed"),
+        (lambda v: _partner(v)["service"].update(annotations={"a": 1}), "/annotations/a"),
+        # Kubernetes refuses source ranges on anything but a LoadBalancer.
+        (
+            lambda v: _partner(v)["service"].update(loadBalancerSourceRanges=["203.0.113.0/24"]),
+            "/partner/service/loadBalancerSourceRanges: more than 0 items",
+        ),
+        (
+            lambda v: _partner(v)["service"].update(
+                type="LoadBalancer", loadBalancerSourceRanges=["203.0.113.7"]
+            ),
+            "/partner/service/loadBalancerSourceRanges/0",
+        ),
+        # Only a gRPC component can have a partner endpoint.
+        (
+            lambda v: v["components"]["gateway"].update(partner=_partner(v)),
+            "/components/gateway: additional property 'partner' is not allowed",
+        ),
     ],
 )
 def test_the_schema_refuses_mistakes(
@@ -403,6 +444,11 @@ def test_the_schema_refuses_mistakes(
     change(broken)
     errors = schema_errors(broken, schema, schema)
     assert any(expected in e for e in errors), errors
+
+
+def _partner(values: dict[str, Any]) -> dict[str, Any]:
+    partner: dict[str, Any] = values["components"]["cards"]["partner"]
+    return partner
 
 
 def test_components_are_the_services_on_their_default_ports(values: dict[str, Any]) -> None:
@@ -419,20 +465,22 @@ def test_components_are_the_services_on_their_default_ports(values: dict[str, An
 
 
 def test_readiness_probes_ask_for_services_that_exist(values: dict[str, Any]) -> None:
-    """A gRPC component's readiness asks for its service's full name once the
-    service has an RPC, the overall health ("") before; Kubernetes would
-    never see a misspelled name SERVING."""
+    """A gRPC component's readiness asks for one of its own services by full
+    name (or the overall health, ""); Kubernetes would never see a
+    misspelled name SERVING."""
     pool = descriptor_pool.Default()
     for name, component in values["components"].items():
         if component["kind"] != "grpc":
             continue
-        module = importlib.import_module(f"cornucopia.{name}.v1.{name}_pb2")
-        services = list(module.DESCRIPTOR.services_by_name.values())
-        assert len(services) == 1, f"{name}: expected one service in {name}.proto"
-        expected = services[0].full_name if services[0].methods else ""
-        assert component["readinessService"] == expected, name
-        if expected:
-            assert pool.FindServiceByName(component["readinessService"]).methods
+        package = importlib.import_module(f"cornucopia.{name}.v1")
+        for module in pkgutil.iter_modules(package.__path__):
+            if module.name.endswith("_pb2"):
+                importlib.import_module(f"cornucopia.{name}.v1.{module.name}")
+        wanted = component["readinessService"]
+        if not wanted:
+            continue
+        assert wanted.startswith(f"cornucopia.{name}.v1."), name
+        assert pool.FindServiceByName(wanted).methods, name
 
 
 def test_the_chart_gives_each_component_what_production_requires(
@@ -497,6 +545,8 @@ def test_templates_use_only_values_that_exist(
     values: dict[str, Any], schema: dict[str, Any]
 ) -> None:
     component_keys = set(schema["definitions"]["component"]["properties"])
+    partner_keys = set(schema["definitions"]["partner"]["properties"])
+    service_keys = set(schema["definitions"]["partner"]["properties"]["service"]["properties"])
     for template in TEMPLATES.iterdir():
         text = template.read_text(encoding="utf-8")
         for path in re.findall(r"\.Values((?:\.[A-Za-z_][A-Za-z0-9_]*)+)", text):
@@ -506,6 +556,12 @@ def test_templates_use_only_values_that_exist(
                 node = node[part]
         for field in re.findall(r"\$(?:component|c|p)\.([A-Za-z_][A-Za-z0-9_]*)", text):
             assert field in component_keys, f"{template.name}: component field {field}"
+        for field, sub in re.findall(r"\$partner\.([A-Za-z_]\w*)(?:\.([A-Za-z_]\w*))?", text):
+            assert field in partner_keys, f"{template.name}: partner field {field}"
+            if sub:
+                assert field == "service" and sub in service_keys, f"{template.name}: {sub}"
+        for field in re.findall(r"\$service\.([A-Za-z_][A-Za-z0-9_]*)", text):
+            assert field in service_keys, f"{template.name}: partner service field {field}"
 
 
 def test_every_secret_key_is_documented(values: dict[str, Any]) -> None:
@@ -520,6 +576,289 @@ def test_every_secret_key_is_documented(values: dict[str, Any]) -> None:
     for key in sorted(keys):
         assert key in values_text, f"values.yaml does not document {key}"
         assert key in operations, f"docs/operations.md does not document {key}"
+
+
+# -- the partner endpoint (mutual TLS) -----------------------------------------------
+
+PARTNER_ON = {
+    "enabled": True,
+    "port": 50443,
+    "secretName": "cards-partner-tls",
+    "clientCASecretName": "",
+    "service": {
+        "type": "LoadBalancer",
+        "annotations": {"service.beta.kubernetes.io/aws-load-balancer-type": "nlb"},
+        "loadBalancerSourceRanges": ["203.0.113.0/24", "2001:db8::/32"],
+    },
+}
+
+
+def _declares_partner_endpoint(service: str) -> bool:
+    sources = (ROOT / "services" / service).rglob("*.py")
+    return any("partner_endpoint=" in path.read_text(encoding="utf-8") for path in sources)
+
+
+def test_the_partner_endpoint_is_off_by_default_and_only_where_the_code_has_one(
+    values: dict[str, Any],
+) -> None:
+    with_partner = {n for n, c in values["components"].items() if "partner" in c}
+    assert with_partner == {n for n in GRPC_SERVICES if _declares_partner_endpoint(n)}
+    assert with_partner == {"cards"}
+    partner = values["components"]["cards"]["partner"]
+    assert partner["enabled"] is False
+    assert partner["port"] != values["components"]["cards"]["port"]
+    assert partner["service"]["type"] == "ClusterIP"
+    # The values comments warn against terminating TLS in front of it.
+    text = (CHART / "values.yaml").read_text(encoding="utf-8")
+    assert "Never put this port behind an" in text and "Ingress" in text
+
+
+def test_an_enabled_partner_block_matches_the_schema(
+    values: dict[str, Any], schema: dict[str, Any]
+) -> None:
+    changed = json.loads(json.dumps(values))
+    changed["components"]["cards"]["partner"] = json.loads(json.dumps(PARTNER_ON))
+    assert schema_errors(changed, schema, schema) == []
+    # loadBalancerSourceRanges and annotations may be left out.
+    del changed["components"]["cards"]["partner"]["service"]["loadBalancerSourceRanges"]
+    del changed["components"]["cards"]["partner"]["service"]["annotations"]
+    assert schema_errors(changed, schema, schema) == []
+
+
+def _template_block(text: str, start: str, end: str) -> str:
+    assert text.count(start) == 1, start
+    block = text.split(start, 1)[1]
+    assert end in block, end
+    return block.split(end, 1)[0]
+
+
+def test_the_templates_wire_the_partner_secret_to_the_variables_chassis_reads() -> None:
+    """Without helm: the environment the env helper sets when the partner
+    endpoint is enabled, read as PartnerGrpc reads it, names the files the
+    Secret's volume puts under the directory it is mounted at."""
+    helpers = (TEMPLATES / "_helpers.tpl").read_text(encoding="utf-8")
+    components = (TEMPLATES / "components.yaml").read_text(encoding="utf-8")
+    directory = _template_block(helpers, 'define "cornucopia.partnerTlsDir" -}}\n', "\n{{- end")
+    assert directory.startswith("/") and not directory.startswith("/tmp")
+
+    env_helper = helpers.split('define "cornucopia.env"', 1)[1]
+    partner_env = _template_block(
+        env_helper, "{{- if $partner.enabled }}\n", "{{- end }}\n{{- else }}"
+    )
+    assert '$prefix := printf "%s_PARTNER" (upper $name | replace "-" "_")' in partner_env
+    pairs = re.findall(
+        r'- name: \{\{ printf "%s_([A-Z_]+)" \$prefix \}\}\n'
+        r'  value: \{\{ printf "([^"]+)" \(?([^|]*?)\)? \| quote \}\}',
+        partner_env,
+    )
+    rendered = {f"CARDS_PARTNER_{suffix}": fmt for suffix, fmt, _ in pairs}
+    assert {arg for _, _, arg in pairs} == {"int $partner.port", "$dir"}
+    env = {
+        name: fmt.replace("%d", "50443").replace("%s", directory) for name, fmt in rendered.items()
+    }
+    partner = PartnerGrpc.from_env("cards", env)
+    assert partner is not None
+    assert partner.listen == "0.0.0.0:50443"
+    files = {setting: path for setting, path in partner.tls.by_setting()}
+    assert set(files) == {f"CARDS_PARTNER_{suffix}" for suffix in TlsFiles.SUFFIXES}
+    assert {str(path.parent) for path in files.values()} == {directory}
+    names = {path.name for path in files.values()}
+    assert names == {"tls.crt", "tls.key", "ca.crt"}
+
+    # The volume: those keys of the Secret(s), at those paths, mounted there read-only.
+    volume = _template_block(components, "\n        - name: partner-tls\n", "{{- end }}")
+    items = re.findall(r"- key: (\S+)\n\s+path: (\S+)", volume)
+    assert sorted(items) == sorted((name, name) for name in names)
+    assert "name: {{ $partner.secretName }}" in volume
+    assert "name: {{ $partner.clientCASecretName | default $partner.secretName }}" in volume
+    mount = _template_block(components, "\n            - name: partner-tls\n", "{{- end }}")
+    assert 'mountPath: {{ include "cornucopia.partnerTlsDir" $ }}' in mount
+    assert "readOnly: true" in mount
+
+    # The named container port, and a Service of its own in front of it.
+    assert "- name: partner-grpc\n              containerPort: {{ $partner.port }}" in components
+    service = _template_block(
+        components, "{{- if $partnerOn }}\n{{- $service", "{{- end }}\n{{- if"
+    )
+    assert 'name: {{ printf "%s-partner" $fullname' in service
+    assert "port: {{ $partner.port }}\n      targetPort: partner-grpc" in service
+    assert "type: {{ $service.type" in service
+
+    # The probes stay on the ordinary port.
+    probes = components.split("startupProbe:", 1)[1].split("resources:", 1)[0]
+    assert probes.count("Probe:") == 5  # the gRPC and the HTTP ones
+    assert "$partner" not in probes and "partner-grpc" not in probes
+
+
+def test_the_docs_tell_how_to_turn_the_partner_endpoint_on() -> None:
+    operations = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+    for needle in (
+        "components.cards.partner.enabled=true",
+        "partner.secretName",
+        "loadBalancerSourceRanges",
+        "tls.crt",
+        "tls.key",
+        "ca.crt",
+    ):
+        assert needle in operations, needle
+
+
+# -- rendered by helm, where it is installed -------------------------------------------
+
+_HELM = shutil.which(os.environ.get("HELM", "helm"))
+needs_helm = pytest.mark.skipif(_HELM is None, reason="no helm on PATH (or in $HELM)")
+
+
+class HelmError(Exception):
+    pass
+
+
+def helm_template(*sets: str) -> list[dict[str, Any]]:
+    """The manifests of ``helm template`` with these ``--set`` values."""
+    assert _HELM is not None
+    command = [_HELM, "template", "shop", str(CHART), "--namespace", "loyalty"]
+    for value in sets:
+        command += ["--set", value]
+    result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=120)
+    if result.returncode != 0:
+        raise HelmError(result.stderr)
+    documents = [load_yaml_subset(d) for d in re.split(r"(?m)^---\s*$", result.stdout)]
+    return [d for d in documents if d is not None]
+
+
+def _find(manifests: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = [m for m in manifests if m["kind"] == kind and m["metadata"]["name"] == name]
+    assert len(found) == 1, (kind, name)
+    return found[0]
+
+
+def _container(manifests: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    deployment = _find(manifests, "Deployment", f"shop-{name}")
+    containers: list[dict[str, Any]] = deployment["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    return containers[0]
+
+
+def _probe_ports(container: dict[str, Any]) -> set[Any]:
+    return {
+        container[probe]["grpc"]["port"]
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe")
+    }
+
+
+@needs_helm
+def test_rendered_defaults_have_no_partner_endpoint() -> None:
+    manifests = helm_template()
+    assert not [m for m in manifests if m["metadata"]["name"].endswith("-partner")]
+    for name in ALL_SERVICES:
+        container = _container(manifests, name)
+        assert not [e for e in container["env"] if "PARTNER" in e["name"]], name
+        assert [p["name"] for p in container["ports"]] == [container["ports"][0]["name"]]
+        pod = _find(manifests, "Deployment", f"shop-{name}")["spec"]["template"]["spec"]
+        assert [v["name"] for v in pod["volumes"]] == ["tmp"], name
+
+
+@needs_helm
+def test_rendered_partner_endpoint() -> None:
+    service_values = PARTNER_ON["service"]
+    assert isinstance(service_values, dict)
+    manifests = helm_template(
+        "components.cards.partner.enabled=true",
+        "components.cards.partner.secretName=cards-partner-tls",
+        "components.cards.partner.service.type=LoadBalancer",
+        "components.cards.partner.service.loadBalancerSourceRanges={203.0.113.0/24,2001:db8::/32}",
+        "components.cards.partner.service.annotations.service\\.beta\\.kubernetes\\.io/"
+        "aws-load-balancer-type=nlb",
+    )
+    deployment = _find(manifests, "Deployment", "shop-cards")
+    pod = deployment["spec"]["template"]["spec"]
+    container = _container(manifests, "cards")
+
+    # The Service: TCP straight to the named port, on the cards pods.
+    service = _find(manifests, "Service", "shop-cards-partner")
+    assert service["spec"]["type"] == "LoadBalancer"
+    assert service["spec"]["ports"] == [
+        {"name": "partner-grpc", "port": 50443, "targetPort": "partner-grpc", "protocol": "TCP"}
+    ]
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["loadBalancerSourceRanges"] == service_values["loadBalancerSourceRanges"]
+    assert service["metadata"]["annotations"] == service_values["annotations"]
+    assert {"name": "partner-grpc", "containerPort": 50443, "protocol": "TCP"} in container["ports"]
+    # The ordinary Service is as it was.
+    ordinary = _find(manifests, "Service", "shop-cards")
+    assert [p["name"] for p in ordinary["spec"]["ports"]] == ["grpc"]
+
+    # The environment, read as the service reads it, names the mounted files.
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    partner = PartnerGrpc.from_env("cards", env)
+    assert partner is not None
+    assert partner.listen == "0.0.0.0:50443"
+    mounts = [m for m in container["volumeMounts"] if m["name"] == "partner-tls"]
+    assert len(mounts) == 1 and mounts[0]["readOnly"] is True
+    directory = Path(mounts[0]["mountPath"])
+    volume = next(v for v in pod["volumes"] if v["name"] == "partner-tls")
+    by_path = {
+        item["path"]: (source["secret"]["name"], item["key"])
+        for source in volume["projected"]["sources"]
+        for item in source["secret"]["items"]
+    }
+    assert by_path == {
+        "tls.crt": ("cards-partner-tls", "tls.crt"),
+        "tls.key": ("cards-partner-tls", "tls.key"),
+        "ca.crt": ("cards-partner-tls", "ca.crt"),
+    }
+    assert partner.tls.cert_chain == directory / "tls.crt"
+    assert partner.tls.private_key == directory / "tls.key"
+    assert partner.tls.client_ca == directory / "ca.crt"
+
+    # The probes stay on the token port; the other components are untouched.
+    assert _probe_ports(container) == {50052}
+    for name in GRPC_SERVICES:
+        if name != "cards":
+            other = _container(manifests, name)
+            assert not [e for e in other["env"] if "PARTNER" in e["name"]], name
+
+
+@needs_helm
+def test_rendered_partner_endpoint_with_its_own_client_ca_secret() -> None:
+    manifests = helm_template(
+        "components.cards.partner.enabled=true",
+        "components.cards.partner.clientCASecretName=partner-ca",
+    )
+    service = _find(manifests, "Service", "shop-cards-partner")
+    assert service["spec"]["type"] == "ClusterIP"
+    assert "loadBalancerSourceRanges" not in service["spec"]
+    assert "annotations" not in service["metadata"]
+    pod = _find(manifests, "Deployment", "shop-cards")["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "partner-tls")
+    names = {
+        item["key"]: source["secret"]["name"]
+        for source in volume["projected"]["sources"]
+        for item in source["secret"]["items"]
+    }
+    assert names == {
+        "tls.crt": "cornucopia-cards-partner-tls",
+        "tls.key": "cornucopia-cards-partner-tls",
+        "ca.crt": "partner-ca",
+    }
+
+
+@needs_helm
+@pytest.mark.parametrize(
+    ("sets", "expected"),
+    [
+        (["components.cards.partner.service.type=NodePort"], "/partner/service/type"),
+        (["components.cards.partner.port=70000"], "/partner/port"),
+        (["components.cards.partner.secretName="], "/partner/secretName"),
+        (["components.cards.partner.tls=x"], "'tls' not allowed"),
+        (["components.cards.partner.service.loadBalancerSourceRanges={10.0.0.0/8}"], "maxItems"),
+        (["components.gateway.partner.enabled=true"], "/components/gateway/partner"),
+        (["components.cards.partner.port=50052"], "the component's own port"),
+    ],
+)
+def test_helm_refuses_a_bad_partner_block(sets: list[str], expected: str) -> None:
+    with pytest.raises(HelmError, match=re.escape(expected)):
+        helm_template("components.cards.partner.enabled=true", *sets)
 
 
 # -- the image -------------------------------------------------------------------------

@@ -50,6 +50,11 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
       {{- end }}
 {{- end -}}
 
+{{/* Where the partner endpoint's Secret is mounted, read-only. */}}
+{{- define "cornucopia.partnerTlsDir" -}}
+/etc/cornucopia/partner-tls
+{{- end -}}
+
 {{/*
 The environment of one component. dict "root" $ "name" <component> "component" <values>
 */}}
@@ -71,6 +76,19 @@ The environment of one component. dict "root" $ "name" <component> "component" <
   value: {{ int $root.Values.nats.streamReplicas | toString | quote }}
 - name: GRPC_LISTEN
   value: {{ printf "0.0.0.0:%d" (int $c.port) | quote }}
+{{- $partner := $c.partner | default dict }}
+{{- if $partner.enabled }}
+{{- $prefix := printf "%s_PARTNER" (upper $name | replace "-" "_") }}
+{{- $dir := include "cornucopia.partnerTlsDir" $root }}
+- name: {{ printf "%s_GRPC_LISTEN" $prefix }}
+  value: {{ printf "0.0.0.0:%d" (int $partner.port) | quote }}
+- name: {{ printf "%s_TLS_CERT" $prefix }}
+  value: {{ printf "%s/tls.crt" $dir | quote }}
+- name: {{ printf "%s_TLS_KEY" $prefix }}
+  value: {{ printf "%s/tls.key" $dir | quote }}
+- name: {{ printf "%s_CLIENT_CA" $prefix }}
+  value: {{ printf "%s/ca.crt" $dir | quote }}
+{{- end }}
 {{- else }}
 - name: HTTP_LISTEN
   value: {{ printf "0.0.0.0:%d" (int $c.port) | quote }}
