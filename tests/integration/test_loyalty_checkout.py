@@ -551,3 +551,30 @@ async def test_refunds_and_voids(suite: Suite, database_url: DatabaseFactory) ->
     published = await subjects(shop)
     assert published.count("loyalty.v1.sale.refunded") == 2
     assert published.count("loyalty.v1.sale.voided") == 1
+
+
+async def test_concurrent_checkouts_on_one_card_never_overdraw(
+    suite: Suite, database_url: DatabaseFactory
+) -> None:
+    shop = await open_shop(suite, database_url)
+    _, card = await enroll(shop, "13800138006", recharge=6 * TOTAL + 100)
+
+    async def pay() -> str:
+        try:
+            receipt = await shop.checkout.Checkout(
+                checkout_request(card_number=card.card_number, tenders=[stored_value(TOTAL)]),
+                metadata=CASHIER,
+            )
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION, exc.details()
+            assert rpc_details(exc)["reason"] == "INSUFFICIENT_BALANCE"
+            return ""
+        return receipt.sale_id
+
+    sold = [s for s in await asyncio.gather(*(pay() for _ in range(10))) if s]
+    assert len(sold) == 6
+    balance = await shop.balance(card.card_id)
+    assert (balance.available.minor_units, balance.held.minor_units) == (100, 0)
+    async with shop.loyalty.db.sessions() as session:
+        count = await session.execute(sa.select(sa.func.count()).select_from(sales_store.sales))
+        assert count.scalar_one() == 6
