@@ -11,7 +11,7 @@ from typing import Annotated, Any, TypeVar
 import grpc
 from fastapi import Path
 
-from chassis.grpcclient import bearer, rich_error
+from chassis.grpcclient import RpcProblem, bearer, rich_error
 from services.gateway.card_schemas import MAX_ID_LENGTH
 from services.gateway.problems import ProblemError, from_rpc
 
@@ -29,15 +29,20 @@ def id_path(description: str) -> Any:
 CardId = Annotated[str, id_path("e.g. C7Q2K9X4TD8M")]
 
 
-def cards_failed(exc: grpc.aio.AioRpcError, rename: Callable[[str], str]) -> ProblemError:
-    """A failed call to the cards service as the caller's problem, its field
-    names spelled by ``rename`` as the HTTP request spells them."""
-    problem = rich_error(exc)
-    error = from_rpc(problem, peer="cards", rename=rename)
+def with_tries_left(error: ProblemError, problem: RpcProblem) -> ProblemError:
+    """A wrong PIN's problem says how many tries are left (the service's
+    ``tries_left``), whichever service passed the refusal on."""
     tries_left = problem.metadata.get("tries_left", "")
     if problem.reason == "PIN_INCORRECT" and tries_left.isdigit():
         error.detail = f"{error.detail}; {tries_left} tries left before the PIN is locked"
     return error
+
+
+def cards_failed(exc: grpc.aio.AioRpcError, rename: Callable[[str], str]) -> ProblemError:
+    """A failed call to the cards service as the caller's problem, its field
+    names spelled by ``rename`` as the HTTP request spells them."""
+    problem = rich_error(exc)
+    return with_tries_left(from_rpc(problem, peer="cards", rename=rename), problem)
 
 
 async def call_cards(

@@ -1,16 +1,18 @@
 """What the gateway's routers share: the channels to the services behind it,
-the caller's bearer token, the Idempotency-Key, paging parameters, and the
-problems a route documents. Kept apart from server.py so that every router can use them
-without importing the app that includes it."""
+the caller's bearer token, the Idempotency-Key, paging parameters and time
+windows, and the problems a route documents. Kept apart from server.py so
+that every router can use them without importing the app that includes it."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
 import grpc
 import structlog
 from fastapi import Depends, Header, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from chassis.auth import verify_token
 from chassis.config import Settings
@@ -23,6 +25,14 @@ from cornucopia.cards.v1 import (
     stored_value_pb2,
     stored_value_pb2_grpc,
 )
+from cornucopia.loyalty.v1 import (
+    checkout_pb2,
+    checkout_pb2_grpc,
+    points_pb2,
+    points_pb2_grpc,
+    rules_pb2,
+    rules_pb2_grpc,
+)
 from cornucopia.members.v1 import members_pb2, members_pb2_grpc
 from services.gateway.problems import FieldError, Problem, ProblemError
 
@@ -30,12 +40,19 @@ if TYPE_CHECKING:
     from cornucopia.cards.v1.cards_pb2_grpc import CardsServiceAsyncStub
     from cornucopia.cards.v1.programs_pb2_grpc import CardProgramsServiceAsyncStub
     from cornucopia.cards.v1.stored_value_pb2_grpc import StoredValueServiceAsyncStub
+    from cornucopia.loyalty.v1.checkout_pb2_grpc import CheckoutServiceAsyncStub
+    from cornucopia.loyalty.v1.points_pb2_grpc import GiftsServiceAsyncStub, PointsServiceAsyncStub
+    from cornucopia.loyalty.v1.rules_pb2_grpc import TiersServiceAsyncStub
     from cornucopia.members.v1.members_pb2_grpc import MembersServiceAsyncStub
 
 MEMBERS_SERVICE = members_pb2.DESCRIPTOR.services_by_name["MembersService"]
 CARDS_SERVICE = cards_pb2.DESCRIPTOR.services_by_name["CardsService"]
 CARD_PROGRAMS_SERVICE = programs_pb2.DESCRIPTOR.services_by_name["CardProgramsService"]
 STORED_VALUE_SERVICE = stored_value_pb2.DESCRIPTOR.services_by_name["StoredValueService"]
+CHECKOUT_SERVICE = checkout_pb2.DESCRIPTOR.services_by_name["CheckoutService"]
+POINTS_SERVICE = points_pb2.DESCRIPTOR.services_by_name["PointsService"]
+GIFTS_SERVICE = points_pb2.DESCRIPTOR.services_by_name["GiftsService"]
+TIERS_SERVICE = rules_pb2.DESCRIPTOR.services_by_name["TiersService"]
 
 
 # -- peers ------------------------------------------------------------------------
@@ -51,16 +68,23 @@ class Peers:
         settings: Settings,
         members_channel: grpc.aio.Channel | None = None,
         cards_channel: grpc.aio.Channel | None = None,
+        loyalty_channel: grpc.aio.Channel | None = None,
     ) -> None:
         self._members_target = settings.peer("members")
         self._cards_target = settings.peer("cards")
+        self._loyalty_target = settings.peer("loyalty")
         self._members_channel = members_channel
         self._cards_channel = cards_channel
+        self._loyalty_channel = loyalty_channel
         self._owned: list[grpc.aio.Channel] = []
         self._members_stub: MembersServiceAsyncStub | None = None
         self._cards_stub: CardsServiceAsyncStub | None = None
         self._card_programs_stub: CardProgramsServiceAsyncStub | None = None
         self._stored_value_stub: StoredValueServiceAsyncStub | None = None
+        self._checkout_stub: CheckoutServiceAsyncStub | None = None
+        self._points_stub: PointsServiceAsyncStub | None = None
+        self._gifts_stub: GiftsServiceAsyncStub | None = None
+        self._tiers_stub: TiersServiceAsyncStub | None = None
 
     @property
     def members_channel(self) -> grpc.aio.Channel:
@@ -106,6 +130,41 @@ class Peers:
             )
         return self._stored_value_stub
 
+    @property
+    def loyalty_channel(self) -> grpc.aio.Channel:
+        """One channel for the services of the loyalty process."""
+        if self._loyalty_channel is None:
+            self._loyalty_channel = open_channel(
+                self._loyalty_target,
+                services=[CHECKOUT_SERVICE, POINTS_SERVICE, GIFTS_SERVICE, TIERS_SERVICE],
+            )
+            self._owned.append(self._loyalty_channel)
+        return self._loyalty_channel
+
+    @property
+    def checkout(self) -> CheckoutServiceAsyncStub:
+        if self._checkout_stub is None:
+            self._checkout_stub = checkout_pb2_grpc.CheckoutServiceStub(self.loyalty_channel)
+        return self._checkout_stub
+
+    @property
+    def points(self) -> PointsServiceAsyncStub:
+        if self._points_stub is None:
+            self._points_stub = points_pb2_grpc.PointsServiceStub(self.loyalty_channel)
+        return self._points_stub
+
+    @property
+    def gifts(self) -> GiftsServiceAsyncStub:
+        if self._gifts_stub is None:
+            self._gifts_stub = points_pb2_grpc.GiftsServiceStub(self.loyalty_channel)
+        return self._gifts_stub
+
+    @property
+    def tiers(self) -> TiersServiceAsyncStub:
+        if self._tiers_stub is None:
+            self._tiers_stub = rules_pb2_grpc.TiersServiceStub(self.loyalty_channel)
+        return self._tiers_stub
+
     async def close(self, grace: float | None = None) -> None:
         for channel in self._owned:
             await channel.close(grace)
@@ -116,6 +175,11 @@ class Peers:
         self._cards_stub = None
         self._card_programs_stub = None
         self._stored_value_stub = None
+        self._loyalty_channel = None
+        self._checkout_stub = None
+        self._points_stub = None
+        self._gifts_stub = None
+        self._tiers_stub = None
 
 
 def peers_of(request: Request) -> Peers:
@@ -153,6 +217,18 @@ async def caller_token(
     return token
 
 
+def required_key(key: str | None) -> str:
+    """The Idempotency-Key sent, or a 400 when there is none."""
+    if key is None or not key.strip():
+        raise ProblemError(
+            400,
+            "IDEMPOTENCY_KEY_REQUIRED",
+            "send an Idempotency-Key header so that the request can be retried safely",
+            errors=[FieldError(field="Idempotency-Key", description="required")],
+        )
+    return key.strip()
+
+
 async def idempotency_key(
     key: Annotated[
         str | None,
@@ -164,14 +240,7 @@ async def idempotency_key(
         ),
     ] = None,
 ) -> str:
-    if key is None or not key.strip():
-        raise ProblemError(
-            400,
-            "IDEMPOTENCY_KEY_REQUIRED",
-            "send an Idempotency-Key header so that the request can be retried safely",
-            errors=[FieldError(field="Idempotency-Key", description="required")],
-        )
-    return key.strip()
+    return required_key(key)
 
 
 # The parameters of a route that calls a service as its caller, and of a
@@ -184,6 +253,39 @@ PageSize = Annotated[
 PageToken = Annotated[
     str, Query(max_length=1024, description="The `next_page_token` of the previous page.")
 ]
+
+
+# -- time windows -----------------------------------------------------------------
+
+
+def timestamp(value: datetime | None, field: str) -> Timestamp | None:
+    """A query's time as a call field; out of Timestamp's range is a 400
+    naming ``field``."""
+    if value is None:
+        return None
+    stamp = Timestamp()
+    try:
+        stamp.FromDatetime(value)
+    except (OverflowError, ValueError):
+        raise ProblemError(
+            400,
+            "INVALID_FIELDS",
+            "the request has invalid fields",
+            errors=[FieldError(field=field, description="out of range")],
+        ) from None
+    return stamp
+
+
+# The optional [start_time, end_time) of a listing.
+Window = tuple[datetime | None, datetime | None]
+
+
+def window_fields(start_time: datetime | None, end_time: datetime | None) -> dict[str, Timestamp]:
+    """The optional [start_time, end_time) of a listing, as call fields."""
+    window = {"start_time": timestamp(start_time, "start_time")}
+    window["end_time"] = timestamp(end_time, "end_time")
+    return {name: stamp for name, stamp in window.items() if stamp is not None}
+
 
 # -- problems ---------------------------------------------------------------------
 

@@ -47,7 +47,10 @@ GENDERS = short_names(members_pb2.Gender.DESCRIPTOR)
 ENROLLMENT_CHANNELS = short_names(members_pb2.EnrollmentChannel.DESCRIPTOR)
 
 
-def _one_of(choices: Mapping[str, int]) -> Any:
+def one_of(choices: Mapping[str, int]) -> Any:
+    """A check that a string is one of these names (with enum_schema, the
+    type of an enum field of a request)."""
+
     def check(value: str) -> str:
         if value not in choices:
             raise ValueError(f"must be one of: {', '.join(choices)}")
@@ -61,8 +64,8 @@ def enum_schema(choices: Mapping[str, int]) -> WithJsonSchema:
     return WithJsonSchema({"type": "string", "enum": list(choices)})
 
 
-GenderName = Annotated[str, _one_of(GENDERS), enum_schema(GENDERS)]
-ChannelName = Annotated[str, _one_of(ENROLLMENT_CHANNELS), enum_schema(ENROLLMENT_CHANNELS)]
+GenderName = Annotated[str, one_of(GENDERS), enum_schema(GENDERS)]
+ChannelName = Annotated[str, one_of(ENROLLMENT_CHANNELS), enum_schema(ENROLLMENT_CHANNELS)]
 
 
 def encodable(value: str) -> str:
@@ -277,15 +280,15 @@ class MemberPatch(BaseModel):
     landline: Text | None = None
     address: PostalAddress | None = None
     anniversaries: list[Anniversary] | None = None
-    skin_type: Annotated[str, _one_of(SKIN_TYPES), enum_schema(SKIN_TYPES)] | None = None
+    skin_type: Annotated[str, one_of(SKIN_TYPES), enum_schema(SKIN_TYPES)] | None = None
     skin_concerns: list[Text] | None = None
     occupation: Text | None = None
-    income_band: Annotated[str, _one_of(INCOME_BANDS), enum_schema(INCOME_BANDS)] | None = None
+    income_band: Annotated[str, one_of(INCOME_BANDS), enum_schema(INCOME_BANDS)] | None = None
     brands_used: list[Text] | None = None
     preferences: list[Text] | None = None
     tags: list[Text] | None = None
     preferred_contact_channel: (
-        Annotated[str, _one_of(CONTACT_CHANNELS), enum_schema(CONTACT_CHANNELS)] | None
+        Annotated[str, one_of(CONTACT_CHANNELS), enum_schema(CONTACT_CHANNELS)] | None
     ) = None
     contact_windows: list[ContactWindow] | None = None
     consultant_id: Text | None = None
@@ -319,8 +322,8 @@ class NewFollowUp(BaseModel):
         },
     )
 
-    channel: Annotated[str, _one_of(FOLLOW_UP_CHANNELS), enum_schema(FOLLOW_UP_CHANNELS)]
-    outcome: Annotated[str, _one_of(FOLLOW_UP_OUTCOMES), enum_schema(FOLLOW_UP_OUTCOMES)]
+    channel: Annotated[str, one_of(FOLLOW_UP_CHANNELS), enum_schema(FOLLOW_UP_CHANNELS)]
+    outcome: Annotated[str, one_of(FOLLOW_UP_OUTCOMES), enum_schema(FOLLOW_UP_OUTCOMES)]
     duration_seconds: int = Field(default=0, ge=0, le=2**31 - 1)
     next_step: Text = ""
     staff_id: Text | None = Field(default=None, description="Who called; by default the caller.")

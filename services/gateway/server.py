@@ -32,7 +32,7 @@ from chassis.grpcclient import bearer, rich_error
 from chassis.logs import configure_logging, get_logger
 from chassis.telemetry import configure_tracing, shutdown_tracing
 from cornucopia.members.v1 import members_pb2
-from services.gateway import cards, staff, stored_value, transfers
+from services.gateway import cards, checkout, points, staff, stored_value, transfers
 from services.gateway.deps import (
     MEMBERS_SERVICE,
     Peers,
@@ -415,6 +415,21 @@ TAGS = [
         "description": "Money on cards: balances, recharges, holds, debits, refunds, "
         "statements, the chain's policy and its bonus rules.",
     },
+    {
+        "name": "checkout",
+        "description": "What a POS terminal calls to sell, and to price a basket first.",
+    },
+    {
+        "name": "sales",
+        "description": "The sales checkouts recorded: receipts, lists by member and store, "
+        "XLSX downloads, refunds and voids.",
+    },
+    {
+        "name": "points",
+        "description": "Members' points: accounts, history, lots, adjustments, transfers.",
+    },
+    {"name": "gifts", "description": "The gift catalogue and redemptions for points."},
+    {"name": "tiers", "description": "Members' tiers, their progress and history."},
     {"name": "auth", "description": "Staff login: a token for a login id and password."},
     {"name": "health", "description": "Liveness and readiness probes."},
 ]
@@ -459,10 +474,12 @@ def create_app(
     settings: Settings,
     members_channel: grpc.aio.Channel | None = None,
     cards_channel: grpc.aio.Channel | None = None,
+    loyalty_channel: grpc.aio.Channel | None = None,
 ) -> FastAPI:
-    """The gateway app. ``members_channel`` and ``cards_channel`` are for
-    tests and embedders; by default a channel to ``settings.peer("members")``
-    (``settings.peer("cards")``) is opened on first use."""
+    """The gateway app. ``members_channel``, ``cards_channel`` and
+    ``loyalty_channel`` are for tests and embedders; by default a channel
+    to ``settings.peer("members")`` (``"cards"``, ``"loyalty"``) is opened
+    on first use."""
     app = FastAPI(
         title="Cornucopia gateway",
         version="1",
@@ -480,13 +497,15 @@ def create_app(
         },
     )
     app.state.settings = settings
-    app.state.peers = Peers(settings, members_channel, cards_channel)
+    app.state.peers = Peers(settings, members_channel, cards_channel, loyalty_channel)
     install_problem_handlers(app)
     # Before the member routes: /v1/members/export is not a member id.
     app.include_router(transfers.router)
     app.include_router(router)
     app.include_router(cards.router)
     app.include_router(stored_value.router)
+    app.include_router(checkout.router)
+    app.include_router(points.router)
     app.include_router(staff.router)
     # The last added is the outermost: the span covers the size check.
     app.add_middleware(LimitBody)

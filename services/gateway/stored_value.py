@@ -13,15 +13,12 @@ logged or sent back.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 from urllib.parse import quote
 
-import grpc
 from fastapi import APIRouter, Body, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import AwareDatetime
 
 from chassis.grpcclient import bearer
@@ -34,10 +31,12 @@ from services.gateway.deps import (
     PageSize,
     PageToken,
     Token,
+    Window,
     change_problems,
     peers_of,
+    window_fields,
 )
-from services.gateway.problems import FieldError, ProblemError
+from services.gateway.downloads import WORKBOOK_RESPONSES, stream_file
 from services.gateway.schemas import from_proto
 from services.gateway.stored_value_schemas import (
     Balance,
@@ -63,7 +62,6 @@ T = TypeVar("T")
 
 # A statement is built whole before its first chunk; a long one takes a while.
 EXPORT_TIMEOUT_SECONDS = 120.0
-XLSX = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
 
 router = APIRouter(tags=["stored value"])
 
@@ -110,13 +108,7 @@ REFUND = change_problems(
     "REFUND_EXCEEDS_PAYMENT (more than is left to refund), MOVEMENT_NOT_REFUNDABLE (not a "
     f"debit or a capture), ACCOUNT_CLOSED, or {_KEY_422}."
 )
-STATEMENT = {
-    200: {
-        "content": {XLSX: {"schema": {"type": "string", "format": "binary"}}},
-        "description": "The workbook, as an attachment.",
-    },
-    **READ,
-}
+STATEMENT = WORKBOOK_RESPONSES
 
 
 async def _call(
@@ -128,33 +120,6 @@ async def _call(
     """A call to the cards service whose problems name the stored-value
     routes' fields (unless ``rename`` spells them otherwise)."""
     return await call_cards(method, message, token, rename)
-
-
-def _timestamp(value: datetime | None, field: str) -> Timestamp | None:
-    if value is None:
-        return None
-    stamp = Timestamp()
-    try:
-        stamp.FromDatetime(value)
-    except (OverflowError, ValueError):
-        raise ProblemError(
-            400,
-            "INVALID_FIELDS",
-            "the request has invalid fields",
-            errors=[FieldError(field=field, description="out of range")],
-        ) from None
-    return stamp
-
-
-# The optional [start_time, end_time) of a statement.
-Window = tuple[datetime | None, datetime | None]
-
-
-def _window(start_time: datetime | None, end_time: datetime | None) -> dict[str, Timestamp]:
-    """The optional [start_time, end_time) of a statement, as call fields."""
-    window = {"start_time": _timestamp(start_time, "start_time")}
-    window["end_time"] = _timestamp(end_time, "end_time")
-    return {name: stamp for name, stamp in window.items() if stamp is not None}
 
 
 # -- balances and recharges ----------------------------------------------------------
@@ -372,7 +337,7 @@ async def _movements(
 ) -> MovementPage:
     """A page of the statement of ``owner``, a card_id or an account_id."""
     page_size, page_token = page
-    where: dict[str, Any] = {**owner, **_window(*window)}
+    where: dict[str, Any] = {**owner, **window_fields(*window)}
     reply = await _call(
         peers_of(request).stored_value.ListMovements,
         sv_pb2.ListMovementsRequest(page_size=page_size, page_token=page_token, **where),
@@ -426,56 +391,20 @@ async def list_account_movements(
     )
 
 
-def _attachment(file_name: str) -> str:
-    """A Content-Disposition naming the file: an ASCII ``filename`` for
-    every client, and the exact name as ``filename*`` (RFC 6266) when it
-    is not plain ASCII."""
-    plain = "".join(
-        c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in file_name
-    )
-    header = f'attachment; filename="{plain}"'
-    if plain != file_name:
-        header += f"; filename*=UTF-8''{quote(file_name, safe='')}"
-    return header
-
-
 async def _statement(
     request: Request, token: str, window: Window, **owner: str
 ) -> StreamingResponse:
     """The statement of ``owner``, a card_id or an account_id, streamed as
     the service writes it."""
     [owner_id] = owner.values()
-    where: dict[str, Any] = {**owner, **_window(*window)}
+    where: dict[str, Any] = {**owner, **window_fields(*window)}
     call = peers_of(request).stored_value.ExportStatement(
         sv_pb2.ExportStatementRequest(**where),
         metadata=bearer(token),
         timeout=EXPORT_TIMEOUT_SECONDS,
     )
-    stream = aiter(call)
-    # The first chunk before the response starts: an error becomes a
-    # problem, not a truncated file; it also names the file and its type.
-    try:
-        first = await anext(stream, None)
-    except grpc.aio.AioRpcError as exc:
-        raise cards_failed(exc, stored_value_field) from None
-
-    async def body() -> AsyncIterator[bytes]:
-        try:
-            if first is not None:
-                yield first.data
-            async for part in stream:
-                yield part.data
-        finally:
-            call.cancel()  # the client went away mid-file: stop the service's stream
-
-    return StreamingResponse(
-        body(),
-        media_type=(first.content_type if first is not None else "") or XLSX,
-        headers={
-            "Content-Disposition": _attachment(
-                (first.file_name if first is not None else "") or f"statement-{owner_id}.xlsx"
-            )
-        },
+    return await stream_file(
+        call, lambda exc: cards_failed(exc, stored_value_field), f"statement-{owner_id}.xlsx"
     )
 
 

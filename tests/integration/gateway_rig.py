@@ -1,7 +1,8 @@
-"""What the card and stored-value gateway tests share: the real gateway app
-in front of real members and cards services (the organisation seeded, a GOLD
-program created), a till's HTTP client of it, the callers' tokens, and
-checks of the problems and the OpenAPI document it answers with."""
+"""What the gateway tests share: the real gateway app in front of real
+members and cards services (the organisation seeded, a GOLD program
+created), and of the loyalty service too for the checkout's tests, a till's
+HTTP client of it, the callers' tokens, and checks of the problems and the
+OpenAPI document it answers with."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from services.members.server import definition as members_definition
 from tests.integration.conftest import Suite, seed_organisation, token
 from tests.integration.infra import DatabaseFactory
 from tests.integration.test_cards_lifecycle import create_program, program, start_cards
+from tests.integration.test_loyalty_checkout import Shop, open_shop
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -39,6 +41,23 @@ def _client(app: FastAPI) -> httpx.AsyncClient:
 
 
 @asynccontextmanager
+async def _gateway(suite: Suite, **ports: int) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client of a gateway whose peers listen on these ports
+    (``members=…``, ``cards=…``, ``loyalty=…``)."""
+    settings = Settings(
+        service="gateway",
+        environment="test",
+        var_dir=suite.var_dir,
+        nats_url=suite.nats_url,
+        peers={name: f"127.0.0.1:{port}" for name, port in ports.items()},
+    )
+    app = create_app(settings)
+    async with _client(app) as http:
+        yield http
+        await app.state.peers.close()
+
+
+@asynccontextmanager
 async def gateway_in_front_of_cards(
     suite: Suite, database_url: DatabaseFactory
 ) -> AsyncIterator[httpx.AsyncClient]:
@@ -49,20 +68,22 @@ async def gateway_in_front_of_cards(
     await seed_organisation(suite)
     cards = await start_cards(suite, database_url, members_port=members.port)
     await create_program(cards, program())
-    settings = Settings(
-        service="gateway",
-        environment="test",
-        var_dir=suite.var_dir,
-        nats_url=suite.nats_url,
-        peers={
-            "members": f"127.0.0.1:{members.port}",
-            "cards": f"127.0.0.1:{cards.runtime.port}",
-        },
-    )
-    app = create_app(settings)
-    async with _client(app) as http:
+    async with _gateway(suite, members=members.port, cards=cards.runtime.port) as http:
         yield http
-        await app.state.peers.close()
+
+
+@asynccontextmanager
+async def gateway_in_front_of_loyalty(
+    suite: Suite, database_url: DatabaseFactory
+) -> AsyncIterator[tuple[httpx.AsyncClient, Shop]]:
+    """As gateway_in_front_of_cards, with the loyalty service as well (the
+    checkout's shop of test_loyalty_checkout): yields the gateway's HTTP
+    client and the shop, whose gRPC stubs set up what no route does."""
+    shop = await open_shop(suite, database_url)
+    async with _gateway(
+        suite, members=shop.members_port, cards=shop.cards_port, loyalty=shop.loyalty.port
+    ) as http:
+        yield http, shop
 
 
 @dataclass
