@@ -19,7 +19,7 @@ ALL = {
     "members": (members, "cornucopia.members.v1.MembersService"),
     "cards": (cards, "cornucopia.cards.v1.CardsService"),
     "loyalty": (loyalty, "cornucopia.loyalty.v1.CheckoutService"),
-    "campaigns": (campaigns, "cornucopia.campaigns.v1.CampaignsService"),
+    "campaigns": (campaigns, "cornucopia.campaigns.v1.PricingService"),
     "notify": (notify, "cornucopia.notify.v1.NotifyService"),
 }
 

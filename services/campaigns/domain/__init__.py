@@ -1,0 +1,2 @@
+"""The campaigns' rules, pure and without I/O: pricing and promotions,
+coupons, follow-up plans."""
