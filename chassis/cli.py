@@ -425,6 +425,7 @@ async def _load_demo_data(suite: supervisor.Supervisor, endpoints: Path) -> None
 
     from chassis.grpcclient import open_channel  # noqa: PLC0415
     from services.cards.demo import load_demo_cards  # noqa: PLC0415
+    from services.loyalty.demo import load_demo_conversion  # noqa: PLC0415
     from services.members.demo import demo_banner, load_demo_data  # noqa: PLC0415
 
     # Written by the supervisor once every health check says SERVING.
@@ -446,12 +447,23 @@ async def _load_demo_data(suite: supervisor.Supervisor, endpoints: Path) -> None
     certificate = info.get("partner_tls", {}).get("demo_client_cert")
     pem = await asyncio.to_thread(Path(certificate).read_text, "utf-8") if certificate else None
     channel = open_channel(info["grpc"]["cards"])
+    cards_loaded = False
     try:
         await load_demo_cards(channel, supervisor.development_token(secret), pem)
+        cards_loaded = True
     except grpc.aio.AioRpcError as exc:
         suite.say(f"demo cards not loaded: {exc.code().name}")
     finally:
         await channel.close(grace=None)
+    # The demo bank's conversion terms need the demo bank, registered above.
+    if cards_loaded:
+        channel = open_channel(info["grpc"]["loyalty"])
+        try:
+            await load_demo_conversion(channel, supervisor.development_token(secret))
+        except grpc.aio.AioRpcError as exc:
+            suite.say(f"demo points conversion not loaded: {exc.code().name}")
+        finally:
+            await channel.close(grace=None)
     suite.print_raw(demo_banner(logins, info["gateway"]))
 
 

@@ -29,9 +29,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from chassis.auth import Principal
+from chassis.auth import Principal, Role, Scope, ScopeLevel, current_principal
 from chassis.config import ConfigError, TlsFiles
-from chassis.errors import Unauthenticated
+from chassis.errors import PermissionDenied, Unauthenticated
 from chassis.grpcserver import PUBLIC_METHOD_PREFIXES, Context, WrappingInterceptor, acting_as
 
 # Where gRPC puts the peer's certificate in a call's auth context.
@@ -112,6 +112,31 @@ def client_certificate(context: Context) -> ClientCertificate | None:
 CertificateResolver = Callable[[ClientCertificate], Awaitable[Principal]]
 
 
+def principal_for_partner(partner_id: str | None, *, active: bool) -> Principal:
+    """What a resolver answers once it knows which partner a certificate
+    is bound to (None: no binding in force, the certificate unknown or
+    revoked) and whether that partner is active: the partner's principal
+    (role PARTNER, scope partner:<id>), or the refusal every partner
+    endpoint gives (UNAUTHENTICATED CERTIFICATE_NOT_REGISTERED, or
+    PERMISSION_DENIED PARTNER_SUSPENDED)."""
+    if not partner_id:
+        raise Unauthenticated(
+            "this client certificate is not bound to a partner",
+            reason="CERTIFICATE_NOT_REGISTERED",
+        )
+    if not active:
+        raise PermissionDenied(
+            "this partner is suspended",
+            reason="PARTNER_SUSPENDED",
+            metadata={"partner_id": partner_id},
+        )
+    return Principal(
+        subject=f"partner:{partner_id}",
+        roles=frozenset({Role.PARTNER}),
+        scope=Scope(ScopeLevel.PARTNER, partner_id),
+    )
+
+
 class MutualTlsAuthInterceptor(WrappingInterceptor):
     """Authenticates callers by their client certificate, in place of the
     bearer token of ``AuthInterceptor``: before the handler is called (before
@@ -134,6 +159,16 @@ class MutualTlsAuthInterceptor(WrappingInterceptor):
             )
         with acting_as(await self.resolve(certificate)):
             yield
+
+
+def current_partner() -> tuple[Principal, str]:
+    """The partner calling a partner endpoint (its principal and id);
+    PERMISSION_DENIED ROLE_NOT_ALLOWED for any other caller."""
+    principal = current_principal()
+    principal.require_role(Role.PARTNER)
+    if principal.scope.level != ScopeLevel.PARTNER or not principal.scope.id:
+        raise PermissionDenied("partners only", reason="ROLE_NOT_ALLOWED")
+    return principal, principal.scope.id
 
 
 # -- making certificates ---------------------------------------------------------

@@ -603,11 +603,12 @@ def test_the_partner_endpoint_is_off_by_default_and_only_where_the_code_has_one(
 ) -> None:
     with_partner = {n for n, c in values["components"].items() if "partner" in c}
     assert with_partner == {n for n in GRPC_SERVICES if _declares_partner_endpoint(n)}
-    assert with_partner == {"cards"}
-    partner = values["components"]["cards"]["partner"]
-    assert partner["enabled"] is False
-    assert partner["port"] != values["components"]["cards"]["port"]
-    assert partner["service"]["type"] == "ClusterIP"
+    assert with_partner == {"cards", "loyalty"}
+    for name in with_partner:
+        partner = values["components"][name]["partner"]
+        assert partner["enabled"] is False
+        assert partner["port"] != values["components"][name]["port"]
+        assert partner["service"]["type"] == "ClusterIP"
     # The values comments warn against terminating TLS in front of it.
     text = (CHART / "values.yaml").read_text(encoding="utf-8")
     assert "Never put this port behind an" in text and "Ingress" in text

@@ -1,6 +1,8 @@
-"""What the checkout asks other services, with a token of loyalty's own:
-cards (resolve the card, hold, capture, void and refund stored value) and
-members (a store's time zone and currency, a member's birthday month).
+"""What loyalty asks other services, with a token of loyalty's own: cards
+(resolve the card, hold, capture, void and refund stored value; which
+partner a client certificate belongs to) and members (a store's time zone
+and currency, a member's birthday month, who owns a mobile and what state a
+member is in).
 
 A refusal a peer meant for the caller (CARD_FROZEN, INSUFFICIENT_BALANCE,
 PIN_INCORRECT...) is passed on as it is; a peer that does not answer is
@@ -19,7 +21,15 @@ from google.protobuf.message import Message
 from chassis.config import Settings
 from chassis.errors import ServiceError
 from chassis.grpcclient import Peer, passed_on, rich_error
-from cornucopia.cards.v1 import cards_pb2, cards_pb2_grpc, stored_value_pb2, stored_value_pb2_grpc
+from chassis.service import ServiceContext
+from cornucopia.cards.v1 import (
+    cards_pb2,
+    cards_pb2_grpc,
+    partners_pb2,
+    partners_pb2_grpc,
+    stored_value_pb2,
+    stored_value_pb2_grpc,
+)
 from cornucopia.common.v1 import money_pb2
 from cornucopia.members.v1 import (
     members_pb2,
@@ -27,6 +37,7 @@ from cornucopia.members.v1 import (
     organisation_pb2,
     organisation_pb2_grpc,
 )
+from services.loyalty.store.members import MemberStatus
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
@@ -55,6 +66,32 @@ class HeldValue:
     state: str
 
 
+@dataclass(frozen=True)
+class RegisteredPartner:
+    """The partner a client certificate is bound to, as cards' registry says."""
+
+    partner_id: str
+    active: bool
+
+
+@dataclass(frozen=True)
+class MemberFacts:
+    """A member as the members service says now."""
+
+    member_id: str
+    status: MemberStatus
+    merged_into: str
+    as_of: dt.datetime
+
+
+MEMBER_STATUSES = {
+    members_pb2.MEMBER_STATE_ACTIVE: MemberStatus.ACTIVE,
+    members_pb2.MEMBER_STATE_ARCHIVED: MemberStatus.ARCHIVED,
+    members_pb2.MEMBER_STATE_MERGED: MemberStatus.MERGED,
+    members_pb2.MEMBER_STATE_ERASED: MemberStatus.ERASED,
+}
+
+
 class CardsClient:
     def __init__(self, settings: Settings) -> None:
         self.peer = Peer(
@@ -62,6 +99,7 @@ class CardsClient:
             [
                 cards_pb2.DESCRIPTOR.services_by_name["CardsService"],
                 stored_value_pb2.DESCRIPTOR.services_by_name["StoredValueService"],
+                partners_pb2.DESCRIPTOR.services_by_name["PartnersService"],
             ],
             token_secret=settings.token_secret,
             subject=SUBJECT,
@@ -80,6 +118,47 @@ class CardsClient:
     @property
     def _sv(self) -> stored_value_pb2_grpc.StoredValueServiceAsyncStub:
         return stored_value_pb2_grpc.StoredValueServiceStub(self.peer.channel)  # type: ignore[return-value]
+
+    @property
+    def _partners(self) -> partners_pb2_grpc.PartnersServiceAsyncStub:
+        return partners_pb2_grpc.PartnersServiceStub(self.peer.channel)  # type: ignore[return-value]
+
+    async def certificate_partner(self, sha256_fingerprint: str) -> RegisteredPartner | None:
+        """The partner a client certificate is bound to; None when it is not
+        registered or was revoked. Asked at every partner call, never
+        cached: a revocation takes effect at the next call."""
+        try:
+            partner = await self._call(
+                self._partners.LookupPartnerCertificate(
+                    partners_pb2.LookupPartnerCertificateRequest(
+                        sha256_fingerprint=sha256_fingerprint
+                    ),
+                    metadata=self.peer.metadata(),
+                    timeout=CALL_TIMEOUT_SECONDS,
+                )
+            )
+        except ServiceError as error:
+            if error.reason == "CERTIFICATE_NOT_REGISTERED":
+                return None
+            raise
+        return RegisteredPartner(
+            partner.partner_id, partner.state == partners_pb2.PARTNER_STATE_ACTIVE
+        )
+
+    async def partner_exists(self, partner_id: str) -> bool:
+        try:
+            await self._call(
+                self._partners.GetPartner(
+                    partners_pb2.GetPartnerRequest(partner_id=partner_id),
+                    metadata=self.peer.metadata(),
+                    timeout=CALL_TIMEOUT_SECONDS,
+                )
+            )
+        except ServiceError as error:
+            if error.reason == "PARTNER_NOT_FOUND":
+                return False
+            raise
+        return True
 
     async def resolve(self, *, card_number: str, mobile: str, member_id: str) -> ResolvedCard:
         try:
@@ -228,5 +307,63 @@ class MembersClient:
         month = member.birthday.month if member.HasField("birthday") else 0
         return month or None
 
+    @property
+    def _members(self) -> members_pb2_grpc.MembersServiceAsyncStub:
+        return members_pb2_grpc.MembersServiceStub(self.peer.channel)  # type: ignore[return-value]
+
+    async def member_id_by_mobile(self, mobile: str) -> str:
+        """The member whose mobile this is (a merged duplicate's mobile
+        gives the survivor); NOT_FOUND MEMBER_NOT_FOUND for none."""
+        try:
+            member = await self._members.LookupMember(
+                members_pb2.LookupMemberRequest(mobile=mobile),
+                metadata=self.peer.metadata(),
+                timeout=CALL_TIMEOUT_SECONDS,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise passed_on(rich_error(exc), peer="members") from None
+        return str(member.member_id)
+
+    async def member_facts(self, member_id: str) -> MemberFacts:
+        """What state a member is in now; NOT_FOUND MEMBER_NOT_FOUND for an
+        unknown one."""
+        try:
+            member = await self._members.GetMember(
+                members_pb2.GetMemberRequest(member_id=member_id),
+                metadata=self.peer.metadata(),
+                timeout=CALL_TIMEOUT_SECONDS,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise passed_on(rich_error(exc), peer="members") from None
+        as_of = member.update_time.ToDatetime(dt.UTC) if member.HasField("update_time") else None
+        return MemberFacts(
+            member.member_id,
+            MEMBER_STATUSES.get(member.state, MemberStatus.ACTIVE),
+            member.merged_into,
+            as_of or dt.datetime.now(dt.UTC),
+        )
+
     async def close(self) -> None:
         await self.peer.close()
+
+
+def cards_client(ctx: ServiceContext) -> CardsClient:
+    """The service's one client of cards, closed when it stops."""
+
+    def make() -> CardsClient:
+        client = CardsClient(ctx.settings)
+        ctx.on_close(client.close)
+        return client
+
+    return ctx.shared("loyalty.cards", make)
+
+
+def members_client(ctx: ServiceContext) -> MembersClient:
+    """The service's one client of members, closed when it stops."""
+
+    def make() -> MembersClient:
+        client = MembersClient(ctx.settings)
+        ctx.on_close(client.close)
+        return client
+
+    return ctx.shared("loyalty.members", make)

@@ -5,7 +5,7 @@ rows together.
 The checkout calls this module inside its own transaction (``available``,
 ``hold``, ``release_hold``, ``spend_hold``, ``accrue``, ``reverse_earned``,
 ``return_spent``, ``policy``); the gRPC edge (adjustments, transfers, gift
-redemptions), the members consumer (merges, erasures) and the workers
+redemptions, partner conversions), the members consumer (merges, erasures) and the workers
 (expiry, warnings, holds not spent in time) call it too.
 
 Every change of a member's points first locks the member's account row
@@ -63,6 +63,7 @@ __all__ = [
     "accrue",
     "available",
     "cash_value",
+    "convert_out",
     "hold",
     "points_for_cash",
     "policy",
@@ -820,6 +821,72 @@ async def adjust(
             balance_after=_spendable(after),
             stamp=audit_stamp(stamp),
         ),
+    )
+    return movement
+
+
+async def convert_out(
+    session: AsyncSession,
+    member_id: str,
+    points: int,
+    *,
+    reference: str,
+    stamp: Stamp,
+    request_id: str,
+) -> MovementRecord:
+    """Points an active member converts into a partner's points: taken from
+    the lots that expire first, never more than available
+    (FAILED_PRECONDITION POINTS_INSUFFICIENT); movement CONVERT_OUT and
+    loyalty.v1.points.spent, both of source PARTNER_CONVERSION with the
+    conversion as ``reference``. Idempotent by (CONVERT_OUT, request_id):
+    a retry returns the first movement."""
+    rules.check_points(points, "points")
+    _check_text(reference, "reference", rules.MAX_REFERENCE_LENGTH)
+    request_hash = fingerprint("convert_out", member_id, points, reference)
+    if (
+        done := await _replayed(session, MovementKind.CONVERT_OUT, request_id, request_hash)
+    ) is not None:
+        return done
+    await require_member(session, member_id, active=True)
+    account = await _locked(session, member_id, stamp.at, create=False)
+    if (
+        done := await _replayed(session, MovementKind.CONVERT_OUT, request_id, request_hash)
+    ) is not None:
+        return done
+    if account is None:
+        raise rules.insufficient(0, points)
+    if account.closed_at is not None:
+        raise _closed(member_id, account)
+    account = await _expire_due(session, account, stamp.at)
+    if _spendable(account) < points:
+        raise rules.insufficient(_spendable(account), points)
+    await _take(session, member_id, points)
+    after = await store.change_account(session, member_id, balance=-points)
+    movement = await store.record_movement(
+        session,
+        NewMovement(
+            movement_id=rules.new_movement_id(),
+            member_id=member_id,
+            kind=MovementKind.CONVERT_OUT,
+            points=-points,
+            balance_after=after.balance,
+            request_id=request_id,
+            request_hash=request_hash,
+            source=SpendPurpose.PARTNER_CONVERSION.value,
+            reference=reference,
+        ),
+        principal=stamp.principal,
+        store_id=stamp.store_id,
+        at=stamp.at,
+    )
+    await _spent_event(
+        session,
+        member_id=member_id,
+        points=points,
+        purpose=SpendPurpose.PARTNER_CONVERSION,
+        reference=reference,
+        after=after,
+        stamp=stamp,
     )
     return movement
 

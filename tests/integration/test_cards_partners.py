@@ -12,13 +12,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from chassis.config import PartnerGrpc, Settings, TlsFiles
-from chassis.mtls import (
-    CertificateFiles,
-    create_ca,
-    issue_client_certificate,
-    issue_server_certificate,
-)
+from chassis.config import Settings
+from chassis.mtls import CertificateFiles
 from chassis.service import ServiceRuntime
 from cornucopia.cards.v1 import (
     cards_pb2,
@@ -33,7 +28,9 @@ from services.cards.domain.programs import luhn_check_digit
 from services.cards.server import definition as cards_definition
 from tests.integration.conftest import Suite
 from tests.integration.infra import DatabaseFactory
+from tests.integration.pki import Pki, channel, fingerprint
 from tests.integration.test_cards_lifecycle import (
+    CHECKOUT,
     HQ,
     MGR_S001,
     OP_S001,
@@ -49,34 +46,6 @@ from tests.integration.test_cards_lifecycle import (
 C, PT = cards_pb2, partners_pb2
 
 
-class Pki:
-    """A partner CA with the cards server's certificate and two banks'
-    client certificates, and a CA nobody trusts."""
-
-    def __init__(self, root: Path) -> None:
-        trusted, foreign = root / "trusted", root / "foreign"
-        trusted.mkdir(parents=True)
-        foreign.mkdir(parents=True)
-        self.ca = create_ca(trusted, "Cornucopia partner CA")
-        self.server = issue_server_certificate(self.ca, trusted)
-        self.bank_a = issue_client_certificate(self.ca, trusted, "bank-a", organisation="Bank A")
-        self.bank_b = issue_client_certificate(self.ca, trusted, "bank-b", organisation="Bank B")
-        self.stranger = issue_client_certificate(
-            self.ca, trusted, "stranger", organisation="Nobody"
-        )
-        other_ca = create_ca(foreign, "Someone else's CA")
-        self.forged = issue_client_certificate(other_ca, foreign, "bank-a", organisation="Bank A")
-
-
-def channel(pki: Pki, port: int, client: CertificateFiles | None) -> grpc.aio.Channel:
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=pki.ca.cert.read_bytes(),
-        private_key=client.key.read_bytes() if client else None,
-        certificate_chain=client.cert.read_bytes() if client else None,
-    )
-    return grpc.aio.secure_channel(f"localhost:{port}", credentials)
-
-
 async def start_cards_with_partners(
     suite: Suite, database_url: DatabaseFactory, pki: Pki
 ) -> tuple[Cards, int]:
@@ -88,10 +57,7 @@ async def start_cards_with_partners(
         nats_url=suite.nats_url,
         grpc_listen="127.0.0.1:0",
         peers={"members": "127.0.0.1:1"},
-        partner_grpc=PartnerGrpc(
-            "127.0.0.1:0",
-            TlsFiles("CARDS_PARTNER", pki.server.cert, pki.server.key, pki.ca.cert),
-        ),
+        partner_grpc=pki.partner_grpc("cards"),
     )
     runtime = ServiceRuntime(cards_definition, settings)
     await runtime.start()
@@ -399,3 +365,50 @@ async def test_the_registry_is_hqs(
     assert "partner CA" in details["violations"]["certificate_pem"]
     listed = await c.partners.ListPartners(PT.ListPartnersRequest(), metadata=OP_S001)
     assert [p.partner_id for p in listed.partners] == ["bank-a"]
+
+
+async def test_services_look_up_a_certificates_partner(
+    suite: Suite, database_url: DatabaseFactory, tmp_path: Path
+) -> None:
+    """What another service's partner endpoint asks (loyalty's): the partner
+    a certificate is bound to, with its state; nothing for a certificate
+    never registered or revoked; for services only."""
+    pki = Pki(tmp_path / "pki")
+    c, _ = await start_cards_with_partners(suite, database_url, pki)
+    await register(c, "bank-a", pki.bank_a)
+    await register(c, "bank-b", pki.bank_b)
+    service = CHECKOUT  # role SERVICE, as loyalty's own token
+
+    def lookup(sha256: str, metadata: object = service) -> object:
+        return c.partners.LookupPartnerCertificate(
+            PT.LookupPartnerCertificateRequest(sha256_fingerprint=sha256), metadata=metadata
+        )
+
+    found = await lookup(fingerprint(pki.bank_a))
+    assert found.partner_id == "bank-a" and found.state == PT.PARTNER_STATE_ACTIVE
+    # Upper case (as some tools print it) finds it too.
+    assert (await lookup(fingerprint(pki.bank_a).upper())).partner_id == "bank-a"
+    for unknown in (fingerprint(pki.stranger), fingerprint(pki.forged)):
+        details = await refused(lookup(unknown), grpc.StatusCode.NOT_FOUND)
+        assert details["reason"] == "CERTIFICATE_NOT_REGISTERED"
+    await refused(lookup(""), grpc.StatusCode.INVALID_ARGUMENT)
+    # Staff, even HQ, do not resolve certificates.
+    for metadata in (HQ, OP_S001):
+        await refused(lookup(fingerprint(pki.bank_a), metadata), grpc.StatusCode.PERMISSION_DENIED)
+
+    # A suspended partner is returned as such, for the caller to refuse.
+    await c.partners.SuspendPartner(
+        PT.SuspendPartnerRequest(request_id=rid(), partner_id="bank-b", reason="audit"),
+        metadata=HQ,
+    )
+    suspended = await lookup(fingerprint(pki.bank_b))
+    assert suspended.partner_id == "bank-b" and suspended.state == PT.PARTNER_STATE_SUSPENDED
+    # A revoked certificate is unknown from the moment it is revoked.
+    await c.partners.RevokePartnerCertificate(
+        PT.RevokePartnerCertificateRequest(
+            request_id=rid(), partner_id="bank-a", sha256_fingerprint=fingerprint(pki.bank_a)
+        ),
+        metadata=HQ,
+    )
+    details = await refused(lookup(fingerprint(pki.bank_a)), grpc.StatusCode.NOT_FOUND)
+    assert details["reason"] == "CERTIFICATE_NOT_REGISTERED"

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chassis.auth import STAFF_ROLES, Principal, Role, Scope, ScopeLevel, current_principal
+from chassis.auth import STAFF_ROLES, Principal, Role, current_principal
 from chassis.db import Database, utcnow
 from chassis.errors import (
     AlreadyExists,
@@ -19,11 +19,16 @@ from chassis.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
-    Unauthenticated,
 )
 from chassis.grpcserver import Context
 from chassis.idempotency import check_request_id, request_fingerprint, run_idempotent
-from chassis.mtls import ClientCertificate, certificate_info, issued_by_any
+from chassis.mtls import (
+    ClientCertificate,
+    certificate_info,
+    current_partner,
+    issued_by_any,
+    principal_for_partner,
+)
 from chassis.paging import decode_token, encode_token, page_size
 from chassis.service import ServiceContext
 from cornucopia.cards.v1 import partners_pb2 as pb
@@ -88,27 +93,24 @@ def partner_to_proto(record: PartnerRecord) -> pb.Partner:
     )
 
 
+async def certificate_partner(db: Database, fingerprint: str) -> PartnerRecord | None:
+    """The partner a certificate (by its SHA-256 fingerprint) is bound to,
+    if the binding is in force: None for a certificate never registered or
+    revoked. The partner may be suspended."""
+    async with db.sessions() as session:
+        bound = await store.get_certificate(session, fingerprint.strip().lower())
+        if bound is None or bound.revoked_at is not None:
+            return None
+        return await store.get_partner(session, bound.partner_id)
+
+
 async def partner_principal(db: Database, certificate: ClientCertificate) -> Principal:
     """Who a client certificate speaks for: the partner it is bound to, if
     the binding is in force and the partner active."""
-    async with db.sessions() as session:
-        bound = await store.get_certificate(session, certificate.sha256_fingerprint)
-        partner = await store.get_partner(session, bound.partner_id) if bound else None
-    if bound is None or partner is None or bound.revoked_at is not None:
-        raise Unauthenticated(
-            "this client certificate is not bound to a partner",
-            reason="CERTIFICATE_NOT_REGISTERED",
-        )
-    if partner.state != PartnerState.ACTIVE:
-        raise PermissionDenied(
-            "this partner is suspended",
-            reason="PARTNER_SUSPENDED",
-            metadata={"partner_id": partner.partner_id},
-        )
-    return Principal(
-        subject=f"partner:{partner.partner_id}",
-        roles=frozenset({Role.PARTNER}),
-        scope=Scope(ScopeLevel.PARTNER, partner.partner_id),
+    partner = await certificate_partner(db, certificate.sha256_fingerprint)
+    return principal_for_partner(
+        partner.partner_id if partner else None,
+        active=partner is not None and partner.state == PartnerState.ACTIVE,
     )
 
 
@@ -193,6 +195,19 @@ class PartnersServicer(partners_pb2_grpc.PartnersServiceServicer):
         if len(ids) > size:
             response.next_page_token = encode_token({"id": ids[size - 1]})
         return response
+
+    async def LookupPartnerCertificate(
+        self, request: pb.LookupPartnerCertificateRequest, context: Context
+    ) -> pb.Partner:
+        current_principal().require_role(Role.SERVICE)
+        fingerprint = _required(request.sha256_fingerprint, "sha256_fingerprint")
+        partner = await certificate_partner(self.db, fingerprint)
+        if partner is None:
+            raise NotFound(
+                "no partner certificate in force with this fingerprint",
+                reason="CERTIFICATE_NOT_REGISTERED",
+            )
+        return partner_to_proto(partner)
 
     async def _update(
         self,
@@ -305,11 +320,7 @@ class PartnerCardsServicer(partners_pb2_grpc.PartnerCardsServiceServicer):
 
     @staticmethod
     def _partner() -> tuple[Principal, str]:
-        principal = current_principal()
-        principal.require_role(Role.PARTNER)
-        if principal.scope.level != ScopeLevel.PARTNER or not principal.scope.id:
-            raise PermissionDenied("partners only", reason="ROLE_NOT_ALLOWED")
-        return principal, principal.scope.id
+        return current_partner()
 
     @staticmethod
     async def _own_card(

@@ -88,6 +88,8 @@ class SpendPurpose(enum.StrEnum):
     SALE = "sale"
     GIFT = "gift"
     TRANSFER = "transfer"
+    # Converted into a partner's points.
+    PARTNER_CONVERSION = "partner_conversion"
 
 
 class MovementKind(enum.StrEnum):
@@ -103,6 +105,9 @@ class MovementKind(enum.StrEnum):
     MERGE_OUT = "merge_out"
     MERGE_IN = "merge_in"
     FORFEIT = "forfeit"
+    # Converted into a partner's points (conversions from a partner's
+    # points are ACCRUE, source PARTNER_CONVERSION).
+    CONVERT_OUT = "convert_out"
 
 
 class HoldState(enum.StrEnum):

@@ -1,6 +1,8 @@
 """The loyalty gRPC edge: points and the gift catalogue, earn rules and
-tiers, and the checkout with its sales, served by one process that owns the
-loyalty database, with its workers."""
+tiers, the checkout with its sales, and conversions with partners, served
+by one process that owns the loyalty database, with its workers. Partners
+convert points on a port of their own, over mutual TLS (served where
+LOYALTY_PARTNER_GRPC_LISTEN and its TLS files are set)."""
 
 from __future__ import annotations
 
@@ -9,11 +11,16 @@ from pathlib import Path
 
 from chassis.grpcserver import GrpcService
 from chassis.service import ServiceContext, ServiceDefinition
-from services.loyalty.server import checkout, points, rules
+from services.loyalty.server import checkout, partner_points, points, rules
 
 
 def grpc_services(ctx: ServiceContext) -> list[GrpcService]:
-    return [*points.services(ctx), *rules.services(ctx), *checkout.services(ctx)]
+    return [
+        *points.services(ctx),
+        *rules.services(ctx),
+        *checkout.services(ctx),
+        *partner_points.services(ctx),
+    ]
 
 
 def workers(ctx: ServiceContext) -> Sequence[Callable[[], Awaitable[None]]]:
@@ -26,4 +33,5 @@ definition = ServiceDefinition(
     grpc_services=grpc_services,
     subscriptions=points.subscriptions,
     workers=workers,
+    partner_endpoint=partner_points.partner_endpoint,
 )
