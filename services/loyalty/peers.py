@@ -22,6 +22,7 @@ from chassis.config import Settings
 from chassis.errors import ServiceError
 from chassis.grpcclient import Peer, passed_on, rich_error
 from chassis.service import ServiceContext
+from cornucopia.campaigns.v1 import pricing_pb2, pricing_pb2_grpc
 from cornucopia.cards.v1 import (
     cards_pb2,
     cards_pb2_grpc,
@@ -367,3 +368,77 @@ def members_client(ctx: ServiceContext) -> MembersClient:
         return client
 
     return ctx.shared("loyalty.members", make)
+
+
+class CampaignsClient:
+    """Pricing with promotions and coupons, and the coupons' reservation
+    kept with the checkout id."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.peer = Peer(
+            settings.peer("campaigns"),
+            [
+                pricing_pb2.DESCRIPTOR.services_by_name["PricingService"],
+                pricing_pb2.DESCRIPTOR.services_by_name["CouponsService"],
+            ],
+            token_secret=settings.token_secret,
+            subject=SUBJECT,
+        )
+
+    async def _call(self, call: Awaitable[R]) -> R:
+        try:
+            return await call
+        except grpc.aio.AioRpcError as exc:
+            raise passed_on(rich_error(exc), peer="campaigns") from None
+
+    async def price(self, request: pricing_pb2.PriceBasketRequest) -> pricing_pb2.PricedBasket:
+        return await self._call(
+            pricing_pb2_grpc.PricingServiceStub(self.peer.channel).PriceBasket(
+                request, metadata=self.peer.metadata(), timeout=CALL_TIMEOUT_SECONDS
+            )
+        )
+
+    async def commit(self, *, reservation_id: str, sale_id: str, total: money_pb2.Money) -> None:
+        await self._call(
+            pricing_pb2_grpc.CouponsServiceStub(self.peer.channel).CommitCoupons(
+                pricing_pb2.CommitCouponsRequest(
+                    reservation_id=reservation_id, sale_id=sale_id, sale_total=total
+                ),
+                metadata=self.peer.metadata(),
+                timeout=CALL_TIMEOUT_SECONDS,
+            )
+        )
+
+    async def release(self, *, reservation_id: str, reason: str) -> None:
+        await self._call(
+            pricing_pb2_grpc.CouponsServiceStub(self.peer.channel).ReleaseCoupons(
+                pricing_pb2.ReleaseCouponsRequest(reservation_id=reservation_id, reason=reason),
+                metadata=self.peer.metadata(),
+                timeout=CALL_TIMEOUT_SECONDS,
+            )
+        )
+
+    async def restore(self, *, sale_id: str, refund_id: str, whole_sale: bool) -> None:
+        await self._call(
+            pricing_pb2_grpc.CouponsServiceStub(self.peer.channel).RestoreCoupons(
+                pricing_pb2.RestoreCouponsRequest(
+                    sale_id=sale_id, refund_id=refund_id, whole_sale=whole_sale
+                ),
+                metadata=self.peer.metadata(),
+                timeout=CALL_TIMEOUT_SECONDS,
+            )
+        )
+
+    async def close(self) -> None:
+        await self.peer.close()
+
+
+def campaigns_client(ctx: ServiceContext) -> CampaignsClient:
+    """The service's one client of campaigns, closed when it stops."""
+
+    def make() -> CampaignsClient:
+        client = CampaignsClient(ctx.settings)
+        ctx.on_close(client.close)
+        return client
+
+    return ctx.shared("loyalty.campaigns", make)

@@ -58,8 +58,15 @@ from services.loyalty.convert_checkout import (
 from services.loyalty.domain import checkout as rules
 from services.loyalty.domain.checkout import SagaStep, TenderKind
 from services.loyalty.domain.earn_rules import EarnContext, EarnLine, evaluate
-from services.loyalty.peers import CardsClient, MembersClient, ResolvedCard, StoreFacts
+from services.loyalty.peers import (
+    CampaignsClient,
+    CardsClient,
+    MembersClient,
+    ResolvedCard,
+    StoreFacts,
+)
 from services.loyalty.points_ledger import Stamp
+from services.loyalty.pricing import Priced, price_request, priced_from_proto
 from services.loyalty.store import earn_rules as rule_store
 from services.loyalty.store import sales as store
 from services.loyalty.store.sales import CheckoutLog, RefundLog, SaleRecord, SaleState
@@ -103,10 +110,17 @@ def _cards_request(log_: CheckoutLog, step: str) -> str:
 class Sagas:
     """Runs checkouts and refunds; ``recover`` finishes what a crash left."""
 
-    def __init__(self, db: Database, cards: CardsClient, members: MembersClient) -> None:
+    def __init__(
+        self,
+        db: Database,
+        cards: CardsClient,
+        members: MembersClient,
+        campaigns: CampaignsClient,
+    ) -> None:
         self.db = db
         self.cards = cards
         self.members = members
+        self.campaigns = campaigns
         # Tests set this to stop the saga right after a step, as a crash would.
         self.crash_after: Callable[[SagaStep], None] | None = None
 
@@ -187,9 +201,13 @@ class Sagas:
         card: ResolvedCard | None,
         now: dt.datetime,
         tenders: list[rules.Tender] | None,
+        *,
+        reservation_id: str = "",
     ) -> dict[str, Any]:
         """Prices the basket and checks the tenders: everything decided
-        before anything is taken, as the saga's plan."""
+        before anything is taken, as the saga's plan. With a
+        ``reservation_id`` (the checkout's id) the coupons used are reserved
+        for it; a refusal after that releases them."""
         lines = [
             rules.Line(
                 line_no=i + 1,
@@ -222,7 +240,60 @@ class Sagas:
             tier_name=tier.name if tier else "",
             tier_discount_bps=tier.discount_bps if tier else 0,
         )
-        priced = rules.member_pricing(lines, buyer)
+        birthday_month = await self.birthday_month(member_id) if member_id else None
+        priced = await self._price(
+            request,
+            facts=facts,
+            buyer=buyer,
+            lines=lines,
+            now=now,
+            birthday_month=birthday_month,
+            reservation_id=reservation_id,
+        )
+        try:
+            return await self._plan_priced(
+                request,
+                facts=facts,
+                card=card,
+                buyer=buyer,
+                priced=priced,
+                tenders=tenders,
+                points_available=points_available,
+                policy=policy,
+                rule_set=rule_set,
+                day=day,
+                earned_today=earned_today,
+                tier_multiplier_bps=tier.points_multiplier_bps if tier else 10_000,
+                birthday_month=birthday_month,
+                reservation_id=reservation_id,
+            )
+        except ServiceError:
+            if reservation_id and priced.coupon_ids:
+                await self.campaigns.release(
+                    reservation_id=reservation_id, reason="checkout refused"
+                )
+            raise
+
+    async def _plan_priced(
+        self,
+        request: pb.CheckoutRequest | pb.PreviewCheckoutRequest,
+        *,
+        facts: StoreFacts,
+        card: ResolvedCard | None,
+        buyer: rules.Buyer,
+        priced: Priced,
+        tenders: list[rules.Tender] | None,
+        points_available: int,
+        policy: Any,
+        rule_set: Any,
+        day: dt.date,
+        earned_today: int,
+        tier_multiplier_bps: int,
+        birthday_month: int | None,
+        reservation_id: str,
+    ) -> dict[str, Any]:
+        member_id = buyer.member_id
+        basket = priced.basket
         rate = rules.PointsRate(
             points=policy.cash_rate_points,
             minor_units=policy.cash_rate_minor_units,
@@ -231,7 +302,7 @@ class Sagas:
         plan_ = None
         if tenders is not None:
             plan_ = rules.plan_tenders(
-                priced.total,
+                basket.total,
                 tenders,
                 rate,
                 member=bool(member_id),
@@ -251,18 +322,20 @@ class Sagas:
                 EarnContext(
                     program_id=buyer.program_id,
                     tier_id=buyer.tier_id,
-                    tier_multiplier_bps=tier.points_multiplier_bps if tier else 10_000,
+                    tier_multiplier_bps=tier_multiplier_bps,
                     store_id=facts.store_id,
                     terminal_id=request.terminal_id.strip(),
                     business_day=day,
-                    birthday_month=await self.birthday_month(member_id),
+                    birthday_month=birthday_month,
                     currency_code=facts.currency,
                     lines=tuple(
                         EarnLine(p.line.line_no, p.line.sku, p.line.category, p.net)
-                        for p in priced.lines
+                        for p in basket.lines
                     ),
                     paid_with_points_minor_units=plan_.points_value if plan_ else 0,
                     earned_today=earned_today,
+                    campaign_multiplier_bps=priced.points_multiplier_bps,
+                    campaign_promotion_id=priced.points_promotion_id,
                 ),
             )
         return {
@@ -285,22 +358,73 @@ class Sagas:
                     "discounts": [dataclasses.asdict(d) for d in p.discounts],
                     "net": p.net,
                 }
-                for p in priced.lines
+                for p in basket.lines
             ],
-            "gross": priced.gross,
-            "discount": priced.discount,
-            "total": priced.total,
+            "gross": basket.gross,
+            "discount": basket.discount,
+            "total": basket.total,
             "tenders": dataclasses.asdict(plan_) if plan_ else {},
             "earn": {
                 "points": earn.points if earn else 0,
                 "explanations": [step.explanation for step in earn.steps] if earn else [],
             },
-            "max_points": rate.most_points(priced.total, points_available),
-            "max_points_value": rate.value(rate.most_points(priced.total, points_available)),
+            "max_points": rate.most_points(basket.total, points_available),
+            "max_points_value": rate.value(rate.most_points(basket.total, points_available)),
             "points_available": points_available,
+            "reservation_id": reservation_id if priced.coupon_ids else "",
+            "coupon_ids": list(priced.coupon_ids),
             "card_can_pay": bool(card and card.can_pay),
             "card_refusal": card.refusal_reason if card else "",
         }
+
+    async def _price(
+        self,
+        request: pb.CheckoutRequest | pb.PreviewCheckoutRequest,
+        *,
+        facts: StoreFacts,
+        buyer: rules.Buyer,
+        lines: list[rules.Line],
+        now: dt.datetime,
+        birthday_month: int | None,
+        reservation_id: str,
+    ) -> Priced:
+        """The pricing step: the campaigns service's promotions and coupons
+        on top of the member or tier discount. Without coupons a sale does
+        not wait for campaigns: when it does not answer, the member or tier
+        discount alone prices the basket."""
+        codes = [code.strip() for code in request.coupon_codes if code.strip()]
+        try:
+            answer = await self.campaigns.price(
+                price_request(
+                    store_id=facts.store_id,
+                    region_id=facts.region_id,
+                    currency=facts.currency,
+                    buyer=buyer,
+                    lines=lines,
+                    codes=codes,
+                    now=now,
+                    birthday_month=birthday_month,
+                    reservation_id=reservation_id,
+                )
+            )
+        except Unavailable:
+            if codes:
+                raise
+            log.warning("campaigns did not answer; member pricing only", store_id=facts.store_id)
+            return Priced(rules.member_pricing(lines, buyer))
+        priced = priced_from_proto(lines, answer)
+        if priced.refusals:
+            # A coupon the member counted on and did not get: the cashier
+            # says so rather than ring up a dearer sale.
+            if reservation_id and priced.coupon_ids:
+                await self.campaigns.release(reservation_id=reservation_id, reason="coupon refused")
+            code, reason = priced.refusals[0]
+            raise FailedPrecondition(
+                f"coupon {code} cannot be used ({reason})",
+                reason=reason or "COUPON_NOT_APPLICABLE",
+                metadata={"coupon_code": code},
+            )
+        return priced
 
     # --- the checkout ----------------------------------------------------------
 
@@ -338,7 +462,7 @@ class Sagas:
             raise InvalidArgument(
                 [FieldViolation(f"tenders[{i}].kind", "one of the tender kinds") for i in bad]
             )
-        plan = await self.plan(request, facts, card, now, tenders)
+        plan = await self.plan(request, facts, card, now, tenders, reservation_id=checkout_id)
         lease = now + LEASE
         try:
             await self._start(
@@ -483,7 +607,7 @@ class Sagas:
             else:
                 log_ = await self._advance(log_, SagaStep.POINTS_HELD)
         if not tenders.get("stored_value"):
-            return await self._advance(log_, SagaStep.SV_CAPTURED)
+            return await self._advance(log_, SagaStep.SV_CAPTURED, sale_id=rules.new_sale_id())
         if log_.step == SagaStep.POINTS_HELD:
             log_ = await self._advance(log_, SagaStep.SV_HOLDING)
         if log_.step == SagaStep.SV_HOLDING:
@@ -503,7 +627,14 @@ class Sagas:
             movement_id = await self.cards.capture(
                 request_id=_cards_request(log_, "capture"), hold_id=log_.sv_hold_id
             )
-            log_ = await self._advance(log_, SagaStep.SV_CAPTURED, sv_movement_id=movement_id)
+            # The sale's id is fixed here: what comes after is retried until it
+            # is done, and must name the same sale every time.
+            log_ = await self._advance(
+                log_,
+                SagaStep.SV_CAPTURED,
+                sv_movement_id=movement_id,
+                sale_id=rules.new_sale_id(),
+            )
         return log_
 
     async def _undo(self, log_: CheckoutLog, error: ServiceError) -> None:
@@ -518,6 +649,10 @@ class Sagas:
         if hold_id:
             await self.cards.void(
                 request_id=_cards_request(log_, "void"), hold_id=hold_id, reason="checkout undone"
+            )
+        if log_.plan.get("coupon_ids"):
+            await self.campaigns.release(
+                reservation_id=log_.plan["reservation_id"], reason="checkout undone"
             )
         async with self.db.transaction() as session:
             if log_.points_hold_id:
@@ -561,9 +696,17 @@ class Sagas:
                 stored_value_left = await self.cards.available(log_.card_id)
             except Unavailable:
                 stored_value_left = None  # the receipt goes without it
+        sale_id = log_.sale_id or rules.new_sale_id()
+        if plan.get("coupon_ids"):
+            # The coupons go with the sale; idempotent, so a retry after a
+            # crash is harmless.
+            await self.campaigns.commit(
+                reservation_id=plan["reservation_id"],
+                sale_id=sale_id,
+                total=money(currency, int(plan["total"])),
+            )
         now = utcnow()
         stamp = Stamp(log_.principal, log_.store_id, now)
-        sale_id = log_.sale_id or rules.new_sale_id()
         member_id = log_.member_id
         async with self.db.transaction() as session:
             current = await store.get_checkout(session, log_.checkout_id, for_update=True)
@@ -853,6 +996,7 @@ class Sagas:
                             (t.movement_id for t in tenders if t.kind == TenderKind.STORED_VALUE),
                             "",
                         ),
+                        "coupons": _used_coupons(sale),
                     },
                     sv_movement_id="",
                     reason=reason,
@@ -902,6 +1046,13 @@ class Sagas:
                         reason="REFUND_COMPLETING",
                         retry_after_seconds=2.0,
                     ) from None
+            if plan.get("coupons"):
+                # Coupons go back to the wallet by their template's policy.
+                await self.campaigns.restore(
+                    sale_id=found.sale_id,
+                    refund_id=refund_id,
+                    whole_sale=bool(plan["whole_sale"]),
+                )
             now = utcnow()
             async with self.db.transaction() as session:
                 await store.advance_refund(
@@ -1040,6 +1191,11 @@ _TENDER_KINDS = {
     pb.TENDER_KIND_CASH: TenderKind.CASH,
     pb.TENDER_KIND_BANK_CARD: TenderKind.BANK_CARD,
 }
+
+
+def _used_coupons(sale: SaleRecord) -> bool:
+    receipt = pb.Receipt.FromString(sale.receipt)
+    return any(d.source == "COUPON" for line in receipt.lines for d in line.discounts)
 
 
 def sale_not_found(sale_id: str) -> NotFound:

@@ -31,6 +31,7 @@ from cornucopia.cards.v1 import (
 from cornucopia.common.v1 import money_pb2
 from cornucopia.loyalty.v1 import checkout_pb2, checkout_pb2_grpc
 from cornucopia.members.v1 import members_pb2, members_pb2_grpc
+from services.campaigns.server import definition as campaigns_definition
 from services.loyalty import points_ledger
 from services.loyalty.domain.checkout import SagaStep
 from services.loyalty.points_ledger import Stamp
@@ -60,6 +61,7 @@ class Shop:
     database_url: str
     cards_port: int
     members_port: int
+    campaigns_port: int
     loyalty: ServiceRuntime
 
     @property
@@ -90,12 +92,12 @@ class Shop:
         any more), a new one starts on the same database."""
         await self.suite.stop("loyalty")
         self.loyalty = await start_loyalty(
-            self.suite, self.database_url, self.cards_port, self.members_port
+            self.suite, self.database_url, self.cards_port, self.members_port, self.campaigns_port
         )
 
 
 async def start_loyalty(
-    suite: Suite, database_url: str, cards_port: int, members_port: int
+    suite: Suite, database_url: str, cards_port: int, members_port: int, campaigns_port: int
 ) -> ServiceRuntime:
     settings = Settings(
         service="loyalty",
@@ -104,7 +106,11 @@ async def start_loyalty(
         database_url=database_url,
         nats_url=suite.nats_url,
         grpc_listen="127.0.0.1:0",
-        peers={"cards": f"127.0.0.1:{cards_port}", "members": f"127.0.0.1:{members_port}"},
+        peers={
+            "cards": f"127.0.0.1:{cards_port}",
+            "members": f"127.0.0.1:{members_port}",
+            "campaigns": f"127.0.0.1:{campaigns_port}",
+        },
     )
     runtime = ServiceRuntime(loyalty_definition, settings)
     await runtime.start()
@@ -119,9 +125,10 @@ async def open_shop(suite: Suite, database_url: DatabaseFactory) -> Shop:
     await seed_organisation(suite)
     cards = await start_cards(suite, database_url, members_port=members.port)
     await create_program(cards, program())  # GOLD: stored value, 5 % off
+    campaigns = await suite.start(campaigns_definition, await database_url("campaigns"))
     url = await database_url("loyalty")
-    loyalty = await start_loyalty(suite, url, cards.runtime.port, members.port)
-    return Shop(suite, url, cards.runtime.port, members.port, loyalty)
+    loyalty = await start_loyalty(suite, url, cards.runtime.port, members.port, campaigns.port)
+    return Shop(suite, url, cards.runtime.port, members.port, campaigns.port, loyalty)
 
 
 async def enroll(
@@ -450,6 +457,11 @@ async def test_the_same_checkout_at_once_is_one_sale(
     shop = await open_shop(suite, database_url)
     _, card = await enroll(shop, "13800138004", recharge=100_000)
     request = checkout_request(card_number=card.card_number, tenders=[stored_value(TOTAL)])
+    # The store's facts are fetched from members once, before the rush.
+    await shop.checkout.PreviewCheckout(
+        P.PreviewCheckoutRequest(store_id="S001", terminal_id="T1", lines=basket()),
+        metadata=CASHIER,
+    )
 
     async def send() -> str:
         try:
@@ -578,3 +590,106 @@ async def test_concurrent_checkouts_on_one_card_never_overdraw(
     async with shop.loyalty.db.sessions() as session:
         count = await session.execute(sa.select(sa.func.count()).select_from(sales_store.sales))
         assert count.scalar_one() == 6
+
+
+async def test_promotions_and_coupons_at_the_till(
+    suite: Suite, database_url: DatabaseFactory
+) -> None:
+    """The pricing step: a promotion on top of the member discount, a coupon
+    reserved at checkout and redeemed with the sale, a refused coupon that
+    stops the sale with nothing taken, and the coupon back in the wallet
+    after a whole refund."""
+    from cornucopia.campaigns.v1 import pricing_pb2 as C_
+    from cornucopia.campaigns.v1 import pricing_pb2_grpc
+
+    shop = await open_shop(suite, database_url)
+    member_id, card = await enroll(shop, "13800138007", recharge=100_000)
+    pricing = pricing_pb2_grpc.PricingServiceStub(suite.channels["campaigns"])
+    coupons = pricing_pb2_grpc.CouponsServiceStub(suite.channels["campaigns"])
+    await pricing.CreatePromotion(
+        C_.CreatePromotionRequest(
+            request_id="masks-10",
+            promotion=C_.Promotion(
+                promotion_id="MASKS10",
+                display_name="masks 10 % off",
+                kind=C_.PROMOTION_KIND_PERCENT_OFF,
+                skus=["MASK-5"],
+                percent_bps=1_000,
+                priority=1,
+                stacking=C_.STACKING_COMBINABLE,
+            ),
+        ),
+        metadata=HQ,
+    )
+    template = await coupons.CreateCouponTemplate(
+        C_.CreateCouponTemplateRequest(
+            request_id="ten-off",
+            template=C_.CouponTemplate(
+                display_name="10 off",
+                kind=C_.COUPON_KIND_AMOUNT_OFF,
+                currency_code="CNY",
+                amount_off=cny(1_000),
+                valid_days=30,
+                min_spend=cny(10_000),
+                restore_policy=C_.RESTORE_POLICY_ON_WHOLE_REFUND,
+            ),
+        ),
+        metadata=HQ,
+    )
+    job = await coupons.IssueCoupons(
+        C_.IssueCouponsRequest(
+            request_id="give", template_id=template.template_id, member_ids=[member_id]
+        ),
+        metadata=HQ,
+    )
+    code = job.coupons[0].code
+
+    preview = await shop.checkout.PreviewCheckout(
+        P.PreviewCheckoutRequest(
+            store_id="S001", terminal_id="T1", card_number=card.card_number, lines=basket()
+        ),
+        metadata=CASHIER,
+    )
+    mask = preview.lines[1]
+    assert [d.source for d in mask.discounts] == ["MEMBER", "PROMOTION"]
+    total = preview.total.minor_units - 1_000
+
+    # A coupon nobody issued stops the sale; nothing is taken.
+    details = await refused(
+        shop.checkout.Checkout(
+            checkout_request(
+                card_number=card.card_number,
+                coupon_codes=["NOSUCHCOUPON0000"],
+                tenders=[stored_value(total)],
+            ),
+            metadata=CASHIER,
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert details["reason"] == "COUPON_NOT_FOUND"
+    assert (await shop.balance(card.card_id)).available.minor_units == 100_000
+
+    receipt = await shop.checkout.Checkout(
+        checkout_request(
+            card_number=card.card_number, coupon_codes=[code], tenders=[stored_value(total)]
+        ),
+        metadata=CASHIER,
+    )
+    assert receipt.total.minor_units == total
+    sources = [d.source for line in receipt.lines for d in line.discounts]
+    assert "COUPON" in sources and "PROMOTION" in sources
+    wallet = await coupons.ListMemberCoupons(
+        C_.ListMemberCouponsRequest(member_id=member_id), metadata=HQ
+    )
+    assert wallet.coupons[0].state == C_.COUPON_STATE_REDEEMED
+    assert wallet.coupons[0].sale_id == receipt.sale_id
+
+    await shop.checkout.RefundSale(
+        P.RefundSaleRequest(request_id="back", sale_id=receipt.sale_id, reason="all back"),
+        metadata=MANAGER,
+    )
+    wallet = await coupons.ListMemberCoupons(
+        C_.ListMemberCouponsRequest(member_id=member_id), metadata=HQ
+    )
+    assert wallet.coupons[0].state == C_.COUPON_STATE_ISSUED
+    assert (await shop.balance(card.card_id)).available.minor_units == 100_000

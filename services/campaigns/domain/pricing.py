@@ -394,8 +394,20 @@ def _saving(before: Sequence[PricedLine], after: Sequence[PricedLine]) -> int:
     return sum(b.net for b in before) - sum(a.net for a in after)
 
 
-def _order(p: Promotion) -> tuple[int, str]:
-    return (-p.priority, p.promotion_id)
+# On equal priority: a member price (a price, not a discount) first, then
+# the percentages, the day-based ones, and spend-X-save-Y last, on what the
+# others left; the id only breaks ties between promotions of one kind.
+_KIND_ORDER = {
+    PromotionKind.MEMBER_PRICE: 0,
+    PromotionKind.PERCENT_OFF: 1,
+    PromotionKind.MEMBER_DAY: 2,
+    PromotionKind.BIRTHDAY: 3,
+    PromotionKind.SPEND_SAVE: 4,
+}
+
+
+def _order(p: Promotion) -> tuple[int, int, str]:
+    return (-p.priority, _KIND_ORDER.get(p.kind, 5), p.promotion_id)
 
 
 @dataclass(frozen=True)

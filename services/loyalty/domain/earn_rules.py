@@ -196,6 +196,11 @@ class EarnContext:
     paid_with_points_minor_units: int = 0
     # Points the member already earned on this business day.
     earned_today: int = 0
+    # A double-points promotion of the campaigns service in force for this
+    # sale (10000 is x1, 0 none): it competes with the promotion rules here,
+    # the larger wins.
+    campaign_multiplier_bps: int = 0
+    campaign_promotion_id: str = ""
 
     @property
     def weekday(self) -> int:
@@ -444,6 +449,17 @@ def _apply_promotion(rule_set: EarnRuleSet, ctx: EarnContext, steps: _Steps) -> 
     promotion = _largest(
         rule for rule in rule_set.of_kind(RuleKind.PROMOTION) if promotion_matches(rule, ctx)
     )
+    campaign = ctx.campaign_multiplier_bps
+    if campaign > ONE_BPS and (promotion is None or campaign > promotion.factor_bps):
+        after = steps.exact * Fraction(campaign, ONE_BPS)
+        steps.to(
+            after,
+            ctx.campaign_promotion_id,
+            RuleKind.PROMOTION,
+            f"points promotion {ctx.campaign_promotion_id} {factor_text(campaign)}: "
+            f"{_show(steps.exact)} → {_show(after)}",
+        )
+        return
     if promotion is None:
         return
     after = steps.exact * Fraction(promotion.factor_bps, ONE_BPS)

@@ -21,7 +21,7 @@ from cornucopia.loyalty.v1 import checkout_pb2 as pb
 from cornucopia.loyalty.v1 import checkout_pb2_grpc
 from services.loyalty.convert_checkout import money, receipt_lines, sale_to_proto
 from services.loyalty.domain import checkout as rules
-from services.loyalty.peers import cards_client, members_client
+from services.loyalty.peers import campaigns_client, cards_client, members_client
 from services.loyalty.saga import Caller, Sagas, sale_not_found
 from services.loyalty.store import sales as store
 from services.loyalty.store.sales import SaleRecord
@@ -324,7 +324,7 @@ def sagas_of(ctx: ServiceContext) -> Sagas:
     """One Sagas per service, shared by the servicer and the worker."""
 
     def make() -> Sagas:
-        return Sagas(ctx.db, cards_client(ctx), members_client(ctx))
+        return Sagas(ctx.db, cards_client(ctx), members_client(ctx), campaigns_client(ctx))
 
     return ctx.shared("loyalty.sagas", make)
 
