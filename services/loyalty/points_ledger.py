@@ -62,7 +62,9 @@ __all__ = [
     "Stamp",
     "accrue",
     "available",
+    "award",
     "cash_value",
+    "charge",
     "convert_out",
     "hold",
     "points_for_cash",
@@ -89,6 +91,7 @@ SOURCES_PROTO = {
     LotSource.TRANSFER.value: events_pb2.POINTS_SOURCE_TRANSFER,
     SpendPurpose.GIFT.value: events_pb2.POINTS_SOURCE_GIFT,
     SpendPurpose.SALE.value: events_pb2.POINTS_SOURCE_SALE,
+    SpendPurpose.CAMPAIGN.value: events_pb2.POINTS_SOURCE_CAMPAIGN,
 }
 
 
@@ -549,6 +552,7 @@ async def accrue(
     reference: str,
     stamp: Stamp,
     request_id: str,
+    reason: str = "",
 ) -> Lot | None:
     """A new lot of ``points`` (a purchase, a bonus, a partner's
     conversion) expiring by the policy, and loyalty.v1.points.accrued. None
@@ -563,7 +567,11 @@ async def accrue(
     _check_text(reference, "reference", rules.MAX_REFERENCE_LENGTH)
     if points == 0:
         return None
-    request_hash = fingerprint("accrue", member_id, points, source.value, reference)
+    # A reason (an award's) is part of the request; without one the
+    # fingerprint is what it always was.
+    request_hash = fingerprint(
+        "accrue", member_id, points, source.value, reference, *([reason] if reason else [])
+    )
     target, erased = await _target(session, member_id)
     account = await _locked(session, target, stamp.at, create=not erased)
     if (
@@ -596,6 +604,7 @@ async def accrue(
             request_hash=request_hash,
             source=source.value,
             reference=reference,
+            reason=reason,
             lot_id=lot.lot_id,
         ),
         principal=stamp.principal,
@@ -889,6 +898,117 @@ async def convert_out(
         stamp=stamp,
     )
     return movement
+
+
+async def charge(
+    session: AsyncSession,
+    member_id: str,
+    points: int,
+    *,
+    reason: str,
+    reference: str,
+    stamp: Stamp,
+    request_id: str,
+) -> MovementRecord:
+    """Points another service charges an active member for something of
+    its own (a campaign's lottery draw): taken from the lots that expire
+    first, never more than available (FAILED_PRECONDITION
+    POINTS_INSUFFICIENT); movement CHARGE and loyalty.v1.points.spent, both
+    of source CAMPAIGN with the caller's ``reference``. Idempotent by
+    (CHARGE, request_id), for good: a retry returns the first movement."""
+    rules.check_points(points, "points")
+    _check_text(reason, "reason", rules.MAX_REASON_LENGTH)
+    _check_text(reference, "reference", rules.MAX_REFERENCE_LENGTH)
+    request_hash = fingerprint("charge", member_id, points, reason, reference)
+    if (
+        done := await _replayed(session, MovementKind.CHARGE, request_id, request_hash)
+    ) is not None:
+        return done
+    await require_member(session, member_id, active=True)
+    account = await _locked(session, member_id, stamp.at, create=False)
+    if (
+        done := await _replayed(session, MovementKind.CHARGE, request_id, request_hash)
+    ) is not None:
+        return done
+    if account is None:
+        raise rules.insufficient(0, points)
+    if account.closed_at is not None:
+        raise _closed(member_id, account)
+    account = await _expire_due(session, account, stamp.at)
+    if _spendable(account) < points:
+        raise rules.insufficient(_spendable(account), points)
+    await _take(session, member_id, points)
+    after = await store.change_account(session, member_id, balance=-points)
+    movement = await store.record_movement(
+        session,
+        NewMovement(
+            movement_id=rules.new_movement_id(),
+            member_id=member_id,
+            kind=MovementKind.CHARGE,
+            points=-points,
+            balance_after=after.balance,
+            request_id=request_id,
+            request_hash=request_hash,
+            source=SpendPurpose.CAMPAIGN.value,
+            reference=reference,
+            reason=reason,
+        ),
+        principal=stamp.principal,
+        store_id=stamp.store_id,
+        at=stamp.at,
+    )
+    await _spent_event(
+        session,
+        member_id=member_id,
+        points=points,
+        purpose=SpendPurpose.CAMPAIGN,
+        reference=reference,
+        after=after,
+        stamp=stamp,
+    )
+    return movement
+
+
+# The ACCRUE request ids of awards, apart from those the checkout chooses.
+AWARD_REQUEST_PREFIX = "award:"
+
+
+async def award(
+    session: AsyncSession,
+    member_id: str,
+    points: int,
+    *,
+    reason: str,
+    reference: str,
+    stamp: Stamp,
+    request_id: str,
+) -> Lot:
+    """Points another service gives a member (a lottery prize, a refund of
+    a draw, a referral reward): a lot of source BONUS through ``accrue``,
+    with the reason in the history. The member must be known to the
+    service or have points (NOT_FOUND MEMBER_NOT_FOUND otherwise: the
+    caller retries once members' enrollment has arrived); a merged
+    member's points go to the survivor, an erased member's are refused.
+    Idempotent by (ACCRUE, "award:" + request_id): a retry returns the lot
+    (as it is now)."""
+    rules.check_points(points, "points")
+    _check_text(reason, "reason", rules.MAX_REASON_LENGTH)
+    if await members.get_member(session, member_id) is None and (
+        await store.get_account(session, member_id) is None
+    ):
+        raise member_not_found(member_id)
+    lot = await accrue(
+        session,
+        member_id,
+        points,
+        source=LotSource.BONUS,
+        reference=reference,
+        stamp=stamp,
+        request_id=AWARD_REQUEST_PREFIX + request_id,
+        reason=reason,
+    )
+    assert lot is not None  # points > 0
+    return lot
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,13 @@ def timestamp(value: dt.datetime) -> Timestamp:
 
 
 def member_enrolled_message(
-    *, member_id: str, home_store_id: str, channel: int, language: str, enrolled_at: dt.datetime
+    *,
+    member_id: str,
+    home_store_id: str,
+    channel: int,
+    language: str,
+    enrolled_at: dt.datetime,
+    referrer_member_id: str = "",
 ) -> events_pb2.MemberEnrolled:
     return events_pb2.MemberEnrolled(
         member_id=member_id,
@@ -40,6 +46,7 @@ def member_enrolled_message(
         enrollment_channel=channel,  # type: ignore[arg-type]
         preferred_language=language,
         enroll_time=timestamp(enrolled_at),
+        referrer_member_id=referrer_member_id,
     )
 
 
@@ -51,6 +58,7 @@ async def member_enrolled(
     channel: int,
     language: str,
     enrolled_at: dt.datetime,
+    referrer_member_id: str = "",
 ) -> str:
     return await enqueue(
         session,
@@ -62,6 +70,7 @@ async def member_enrolled(
             channel=channel,
             language=language,
             enrolled_at=enrolled_at,
+            referrer_member_id=referrer_member_id,
         ),
     )
 

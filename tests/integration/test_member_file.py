@@ -733,6 +733,42 @@ async def test_export_and_erase(suite: Suite, database_url: DatabaseFactory) -> 
     assert erased_events == [created.member_id]
 
 
+async def test_a_referrer_is_an_active_member_and_the_enrollment_event_names_them(
+    suite: Suite, database_url: DatabaseFactory
+) -> None:
+    s = await start(suite, database_url)
+    alice = await create(s, full_member("+8613800138301"))
+    friend = full_member("+8613800138302")
+    friend.referrer_member_id = alice.member_id
+    bob = await create(s, friend)
+    assert bob.referrer_member_id == alice.member_id
+    enrolled = [
+        events_pb2.MemberEnrolled.FromString(payload)
+        for subject, payload in await outbox(suite)
+        if subject == "members.v1.member.enrolled"
+    ]
+    assert [(e.member_id, e.referrer_member_id) for e in enrolled] == [
+        (alice.member_id, ""),
+        (bob.member_id, alice.member_id),
+    ]
+    # An archived member refers nobody new; a file that named them before
+    # keeps them through later updates.
+    await s.ArchiveMember(M.ArchiveMemberRequest(member_id=alice.member_id), metadata=HQ)
+    late = full_member("+8613800138303")
+    late.referrer_member_id = alice.member_id
+    error = await fails(create(s, late))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert set(rpc_details(error)["violations"]) == {"member.referrer_member_id"}
+    updated = await s.UpdateMember(
+        M.UpdateMemberRequest(
+            member=M.Member(member_id=bob.member_id, occupation="nurse"),
+            update_mask=mask("occupation"),
+        ),
+        metadata=HQ,
+    )
+    assert updated.referrer_member_id == alice.member_id
+
+
 async def test_concurrent_creation_of_one_mobile_has_one_winner(
     suite: Suite, database_url: DatabaseFactory
 ) -> None:

@@ -1,7 +1,15 @@
 from chassis.migrations import run_env
-from services.campaigns.store import coupons, followups, metadata, promotions
+from services.campaigns.store import (
+    coupons,
+    followups,
+    lotteries,
+    member_events,
+    metadata,
+    promotions,
+    referrals,
+)
 
 # Importing each store module registers its tables on the shared metadata.
-__all__ = ["coupons", "followups", "promotions"]
+__all__ = ["coupons", "followups", "lotteries", "member_events", "promotions", "referrals"]
 
 run_env(metadata)

@@ -90,6 +90,9 @@ class SpendPurpose(enum.StrEnum):
     TRANSFER = "transfer"
     # Converted into a partner's points.
     PARTNER_CONVERSION = "partner_conversion"
+    # Charged by another service for something of its own (a campaign's
+    # lottery draw), through PointsService.ChargePoints.
+    CAMPAIGN = "campaign"
 
 
 class MovementKind(enum.StrEnum):
@@ -108,6 +111,9 @@ class MovementKind(enum.StrEnum):
     # Converted into a partner's points (conversions from a partner's
     # points are ACCRUE, source PARTNER_CONVERSION).
     CONVERT_OUT = "convert_out"
+    # Charged by another service (PointsService.ChargePoints, source
+    # CAMPAIGN).
+    CHARGE = "charge"
 
 
 class HoldState(enum.StrEnum):

@@ -54,6 +54,7 @@ KINDS_PROTO = {
     MovementKind.MERGE_IN: pb.POINTS_MOVEMENT_KIND_MERGE_IN,
     MovementKind.FORFEIT: pb.POINTS_MOVEMENT_KIND_FORFEIT,
     MovementKind.CONVERT_OUT: pb.POINTS_MOVEMENT_KIND_CONVERT_OUT,
+    MovementKind.CHARGE: pb.POINTS_MOVEMENT_KIND_CHARGE,
 }
 EXPIRY_RULES = {
     pb.EXPIRY_RULE_UNSPECIFIED: ExpiryRule.END_OF_NEXT_YEAR,
@@ -348,6 +349,77 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
             request=request,
             response_type=pb.TransferPointsResponse,
             work=move,
+        )
+
+    async def ChargePoints(
+        self, request: pb.ChargePointsRequest, context: Context
+    ) -> pb.ChargePointsResponse:
+        principal = current_principal()
+        principal.require_role(Role.SERVICE)
+        check_request_id(request.request_id)
+        member_id = required(request.member_id, "member_id")
+        points = rules.check_points(request.points, "points")
+        reason = rules.check_text(request.reason, "reason", rules.MAX_REASON_LENGTH, required=True)
+        reference = rules.check_text(request.reference, "reference", rules.MAX_REFERENCE_LENGTH)
+        stamp = stamp_of(principal, utcnow())
+
+        async def charge(session: AsyncSession) -> pb.ChargePointsResponse:
+            movement = await ledger.charge(
+                session,
+                member_id,
+                points,
+                reason=reason,
+                reference=reference,
+                stamp=stamp,
+                request_id=request.request_id,
+            )
+            return pb.ChargePointsResponse(
+                movement=movement_to_proto(movement),
+                account=await self._account(session, movement.member_id),
+            )
+
+        return await run_idempotent(
+            self.db,
+            method="loyalty.ChargePoints",
+            request_id=request.request_id,
+            request=request,
+            response_type=pb.ChargePointsResponse,
+            work=charge,
+        )
+
+    async def AwardPoints(
+        self, request: pb.AwardPointsRequest, context: Context
+    ) -> pb.AwardPointsResponse:
+        principal = current_principal()
+        principal.require_role(Role.SERVICE)
+        check_request_id(request.request_id)
+        member_id = required(request.member_id, "member_id")
+        points = rules.check_points(request.points, "points")
+        reason = rules.check_text(request.reason, "reason", rules.MAX_REASON_LENGTH, required=True)
+        reference = rules.check_text(request.reference, "reference", rules.MAX_REFERENCE_LENGTH)
+        stamp = stamp_of(principal, utcnow())
+
+        async def award(session: AsyncSession) -> pb.AwardPointsResponse:
+            lot = await ledger.award(
+                session,
+                member_id,
+                points,
+                reason=reason,
+                reference=reference,
+                stamp=stamp,
+                request_id=request.request_id,
+            )
+            return pb.AwardPointsResponse(
+                lot=lot_to_proto(lot), account=await self._account(session, lot.member_id)
+            )
+
+        return await run_idempotent(
+            self.db,
+            method="loyalty.AwardPoints",
+            request_id=request.request_id,
+            request=request,
+            response_type=pb.AwardPointsResponse,
+            work=award,
         )
 
     async def GetPointsPolicy(

@@ -386,6 +386,7 @@ class MembersServicer(members_pb2_grpc.MembersServiceServicer):
         now: dt.datetime,
         *,
         member_id: str = "",
+        referrer_before: str = "",
     ) -> domain.NewMember:
         member = domain.validate_enrollment(
             candidate,
@@ -395,12 +396,20 @@ class MembersServicer(members_pb2_grpc.MembersServiceServicer):
             definitions=await store.attribute_definitions_by_name(session),
         )
         referrer = member.referrer_member_id
-        if referrer and (
-            referrer == member_id or await store.get_member(session, self.keys, referrer) is None
-        ):
-            raise InvalidArgument(
-                [FieldViolation("member.referrer_member_id", "no such other member")]
-            )
+        if referrer:
+            found = None
+            if referrer != member_id:
+                found = await store.get_member(session, self.keys, referrer)
+            if found is None:
+                raise InvalidArgument(
+                    [FieldViolation("member.referrer_member_id", "no such other member")]
+                )
+            # A new referrer must be an active member (referral rewards go to
+            # them); one recorded before may have been archived since.
+            if referrer != referrer_before and found.state != domain.MemberState.ACTIVE:
+                raise InvalidArgument(
+                    [FieldViolation("member.referrer_member_id", "not an active member")]
+                )
         return member
 
     # --- the static file -------------------------------------------------
@@ -449,6 +458,7 @@ class MembersServicer(members_pb2_grpc.MembersServiceServicer):
                 channel=CHANNELS_PROTO[record.enrollment_channel],
                 language=record.preferred_language,
                 enrolled_at=now,
+                referrer_member_id=member.referrer_member_id,
             )
             # Only the id is kept with the idempotency key: no personal value
             # outside the encrypted columns.
@@ -491,6 +501,7 @@ class MembersServicer(members_pb2_grpc.MembersServiceServicer):
                 principal,
                 now,
                 member_id=before.member_id,
+                referrer_before=current.referrer_member_id,
             )
             changed = [name for name in domain.changed_fields(current, after) if name in paths]
             if not changed:
@@ -753,7 +764,12 @@ class MembersServicer(members_pb2_grpc.MembersServiceServicer):
             if merged.referrer_member_id in (survivor.member_id, duplicate.member_id):
                 merged = dataclasses.replace(merged, referrer_member_id=current.referrer_member_id)
             after = await self._validate(
-                session, merged, principal, now, member_id=survivor.member_id
+                session,
+                merged,
+                principal,
+                now,
+                member_id=survivor.member_id,
+                referrer_before=current.referrer_member_id,
             )
             changed = list(domain.changed_fields(current, after))
             try:
