@@ -17,6 +17,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from chassis.auth import verify_token
 from chassis.config import Settings
 from chassis.grpcclient import open_channel
+from cornucopia.campaigns.v1 import (
+    followups_pb2,
+    followups_pb2_grpc,
+    member_events_pb2,
+    member_events_pb2_grpc,
+    pricing_pb2,
+    pricing_pb2_grpc,
+)
 from cornucopia.cards.v1 import (
     cards_pb2,
     cards_pb2_grpc,
@@ -37,6 +45,9 @@ from cornucopia.members.v1 import members_pb2, members_pb2_grpc
 from services.gateway.problems import FieldError, Problem, ProblemError
 
 if TYPE_CHECKING:
+    from cornucopia.campaigns.v1.followups_pb2_grpc import FollowUpServiceAsyncStub
+    from cornucopia.campaigns.v1.member_events_pb2_grpc import MemberEventsServiceAsyncStub
+    from cornucopia.campaigns.v1.pricing_pb2_grpc import CouponsServiceAsyncStub
     from cornucopia.cards.v1.cards_pb2_grpc import CardsServiceAsyncStub
     from cornucopia.cards.v1.programs_pb2_grpc import CardProgramsServiceAsyncStub
     from cornucopia.cards.v1.stored_value_pb2_grpc import StoredValueServiceAsyncStub
@@ -53,6 +64,9 @@ CHECKOUT_SERVICE = checkout_pb2.DESCRIPTOR.services_by_name["CheckoutService"]
 POINTS_SERVICE = points_pb2.DESCRIPTOR.services_by_name["PointsService"]
 GIFTS_SERVICE = points_pb2.DESCRIPTOR.services_by_name["GiftsService"]
 TIERS_SERVICE = rules_pb2.DESCRIPTOR.services_by_name["TiersService"]
+COUPONS_SERVICE = pricing_pb2.DESCRIPTOR.services_by_name["CouponsService"]
+FOLLOW_UP_SERVICE = followups_pb2.DESCRIPTOR.services_by_name["FollowUpService"]
+MEMBER_EVENTS_SERVICE = member_events_pb2.DESCRIPTOR.services_by_name["MemberEventsService"]
 
 
 # -- peers ------------------------------------------------------------------------
@@ -69,13 +83,16 @@ class Peers:
         members_channel: grpc.aio.Channel | None = None,
         cards_channel: grpc.aio.Channel | None = None,
         loyalty_channel: grpc.aio.Channel | None = None,
+        campaigns_channel: grpc.aio.Channel | None = None,
     ) -> None:
         self._members_target = settings.peer("members")
         self._cards_target = settings.peer("cards")
         self._loyalty_target = settings.peer("loyalty")
+        self._campaigns_target = settings.peer("campaigns")
         self._members_channel = members_channel
         self._cards_channel = cards_channel
         self._loyalty_channel = loyalty_channel
+        self._campaigns_channel = campaigns_channel
         self._owned: list[grpc.aio.Channel] = []
         self._members_stub: MembersServiceAsyncStub | None = None
         self._cards_stub: CardsServiceAsyncStub | None = None
@@ -85,6 +102,9 @@ class Peers:
         self._points_stub: PointsServiceAsyncStub | None = None
         self._gifts_stub: GiftsServiceAsyncStub | None = None
         self._tiers_stub: TiersServiceAsyncStub | None = None
+        self._coupons_stub: CouponsServiceAsyncStub | None = None
+        self._followups_stub: FollowUpServiceAsyncStub | None = None
+        self._member_events_stub: MemberEventsServiceAsyncStub | None = None
 
     @property
     def members_channel(self) -> grpc.aio.Channel:
@@ -165,6 +185,37 @@ class Peers:
             self._tiers_stub = rules_pb2_grpc.TiersServiceStub(self.loyalty_channel)
         return self._tiers_stub
 
+    @property
+    def campaigns_channel(self) -> grpc.aio.Channel:
+        """One channel for the services of the campaigns process."""
+        if self._campaigns_channel is None:
+            self._campaigns_channel = open_channel(
+                self._campaigns_target,
+                services=[COUPONS_SERVICE, FOLLOW_UP_SERVICE, MEMBER_EVENTS_SERVICE],
+            )
+            self._owned.append(self._campaigns_channel)
+        return self._campaigns_channel
+
+    @property
+    def coupons(self) -> CouponsServiceAsyncStub:
+        if self._coupons_stub is None:
+            self._coupons_stub = pricing_pb2_grpc.CouponsServiceStub(self.campaigns_channel)
+        return self._coupons_stub
+
+    @property
+    def followups(self) -> FollowUpServiceAsyncStub:
+        if self._followups_stub is None:
+            self._followups_stub = followups_pb2_grpc.FollowUpServiceStub(self.campaigns_channel)
+        return self._followups_stub
+
+    @property
+    def member_events(self) -> MemberEventsServiceAsyncStub:
+        if self._member_events_stub is None:
+            self._member_events_stub = member_events_pb2_grpc.MemberEventsServiceStub(
+                self.campaigns_channel
+            )
+        return self._member_events_stub
+
     async def close(self, grace: float | None = None) -> None:
         for channel in self._owned:
             await channel.close(grace)
@@ -180,6 +231,10 @@ class Peers:
         self._points_stub = None
         self._gifts_stub = None
         self._tiers_stub = None
+        self._campaigns_channel = None
+        self._coupons_stub = None
+        self._followups_stub = None
+        self._member_events_stub = None
 
 
 def peers_of(request: Request) -> Peers:

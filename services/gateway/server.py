@@ -32,7 +32,7 @@ from chassis.grpcclient import bearer, rich_error
 from chassis.logs import configure_logging, get_logger
 from chassis.telemetry import configure_tracing, shutdown_tracing
 from cornucopia.members.v1 import members_pb2
-from services.gateway import cards, checkout, points, staff, stored_value, transfers
+from services.gateway import campaigns, cards, checkout, points, staff, stored_value, transfers
 from services.gateway.deps import (
     MEMBERS_SERVICE,
     Peers,
@@ -430,6 +430,15 @@ TAGS = [
     },
     {"name": "gifts", "description": "The gift catalogue and redemptions for points."},
     {"name": "tiers", "description": "Members' tiers, their progress and history."},
+    {"name": "coupons", "description": "Members' coupon wallets, and a presented code checked."},
+    {
+        "name": "follow-ups",
+        "description": "The calls store staff make to members: tasks, outcomes, statistics.",
+    },
+    {
+        "name": "member events",
+        "description": "Events for members: answers (RSVPs), check-in at the door, attendance.",
+    },
     {"name": "auth", "description": "Staff login: a token for a login id and password."},
     {"name": "health", "description": "Liveness and readiness probes."},
 ]
@@ -475,11 +484,12 @@ def create_app(
     members_channel: grpc.aio.Channel | None = None,
     cards_channel: grpc.aio.Channel | None = None,
     loyalty_channel: grpc.aio.Channel | None = None,
+    campaigns_channel: grpc.aio.Channel | None = None,
 ) -> FastAPI:
-    """The gateway app. ``members_channel``, ``cards_channel`` and
-    ``loyalty_channel`` are for tests and embedders; by default a channel
-    to ``settings.peer("members")`` (``"cards"``, ``"loyalty"``) is opened
-    on first use."""
+    """The gateway app. ``members_channel``, ``cards_channel``,
+    ``loyalty_channel`` and ``campaigns_channel`` are for tests and
+    embedders; by default a channel to ``settings.peer("members")``
+    (``"cards"``, ``"loyalty"``, ``"campaigns"``) is opened on first use."""
     app = FastAPI(
         title="Cornucopia gateway",
         version="1",
@@ -497,7 +507,9 @@ def create_app(
         },
     )
     app.state.settings = settings
-    app.state.peers = Peers(settings, members_channel, cards_channel, loyalty_channel)
+    app.state.peers = Peers(
+        settings, members_channel, cards_channel, loyalty_channel, campaigns_channel
+    )
     install_problem_handlers(app)
     # Before the member routes: /v1/members/export is not a member id.
     app.include_router(transfers.router)
@@ -507,6 +519,7 @@ def create_app(
     app.include_router(checkout.router)
     app.include_router(points.router)
     app.include_router(staff.router)
+    app.include_router(campaigns.router)
     # The last added is the outermost: the span covers the size check.
     app.add_middleware(LimitBody)
     app.add_middleware(RequestTracing)

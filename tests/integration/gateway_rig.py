@@ -1,6 +1,7 @@
 """What the gateway tests share: the real gateway app in front of real
 members and cards services (the organisation seeded, a GOLD program
-created), and of the loyalty service too for the checkout's tests, a till's
+created), and of the loyalty service too for the checkout's tests, or of
+members and campaigns for the campaigns routes' tests, a till's
 HTTP client of it, the callers' tokens, and checks of the problems and the
 OpenAPI document it answers with."""
 
@@ -19,8 +20,9 @@ from chassis.auth import Role, Scope, ScopeLevel
 from chassis.config import Settings
 from services.gateway.server import create_app
 from services.members.server import definition as members_definition
-from tests.integration.conftest import Suite, seed_organisation, token
+from tests.integration.conftest import Organisation, Suite, seed_organisation, token
 from tests.integration.infra import DatabaseFactory
+from tests.integration.test_campaigns_followups import start_campaigns
 from tests.integration.test_cards_lifecycle import create_program, program, start_cards
 from tests.integration.test_loyalty_checkout import Shop, open_shop
 
@@ -43,7 +45,7 @@ def _client(app: FastAPI) -> httpx.AsyncClient:
 @asynccontextmanager
 async def _gateway(suite: Suite, **ports: int) -> AsyncIterator[httpx.AsyncClient]:
     """An HTTP client of a gateway whose peers listen on these ports
-    (``members=…``, ``cards=…``, ``loyalty=…``)."""
+    (``members=…``, ``cards=…``, ``loyalty=…``, ``campaigns=…``)."""
     settings = Settings(
         service="gateway",
         environment="test",
@@ -84,6 +86,22 @@ async def gateway_in_front_of_loyalty(
         suite, members=shop.members_port, cards=shop.cards_port, loyalty=shop.loyalty.port
     ) as http:
         yield http, shop
+
+
+@asynccontextmanager
+async def gateway_in_front_of_campaigns(
+    suite: Suite, database_url: DatabaseFactory
+) -> AsyncIterator[tuple[httpx.AsyncClient, Organisation]]:
+    """Starts the members service, seeds the organisation, starts the
+    campaigns service in front of it (its follow-up plans record calls on
+    the members' files), and yields an HTTP client of a gateway in front of
+    both, with the organisation (its consultants). The tests' gRPC stubs of
+    the campaigns service are in ``suite.channels["campaigns"]``."""
+    members = await suite.start(members_definition, await database_url("members"))
+    org = await seed_organisation(suite)
+    campaigns = await start_campaigns(suite, await database_url("campaigns"))
+    async with _gateway(suite, members=members.port, campaigns=campaigns.port) as http:
+        yield http, org
 
 
 @dataclass
