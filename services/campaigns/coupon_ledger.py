@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from typing import Protocol
 
+from google.protobuf import json_format
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import Database, utcnow
 from cornucopia.campaigns.v1 import events_pb2
 from cornucopia.common.v1 import money_pb2, org_pb2
+from cornucopia.members.v1 import members_pb2
 from services.campaigns import events
 from services.campaigns.domain import coupons as rules
 from services.campaigns.domain import pricing
@@ -28,6 +31,24 @@ from services.campaigns.store.coupons import CouponRecord, TemplateRecord
 
 SYSTEM_PRINCIPAL = "campaigns"
 JOB_PAGE = 200
+# Members read from a segment per SelectMembers page.
+SELECT_PAGE = 1000
+
+
+class MemberSelector(Protocol):
+    """Members' SelectMembers, one page at a time."""
+
+    async def select_members(
+        self, criteria: members_pb2.MemberCriteria, page_token: str, page_size: int
+    ) -> tuple[list[str], str]: ...
+
+
+def criteria_json(criteria: members_pb2.MemberCriteria) -> str:
+    return json_format.MessageToJson(criteria, indent=None, sort_keys=True)
+
+
+def criteria_of(text: str) -> members_pb2.MemberCriteria:
+    return json_format.Parse(text, members_pb2.MemberCriteria())
 
 
 @dataclass(frozen=True)
@@ -130,24 +151,47 @@ async def issue_member(
             await store.settle_member(session, job_id, member_id, skip.reason)
 
 
-async def run_job(db: Database, job_id: str) -> None:
+async def _issue_pending(db: Database, template: TemplateRecord, job: store.JobRecord) -> None:
+    while True:
+        async with db.sessions() as session:
+            pending = await store.pending_members(session, job.job_id, JOB_PAGE)
+        for member_id in pending:
+            await issue_member(
+                db,
+                template,
+                job.job_id,
+                member_id,
+                Stamp(job.created_by, job.created_store_id, utcnow()),
+            )
+        if len(pending) < JOB_PAGE:
+            break
+
+
+async def run_job(db: Database, job_id: str, selector: MemberSelector | None = None) -> None:
     """Issues to the job's members not yet settled, in their order; safe
-    to run again after a crash, and side by side with another runner."""
+    to run again after a crash, and side by side with another runner. A
+    segment's job first reads the next page of its members (from the page
+    it recorded), issues to them, and so on until the last page; it needs
+    ``selector`` for that (without one it issues what it has and stays
+    running)."""
     async with db.sessions() as session:
         job = await store.get_job(session, job_id=job_id)
         assert job is not None
         template = await store.get_template(session, job.template_id)
         assert template is not None
-    stamp = Stamp(job.created_by, job.created_store_id, job.created_at)
-    while True:
+    await _issue_pending(db, template, job)
+    while job.selecting and selector is not None:
+        assert job.criteria is not None
+        ids, next_cursor = await selector.select_members(
+            criteria_of(job.criteria), job.cursor, SELECT_PAGE
+        )
+        async with db.transaction() as session:
+            await store.add_selected_page(session, job_id, job.cursor, ids, next_cursor)
+        await _issue_pending(db, template, job)
         async with db.sessions() as session:
-            pending = await store.pending_members(session, job_id, JOB_PAGE)
-        for member_id in pending:
-            await issue_member(
-                db, template, job_id, member_id, Stamp(stamp.principal, stamp.store_id, utcnow())
-            )
-        if len(pending) < JOB_PAGE:
-            break
+            found = await store.get_job(session, job_id=job_id)
+        assert found is not None
+        job = found
     async with db.transaction() as session:
         await store.finish_job(session, job_id, utcnow())
 

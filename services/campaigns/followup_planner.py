@@ -126,6 +126,34 @@ class MembersClient:
             raise passed_on(rich_error(exc), peer="members") from None
         return StoreFacts(found.store_id, found.region_id, found.time_zone)
 
+    async def select_members(
+        self, criteria: members_pb2.MemberCriteria, page_token: str, page_size: int
+    ) -> tuple[list[str], str]:
+        """One page of the members matching segment criteria, with the
+        token of the next (empty on the last)."""
+        try:
+            found = await self._members.SelectMembers(
+                members_pb2.SelectMembersRequest(
+                    criteria=criteria, page_token=page_token, page_size=page_size
+                ),
+                metadata=self.peer.metadata(),
+                timeout=CALL_TIMEOUT_SECONDS,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise passed_on(rich_error(exc), peer="members") from None
+        return list(found.member_ids), str(found.next_page_token)
+
+    async def count_members(self, criteria: members_pb2.MemberCriteria) -> int:
+        try:
+            found = await self._members.CountMembers(
+                members_pb2.CountMembersRequest(criteria=criteria),
+                metadata=self.peer.metadata(),
+                timeout=CALL_TIMEOUT_SECONDS,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise passed_on(rich_error(exc), peer="members") from None
+        return int(found.count)
+
     async def record_follow_up(
         self,
         token: str,

@@ -7,9 +7,18 @@ from services.campaigns.store import (
     metadata,
     promotions,
     referrals,
+    segments,
 )
 
 # Importing each store module registers its tables on the shared metadata.
-__all__ = ["coupons", "followups", "lotteries", "member_events", "promotions", "referrals"]
+__all__ = [
+    "coupons",
+    "followups",
+    "lotteries",
+    "member_events",
+    "promotions",
+    "referrals",
+    "segments",
+]
 
 run_env(metadata)

@@ -24,8 +24,11 @@ from services.campaigns import coupon_ledger
 from services.campaigns.domain import coupons as rules
 from services.campaigns.domain.coupons import CouponState, JobState, RestorePolicy, Template
 from services.campaigns.domain.pricing import CouponKind
+from services.campaigns.server.followups import members_client
 from services.campaigns.server.pricing import money, required, stamp_proto, timestamp, when
+from services.campaigns.server.segments import segment_not_found
 from services.campaigns.store import coupons as store
+from services.campaigns.store import segments as segment_store
 from services.campaigns.store.coupons import CouponRecord, JobRecord, TemplateRecord
 
 READING_ROLES = (*STAFF_ROLES, Role.SERVICE)
@@ -182,10 +185,29 @@ async def job_to_proto(session: AsyncSession, job: JobRecord) -> pb.IssueJob:
         else [],
         skipped_members=[pb.SkippedMember(member_id=m, reason=r) for m, r in skipped],
         created=stamp_proto(job.created_by, job.created_store_id, job.created_at),
+        segment_id=job.segment_id,
+        segment_version=job.segment_version,
     )
     if job.finished_at is not None:
         m.finish_time.CopyFrom(timestamp(job.finished_at))
     return m
+
+
+def _issue_targets(request: pb.IssueCouponsRequest) -> tuple[str, list[str]]:
+    """The segment or the members (a member listed twice is issued once)."""
+    segment_id = request.segment_id.strip()
+    members = [m.strip() for m in request.member_ids]
+    v = Violations()
+    if segment_id and members:
+        v.add("segment_id", "one of member_ids and segment_id, not both")
+    elif not members and not segment_id:
+        v.add("member_ids", "at least one member, or a segment_id")
+    if len(members) > rules.MAX_ISSUE_MEMBERS:
+        v.add("member_ids", f"at most {rules.MAX_ISSUE_MEMBERS}")
+    if any(not m or len(m) > 64 for m in members):
+        v.add("member_ids", "each a member id of at most 64 characters")
+    v.raise_if_any()
+    return segment_id, list(dict.fromkeys(members))
 
 
 def _template_not_found(template_id: str) -> NotFound:
@@ -228,6 +250,7 @@ STATISTICS_COLUMNS = (
 class CouponsServicer(pricing_pb2_grpc.CouponsServiceServicer):
     def __init__(self, ctx: ServiceContext) -> None:
         self.db = ctx.db
+        self.members = members_client(ctx)
 
     # --- templates ------------------------------------------------------------------
 
@@ -293,24 +316,24 @@ class CouponsServicer(pricing_pb2_grpc.CouponsServiceServicer):
         principal.require_role(*ISSUING_ROLES)
         check_request_id(request.request_id)
         template_id = required(request.template_id, "template_id")
-        members = [m.strip() for m in request.member_ids]
-        v = Violations()
-        if not members:
-            v.add("member_ids", "at least one member")
-        if len(members) > rules.MAX_ISSUE_MEMBERS:
-            v.add("member_ids", f"at most {rules.MAX_ISSUE_MEMBERS}")
-        if any(not m or len(m) > 64 for m in members):
-            v.add("member_ids", "each a member id of at most 64 characters")
-        v.raise_if_any()
-        # A member listed twice is issued once.
-        unique = list(dict.fromkeys(members))
+        segment_id, unique = _issue_targets(request)
         fingerprint = request_fingerprint(request)
         async with self.db.sessions() as session:
             job = await store.get_job(session, request_id=request.request_id)
             template = await store.get_template(session, template_id)
+            segment = await segment_store.get_segment(session, segment_id) if segment_id else None
+        inline = len(unique) <= rules.INLINE_ISSUE_LIMIT
         if job is None:
             if template is None:
                 raise _template_not_found(template_id)
+            if segment_id and segment is None:
+                raise segment_not_found(segment_id)
+            if segment is not None:
+                # Small segments are issued within the call, like short lists.
+                count = await self.members.count_members(
+                    coupon_ledger.criteria_of(segment.criteria)
+                )
+                inline = count <= rules.INLINE_ISSUE_LIMIT
             job = store.JobRecord(
                 job_id=rules.new_job_id(),
                 request_id=request.request_id,
@@ -325,6 +348,10 @@ class CouponsServicer(pricing_pb2_grpc.CouponsServiceServicer):
                 created_store_id=principal.store_id,
                 created_at=utcnow(),
                 finished_at=None,
+                segment_id=segment.segment_id if segment else "",
+                segment_version=segment.version if segment else 0,
+                criteria=segment.criteria if segment else None,
+                selecting=segment is not None,
             )
             try:
                 async with self.db.transaction() as session:
@@ -336,14 +363,16 @@ class CouponsServicer(pricing_pb2_grpc.CouponsServiceServicer):
                 if found is None:
                     raise
                 job = found
+        else:
+            inline = job.total <= rules.INLINE_ISSUE_LIMIT and not job.selecting
         if job.request_hash != fingerprint:
             raise InvalidArgument(
                 [FieldViolation("request_id", "already used for a different request")],
                 message="this request_id was already used with a different payload",
                 reason="IDEMPOTENCY_KEY_REUSED",
             )
-        if job.total <= rules.INLINE_ISSUE_LIMIT and job.state == JobState.RUNNING:
-            await coupon_ledger.run_job(self.db, job.job_id)
+        if inline and job.state == JobState.RUNNING:
+            await coupon_ledger.run_job(self.db, job.job_id, self.members)
         async with self.db.sessions() as session:
             done = await store.get_job(session, job_id=job.job_id)
             assert done is not None

@@ -23,7 +23,7 @@ from chassis.logs import get_logger
 from chassis.paging import newest_first_after, newest_first_token, page_size
 from chassis.service import ServiceContext
 from cornucopia.campaigns.v1 import pricing_pb2 as pb
-from cornucopia.campaigns.v1 import pricing_pb2_grpc
+from cornucopia.campaigns.v1 import pricing_pb2_grpc, segments_pb2, segments_pb2_grpc
 from cornucopia.common.v1 import money_pb2, org_pb2
 from services.campaigns import coupon_ledger
 from services.campaigns.domain import coupons as coupon_rules
@@ -389,12 +389,12 @@ def _interval(name: str, default: float) -> float:
     return float(os.environ.get(name, default))
 
 
-async def run_issue_jobs(db: Database) -> int:
+async def run_issue_jobs(db: Database, selector: coupon_ledger.MemberSelector | None = None) -> int:
     """Runs (or resumes) every job still running; returns how many."""
     async with db.sessions() as session:
         running = await coupon_store.running_jobs(session)
     for job_id in running:
-        await coupon_ledger.run_job(db, job_id)
+        await coupon_ledger.run_job(db, job_id, selector)
     return len(running)
 
 
@@ -418,6 +418,7 @@ def _loop(
 
 def services(ctx: ServiceContext) -> list[GrpcService]:
     from services.campaigns.server.coupons import CouponsServicer  # noqa: PLC0415 - a cycle
+    from services.campaigns.server.segments import SegmentsServicer  # noqa: PLC0415 - a cycle
 
     return [
         GrpcService(
@@ -430,6 +431,11 @@ def services(ctx: ServiceContext) -> list[GrpcService]:
             servicer=CouponsServicer(ctx),
             add_to_server=pricing_pb2_grpc.add_CouponsServiceServicer_to_server,
         ),
+        GrpcService(
+            full_name=segments_pb2.DESCRIPTOR.services_by_name["SegmentsService"].full_name,
+            servicer=SegmentsServicer(ctx),
+            add_to_server=segments_pb2_grpc.add_SegmentsServiceServicer_to_server,
+        ),
     ]
 
 
@@ -439,12 +445,15 @@ def workers(ctx: ServiceContext) -> Sequence[Callable[[], Awaitable[None]]]:
         "CAMPAIGNS_COUPON_WORKER_INTERVAL_SECONDS", DEFAULT_INTERVAL_SECONDS
     )
     job_interval = _interval("CAMPAIGNS_ISSUE_JOB_INTERVAL_SECONDS", 2.0)
+    from services.campaigns.server.followups import members_client  # noqa: PLC0415 - a cycle
+
+    members = members_client(ctx)
     return [
         _loop(
             "coupon reservations released", coupon_interval, lambda: coupon_ledger.release_due(db)
         ),
         _loop("coupons expired", coupon_interval, lambda: coupon_ledger.expire_due(db)),
-        _loop("coupon issue jobs run", job_interval, lambda: run_issue_jobs(db)),
+        _loop("coupon issue jobs run", job_interval, lambda: run_issue_jobs(db, members)),
     ]
 
 

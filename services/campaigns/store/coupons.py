@@ -129,6 +129,14 @@ coupon_issue_jobs = sa.Table(
     sa.Column("created_store_id", sa.String(32), nullable=False, server_default=""),
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("finished_at", UTCDateTime, nullable=True),
+    # 0007: a segment's job. The criteria as they were at the call (JSON of
+    # members' MemberCriteria), the SelectMembers page token reached, and
+    # whether pages remain to be read (the job is done only once none do).
+    sa.Column("segment_id", sa.String(40), nullable=False, server_default=""),
+    sa.Column("segment_version", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("criteria", sa.Text, nullable=True),
+    sa.Column("cursor", sa.String(1024), nullable=False, server_default=""),
+    sa.Column("selecting", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Index("ix_coupon_issue_jobs_state", "state"),
 )
 
@@ -498,6 +506,11 @@ class JobRecord:
     created_store_id: str
     created_at: dt.datetime
     finished_at: dt.datetime | None
+    segment_id: str = ""
+    segment_version: int = 0
+    criteria: str | None = None
+    cursor: str = ""
+    selecting: bool = False
 
 
 def _job(row: Any) -> JobRecord:
@@ -515,6 +528,11 @@ def _job(row: Any) -> JobRecord:
         created_store_id=row.created_store_id,
         created_at=row.created_at,
         finished_at=row.finished_at,
+        segment_id=row.segment_id,
+        segment_version=row.segment_version,
+        criteria=row.criteria,
+        cursor=row.cursor,
+        selecting=row.selecting,
     )
 
 
@@ -530,6 +548,11 @@ async def insert_job(session: AsyncSession, job: JobRecord, member_ids: list[str
             created_by=job.created_by,
             created_store_id=job.created_store_id,
             created_at=job.created_at,
+            segment_id=job.segment_id,
+            segment_version=job.segment_version,
+            criteria=job.criteria,
+            cursor=job.cursor,
+            selecting=job.selecting,
         )
     )
     rows = [{"job_id": job.job_id, "member_id": m, "position": i} for i, m in enumerate(member_ids)]
@@ -598,9 +621,53 @@ async def finish_job(session: AsyncSession, job_id: str, now: dt.datetime) -> No
     c = coupon_issue_jobs.c
     await session.execute(
         sa.update(coupon_issue_jobs)
-        .where(c.job_id == job_id, c.state == JobState.RUNNING.value, c.processed >= c.total)
+        .where(
+            c.job_id == job_id,
+            c.state == JobState.RUNNING.value,
+            c.processed >= c.total,
+            c.selecting.is_(False),
+        )
         .values(state=JobState.DONE.value, finished_at=now)
     )
+
+
+async def add_selected_page(
+    session: AsyncSession, job_id: str, cursor: str, member_ids: list[str], next_cursor: str
+) -> bool:
+    """A segment job's next page of members: added once each (a member
+    already in the job is left as is: never twice in one run) and the page
+    reached recorded with them. False when the job is no longer at
+    ``cursor`` (another runner took this page); nothing is written then."""
+    j = coupon_issue_jobs.c
+    moved = await session.execute(
+        sa.update(coupon_issue_jobs)
+        .where(j.job_id == job_id, j.cursor == cursor, j.selecting.is_(True))
+        .values(cursor=next_cursor, selecting=bool(next_cursor))
+        .returning(j.total)
+    )
+    row = moved.first()
+    if row is None:
+        return False
+    base = int(row.total)
+    added = 0
+    if member_ids:
+        statement = (
+            _insert(session)(coupon_issue_job_members)
+            .values(
+                [
+                    {"job_id": job_id, "member_id": m, "position": base + i}
+                    for i, m in enumerate(member_ids)
+                ]
+            )
+            .on_conflict_do_nothing()
+            .returning(coupon_issue_job_members.c.member_id)
+        )
+        added = len((await session.execute(statement)).all())
+    if added:
+        await session.execute(
+            sa.update(coupon_issue_jobs).where(j.job_id == job_id).values(total=j.total + added)
+        )
+    return True
 
 
 async def job_results(

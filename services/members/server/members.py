@@ -104,6 +104,12 @@ ANY_STORE_ROLES = tuple(STAFF_ROLES)
 UPDATING_ROLES = (*STAFF_ROLES, Role.SERVICE)
 MANAGING_ROLES = (Role.HQ_ADMIN, Role.REGION_MANAGER, Role.STORE_MANAGER)
 DATA_SUBJECT_ROLES = (Role.HQ_ADMIN, Role.CALL_CENTER)
+SELECTING_ROLES = (Role.SERVICE, Role.HQ_ADMIN)
+SELECT_DEFAULT_PAGE = 1000
+SELECT_MAX_PAGE = 5000
+MAX_CRITERIA_STORES = 500
+MAX_CRITERIA_REGIONS = 100
+MAX_CRITERIA_TAGS = 20
 
 
 def _default_channel(principal: Principal) -> domain.EnrollmentChannel:
@@ -647,6 +653,36 @@ class MembersServicer(members_pb2_grpc.MembersServiceServicer):
             assert last.file.enrolled_at is not None
             response.next_page_token = newest_first_token(last.file.enrolled_at, last.member_id)
         return response
+
+    async def SelectMembers(
+        self, request: members_pb2.SelectMembersRequest, context: Context
+    ) -> members_pb2.SelectMembersResponse:
+        current_principal().require_role(*SELECTING_ROLES)
+        where = criteria_of(request.criteria)
+        limit = page_size(request.page_size, SELECT_DEFAULT_PAGE, SELECT_MAX_PAGE)
+        key = decode_token(request.page_token)
+        after = ""
+        if key is not None:
+            if not isinstance(key.get("after"), str):
+                raise InvalidArgument(
+                    [FieldViolation("page_token", "not a token this service issued")]
+                )
+            after = key["after"]
+        async with self.db.sessions() as session:
+            ids = await store.select_member_ids(session, where, after=after, limit=limit + 1)
+        response = members_pb2.SelectMembersResponse(member_ids=ids[:limit])
+        if len(ids) > limit:
+            response.next_page_token = encode_token({"after": ids[limit - 1]})
+        return response
+
+    async def CountMembers(
+        self, request: members_pb2.CountMembersRequest, context: Context
+    ) -> members_pb2.CountMembersResponse:
+        current_principal().require_role(*SELECTING_ROLES)
+        where = criteria_of(request.criteria)
+        async with self.db.sessions() as session:
+            count = await store.count_members(session, where)
+        return members_pb2.CountMembersResponse(count=count)
 
     async def ListMemberChanges(
         self, request: members_pb2.ListMemberChangesRequest, context: Context
@@ -1218,6 +1254,67 @@ class MembersServicer(members_pb2_grpc.MembersServiceServicer):
         return members_pb2.ListAttributeDefinitionsResponse(
             attribute_definitions=[_definition_proto(d) for d in found.values()]
         )
+
+
+def criteria_of(criteria: members_pb2.MemberCriteria) -> store.Criteria:
+    """Checks segment criteria; every problem named as criteria.<field>."""
+    v = Violations()
+
+    def ids(values: Any, name: str, most: int, longest: int) -> tuple[str, ...]:
+        out = tuple(dict.fromkeys(x.strip() for x in values))
+        if len(out) > most:
+            v.add(f"criteria.{name}", f"at most {most}")
+        if any(not x or len(x) > longest for x in out):
+            v.add(f"criteria.{name}", f"each non-empty, at most {longest} characters")
+        return out
+
+    stores = ids(criteria.home_store_ids, "home_store_ids", MAX_CRITERIA_STORES, 32)
+    regions = ids(criteria.region_ids, "region_ids", MAX_CRITERIA_REGIONS, 32)
+    tags = tuple(dict.fromkeys(t.strip().lower() for t in criteria.tags))
+    if len(tags) > MAX_CRITERIA_TAGS:
+        v.add("criteria.tags", f"at most {MAX_CRITERIA_TAGS}")
+    if any(not t or len(t) > 40 for t in tags):
+        v.add("criteria.tags", "each non-empty, at most 40 characters")
+    months = tuple(sorted(set(criteria.birth_months)))
+    if any(not 1 <= month <= 12 for month in months):
+        v.add("criteria.birth_months", "each 1 to 12")
+    genders: list[domain.Gender] = []
+    for number in dict.fromkeys(criteria.genders):
+        gender = GENDERS.get(number)
+        if gender is None or gender == domain.Gender.UNSPECIFIED:
+            v.add("criteria.genders", "each a gender (not UNSPECIFIED)")
+            break
+        genders.append(gender)
+    states: list[domain.MemberState] = []
+    for state_number in dict.fromkeys(criteria.states):
+        state = STATES.get(state_number)
+        if state is None:
+            v.add("criteria.states", "each a member state (not UNSPECIFIED)")
+            break
+        states.append(state)
+    channels: list[domain.ContactChannel] = []
+    for channel_number in dict.fromkeys(criteria.consent_channels):
+        channel = CONTACT_CHANNELS.get(channel_number)
+        if channel is None or channel == domain.ContactChannel.UNSPECIFIED:
+            v.add("criteria.consent_channels", "each a contact channel (not UNSPECIFIED)")
+            break
+        channels.append(channel)
+    after = _time(criteria, "enrolled_after")
+    before = _time(criteria, "enrolled_before")
+    if after is not None and before is not None and after >= before:
+        v.add("criteria.enrolled_before", "after enrolled_after")
+    v.raise_if_any("the segment criteria are invalid")
+    return store.Criteria(
+        home_store_ids=stores,
+        region_ids=regions,
+        birth_months=months,
+        genders=tuple(genders),
+        enrolled_after=after,
+        enrolled_before=before,
+        states=tuple(states) or (domain.MemberState.ACTIVE,),
+        consent_channels=tuple(channels),
+        tags=tags,
+    )
 
 
 def _definition_proto(definition: domain.AttributeDefinition) -> members_pb2.AttributeDefinition:

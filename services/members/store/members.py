@@ -62,6 +62,7 @@ from services.members.domain.members import (
     plain,
 )
 from services.members.store import metadata
+from services.members.store.organisation import stores
 
 member_keys = sa.Table(
     "member_keys",
@@ -1336,3 +1337,75 @@ async def attribute_definitions_by_name(
         )
         for row in rows
     }
+
+
+# --- Segments: selecting members by what the file keeps in clear -------------
+
+
+@dataclass(frozen=True)
+class Criteria:
+    """A segment's rules, checked already. ``None``/empty: no restriction
+    (except ``states``, which the edge defaults to active). Only clear
+    columns are read: nothing personal is decrypted to select."""
+
+    home_store_ids: tuple[str, ...] = ()
+    region_ids: tuple[str, ...] = ()
+    birth_months: tuple[int, ...] = ()
+    genders: tuple[Gender, ...] = ()
+    enrolled_after: dt.datetime | None = None
+    enrolled_before: dt.datetime | None = None
+    states: tuple[MemberState, ...] = (MemberState.ACTIVE,)
+    consent_channels: tuple[ContactChannel, ...] = ()
+    tags: tuple[str, ...] = ()
+
+
+def _criteria_where(where: Criteria) -> list[Any]:
+    m = members.c
+    out: list[Any] = []
+    if where.home_store_ids:
+        out.append(m.home_store_id.in_(where.home_store_ids))
+    if where.region_ids:
+        out.append(
+            m.home_store_id.in_(
+                sa.select(stores.c.store_id).where(stores.c.region_id.in_(where.region_ids))
+            )
+        )
+    if where.birth_months:
+        out.append(m.birth_month.in_(where.birth_months))
+    if where.genders:
+        out.append(m.gender.in_([g.value for g in where.genders]))
+    if where.enrolled_after is not None:
+        out.append(m.enrolled_at >= where.enrolled_after)
+    if where.enrolled_before is not None:
+        out.append(m.enrolled_at < where.enrolled_before)
+    if where.states:
+        out.append(m.state.in_([s.value for s in where.states]))
+    c = member_consents.c
+    for channel in where.consent_channels:
+        out.append(
+            sa.exists().where(
+                c.member_id == m.member_id, c.channel == channel.value, c.granted.is_(True)
+            )
+        )
+    for tag in where.tags:
+        out.append(
+            sa.exists().where(member_tags.c.member_id == m.member_id, member_tags.c.tag == tag)
+        )
+    return out
+
+
+async def select_member_ids(
+    session: AsyncSession, where: Criteria, *, after: str, limit: int
+) -> list[str]:
+    """Matching member ids in member_id order, after ``after`` (keyset)."""
+    m = members.c
+    query = sa.select(m.member_id).where(*_criteria_where(where))
+    if after:
+        query = query.where(m.member_id > after)
+    rows = await session.execute(query.order_by(m.member_id).limit(limit))
+    return [row[0] for row in rows]
+
+
+async def count_members(session: AsyncSession, where: Criteria) -> int:
+    query = sa.select(sa.func.count()).select_from(members).where(*_criteria_where(where))
+    return int((await session.execute(query)).scalar_one())
