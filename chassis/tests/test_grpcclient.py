@@ -86,6 +86,8 @@ def test_only_idempotent_methods_are_retried() -> None:
                 "ListAttributeDefinitions",
                 # marked in the proto
                 "LookupMember",
+                "SelectMembers",
+                "CountMembers",
                 "ExportMemberData",
                 "UpdateConsent",
                 "EraseMember",

@@ -310,6 +310,47 @@ async def _take(session: AsyncSession, member_id: str, points: int) -> list[Take
     return takes
 
 
+async def _spend_from_lots(
+    session: AsyncSession,
+    member_id: str,
+    points: int,
+    *,
+    kind: MovementKind,
+    purpose: SpendPurpose,
+    reference: str,
+    stamp: Stamp,
+    request_id: str,
+    request_hash: str = "",
+    reason: str = "",
+    held: int = 0,
+) -> tuple[AccountRecord, MovementRecord]:
+    """Takes ``points`` from the member's lots that expire first, off the
+    balance (and ``held`` off the points held), and records the movement
+    of ``kind`` and source ``purpose``. Returns the account after and the
+    movement."""
+    await _take(session, member_id, points)
+    after = await store.change_account(session, member_id, balance=-points, held=held)
+    movement = await store.record_movement(
+        session,
+        NewMovement(
+            movement_id=rules.new_movement_id(),
+            member_id=member_id,
+            kind=kind,
+            points=-points,
+            balance_after=after.balance,
+            request_id=request_id,
+            request_hash=request_hash,
+            source=purpose.value,
+            reference=reference,
+            reason=reason,
+        ),
+        principal=stamp.principal,
+        store_id=stamp.store_id,
+        at=stamp.at,
+    )
+    return after, movement
+
+
 async def _new_lot(
     session: AsyncSession,
     member_id: str,
@@ -504,24 +545,17 @@ async def spend_hold(session: AsyncSession, hold_id: str, *, reference: str, sta
         )
     await _expire_due(session, account, stamp.at)
     member_id, points = held.member_id, held.points
-    await _take(session, member_id, points)
-    after = await store.change_account(session, member_id, balance=-points, held=-points)
     spent_on = reference or held.reference
-    movement = await store.record_movement(
+    after, movement = await _spend_from_lots(
         session,
-        NewMovement(
-            movement_id=rules.new_movement_id(),
-            member_id=member_id,
-            kind=MovementKind.SPEND,
-            points=-points,
-            balance_after=after.balance,
-            request_id=hold_id,
-            source=SpendPurpose.SALE.value,
-            reference=spent_on,
-        ),
-        principal=stamp.principal,
-        store_id=stamp.store_id,
-        at=stamp.at,
+        member_id,
+        points,
+        kind=MovementKind.SPEND,
+        purpose=SpendPurpose.SALE,
+        reference=spent_on,
+        stamp=stamp,
+        request_id=hold_id,
+        held=-points,
     )
     await store.finish_hold(
         session,
@@ -572,11 +606,43 @@ async def accrue(
     request_hash = fingerprint(
         "accrue", member_id, points, source.value, reference, *([reason] if reason else [])
     )
+    return await _credit_new_lot(
+        session,
+        member_id,
+        points,
+        kind=MovementKind.ACCRUE,
+        source=source,
+        reference=reference,
+        reason=reason,
+        lifetime=points,
+        request_hash=request_hash,
+        stamp=stamp,
+        request_id=request_id,
+    )
+
+
+async def _credit_new_lot(
+    session: AsyncSession,
+    member_id: str,
+    points: int,
+    *,
+    kind: MovementKind,
+    source: LotSource,
+    reference: str,
+    reason: str,
+    lifetime: int,
+    request_hash: str,
+    stamp: Stamp,
+    request_id: str,
+) -> Lot | None:
+    """What ``accrue`` and ``return_spent`` share: a new lot of ``points``
+    expiring by the policy from now, for the member (or the survivor of a
+    merge; an erased member's are refused), with its movement of ``kind``
+    and loyalty.v1.points.accrued. Idempotent by (``kind``, request_id): a
+    retry returns the lot (as it is now)."""
     target, erased = await _target(session, member_id)
     account = await _locked(session, target, stamp.at, create=not erased)
-    if (
-        done := await _replayed(session, MovementKind.ACCRUE, request_id, request_hash)
-    ) is not None:
+    if (done := await _replayed(session, kind, request_id, request_hash)) is not None:
         return await store.get_lot(session, done.lot_id)
     if account is None or account.closed_at is not None:
         raise _closed(target, account)
@@ -591,13 +657,13 @@ async def accrue(
         earned_at=stamp.at,
         expires_at=rules.expiry_of(current, stamp.at),
     )
-    after = await store.change_account(session, target, balance=points, lifetime=points)
+    after = await store.change_account(session, target, balance=points, lifetime=lifetime)
     await store.record_movement(
         session,
         NewMovement(
             movement_id=rules.new_movement_id(),
             member_id=target,
-            kind=MovementKind.ACCRUE,
+            kind=kind,
             points=points,
             balance_after=after.balance,
             request_id=request_id,
@@ -708,46 +774,19 @@ async def return_spent(
     if points == 0:
         return None
     request_hash = fingerprint("return", member_id, points, sale_id)
-    target, erased = await _target(session, member_id)
-    account = await _locked(session, target, stamp.at, create=not erased)
-    if (
-        done := await _replayed(session, MovementKind.RETURN, request_id, request_hash)
-    ) is not None:
-        return await store.get_lot(session, done.lot_id)
-    if account is None or account.closed_at is not None:
-        raise _closed(target, account)
-    await _expire_due(session, account, stamp.at)
-    current = await policy(session)
-    lot = await _new_lot(
+    return await _credit_new_lot(
         session,
-        target,
+        member_id,
         points,
+        kind=MovementKind.RETURN,
         source=LotSource.REFUND_REVERSAL,
         reference=sale_id,
-        earned_at=stamp.at,
-        expires_at=rules.expiry_of(current, stamp.at),
+        reason="",
+        lifetime=0,
+        request_hash=request_hash,
+        stamp=stamp,
+        request_id=request_id,
     )
-    after = await store.change_account(session, target, balance=points)
-    await store.record_movement(
-        session,
-        NewMovement(
-            movement_id=rules.new_movement_id(),
-            member_id=target,
-            kind=MovementKind.RETURN,
-            points=points,
-            balance_after=after.balance,
-            request_id=request_id,
-            request_hash=request_hash,
-            source=LotSource.REFUND_REVERSAL.value,
-            reference=sale_id,
-            lot_id=lot.lot_id,
-        ),
-        principal=stamp.principal,
-        store_id=stamp.store_id,
-        at=stamp.at,
-    )
-    await _accrued_event(session, lot, after, stamp)
-    return lot
 
 
 async def get_hold(session: AsyncSession, hold_id: str) -> HoldRecord | None:
@@ -852,52 +891,18 @@ async def convert_out(
     rules.check_points(points, "points")
     _check_text(reference, "reference", rules.MAX_REFERENCE_LENGTH)
     request_hash = fingerprint("convert_out", member_id, points, reference)
-    if (
-        done := await _replayed(session, MovementKind.CONVERT_OUT, request_id, request_hash)
-    ) is not None:
-        return done
-    await require_member(session, member_id, active=True)
-    account = await _locked(session, member_id, stamp.at, create=False)
-    if (
-        done := await _replayed(session, MovementKind.CONVERT_OUT, request_id, request_hash)
-    ) is not None:
-        return done
-    if account is None:
-        raise rules.insufficient(0, points)
-    if account.closed_at is not None:
-        raise _closed(member_id, account)
-    account = await _expire_due(session, account, stamp.at)
-    if _spendable(account) < points:
-        raise rules.insufficient(_spendable(account), points)
-    await _take(session, member_id, points)
-    after = await store.change_account(session, member_id, balance=-points)
-    movement = await store.record_movement(
+    return await _debit_active(
         session,
-        NewMovement(
-            movement_id=rules.new_movement_id(),
-            member_id=member_id,
-            kind=MovementKind.CONVERT_OUT,
-            points=-points,
-            balance_after=after.balance,
-            request_id=request_id,
-            request_hash=request_hash,
-            source=SpendPurpose.PARTNER_CONVERSION.value,
-            reference=reference,
-        ),
-        principal=stamp.principal,
-        store_id=stamp.store_id,
-        at=stamp.at,
-    )
-    await _spent_event(
-        session,
-        member_id=member_id,
-        points=points,
+        member_id,
+        points,
+        kind=MovementKind.CONVERT_OUT,
         purpose=SpendPurpose.PARTNER_CONVERSION,
         reference=reference,
-        after=after,
+        reason="",
+        request_hash=request_hash,
         stamp=stamp,
+        request_id=request_id,
     )
-    return movement
 
 
 async def charge(
@@ -920,15 +925,43 @@ async def charge(
     _check_text(reason, "reason", rules.MAX_REASON_LENGTH)
     _check_text(reference, "reference", rules.MAX_REFERENCE_LENGTH)
     request_hash = fingerprint("charge", member_id, points, reason, reference)
-    if (
-        done := await _replayed(session, MovementKind.CHARGE, request_id, request_hash)
-    ) is not None:
+    return await _debit_active(
+        session,
+        member_id,
+        points,
+        kind=MovementKind.CHARGE,
+        purpose=SpendPurpose.CAMPAIGN,
+        reference=reference,
+        reason=reason,
+        request_hash=request_hash,
+        stamp=stamp,
+        request_id=request_id,
+    )
+
+
+async def _debit_active(
+    session: AsyncSession,
+    member_id: str,
+    points: int,
+    *,
+    kind: MovementKind,
+    purpose: SpendPurpose,
+    reference: str,
+    reason: str,
+    request_hash: str,
+    stamp: Stamp,
+    request_id: str,
+) -> MovementRecord:
+    """What ``convert_out`` and ``charge`` share: ``points`` taken from an
+    active member's lots that expire first, never more than available
+    (FAILED_PRECONDITION POINTS_INSUFFICIENT); a movement of ``kind`` and
+    loyalty.v1.points.spent, both of source ``purpose``. Idempotent by
+    (``kind``, request_id): a retry returns the first movement."""
+    if (done := await _replayed(session, kind, request_id, request_hash)) is not None:
         return done
     await require_member(session, member_id, active=True)
     account = await _locked(session, member_id, stamp.at, create=False)
-    if (
-        done := await _replayed(session, MovementKind.CHARGE, request_id, request_hash)
-    ) is not None:
+    if (done := await _replayed(session, kind, request_id, request_hash)) is not None:
         return done
     if account is None:
         raise rules.insufficient(0, points)
@@ -937,31 +970,23 @@ async def charge(
     account = await _expire_due(session, account, stamp.at)
     if _spendable(account) < points:
         raise rules.insufficient(_spendable(account), points)
-    await _take(session, member_id, points)
-    after = await store.change_account(session, member_id, balance=-points)
-    movement = await store.record_movement(
+    after, movement = await _spend_from_lots(
         session,
-        NewMovement(
-            movement_id=rules.new_movement_id(),
-            member_id=member_id,
-            kind=MovementKind.CHARGE,
-            points=-points,
-            balance_after=after.balance,
-            request_id=request_id,
-            request_hash=request_hash,
-            source=SpendPurpose.CAMPAIGN.value,
-            reference=reference,
-            reason=reason,
-        ),
-        principal=stamp.principal,
-        store_id=stamp.store_id,
-        at=stamp.at,
+        member_id,
+        points,
+        kind=kind,
+        purpose=purpose,
+        reference=reference,
+        stamp=stamp,
+        request_id=request_id,
+        request_hash=request_hash,
+        reason=reason,
     )
     await _spent_event(
         session,
         member_id=member_id,
         points=points,
-        purpose=SpendPurpose.CAMPAIGN,
+        purpose=purpose,
         reference=reference,
         after=after,
         stamp=stamp,
@@ -1203,24 +1228,16 @@ async def redeem_gift(
             reason="GIFT_OUT_OF_STOCK",
             metadata={"gift_id": gift_id, "store_id": store_id, "quantity": str(quantity)},
         )
-    await _take(session, member_id, price)
-    after = await store.change_account(session, member_id, balance=-price)
-    movement = await store.record_movement(
+    after, movement = await _spend_from_lots(
         session,
-        NewMovement(
-            movement_id=rules.new_movement_id(),
-            member_id=member_id,
-            kind=MovementKind.REDEEM,
-            points=-price,
-            balance_after=after.balance,
-            request_id=request_id,
-            request_hash=request_hash,
-            source=SpendPurpose.GIFT.value,
-            reference=redemption_id,
-        ),
-        principal=stamp.principal,
-        store_id=stamp.store_id,
-        at=stamp.at,
+        member_id,
+        price,
+        kind=MovementKind.REDEEM,
+        purpose=SpendPurpose.GIFT,
+        reference=redemption_id,
+        stamp=stamp,
+        request_id=request_id,
+        request_hash=request_hash,
     )
     record = RedemptionRecord(
         seq=0,

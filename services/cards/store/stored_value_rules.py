@@ -4,8 +4,6 @@ and its recharge bonus rules."""
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import UTCDateTime
+from chassis.documents import default_etag, document_table, read_document, write_document
 from chassis.paging import newest_first
 from services.cards.domain.stored_value import (
     BonusRule,
@@ -27,18 +26,9 @@ from services.cards.store import metadata
 # Until HQ sets its own, the policy of a chain in mainland China.
 DEFAULT_CURRENCY = "CNY"
 DEFAULT_TIME_ZONE = "Asia/Shanghai"
-_POLICY_ROW = 1
+_POLICY_KEY = {"policy_id": 1}
 
-sv_policy = sa.Table(
-    "sv_policy",
-    metadata,
-    sa.Column("policy_id", sa.SmallInteger, primary_key=True),
-    sa.Column("document", sa.Text, nullable=False),
-    sa.Column("etag", sa.String(32), nullable=False),
-    sa.Column("updated_by", sa.String(100), nullable=False),
-    sa.Column("updated_store_id", sa.String(32), nullable=False, server_default=""),
-    sa.Column("updated_at", UTCDateTime, nullable=False),
-)
+sv_policy = document_table("sv_policy", metadata, "policy_id")
 
 sv_bonus_rules = sa.Table(
     "sv_bonus_rules",
@@ -119,44 +109,32 @@ class PolicyRecord:
     updated_at: dt.datetime | None
 
 
-def _etag(document: str) -> str:
-    return hashlib.sha256(document.encode()).hexdigest()[:32]
-
-
 async def get_policy(session: AsyncSession, *, for_update: bool = False) -> PolicyRecord:
-    query = sa.select(sv_policy).where(sv_policy.c.policy_id == _POLICY_ROW)
-    if for_update:
-        query = query.with_for_update()
-    row = (await session.execute(query)).first()
-    if row is None:
+    stored = await read_document(session, sv_policy, _POLICY_KEY, for_update=for_update)
+    if stored is None:
         policy = default_policy(DEFAULT_CURRENCY, DEFAULT_TIME_ZONE)
-        text = json.dumps(policy_document(policy), sort_keys=True)
-        return PolicyRecord(policy, _etag(text), "", "", None)
+        return PolicyRecord(policy, default_etag(policy_document(policy)), "", "", None)
     return PolicyRecord(
-        policy_from_document(json.loads(row.document)),
-        row.etag,
-        row.updated_by,
-        row.updated_store_id,
-        row.updated_at,
+        policy_from_document(stored.document),
+        stored.etag,
+        stored.updated_by,
+        stored.updated_store_id,
+        stored.updated_at,
     )
 
 
 async def save_policy(
     session: AsyncSession, policy: Policy, *, principal: str, store_id: str, now: dt.datetime
 ) -> None:
-    text = json.dumps(policy_document(policy), sort_keys=True)
-    values = {
-        "document": text,
-        "etag": _etag(text + now.isoformat()),
-        "updated_by": principal,
-        "updated_store_id": store_id,
-        "updated_at": now,
-    }
-    updated = await session.execute(
-        sa.update(sv_policy).where(sv_policy.c.policy_id == _POLICY_ROW).values(**values)
+    await write_document(
+        session,
+        sv_policy,
+        _POLICY_KEY,
+        policy_document(policy),
+        principal=principal,
+        store_id=store_id,
+        now=now,
     )
-    if getattr(updated, "rowcount", 0) == 0:
-        await session.execute(sa.insert(sv_policy).values(policy_id=_POLICY_ROW, **values))
 
 
 # --- bonus rules -------------------------------------------------------------------

@@ -11,8 +11,6 @@ a negative balance, a negative hold or a hold above the balance.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +20,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import BigIntKey, UTCDateTime
+from chassis.documents import default_etag, document_table, read_document, write_document
 from services.loyalty.domain.points import (
     DEFAULT_POLICY,
     ExpiryRule,
@@ -34,18 +33,9 @@ from services.loyalty.domain.points import (
 )
 from services.loyalty.store import metadata
 
-_POLICY_ROW = 1
+_POLICY_KEY = {"policy_id": 1}
 
-points_policy = sa.Table(
-    "points_policy",
-    metadata,
-    sa.Column("policy_id", sa.SmallInteger, primary_key=True),
-    sa.Column("document", sa.Text, nullable=False),
-    sa.Column("etag", sa.String(32), nullable=False),
-    sa.Column("updated_by", sa.String(100), nullable=False),
-    sa.Column("updated_store_id", sa.String(32), nullable=False, server_default=""),
-    sa.Column("updated_at", UTCDateTime, nullable=False),
-)
+points_policy = document_table("points_policy", metadata, "policy_id")
 
 points_accounts = sa.Table(
     "points_accounts",
@@ -179,43 +169,33 @@ class PolicyRecord:
     updated_at: dt.datetime | None
 
 
-def _etag(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
 async def get_policy(session: AsyncSession, *, for_update: bool = False) -> PolicyRecord:
-    query = sa.select(points_policy).where(points_policy.c.policy_id == _POLICY_ROW)
-    if for_update:
-        query = query.with_for_update()
-    row = (await session.execute(query)).first()
-    if row is None:
-        text = json.dumps(policy_document(DEFAULT_POLICY), sort_keys=True)
-        return PolicyRecord(DEFAULT_POLICY, _etag(text), "", "", None)
+    stored = await read_document(session, points_policy, _POLICY_KEY, for_update=for_update)
+    if stored is None:
+        return PolicyRecord(
+            DEFAULT_POLICY, default_etag(policy_document(DEFAULT_POLICY)), "", "", None
+        )
     return PolicyRecord(
-        policy_from_document(json.loads(row.document)),
-        row.etag,
-        row.updated_by,
-        row.updated_store_id,
-        row.updated_at,
+        policy_from_document(stored.document),
+        stored.etag,
+        stored.updated_by,
+        stored.updated_store_id,
+        stored.updated_at,
     )
 
 
 async def save_policy(
     session: AsyncSession, policy: PointsPolicy, *, principal: str, store_id: str, now: dt.datetime
 ) -> None:
-    text = json.dumps(policy_document(policy), sort_keys=True)
-    values = {
-        "document": text,
-        "etag": _etag(text + now.isoformat()),
-        "updated_by": principal,
-        "updated_store_id": store_id,
-        "updated_at": now,
-    }
-    updated = await session.execute(
-        sa.update(points_policy).where(points_policy.c.policy_id == _POLICY_ROW).values(**values)
+    await write_document(
+        session,
+        points_policy,
+        _POLICY_KEY,
+        policy_document(policy),
+        principal=principal,
+        store_id=store_id,
+        now=now,
     )
-    if getattr(updated, "rowcount", 0) == 0:
-        await session.execute(sa.insert(points_policy).values(policy_id=_POLICY_ROW, **values))
 
 
 # --- accounts --------------------------------------------------------------------

@@ -5,8 +5,6 @@ refund), the history of changes and the review periods done."""
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +14,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import BigIntKey, UTCDateTime
+from chassis.documents import default_etag, document_table, read_document, write_document
 from services.loyalty.domain.tiers import (
     HistoryKind,
     Ladder,
@@ -28,20 +27,11 @@ from services.loyalty.domain.tiers import (
 )
 from services.loyalty.store import metadata
 
-_LADDER_ROW = 1
+_LADDER_KEY = {"ladder_id": 1}
 SALE = "sale"
 REFUND = "refund"
 
-tier_ladder = sa.Table(
-    "tier_ladder",
-    metadata,
-    sa.Column("ladder_id", sa.SmallInteger, primary_key=True, autoincrement=False),
-    sa.Column("document", sa.Text, nullable=False),
-    sa.Column("etag", sa.String(32), nullable=False),
-    sa.Column("updated_by", sa.String(100), nullable=False),
-    sa.Column("updated_store_id", sa.String(32), nullable=False, server_default=""),
-    sa.Column("updated_at", UTCDateTime, nullable=False),
-)
+tier_ladder = document_table("tier_ladder", metadata, "ladder_id", autoincrement=False)
 
 member_tiers = sa.Table(
     "member_tiers",
@@ -175,44 +165,35 @@ class LadderRecord:
     updated_at: dt.datetime | None
 
 
-def _etag(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
 async def get_ladder(session: AsyncSession, *, for_update: bool = False) -> LadderRecord:
     """The chain's ladder; the default one until HQ sets its own."""
-    query = sa.select(tier_ladder).where(tier_ladder.c.ladder_id == _LADDER_ROW)
-    if for_update:
-        query = query.with_for_update()
-    row = (await session.execute(query)).first()
-    if row is None:
-        text = json.dumps(ladder_document(default_ladder()), sort_keys=True)
-        return LadderRecord(default_ladder(), _etag(text), "", "", None)
+    stored = await read_document(session, tier_ladder, _LADDER_KEY, for_update=for_update)
+    if stored is None:
+        return LadderRecord(
+            default_ladder(), default_etag(ladder_document(default_ladder())), "", "", None
+        )
     return LadderRecord(
-        ladder_from_document(json.loads(row.document)),
-        row.etag,
-        row.updated_by,
-        row.updated_store_id,
-        row.updated_at,
+        ladder_from_document(stored.document),
+        stored.etag,
+        stored.updated_by,
+        stored.updated_store_id,
+        stored.updated_at,
     )
 
 
 async def save_ladder(
     session: AsyncSession, ladder: Ladder, *, principal: str, store_id: str, now: dt.datetime
 ) -> None:
-    text = json.dumps(ladder_document(ladder), sort_keys=True, ensure_ascii=False)
-    values = {
-        "document": text,
-        "etag": _etag(text + now.isoformat()),
-        "updated_by": principal,
-        "updated_store_id": store_id,
-        "updated_at": now,
-    }
-    updated = await session.execute(
-        sa.update(tier_ladder).where(tier_ladder.c.ladder_id == _LADDER_ROW).values(**values)
+    await write_document(
+        session,
+        tier_ladder,
+        _LADDER_KEY,
+        ladder_document(ladder),
+        principal=principal,
+        store_id=store_id,
+        now=now,
+        ensure_ascii=False,
     )
-    if getattr(updated, "rowcount", 0) == 0:
-        await session.execute(sa.insert(tier_ladder).values(ladder_id=_LADDER_ROW, **values))
 
 
 async def tier_held_outside(session: AsyncSession, tier_ids: Sequence[str]) -> str | None:
