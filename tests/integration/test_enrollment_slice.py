@@ -322,8 +322,13 @@ async def test_personal_fields_are_encrypted_at_rest_and_die_with_the_data_key(
     stored = b"".join(
         v if isinstance(v, bytes) else str(v).encode() for v in raw.values() if v is not None
     )
-    for secret in (b"8613800138000", b"li.na@example.com", b"Li", b"Na"):
+    for secret in (b"8613800138000", b"li.na@example.com"):
         assert secret not in stored, secret
+    # Two letters turn up in random ciphertext now and then: the short names
+    # are looked for in the columns kept as text only.
+    in_clear = " ".join(str(v) for v in raw.values() if v is not None and not isinstance(v, bytes))
+    for name in ("Li", "Na"):
+        assert name not in in_clear.split(), name
 
     fetched = await stub.GetMember(
         members_pb2.GetMemberRequest(member_id=created.member_id), metadata=auth()
