@@ -929,12 +929,18 @@ class Sagas:
             return await self._refund_answer(found)
         now = utcnow()
         refund_id = rules.new_refund_id()
+        # The store's time zone is learnt before the transaction: learning it
+        # may write, and a transaction inside a transaction would wait for
+        # itself on SQLite.
+        async with self.db.sessions() as session:
+            known = await store.get_sale(session, sale_id)
+        if known is None:
+            raise sale_not_found(sale_id)
+        time_zone = (await self.store_facts(known.store_id)).time_zone
         async with self.db.transaction() as session:
             sale = await store.get_sale(session, sale_id, for_update=True)
             if sale is None:
-                raise NotFound(
-                    "no sale with this id", reason="SALE_NOT_FOUND", metadata={"sale_id": sale_id}
-                )
+                raise sale_not_found(sale_id)
             may_refund(sale)
             if sale.state == SaleState.VOIDED:
                 raise FailedPrecondition("this sale was voided", reason="SALE_VOIDED")
@@ -943,7 +949,6 @@ class Sagas:
                     raise FailedPrecondition(
                         "a sale with a refund cannot be voided", reason="SALE_ALREADY_REFUNDED"
                     )
-                time_zone = (await self.store_facts(sale.store_id)).time_zone
                 if rules.business_day(now, time_zone) != sale.business_day:
                     raise FailedPrecondition(
                         "a sale can be voided only on its own business day; refund it instead",
@@ -992,6 +997,7 @@ class Sagas:
                         "member_id": sale.member_id,
                         "currency": sale.currency,
                         "business_day": sale.business_day.isoformat(),
+                        "time_zone": time_zone,
                         "sv_movement_id": next(
                             (t.movement_id for t in tenders if t.kind == TenderKind.STORED_VALUE),
                             "",
@@ -1110,9 +1116,7 @@ class Sagas:
                     spend_minor_units=-(
                         int(plan["amount"]) - int(plan["by_tender"].get(TenderKind.POINTS.value, 0))
                     ),
-                    business_day=rules.business_day(
-                        now, (await self.store_facts(sale.store_id)).time_zone
-                    ),
+                    business_day=rules.business_day(now, plan["time_zone"]),
                     stamp=stamp,
                 )
             for kind, amount in plan["by_tender"].items():

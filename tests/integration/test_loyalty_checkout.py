@@ -486,6 +486,15 @@ async def test_refunds_and_voids(suite: Suite, database_url: DatabaseFactory) ->
         metadata=CASHIER,
     )
     earned = receipt.points.earned
+    # What loyalty knows of the store is old: a refund learns it again
+    # (before its transaction: on SQLite a write inside one would wait for
+    # itself).
+    async with shop.loyalty.db.transaction() as session:
+        await session.execute(
+            sa.update(sales_store.store_facts).values(
+                fetched_at=dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+            )
+        )
     await refused(
         shop.checkout.RefundSale(
             P.RefundSaleRequest(request_id="r0", sale_id=receipt.sale_id, reason="x"),
