@@ -7,7 +7,14 @@ to point them elsewhere.
 
 import os
 
-from bench import enrollment, members_import, members_lookup, outbox_relay, stored_value_debits
+from bench import (
+    checkout,
+    enrollment,
+    members_import,
+    members_lookup,
+    outbox_relay,
+    stored_value_debits,
+)
 
 POSTGRES = os.environ.get("BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -20,3 +27,5 @@ if __name__ == "__main__":
     outbox_relay.main(["--postgres", POSTGRES])
     stored_value_debits.main([])
     stored_value_debits.main(["--postgres", POSTGRES])
+    checkout.main([])
+    checkout.main(["--postgres", POSTGRES])
