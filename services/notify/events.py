@@ -40,7 +40,7 @@ async def on_member_enrolled(
         message_id=str(uuid.uuid4()),
         member_id=event.member_id,
         template=domain.WELCOME.name,
-        channel=domain.Channel.DEV_LOG.value,
+        channel=domain.Channel.DEV_LOG,
         locale=locale,
         body=domain.WELCOME.render(locale, {"member_id": event.member_id}),
         trigger_event_id=envelope.event_id,
@@ -71,7 +71,7 @@ async def message_sent(
         subject=MESSAGE_SENT,
         message=events_pb2.MessageSent(
             message_id=record.message_id,
-            member_id=record.member_id,
+            member_id=record.member_id or "",
             template=record.template,
             channel=CHANNELS_PROTO[record.channel],
             send_time=ts,

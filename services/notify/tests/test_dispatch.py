@@ -68,7 +68,7 @@ async def queue(db: Database, count: int) -> list[str]:
                 message_id=message_id,
                 member_id="M0000000001",
                 template="welcome",
-                channel=Channel.DEV_LOG.value,
+                channel=Channel.DEV_LOG,
                 locale="en",
                 body=f"hello {i}",
                 trigger_event_id=f"event-{i}",

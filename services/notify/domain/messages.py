@@ -16,7 +16,21 @@ class MessageStatus(enum.StrEnum):
     QUEUED = "queued"
     SENT = "sent"
     DELIVERED = "delivered"
+    # Given up on: the provider refused it for good, or every retry failed.
+    # Failed messages are the dead letters an operator lists and replays.
     FAILED = "failed"
+    # Never sent, on purpose: no consent, opted out, over the frequency cap.
+    # Kept so that "why did this member not hear from us" has an answer.
+    SUPPRESSED = "suppressed"
+
+
+class Category(enum.StrEnum):
+    """Transactional messages (a receipt, a security notice) need no
+    marketing consent; marketing messages do, and obey quiet hours and the
+    weekly cap. Messages to staff are transactional."""
+
+    TRANSACTIONAL = "transactional"
+    MARKETING = "marketing"
 
 
 class Channel(enum.StrEnum):

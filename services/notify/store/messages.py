@@ -1,4 +1,5 @@
-"""Message tables and queries."""
+"""The message table: one row per message to one member or staff member,
+from queued to sent, delivered, failed or suppressed."""
 
 from __future__ import annotations
 
@@ -12,15 +13,16 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import UTCDateTime
 from chassis.paging import newest_first
-from services.notify.domain import Channel, MessageStatus
-
-metadata = sa.MetaData()
+from services.notify.domain import Category, Channel, MessageStatus
+from services.notify.store.base import metadata
 
 messages = sa.Table(
     "messages",
     metadata,
     sa.Column("message_id", sa.String(40), primary_key=True),
-    sa.Column("member_id", sa.String(16), nullable=False),
+    # Exactly one of member_id and staff_id names the recipient (0003).
+    sa.Column("member_id", sa.String(16), nullable=True),
+    sa.Column("staff_id", sa.String(16), nullable=True),
     sa.Column("template", sa.String(64), nullable=False),
     sa.Column("channel", sa.String(16), nullable=False),
     sa.Column("locale", sa.String(10), nullable=False),
@@ -37,9 +39,29 @@ messages = sa.Table(
     # A claim that has expired (its dispatcher died) can be taken again.
     sa.Column("claim_token", sa.String(32), nullable=True),
     sa.Column("claim_expires_at", UTCDateTime, nullable=True),
+    # 0003: what kind of message (consent and quiet hours depend on it),
+    # the e-mail subject, the recipient's local zone (quiet hours are
+    # checked again at send time), when it may go at the earliest, when the
+    # next try is due after a failed one, the provider's own id for it
+    # (delivery receipts name it), and why it failed or was suppressed.
+    sa.Column("category", sa.String(16), nullable=False, server_default="transactional"),
+    sa.Column("subject", sa.String(200), nullable=True),
+    sa.Column("time_zone", sa.String(64), nullable=False, server_default=""),
+    sa.Column("not_before", UTCDateTime, nullable=True),
+    sa.Column("next_attempt_at", UTCDateTime, nullable=True),
+    sa.Column("provider", sa.String(32), nullable=True),
+    sa.Column("provider_message_id", sa.String(100), nullable=True),
+    sa.Column("delivered_at", UTCDateTime, nullable=True),
+    sa.Column("failed_at", UTCDateTime, nullable=True),
+    sa.Column("status_reason", sa.String(500), nullable=True),
+    sa.CheckConstraint(
+        "(member_id IS NULL) <> (staff_id IS NULL)", name="ck_messages_one_recipient"
+    ),
     sa.UniqueConstraint("trigger_event_id", "template", "channel", name="uq_messages_trigger"),
     sa.Index("ix_messages_member", "member_id", "created_at"),
     sa.Index("ix_messages_status", "status", "created_at"),
+    sa.Index("ix_messages_staff", "staff_id", "created_at"),
+    sa.Index("ix_messages_provider_id", "provider", "provider_message_id"),
 )
 
 # Marks a transaction that queued messages, to wake the dispatcher on commit.
@@ -49,7 +71,8 @@ MESSAGES_QUEUED = "cornucopia.notify.messages_queued"
 @dataclass(frozen=True)
 class MessageRecord:
     message_id: str
-    member_id: str
+    member_id: str | None
+    staff_id: str | None
     template: str
     channel: Channel
     locale: str
@@ -60,6 +83,17 @@ class MessageRecord:
     created_at: dt.datetime
     sent_at: dt.datetime | None
     attempts: int
+    category: Category
+    subject: str | None
+    time_zone: str
+    not_before: dt.datetime | None
+    next_attempt_at: dt.datetime | None
+    provider: str | None
+    provider_message_id: str | None
+    delivered_at: dt.datetime | None
+    failed_at: dt.datetime | None
+    status_reason: str | None
+    last_error: str | None
 
 
 def _record(row: Any) -> MessageRecord:
@@ -67,6 +101,7 @@ def _record(row: Any) -> MessageRecord:
     return MessageRecord(
         message_id=m["message_id"],
         member_id=m["member_id"],
+        staff_id=m["staff_id"],
         template=m["template"],
         channel=Channel(m["channel"]),
         locale=m["locale"],
@@ -77,14 +112,75 @@ def _record(row: Any) -> MessageRecord:
         created_at=m["created_at"],
         sent_at=m["sent_at"],
         attempts=m["attempts"],
+        category=Category(m["category"]),
+        subject=m["subject"],
+        time_zone=m["time_zone"],
+        not_before=m["not_before"],
+        next_attempt_at=m["next_attempt_at"],
+        provider=m["provider"],
+        provider_message_id=m["provider_message_id"],
+        delivered_at=m["delivered_at"],
+        failed_at=m["failed_at"],
+        status_reason=m["status_reason"],
+        last_error=m["last_error"],
     )
 
 
-async def queue_message(session: AsyncSession, **values: Any) -> None:
-    await session.execute(
-        sa.insert(messages).values(status=MessageStatus.QUEUED.value, attempts=0, **values)
-    )
+async def queue_message(
+    session: AsyncSession,
+    *,
+    message_id: str,
+    template: str,
+    channel: Channel,
+    locale: str,
+    body: str,
+    created_at: dt.datetime,
+    trace_headers: dict[str, str],
+    member_id: str | None = None,
+    staff_id: str | None = None,
+    category: Category = Category.TRANSACTIONAL,
+    subject: str | None = None,
+    time_zone: str = "",
+    not_before: dt.datetime | None = None,
+    trigger_event_id: str | None = None,
+) -> bool:
+    """Queue one message, or nothing when the same trigger already queued
+    this template on this channel (an event delivered twice gives one
+    message). True when it was queued."""
+    if (member_id is None) == (staff_id is None):
+        raise ValueError("a message goes to one member or one staff member")
+    values: dict[str, Any] = {
+        "message_id": message_id,
+        "member_id": member_id,
+        "staff_id": staff_id,
+        "template": template,
+        "channel": channel.value,
+        "locale": locale,
+        "body": body,
+        "status": MessageStatus.QUEUED.value,
+        "trigger_event_id": trigger_event_id,
+        "trace_headers": trace_headers,
+        "created_at": created_at,
+        "attempts": 0,
+        "category": category.value,
+        "subject": subject,
+        "time_zone": time_zone,
+        "not_before": not_before,
+    }
+    if trigger_event_id is not None:
+        c = messages.c
+        exists = await session.execute(
+            sa.select(c.message_id).where(
+                c.trigger_event_id == trigger_event_id,
+                c.template == template,
+                c.channel == channel.value,
+            )
+        )
+        if exists.first() is not None:
+            return False
+    await session.execute(sa.insert(messages).values(**values))
     session.info[MESSAGES_QUEUED] = True
+    return True
 
 
 def _claimable(now: dt.datetime) -> sa.ColumnElement[bool]:
@@ -92,6 +188,8 @@ def _claimable(now: dt.datetime) -> sa.ColumnElement[bool]:
     return sa.and_(
         c.status == MessageStatus.QUEUED.value,
         sa.or_(c.claim_expires_at.is_(None), c.claim_expires_at <= now),
+        sa.or_(c.not_before.is_(None), c.not_before <= now),
+        sa.or_(c.next_attempt_at.is_(None), c.next_attempt_at <= now),
     )
 
 

@@ -1,15 +1,15 @@
-"""The notify gRPC edge."""
+"""NotifyService: message history, delivery and dead letters."""
 
 from __future__ import annotations
 
 import datetime as dt
-from pathlib import Path
+from collections.abc import Awaitable, Callable, Sequence
 
 from chassis.auth import STAFF_ROLES, Role, current_principal
 from chassis.errors import FieldViolation, InvalidArgument
 from chassis.grpcserver import Context, GrpcService
 from chassis.paging import decode_token, encode_token, page_size
-from chassis.service import ServiceContext, ServiceDefinition
+from chassis.service import ServiceContext
 from cornucopia.notify.v1 import notify_pb2, notify_pb2_grpc
 from services.notify import domain, events, store
 from services.notify.channels import DevLogChannel
@@ -20,21 +20,41 @@ STATUSES_PROTO = {
     domain.MessageStatus.SENT: notify_pb2.MESSAGE_STATUS_SENT,
     domain.MessageStatus.DELIVERED: notify_pb2.MESSAGE_STATUS_DELIVERED,
     domain.MessageStatus.FAILED: notify_pb2.MESSAGE_STATUS_FAILED,
+    domain.MessageStatus.SUPPRESSED: notify_pb2.MESSAGE_STATUS_SUPPRESSED,
+}
+
+CATEGORIES_PROTO = {
+    domain.Category.TRANSACTIONAL: notify_pb2.MESSAGE_CATEGORY_TRANSACTIONAL,
+    domain.Category.MARKETING: notify_pb2.MESSAGE_CATEGORY_MARKETING,
 }
 
 
 def to_proto(record: store.MessageRecord) -> notify_pb2.Message:
     msg = notify_pb2.Message(
         message_id=record.message_id,
-        member_id=record.member_id,
+        member_id=record.member_id or "",
+        staff_id=record.staff_id or "",
         template=record.template,
         channel=events.CHANNELS_PROTO[record.channel],
         locale=record.locale,
         body=record.body,
         status=STATUSES_PROTO[record.status],
         trigger_event_id=record.trigger_event_id or "",
+        category=CATEGORIES_PROTO[record.category],
+        subject=record.subject or "",
+        attempts=record.attempts,
+        status_reason=record.status_reason or "",
+        last_error=record.last_error or "",
     )
     msg.create_time.FromDatetime(record.created_at)
+    for stamp, when in (
+        (msg.not_before_time, record.not_before),
+        (msg.send_time, record.sent_at),
+        (msg.deliver_time, record.delivered_at),
+        (msg.fail_time, record.failed_at),
+    ):
+        if when is not None:
+            stamp.FromDatetime(when)
     return msg
 
 
@@ -70,21 +90,16 @@ class NotifyServicer(notify_pb2_grpc.NotifyServiceServicer):
         )
 
 
-def _dispatcher(ctx: ServiceContext) -> Dispatcher:
-    dev = DevLogChannel(ctx.settings.var_dir / "notify" / "dev-channel.jsonl")
-    return Dispatcher(ctx.db, {domain.Channel.DEV_LOG: dev})
-
-
-definition = ServiceDefinition(
-    name="notify",
-    migrations_dir=Path(__file__).parent / "migrations",
-    grpc_services=lambda ctx: [
+def services(ctx: ServiceContext) -> list[GrpcService]:
+    return [
         GrpcService(
             full_name=notify_pb2.DESCRIPTOR.services_by_name["NotifyService"].full_name,
             servicer=NotifyServicer(ctx),
             add_to_server=notify_pb2_grpc.add_NotifyServiceServicer_to_server,
         )
-    ],
-    subscriptions=lambda _ctx: events.subscriptions(),
-    workers=lambda ctx: [_dispatcher(ctx).run],
-)
+    ]
+
+
+def workers(ctx: ServiceContext) -> Sequence[Callable[[], Awaitable[None]]]:
+    dev = DevLogChannel(ctx.settings.var_dir / "notify" / "dev-channel.jsonl")
+    return [Dispatcher(ctx.db, {domain.Channel.DEV_LOG: dev}).run]
