@@ -7,6 +7,7 @@ most tests use them."""
 
 from __future__ import annotations
 
+from services.notify.store import intents  # noqa: F401  (registers its table)
 from services.notify.store.base import metadata
 from services.notify.store.messages import (
     MESSAGES_QUEUED,
