@@ -33,6 +33,9 @@ from chassis.logs import configure_logging, get_logger
 from chassis.telemetry import configure_tracing, shutdown_tracing
 from cornucopia.members.v1 import members_pb2
 from services.gateway import campaigns, cards, checkout, points, staff, stored_value, transfers
+from services.gateway import notify as notify_routes
+from services.gateway import notify_sends as send_routes
+from services.gateway import notify_templates as template_routes
 from services.gateway.deps import (
     MEMBERS_SERVICE,
     Peers,
@@ -520,6 +523,9 @@ def create_app(
     app.include_router(points.router)
     app.include_router(staff.router)
     app.include_router(campaigns.router)
+    app.include_router(notify_routes.router)
+    app.include_router(send_routes.router)
+    app.include_router(template_routes.router)
     # The last added is the outermost: the span covers the size check.
     app.add_middleware(LimitBody)
     app.add_middleware(RequestTracing)

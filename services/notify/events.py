@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import datetime as dt
-import uuid
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chassis.bus import STREAMS
 from chassis.db import utcnow
-from chassis.inbox import Envelope, Subscription
+from chassis.inbox import Subscription
 from chassis.outbox import enqueue
-from chassis.telemetry import current_traceparent
-from cornucopia.members.v1 import events_pb2 as member_events
 from cornucopia.notify.v1 import events_pb2, notify_pb2
-from services.notify import domain, store
+from services.notify import domain, store, triggers
 
 SOURCE = "cornucopia/notify"
 MESSAGE_SENT = "notify.v1.message.sent"
+MESSAGE_QUEUED = store.MESSAGE_QUEUED  # published by store.queue_message
+MESSAGE_DELIVERED = "notify.v1.message.delivered"
+MESSAGE_FAILED = "notify.v1.message.failed"
 
 CHANNELS_PROTO = {
     domain.Channel.DEV_LOG: notify_pb2.CHANNEL_DEV_LOG,
@@ -30,38 +29,17 @@ CHANNELS_PROTO = {
 }
 
 
-async def on_member_enrolled(
-    session: AsyncSession, event: member_events.MemberEnrolled, envelope: Envelope
-) -> None:
-    """A new member gets a welcome message, once per enrollment event."""
-    locale = domain.choose_locale(event.preferred_language)
-    await store.queue_message(
-        session,
-        message_id=str(uuid.uuid4()),
-        member_id=event.member_id,
-        template=domain.WELCOME.name,
-        channel=domain.Channel.DEV_LOG,
-        locale=locale,
-        body=domain.WELCOME.render(locale, {"member_id": event.member_id}),
-        trigger_event_id=envelope.event_id,
-        trace_headers=current_traceparent(),
-        created_at=utcnow(),
-    )
-
-
 def subscriptions() -> list[Subscription]:
-    return [
-        Subscription(
-            name="member-events",
-            stream=STREAMS["members"],
-            subjects=("members.v1.member.enrolled",),
-            handlers={member_events.MemberEnrolled: on_member_enrolled},
-        )
-    ]
+    """The event triggers (see services.notify.triggers)."""
+    return triggers.subscriptions()
 
 
 async def message_sent(
-    session: AsyncSession, record: store.MessageRecord, sent_at: dt.datetime
+    session: AsyncSession,
+    record: store.MessageRecord,
+    sent_at: dt.datetime,
+    provider: str = "",
+    provider_message_id: str = "",
 ) -> str:
     ts = Timestamp()
     ts.FromDatetime(sent_at)
@@ -72,8 +50,81 @@ async def message_sent(
         message=events_pb2.MessageSent(
             message_id=record.message_id,
             member_id=record.member_id or "",
+            staff_id=record.staff_id or "",
             template=record.template,
             channel=CHANNELS_PROTO[record.channel],
             send_time=ts,
+            provider=provider,
+            provider_message_id=provider_message_id,
+        ),
+    )
+
+
+async def message_delivered(session: AsyncSession, record: store.MessageRecord) -> str:
+    ts = Timestamp()
+    ts.FromDatetime(record.delivered_at or utcnow())
+    return await enqueue(
+        session,
+        source=SOURCE,
+        subject=MESSAGE_DELIVERED,
+        message=events_pb2.MessageDelivered(
+            message_id=record.message_id,
+            member_id=record.member_id or "",
+            staff_id=record.staff_id or "",
+            template=record.template,
+            channel=CHANNELS_PROTO[record.channel],
+            provider=record.provider or "",
+            deliver_time=ts,
+        ),
+    )
+
+
+async def message_failed(session: AsyncSession, record: store.MessageRecord) -> str:
+    """A message given up on; ``reason`` is the provider's or the last
+    retry's, never an address."""
+    ts = Timestamp()
+    ts.FromDatetime(record.failed_at or utcnow())
+    return await enqueue(
+        session,
+        source=SOURCE,
+        subject=MESSAGE_FAILED,
+        message=events_pb2.MessageFailed(
+            message_id=record.message_id,
+            member_id=record.member_id or "",
+            staff_id=record.staff_id or "",
+            template=record.template,
+            channel=CHANNELS_PROTO[record.channel],
+            reason=record.status_reason or "",
+            attempts=record.attempts,
+            fail_time=ts,
+        ),
+    )
+
+
+OPTOUT_RECORDED = "notify.v1.optout.recorded"
+
+
+async def optout_recorded(  # noqa: PLR0917 - the event's fields
+    session: AsyncSession,
+    optout_id: str,
+    member_id: str,
+    channel: domain.Channel,
+    scope: str,
+    source: str,
+    at: dt.datetime,
+) -> str:
+    ts = Timestamp()
+    ts.FromDatetime(at)
+    return await enqueue(
+        session,
+        source=SOURCE,
+        subject=OPTOUT_RECORDED,
+        message=events_pb2.OptOutRecorded(
+            optout_id=optout_id,
+            member_id=member_id,
+            channel=CHANNELS_PROTO[channel],
+            scope=scope,
+            source=source,
+            record_time=ts,
         ),
     )

@@ -83,6 +83,9 @@ class Suite:
             database_url=database_url,
             nats_url=self.nats_url,
             grpc_listen="127.0.0.1:0",
+            # The services already running are its peers (notify asks
+            # members about the recipients of its messages).
+            peers={name: f"127.0.0.1:{rt.port}" for name, rt in self.runtimes.items()},
         )
         runtime = ServiceRuntime(definition, settings)
         await runtime.start()

@@ -29,6 +29,8 @@ class PlanKind(enum.StrEnum):
     BIRTHDAY = "birthday"
     WIN_BACK = "win_back"
     POST_PURCHASE = "post_purchase"
+    # Not a plan: a call another service asked for (CreateFollowUpTask).
+    REQUESTED = "requested"
 
 
 class TaskState(enum.StrEnum):

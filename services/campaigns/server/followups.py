@@ -4,6 +4,7 @@ periodic pass that creates birthday and win-back tasks."""
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 
@@ -33,9 +34,12 @@ from services.campaigns import events
 from services.campaigns.domain import followups as domain
 from services.campaigns.domain.followups import Outcome, Plan, PlanKind, TaskState
 from services.campaigns.followup_planner import (
+    Aim,
     FollowUpWorker,
     MembersClient,
     Planner,
+    create_task,
+    store_of,
     timestamp,
 )
 from services.campaigns.store import followups as store
@@ -47,6 +51,7 @@ KINDS = {
     F.FOLLOW_UP_PLAN_KIND_BIRTHDAY: PlanKind.BIRTHDAY,
     F.FOLLOW_UP_PLAN_KIND_WIN_BACK: PlanKind.WIN_BACK,
     F.FOLLOW_UP_PLAN_KIND_POST_PURCHASE: PlanKind.POST_PURCHASE,
+    F.FOLLOW_UP_PLAN_KIND_REQUESTED: PlanKind.REQUESTED,
 }
 KIND_PROTOS = {v: k for k, v in KINDS.items()}
 STATES = {
@@ -69,6 +74,8 @@ UPDATABLE = frozenset({"display_name", "enabled", "days", "category", "call_wind
 # members' FollowUpOutcome has the same numbers.
 MEMBERS_OUTCOME = {o: int(p) for o, p in OUTCOME_PROTOS.items()}
 NOTE_LIMIT = 2000
+REQUESTED_REASON_LIMIT = 100
+OCCASION_LIMIT = 40
 CLOCK_SKEW = dt.timedelta(minutes=1)
 
 
@@ -202,6 +209,10 @@ class FollowUpServicer(followups_pb2_grpc.FollowUpServiceServicer):
         kind = KINDS.get(request.plan.kind)
         if kind is None:
             raise InvalidArgument([FieldViolation("plan.kind", "required")])
+        if kind == PlanKind.REQUESTED:
+            raise InvalidArgument(
+                [FieldViolation("plan.kind", "requested calls come from CreateFollowUpTask")]
+            )
         plan = domain.validate_plan(_plan_from(request.plan, kind))
         now = utcnow()
 
@@ -465,6 +476,65 @@ class FollowUpServicer(followups_pb2_grpc.FollowUpServiceServicer):
             request=request,
             response_type=F.FollowUpTask,
             work=reschedule,
+        )
+
+    async def CreateFollowUpTask(
+        self, request: F.CreateFollowUpTaskRequest, context: Context
+    ) -> F.FollowUpTask:
+        """A call another service asks for (notify's call-task channel),
+        scheduled as plan tasks are, in the chain's default call windows."""
+        principal = current_principal()
+        principal.require_role(Role.SERVICE)
+        violations = Violations()
+        member_id = request.member_id.strip()
+        reason = request.reason.strip()
+        if not member_id:
+            violations.add("member_id", "required")
+        if not reason:
+            violations.add("reason", "required")
+        elif len(reason) > REQUESTED_REASON_LIMIT:
+            violations.add("reason", f"at most {REQUESTED_REASON_LIMIT} characters")
+        if not request.request_id.strip():
+            violations.add("request_id", "required: a key of your choosing")
+        violations.raise_if_any()
+        now = utcnow()
+        wanted = _time(request.not_before_time)
+        not_before = max(wanted, now) if wanted is not None else now
+        # One task per request: the occasion is the request id (hashed when
+        # it is longer than the column).
+        occasion = request.request_id.strip()
+        if len(occasion) > OCCASION_LIMIT:
+            occasion = "r:" + hashlib.sha256(occasion.encode()).hexdigest()[: OCCASION_LIMIT - 2]
+        plan = Plan(plan_id=principal.subject[:40], kind=PlanKind.REQUESTED)
+        facts = await self.members.member(member_id)
+        if facts is None or not facts.active:
+            raise NotFound(
+                "no active member with this id",
+                reason="MEMBER_NOT_FOUND",
+                metadata={"member_id": member_id},
+            )
+
+        async def create(session: AsyncSession) -> F.FollowUpTask:
+            known = await store_of(session, self.members, facts.home_store_id)
+            aim = Aim(
+                occasion,
+                reason,
+                domain.local_day(not_before, domain.zone_of(known.time_zone)),
+                not_before=not_before,
+            )
+            task = await create_task(session, plan, facts, known, aim, now)
+            if task is None:
+                task = await store.find_task(session, plan.plan_id, member_id, occasion)
+            assert task is not None
+            return task_to_proto(task)
+
+        return await run_idempotent(
+            self.db,
+            method="campaigns.CreateFollowUpTask",
+            request_id=request.request_id,
+            request=request,
+            response_type=F.FollowUpTask,
+            work=create,
         )
 
     async def GetFollowUpStatistics(

@@ -441,6 +441,21 @@ async def has_task(session: AsyncSession, plan_id: str, member_id: str, occasion
     return row.first() is not None
 
 
+async def find_task(
+    session: AsyncSession, plan_id: str, member_id: str, occasion: str
+) -> Task | None:
+    """The member's task for a plan's occasion, if there is one."""
+    c = followup_tasks.c
+    row = (
+        await session.execute(
+            sa.select(followup_tasks).where(
+                c.plan_id == plan_id, c.member_id == member_id, c.occasion == occasion
+            )
+        )
+    ).first()
+    return None if row is None else _task(row)
+
+
 async def get_task(session: AsyncSession, task_id: str, *, for_update: bool = False) -> Task | None:
     query = sa.select(followup_tasks).where(followup_tasks.c.task_id == task_id)
     if for_update:

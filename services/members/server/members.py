@@ -942,7 +942,9 @@ class MembersServicer(members_pb2_grpc.MembersServiceServicer):
         self, request: members_pb2.UpdateConsentRequest, context: Context
     ) -> members_pb2.Member:
         principal = current_principal()
-        principal.require_role(*ANY_STORE_ROLES)
+        # Services too: notify withdraws consent when a member opts out by
+        # an SMS reply or an unsubscribe link.
+        principal.require_role(*ANY_STORE_ROLES, Role.SERVICE)
         violations: list[FieldViolation] = []
         channel = _enum(CONTACT_CHANNELS, request.channel, "channel", violations)
         if channel == domain.ContactChannel.UNSPECIFIED:

@@ -53,9 +53,18 @@ class NotifyPolicy:
     points_expiring_days_before: int = 30
     # Local time of birthday and anniversary greetings.
     greeting_time: dt.time = dt.time(9, 0)
+    # When store managers get the weekly digest of whom to call: the day of
+    # the week (0 = Monday) and the local time of the store.
+    digest_weekday: int = 0
+    digest_time: dt.time = dt.time(9, 0)
     # The language of members who gave none, per store, then chain-wide.
     default_locale: str = DEFAULT_LOCALE
     store_locales: dict[str, str] = field(default_factory=dict)
+    # A member's SMS reply that is one of these (any case, full-width
+    # letters too) withdraws their marketing consent on SMS.
+    optout_keywords: frozenset[str] = frozenset(
+        {"STOP", "UNSUBSCRIBE", "TD", "退订", "取消订阅", "BAJA"}
+    )
 
     def store_locale(self, store_id: str) -> str:
         return self.store_locales.get(store_id, self.default_locale)

@@ -11,15 +11,20 @@ from chassis.grpcserver import GrpcService
 from chassis.inbox import Subscription
 from chassis.service import ServiceContext, ServiceDefinition
 from services.notify import events
-from services.notify.server import messages
+from services.notify.server import messages, preferences, sends, templates
 
 
 def grpc_services(ctx: ServiceContext) -> list[GrpcService]:
-    return [*messages.services(ctx)]
+    return [
+        *messages.services(ctx),
+        *sends.services(ctx),
+        *templates.services(ctx),
+        *preferences.services(ctx),
+    ]
 
 
 def workers(ctx: ServiceContext) -> Sequence[Callable[[], Awaitable[None]]]:
-    return [*messages.workers(ctx)]
+    return [*messages.workers(ctx), *sends.workers(ctx), *templates.workers(ctx)]
 
 
 def subscriptions(ctx: ServiceContext) -> Sequence[Subscription]:

@@ -7,29 +7,55 @@ most tests use them."""
 
 from __future__ import annotations
 
-from services.notify.store import intents  # noqa: F401  (registers its table)
+from services.notify.store import (
+    intents,  # noqa: F401  (registers its table)
+    optouts,  # noqa: F401  (registers its table)
+    policy,  # noqa: F401  (registers its table)
+    postal,  # noqa: F401  (registers its table)
+    schedules,  # noqa: F401  (registers its table)
+    sends,  # noqa: F401  (registers its tables)
+    templates,  # noqa: F401  (registers its table)
+)
 from services.notify.store.base import metadata
 from services.notify.store.messages import (
+    MESSAGE_QUEUED,
     MESSAGES_QUEUED,
     MessageRecord,
+    Receipt,
     claim_queued,
+    get_message,
+    list_failed,
     list_for_member,
+    list_for_staff,
     mark_attempt_failed,
+    mark_failed,
     mark_sent,
     messages,
+    postpone,
     queue_message,
+    record_receipt,
     release_claims,
+    replay,
 )
 
 __all__ = [
     "MESSAGES_QUEUED",
+    "MESSAGE_QUEUED",
     "MessageRecord",
+    "Receipt",
     "claim_queued",
+    "get_message",
+    "list_failed",
     "list_for_member",
+    "list_for_staff",
     "mark_attempt_failed",
+    "mark_failed",
     "mark_sent",
     "messages",
     "metadata",
+    "postpone",
     "queue_message",
+    "record_receipt",
     "release_claims",
+    "replay",
 ]

@@ -61,6 +61,11 @@ notifications = sa.Table(
     sa.Index("ix_notifications_send", "send_id"),
 )
 
+# Notifications due later (a birthday greeting written a month ahead) are
+# planned only this close to their time, so that consent, opt-outs and the
+# weekly cap are those of the day, not of the day they were written.
+PLAN_AHEAD = dt.timedelta(hours=1)
+
 # Marks a transaction that added notifications, to wake the planner on commit.
 NOTIFICATIONS_ADDED = "cornucopia.notify.notifications_added"
 
@@ -155,13 +160,14 @@ async def add_notification(
 
 
 async def pending(session: AsyncSession, *, now: dt.datetime, limit: int) -> list[Notification]:
-    """Notifications due for planning, oldest first."""
+    """Notifications due for planning (see ``PLAN_AHEAD``), oldest first."""
     c = notifications.c
     rows = await session.execute(
         sa.select(notifications)
         .where(
             c.planned_at.is_(None),
             sa.or_(c.next_attempt_at.is_(None), c.next_attempt_at <= now),
+            sa.or_(c.not_before.is_(None), c.not_before <= now + PLAN_AHEAD),
         )
         .order_by(c.created_at, c.notification_id)
         .limit(limit)

@@ -9,10 +9,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import UTCDateTime
+from chassis.outbox import enqueue
 from chassis.paging import newest_first
+from cornucopia.notify.v1 import events_pb2, notify_pb2
 from services.notify.domain import Category, Channel, MessageStatus
 from services.notify.store.base import metadata
 
@@ -62,10 +65,54 @@ messages = sa.Table(
     sa.Index("ix_messages_status", "status", "created_at"),
     sa.Index("ix_messages_staff", "staff_id", "created_at"),
     sa.Index("ix_messages_provider_id", "provider", "provider_message_id"),
+    # 0005: the dead letters, listed newest failure first.
+    sa.Index("ix_messages_failed", "status", "failed_at"),
 )
 
 # Marks a transaction that queued messages, to wake the dispatcher on commit.
 MESSAGES_QUEUED = "cornucopia.notify.messages_queued"
+
+SOURCE = "cornucopia/notify"
+MESSAGE_QUEUED = "notify.v1.message.queued"
+
+
+def channel_proto(channel: Channel) -> notify_pb2.Channel.ValueType:
+    return notify_pb2.Channel.Value(f"CHANNEL_{channel.name}")
+
+
+def timestamp(at: dt.datetime) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(at)
+    return ts
+
+
+async def _message_queued(
+    session: AsyncSession,
+    *,
+    message_id: str,
+    member_id: str | None,
+    staff_id: str | None,
+    template: str,
+    channel: Channel,
+    trigger_event_id: str | None,
+    at: dt.datetime,
+) -> None:
+    # Here rather than in services.notify.events, which imports the store:
+    # the event goes out in the transaction that queues the message.
+    await enqueue(
+        session,
+        source=SOURCE,
+        subject=MESSAGE_QUEUED,
+        message=events_pb2.MessageQueued(
+            message_id=message_id,
+            member_id=member_id or "",
+            staff_id=staff_id or "",
+            template=template,
+            channel=channel_proto(channel),
+            trigger_event_id=trigger_event_id or "",
+            queue_time=timestamp(at),
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -179,6 +226,16 @@ async def queue_message(
         if exists.first() is not None:
             return False
     await session.execute(sa.insert(messages).values(**values))
+    await _message_queued(
+        session,
+        message_id=message_id,
+        member_id=member_id,
+        staff_id=staff_id,
+        template=template,
+        channel=channel,
+        trigger_event_id=trigger_event_id,
+        at=created_at,
+    )
     session.info[MESSAGES_QUEUED] = True
     return True
 
@@ -249,9 +306,18 @@ def _held(message_id: str, token: str) -> sa.ColumnElement[bool]:
     )
 
 
-async def mark_sent(session: AsyncSession, message_id: str, now: dt.datetime, token: str) -> bool:
-    """Mark a claimed message sent; False when the pass ``token`` no longer
-    holds it (its claim expired and another pass took it over)."""
+async def mark_sent(
+    session: AsyncSession,
+    message_id: str,
+    now: dt.datetime,
+    token: str,
+    *,
+    provider: str | None = None,
+    provider_message_id: str | None = None,
+) -> bool:
+    """Mark a claimed message sent, with the provider's name and its id of
+    the message (delivery receipts name it); False when the pass ``token``
+    no longer holds it (its claim expired and another pass took it over)."""
     result = await session.execute(
         sa.update(messages)
         .where(_held(message_id, token))
@@ -261,26 +327,179 @@ async def mark_sent(session: AsyncSession, message_id: str, now: dt.datetime, to
             attempts=messages.c.attempts + 1,
             claim_token=None,
             claim_expires_at=None,
+            next_attempt_at=None,
+            provider=provider,
+            provider_message_id=(provider_message_id or "")[:100] or None,
         )
     )
     return bool(getattr(result, "rowcount", 0) == 1)
 
 
 async def mark_attempt_failed(
-    session: AsyncSession, message_id: str, error: str, token: str
+    session: AsyncSession,
+    message_id: str,
+    error: str,
+    token: str,
+    next_attempt_at: dt.datetime | None = None,
 ) -> bool:
-    """Count a failed send and give the message back to the queue."""
+    """Count a failed send and give the message back to the queue, to be
+    tried again from ``next_attempt_at`` (at once when None)."""
     result = await session.execute(
         sa.update(messages)
         .where(_held(message_id, token))
         .values(
             attempts=messages.c.attempts + 1,
             last_error=error[:500],
+            next_attempt_at=next_attempt_at,
             claim_token=None,
             claim_expires_at=None,
         )
     )
     return bool(getattr(result, "rowcount", 0) == 1)
+
+
+async def mark_failed(
+    session: AsyncSession,
+    message_id: str,
+    reason: str,
+    token: str,
+    now: dt.datetime,
+    *,
+    attempted: bool = True,
+) -> MessageRecord | None:
+    """Give a claimed message up: FAILED with ``reason`` (the provider's, or
+    the last error of the last retry), a dead letter. ``attempted`` counts
+    the send that failed. None when the pass no longer holds it."""
+    values: dict[str, Any] = {
+        "status": MessageStatus.FAILED.value,
+        "failed_at": now,
+        "status_reason": reason[:500],
+        "next_attempt_at": None,
+        "claim_token": None,
+        "claim_expires_at": None,
+    }
+    if attempted:
+        values["attempts"] = messages.c.attempts + 1
+        values["last_error"] = reason[:500]
+    result = await session.execute(
+        sa.update(messages).where(_held(message_id, token)).values(**values)
+    )
+    if getattr(result, "rowcount", 0) != 1:
+        return None
+    return await get_message(session, message_id)
+
+
+async def postpone(session: AsyncSession, message_id: str, token: str, until: dt.datetime) -> bool:
+    """Give a claimed message back unsent, not to go before ``until``
+    (quiet hours began while it waited); no attempt is counted."""
+    result = await session.execute(
+        sa.update(messages)
+        .where(_held(message_id, token))
+        .values(not_before=until, claim_token=None, claim_expires_at=None)
+    )
+    return bool(getattr(result, "rowcount", 0) == 1)
+
+
+async def get_message(session: AsyncSession, message_id: str) -> MessageRecord | None:
+    row = (
+        await session.execute(sa.select(messages).where(messages.c.message_id == message_id))
+    ).first()
+    return None if row is None else _record(row)
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What a delivery receipt did: the message it names as it is now, and
+    whether the receipt changed it (False for the same receipt again)."""
+
+    message: MessageRecord
+    changed: bool
+
+
+async def record_receipt(
+    session: AsyncSession,
+    *,
+    provider: str,
+    provider_message_id: str,
+    delivered: bool,
+    reason: str,
+    at: dt.datetime,
+) -> Receipt | None:
+    """A provider's receipt: a SENT message turns DELIVERED, or FAILED with
+    the provider's reason. A message already delivered or failed stays as
+    it is (receipts repeat, and arrive out of order). None when no message
+    carries the provider's id."""
+    c = messages.c
+    row = (
+        await session.execute(
+            sa.select(messages)
+            .where(c.provider == provider, c.provider_message_id == provider_message_id)
+            .order_by(c.created_at.desc())
+            .limit(1)
+        )
+    ).first()
+    if row is None:
+        return None
+    record = _record(row)
+    if record.status is not MessageStatus.SENT:
+        return Receipt(record, changed=False)
+    if delivered:
+        values: dict[str, Any] = {"status": MessageStatus.DELIVERED.value, "delivered_at": at}
+    else:
+        values = {
+            "status": MessageStatus.FAILED.value,
+            "failed_at": at,
+            "status_reason": (reason or "undeliverable")[:500],
+        }
+    result = await session.execute(
+        sa.update(messages)
+        .where(c.message_id == record.message_id, c.status == MessageStatus.SENT.value)
+        .values(**values)
+    )
+    updated = await get_message(session, record.message_id)
+    assert updated is not None
+    return Receipt(updated, changed=getattr(result, "rowcount", 0) == 1)
+
+
+async def replay(session: AsyncSession, message_id: str, now: dt.datetime) -> bool:
+    """A failed message back in the queue, as if new: attempts, errors and
+    the provider's id of the failed try cleared (a late receipt of it then
+    matches nothing). False when the message is not FAILED."""
+    c = messages.c
+    result = await session.execute(
+        sa.update(messages)
+        .where(c.message_id == message_id, c.status == MessageStatus.FAILED.value)
+        .values(
+            status=MessageStatus.QUEUED.value,
+            attempts=0,
+            last_error=None,
+            status_reason=None,
+            failed_at=None,
+            next_attempt_at=None,
+            not_before=None,
+            provider=None,
+            provider_message_id=None,
+            sent_at=None,
+            claim_token=None,
+            claim_expires_at=None,
+        )
+    )
+    if getattr(result, "rowcount", 0) != 1:
+        return False
+    record = await get_message(session, message_id)
+    assert record is not None
+    await _message_queued(
+        session,
+        message_id=record.message_id,
+        member_id=record.member_id,
+        staff_id=record.staff_id,
+        template=record.template,
+        channel=record.channel,
+        trigger_event_id=record.trigger_event_id,
+        at=now,
+    )
+    session.info[MESSAGES_QUEUED] = True
+    return True
 
 
 async def release_claims(session: AsyncSession, token: str, message_ids: Sequence[str]) -> None:
@@ -306,3 +525,37 @@ async def list_for_member(
         limit,
     )
     return [_record(r) for r in await session.execute(query)]
+
+
+async def list_for_staff(
+    session: AsyncSession, staff_id: str, limit: int, after: tuple[dt.datetime, str] | None
+) -> list[MessageRecord]:
+    query = newest_first(
+        sa.select(messages).where(messages.c.staff_id == staff_id),
+        messages.c.created_at,
+        messages.c.message_id,
+        after,
+        limit,
+    )
+    return [_record(r) for r in await session.execute(query)]
+
+
+async def list_failed(
+    session: AsyncSession,
+    *,
+    channel: Channel | None,
+    template: str,
+    limit: int,
+    after: tuple[dt.datetime, str] | None,
+) -> list[MessageRecord]:
+    """The dead letters, most recently failed first."""
+    c = messages.c
+    query = sa.select(messages).where(c.status == MessageStatus.FAILED.value)
+    if channel is not None:
+        query = query.where(c.channel == channel.value)
+    if template:
+        query = query.where(c.template == template)
+    return [
+        _record(r)
+        for r in await session.execute(newest_first(query, c.failed_at, c.message_id, after, limit))
+    ]

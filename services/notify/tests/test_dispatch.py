@@ -15,8 +15,10 @@ import pytest
 import sqlalchemy as sa
 
 from chassis.db import Database, outbox_table, utcnow
-from services.notify import dispatch, store
-from services.notify.domain import Channel, MessageStatus
+from services.notify import dispatch, events, store
+from services.notify.channels import ChannelError, Needs, PermanentChannelError, Sent
+from services.notify.domain import Category, Channel, MessageStatus
+from services.notify.domain.delivery import RetryPolicy
 from services.notify.store import MessageRecord, messages
 from tests.integration.infra import DatabaseFactory, migrated
 
@@ -48,14 +50,17 @@ async def replicas(notify_url: str) -> AsyncIterator[Callable[[], Database]]:
 class Recorder:
     """A channel that takes a little time per message and remembers who sent what."""
 
+    needs = Needs.NOTHING
+
     def __init__(self, name: str, sent: list[tuple[str, str]], delay: float = 0.005) -> None:
         self.name = name
         self.sent = sent
         self.delay = delay
 
-    async def send(self, message: MessageRecord) -> None:
+    async def send(self, message: MessageRecord, address: str) -> Sent:
         await asyncio.sleep(self.delay)
         self.sent.append((self.name, message.message_id))
+        return Sent("recorder", message.message_id)
 
 
 async def queue(db: Database, count: int) -> list[str]:
@@ -86,7 +91,11 @@ async def statuses(db: Database) -> dict[str, str]:
 
 async def sent_events(db: Database) -> int:
     async with db.sessions() as session:
-        result = await session.execute(sa.select(sa.func.count()).select_from(outbox_table))
+        result = await session.execute(
+            sa.select(sa.func.count())
+            .select_from(outbox_table)
+            .where(outbox_table.c.subject == events.MESSAGE_SENT)
+        )
         return int(result.scalar_one())
 
 
@@ -203,8 +212,11 @@ async def test_a_pass_gives_back_what_it_could_not_start_in_its_lease(
     monkeypatch.setattr(dispatch.time, "monotonic", lambda: clock[0])
 
     class Slow:
-        async def send(self, message: MessageRecord) -> None:
+        needs = Needs.NOTHING
+
+        async def send(self, message: MessageRecord, address: str) -> Sent:
             clock[0] += 20.0  # each send takes 20 s of the lease
+            return Sent("slow", message.message_id)
 
     # Lease 100 s, sends up to 10 s, 30 s margin: starts allowed until +60 s.
     slow = dispatch.Dispatcher(
@@ -231,10 +243,18 @@ async def test_a_failed_send_is_given_back_for_a_retry(
     [message_id] = await queue(db, 1)
 
     class Broken:
-        async def send(self, message: MessageRecord) -> None:
+        needs = Needs.NOTHING
+
+        async def send(self, message: MessageRecord, address: str) -> Sent:
             raise OSError("provider down")
 
-    assert await dispatch.Dispatcher(db, {Channel.DEV_LOG: Broken()}).dispatch_queued() == 1
+    # Retries a millisecond apart at most, so that the test need not wait.
+    quick = RetryPolicy(max_attempts=5, base_seconds=0.001, cap_seconds=0.001)
+    assert (
+        await dispatch.Dispatcher(db, {Channel.DEV_LOG: Broken()}, retry=quick).dispatch_queued()
+        == 1
+    )
+    await asyncio.sleep(0.01)
     sent: list[tuple[str, str]] = []
     assert await dispatch.Dispatcher(db, {Channel.DEV_LOG: Recorder("r", sent)}).dispatch_queued()
     assert sent == [("r", message_id)]
@@ -245,3 +265,92 @@ async def test_a_failed_send_is_given_back_for_a_retry(
             )
         )
         assert tuple(attempts.one()) == (2, "OSError: provider down")
+
+
+async def test_quiet_hours_are_checked_again_at_send_time(
+    replicas: Callable[[], Database],
+) -> None:
+    """A marketing SMS that waited into the night goes back to the queue,
+    unsent and without an attempt counted, until 09:00 local."""
+    db = replicas()
+    async with db.transaction() as session:
+        await store.queue_message(
+            session,
+            message_id="MARKETING1",
+            member_id="M0000000001",
+            template="promotion",
+            channel=Channel.SMS,
+            locale="zh-CN",
+            body="周末会员日，全场 8 折。",
+            category=Category.MARKETING,
+            time_zone="Asia/Shanghai",
+            trace_headers={},
+            created_at=utcnow() - dt.timedelta(hours=2),
+        )
+    sent: list[tuple[str, str]] = []
+    # 22:30 in Shanghai.
+    night = dt.datetime(2026, 12, 1, 14, 30, tzinfo=dt.UTC)
+    quiet = dispatch.Dispatcher(db, {Channel.SMS: Recorder("sms", sent)}, clock=lambda: night)
+    assert await quiet.dispatch_queued() == 1
+    assert sent == []
+    async with db.sessions() as session:
+        held = await store.get_message(session, "MARKETING1")
+    assert held is not None
+    assert (held.status, held.attempts) == (MessageStatus.QUEUED, 0)
+    assert held.not_before == dt.datetime(2026, 12, 2, 1, 0, tzinfo=dt.UTC)  # 09:00 local
+    # Not before then; then it goes.
+    assert await quiet.dispatch_queued() == 0
+    morning = dispatch.Dispatcher(
+        db, {Channel.SMS: Recorder("sms", sent)}, clock=lambda: night + dt.timedelta(hours=11)
+    )
+    assert await morning.dispatch_queued() == 1
+    assert sent == [("sms", "MARKETING1")]
+
+
+async def test_a_refusal_fails_at_once_and_retries_give_up_at_the_last_attempt(
+    replicas: Callable[[], Database],
+) -> None:
+    db = replicas()
+    refused_id, flaky_id = await queue(db, 2)
+
+    class Provider:
+        needs = Needs.NOTHING
+
+        async def send(self, message: MessageRecord, address: str) -> Sent:
+            if message.message_id == refused_id:
+                raise PermanentChannelError("invalid destination number")
+            raise ChannelError("provider down", retry_after=0.0)
+
+    policy = RetryPolicy(max_attempts=3, base_seconds=0.001, cap_seconds=0.001)
+    provider = dispatch.Dispatcher(db, {Channel.DEV_LOG: Provider()}, retry=policy)
+    for _ in range(3):
+        await provider.dispatch_queued()
+        await asyncio.sleep(0.01)
+    async with db.sessions() as session:
+        refused = await store.get_message(session, refused_id)
+        flaky = await store.get_message(session, flaky_id)
+    assert refused is not None and flaky is not None
+    assert (refused.status, refused.attempts, refused.status_reason) == (
+        MessageStatus.FAILED,
+        1,
+        "invalid destination number",
+    )
+    assert (flaky.status, flaky.attempts) == (MessageStatus.FAILED, 3)
+    assert flaky.status_reason == "gave up after 3 attempts: ChannelError: provider down"
+    async with db.sessions() as session:
+        failed_events = await session.execute(
+            sa.select(sa.func.count())
+            .select_from(outbox_table)
+            .where(outbox_table.c.subject == events.MESSAGE_FAILED)
+        )
+        assert failed_events.scalar_one() == 2
+        dead = await store.list_failed(session, channel=None, template="", limit=10, after=None)
+    assert {m.message_id for m in dead} == {refused_id, flaky_id}
+    # Replayed, the message is queued afresh.
+    async with db.transaction() as session:
+        assert await store.replay(session, flaky_id, utcnow())
+        assert not await store.replay(session, flaky_id, utcnow())
+    async with db.sessions() as session:
+        again = await store.get_message(session, flaky_id)
+    assert again is not None
+    assert (again.status, again.attempts, again.last_error) == (MessageStatus.QUEUED, 0, None)

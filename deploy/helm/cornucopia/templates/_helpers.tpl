@@ -124,6 +124,14 @@ The environment of one component. dict "root" $ "name" <component> "component" <
 {{ include "cornucopia.secretEnv" (dict "secret" $secret "env" "MEMBERS_ACTIVE_KEY_ID" "key" "members-active-key-id" "optional" true) }}
 {{ include "cornucopia.secretEnv" (dict "secret" $secret "env" "MEMBERS_BLIND_INDEX_KEY" "key" "members-blind-index-key") }}
 {{- end }}
+{{- if eq $name "notify" }}
+{{ include "cornucopia.secretEnv" (dict "secret" $secret "env" "NOTIFY_SMTP_PASSWORD" "key" "notify-smtp-password" "optional" true) }}
+{{ include "cornucopia.secretEnv" (dict "secret" $secret "env" "NOTIFY_SMS_API_KEY" "key" "notify-sms-api-key" "optional" true) }}
+{{ include "cornucopia.secretEnv" (dict "secret" $secret "env" "NOTIFY_PUSH_SECRET" "key" "notify-push-secret" "optional" true) }}
+{{- end }}
+{{- if eq $name "gateway" }}
+{{ include "cornucopia.secretEnv" (dict "secret" $secret "env" "NOTIFY_RECEIPT_SECRET" "key" "notify-receipt-secret" "optional" true) }}
+{{- end }}
 {{- range $key, $value := $c.env }}
 - name: {{ $key }}
   value: {{ $value | quote }}

@@ -1,41 +1,39 @@
-"""Channels hand a message to the outside world. Each is one class behind
-the ``Channel`` protocol; the notify issue brings SMS, e-mail, push, call
-tasks and post. Until then the development channel writes each message as a
-JSON line under var/ and to the log, and nothing leaves the machine."""
+"""The development channel: each message is written as a JSON line under
+var/ and noted in the log, and nothing leaves the machine. Channels without
+configuration fall back to it, so development needs no credentials."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 from pathlib import Path
-from typing import Protocol
 
 from chassis.logs import get_logger
+from services.notify.channels import ChannelError, Needs, Sent
 from services.notify.store import MessageRecord
 
 log = get_logger(__name__)
 
 
-class ChannelError(Exception):
-    """The channel could not take the message; it is retried."""
-
-
-class Channel(Protocol):
-    async def send(self, message: MessageRecord) -> None: ...
-
-
 class DevLogChannel:
-    def __init__(self, path: Path) -> None:
+    needs = Needs.NOTHING
+
+    def __init__(self, path: Path, *, standing_in_for: str = "dev_log") -> None:
         self.path = path
+        # The channel this one replaces, written with each line.
+        self.standing_in_for = standing_in_for
         self._lock = asyncio.Lock()
 
-    async def send(self, message: MessageRecord) -> None:
+    async def send(self, message: MessageRecord, address: str = "") -> Sent:
         line = json.dumps(
             {
                 "message_id": message.message_id,
+                "channel": self.standing_in_for,
                 "member_id": message.member_id,
+                "staff_id": message.staff_id,
                 "template": message.template,
                 "locale": message.locale,
+                "subject": message.subject,
                 "body": message.body,
             },
             ensure_ascii=False,
@@ -46,12 +44,13 @@ class DevLogChannel:
             except OSError as exc:
                 raise ChannelError(str(exc)) from exc
         log.info(
-            "message sent",
-            channel="dev_log",
+            "message written to the development channel",
+            channel=self.standing_in_for,
             message_id=message.message_id,
             member_id=message.member_id,
             template=message.template,
         )
+        return Sent("dev_log", message.message_id)
 
     def _append(self, line: str) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,630 @@
+"""The planner turns notifications (what a trigger wants said, to whom)
+into messages: queued, or suppressed with the reason.
+
+For each pending notification it asks the members service, with notify's
+own service token, for what it needs of the recipient: the member file's
+language, home store, consents and preferred channel (and, for staff, the
+staff member or the store's managers), the store's name and time zone.
+Nothing personal is kept: the file says which channels the member has an
+address for; the addresses themselves are fetched again by the dispatcher
+at send time. Then, in one transaction with the notification marked
+planned: the opt-outs, the channel (``domain.choice``), the weekly cap,
+the template in use, quiet hours, and the message.
+
+A notification whose recipient cannot be looked up (members unreachable)
+stays pending and is retried with a growing delay: an outage delays
+messages, it loses none. Archived and erased members get nothing; a merged
+member's messages go to the file they were merged into.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import random
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+from opentelemetry import trace
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from chassis.config import Settings
+from chassis.db import Database, utcnow
+from chassis.errors import ServiceError
+from chassis.grpcclient import Peer, passed_on, rich_error
+from chassis.logs import get_logger
+from chassis.telemetry import extract_trace_context
+from cornucopia.common.v1 import org_pb2
+from cornucopia.members.v1 import (
+    members_pb2,
+    members_pb2_grpc,
+    organisation_pb2,
+    organisation_pb2_grpc,
+)
+from services.notify import store
+from services.notify.domain import choice, templates, triggers
+from services.notify.domain.messages import Category, Channel
+from services.notify.domain.policy import NotifyPolicy, quiet_hours_release
+from services.notify.links import Links
+from services.notify.store import intents, optouts, planning
+from services.notify.store import policy as policy_store
+from services.notify.store import templates as template_store
+
+log = get_logger(__name__)
+_tracer = trace.get_tracer(__name__)
+
+SUBJECT = "notify"
+CALL_TIMEOUT_SECONDS = 5.0
+# Following merged files further than this is a loop in the data.
+MAX_MERGE_HOPS = 3
+WEEK = dt.timedelta(days=7)
+# Retries of a notification whose recipient could not be looked up.
+RETRY_FIRST_SECONDS = 5.0
+RETRY_MAX_SECONDS = 600.0
+
+CONTACT_CHANNELS: dict[int, Channel] = {
+    members_pb2.CONTACT_CHANNEL_SMS: Channel.SMS,
+    members_pb2.CONTACT_CHANNEL_EMAIL: Channel.EMAIL,
+    members_pb2.CONTACT_CHANNEL_APP: Channel.PUSH,
+    members_pb2.CONTACT_CHANNEL_POST: Channel.POST,
+    members_pb2.CONTACT_CHANNEL_PHONE: Channel.CALL_TASK,
+}
+CONTACT_CHANNELS_OF = {channel: contact for contact, channel in CONTACT_CHANNELS.items()}
+
+
+# --- what notify asks members ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoreFacts:
+    store_id: str
+    display_name: str
+    time_zone: str
+
+
+@dataclass(frozen=True)
+class StaffFacts:
+    staff_id: str
+    display_name: str
+    # The store they work at; "" for HQ and region staff.
+    store_id: str
+    active: bool
+    manager: bool
+
+
+class MembersDirectory(Protocol):
+    async def member(self, member_id: str) -> members_pb2.Member | None: ...
+
+    async def store(self, store_id: str) -> StoreFacts | None: ...
+
+    async def staff(self, staff_id: str) -> StaffFacts | None: ...
+
+    async def store_managers(self, store_id: str) -> list[StaffFacts]: ...
+
+    async def lookup_mobile(self, mobile: str) -> members_pb2.Member | None: ...
+
+    async def withdraw_consent(self, member_id: str, channel: Channel, source: str) -> None: ...
+
+
+def staff_facts(staff: organisation_pb2.StaffMember) -> StaffFacts:
+    at_store = staff.assignment.level == org_pb2.ORG_LEVEL_STORE
+    return StaffFacts(
+        staff_id=staff.staff_id,
+        display_name=staff.display_name,
+        store_id=staff.assignment.id if at_store else "",
+        active=staff.state != organisation_pb2.STAFF_STATE_LEFT,
+        manager=organisation_pb2.STAFF_ROLE_STORE_MANAGER in staff.roles,
+    )
+
+
+class MembersClient:
+    """notify's channel to members, with a token of its own: notify reads
+    files and stores as a service, and withdraws consent on a member's
+    behalf when they opt out."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.peer = Peer(
+            settings.peer("members"),
+            [
+                members_pb2.DESCRIPTOR.services_by_name["MembersService"],
+                organisation_pb2.DESCRIPTOR.services_by_name["OrganisationService"],
+            ],
+            token_secret=settings.token_secret,
+            subject=SUBJECT,
+        )
+
+    @property
+    def _members(self) -> members_pb2_grpc.MembersServiceAsyncStub:
+        return members_pb2_grpc.MembersServiceStub(self.peer.channel)  # type: ignore[return-value]
+
+    @property
+    def _organisation(self) -> organisation_pb2_grpc.OrganisationServiceAsyncStub:
+        return organisation_pb2_grpc.OrganisationServiceStub(self.peer.channel)  # type: ignore[return-value]
+
+    async def member(self, member_id: str) -> members_pb2.Member | None:
+        try:
+            return await self._members.GetMember(
+                members_pb2.GetMemberRequest(member_id=member_id),
+                metadata=self.peer.metadata(),
+                timeout=CALL_TIMEOUT_SECONDS,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise passed_on(rich_error(exc), peer="members") from None
+
+    async def lookup_mobile(self, mobile: str) -> members_pb2.Member | None:
+        try:
+            return await self._members.LookupMember(
+                members_pb2.LookupMemberRequest(mobile=mobile),
+                metadata=self.peer.metadata(),
+                timeout=CALL_TIMEOUT_SECONDS,
+            )
+        except grpc.aio.AioRpcError as exc:
+            # A number members cannot parse is no member's either.
+            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+                return None
+            raise passed_on(rich_error(exc), peer="members") from None
+
+    async def withdraw_consent(self, member_id: str, channel: Channel, source: str) -> None:
+        contact = CONTACT_CHANNELS_OF.get(channel)
+        if contact is None:
+            return
+        try:
+            await self._members.UpdateConsent(
+                members_pb2.UpdateConsentRequest(
+                    member_id=member_id,
+                    channel=contact,  # type: ignore[arg-type]
+                    granted=False,
+                    source=source,
+                ),
+                metadata=self.peer.metadata(),
+                timeout=CALL_TIMEOUT_SECONDS,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise passed_on(rich_error(exc), peer="members") from None
+
+    async def store(self, store_id: str) -> StoreFacts | None:
+        try:
+            found = await self._organisation.GetStore(
+                organisation_pb2.GetStoreRequest(store_id=store_id),
+                metadata=self.peer.metadata(),
+                timeout=CALL_TIMEOUT_SECONDS,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise passed_on(rich_error(exc), peer="members") from None
+        return StoreFacts(found.store_id, found.display_name, found.time_zone)
+
+    async def staff(self, staff_id: str) -> StaffFacts | None:
+        try:
+            found = await self._organisation.GetStaffMember(
+                organisation_pb2.GetStaffMemberRequest(staff_id=staff_id),
+                metadata=self.peer.metadata(),
+                timeout=CALL_TIMEOUT_SECONDS,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise passed_on(rich_error(exc), peer="members") from None
+        return staff_facts(found)
+
+    async def store_managers(self, store_id: str) -> list[StaffFacts]:
+        managers: list[StaffFacts] = []
+        token = ""
+        while True:
+            try:
+                page = await self._organisation.ListStaff(
+                    organisation_pb2.ListStaffRequest(
+                        store_id=store_id,
+                        state=organisation_pb2.STAFF_STATE_ACTIVE,
+                        page_size=100,
+                        page_token=token,
+                    ),
+                    metadata=self.peer.metadata(),
+                    timeout=CALL_TIMEOUT_SECONDS,
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise passed_on(rich_error(exc), peer="members") from None
+            managers += [f for f in map(staff_facts, page.staff) if f.manager and f.active]
+            token = page.next_page_token
+            if not token:
+                return managers
+
+    async def close(self) -> None:
+        await self.peer.close()
+
+
+def reach_of(member: members_pb2.Member) -> choice.Reach:
+    """Which channels the file has an address for, its consents and its
+    preferred channel; the addresses themselves are not kept."""
+    consents: dict[Channel, choice.Consent] = {}
+    for given in member.consents:
+        channel = CONTACT_CHANNELS.get(given.channel)
+        if channel is not None:
+            at = given.update_time.ToDatetime(dt.UTC) if given.HasField("update_time") else None
+            consents[channel] = choice.Consent(given.granted, at)
+    addresses = set()
+    if member.mobile:
+        addresses |= {Channel.SMS, Channel.CALL_TASK}
+    if member.landline:
+        addresses.add(Channel.CALL_TASK)
+    if member.email:
+        addresses.add(Channel.EMAIL)
+    if member.address.street or member.address.city:
+        addresses.add(Channel.POST)
+    # The member file keeps no device: a member who has the app said so by
+    # granting it consent, and the app's backend knows them by member id.
+    app = consents.get(Channel.PUSH)
+    if app is not None and app.granted:
+        addresses.add(Channel.PUSH)
+    return choice.Reach(
+        addresses=frozenset(addresses),
+        consents=consents,
+        preferred=CONTACT_CHANNELS.get(member.preferred_contact_channel),
+    )
+
+
+# --- one planning pass ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Addressee:
+    """One recipient of a notification, as far as planning needs them."""
+
+    member_id: str | None = None
+    staff_id: str | None = None
+    language: str = ""
+    store_id: str = ""
+    time_zone: str = ""
+    # The member or staff variables (given_name, store_name, ...).
+    values: dict[str, str] = dataclasses.field(default_factory=dict)
+    reach: choice.Reach | None = None
+    # Set when the member gets nothing whatever the channel.
+    suppressed: str = ""
+    # One of several recipients of one event.
+    fanned_out: bool = False
+
+
+class PassCache:
+    """The lookups of one pass: a batch often names the same member or
+    store many times (a segment's coupons, a store's tasks)."""
+
+    def __init__(self, directory: MembersDirectory) -> None:
+        self.directory = directory
+        self._members: dict[str, members_pb2.Member | None] = {}
+        self._stores: dict[str, StoreFacts | None] = {}
+        self._staff: dict[str, StaffFacts | None] = {}
+        self._managers: dict[str, list[StaffFacts]] = {}
+
+    async def member(self, member_id: str) -> members_pb2.Member | None:
+        if member_id not in self._members:
+            self._members[member_id] = await self.directory.member(member_id)
+        return self._members[member_id]
+
+    async def store(self, store_id: str) -> StoreFacts | None:
+        if not store_id:
+            return None
+        if store_id not in self._stores:
+            self._stores[store_id] = await self.directory.store(store_id)
+        return self._stores[store_id]
+
+    async def staff(self, staff_id: str) -> StaffFacts | None:
+        if staff_id not in self._staff:
+            self._staff[staff_id] = await self.directory.staff(staff_id)
+        return self._staff[staff_id]
+
+    async def managers(self, store_id: str) -> list[StaffFacts]:
+        if not store_id:
+            return []
+        if store_id not in self._managers:
+            self._managers[store_id] = await self.directory.store_managers(store_id)
+        return self._managers[store_id]
+
+
+async def member_addressee(cache: PassCache, member_id: str) -> Addressee:
+    """The member as planning needs them: the survivor of a merge, or a
+    reason to send nothing."""
+    member = await cache.member(member_id)
+    hops = 0
+    while (
+        member is not None
+        and member.state == members_pb2.MEMBER_STATE_MERGED
+        and member.merged_into
+        and hops < MAX_MERGE_HOPS
+    ):
+        member = await cache.member(member.merged_into)
+        hops += 1
+    if member is None:
+        return Addressee(member_id=member_id, suppressed=choice.MEMBER_NOT_FOUND)
+    if member.state not in (
+        members_pb2.MEMBER_STATE_ACTIVE,
+        members_pb2.MEMBER_STATE_UNSPECIFIED,
+    ):
+        return Addressee(member_id=member_id, suppressed=choice.MEMBER_INACTIVE)
+    found = await cache.store(member.home_store_id)
+    return Addressee(
+        member_id=member.member_id,
+        language=member.preferred_language,
+        store_id=member.home_store_id,
+        time_zone=found.time_zone if found else "",
+        values={
+            "member_id": member.member_id,
+            "given_name": member.given_name,
+            "store_name": (found.display_name if found else "") or member.home_store_id,
+        },
+        reach=reach_of(member),
+    )
+
+
+def retry_delay(attempts: int) -> dt.timedelta:
+    """Exponential, capped, with jitter so that a backlog does not come
+    back all at once when members does."""
+    base = min(RETRY_FIRST_SECONDS * 2**attempts, RETRY_MAX_SECONDS)
+    return dt.timedelta(seconds=base * (1 + random.uniform(0, 0.2)))  # noqa: S311 - jitter
+
+
+class Planner:
+    def __init__(
+        self,
+        db: Database,
+        directory: MembersDirectory,
+        links: Links,
+        *,
+        batch_size: int = 50,
+        poll_interval: float = 1.0,
+        clock: Callable[[], dt.datetime] = utcnow,
+    ) -> None:
+        self.db = db
+        self.directory = directory
+        self.links = links
+        self.batch_size = batch_size
+        self.poll_interval = poll_interval
+        # Tests set it to plan at a local time of their choosing.
+        self.clock = clock
+        self._wake = asyncio.Event()
+        db.on_commit(self._on_commit)
+
+    def _on_commit(self, info: dict[str, Any]) -> None:
+        if info.get(intents.NOTIFICATIONS_ADDED):
+            self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                handled = await self.plan_pending()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("planning pass failed")
+                handled = 0
+            if handled < self.batch_size:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval)
+                self._wake.clear()
+
+    async def plan_pending(self, now: dt.datetime | None = None) -> int:
+        """One pass over the notifications due; returns how many it took up
+        (planned, or put off after a failed lookup)."""
+        at = now or self.clock()
+        async with self.db.sessions() as session:
+            batch = await intents.pending(session, now=at, limit=self.batch_size)
+            if not batch:
+                return 0
+            policy = await policy_store.load_policy(session)
+        cache = PassCache(self.directory)
+        for notification in batch:
+            await self._plan(notification, policy, cache, at)
+        return len(batch)
+
+    async def _plan(
+        self,
+        notification: intents.Notification,
+        policy: NotifyPolicy,
+        cache: PassCache,
+        now: dt.datetime,
+    ) -> None:
+        with _tracer.start_as_current_span(
+            f"notify plan {notification.trigger}",
+            context=extract_trace_context(notification.trace_headers),
+            attributes={
+                "cornucopia.service": "notify",
+                "cornucopia.notification_id": notification.notification_id,
+            },
+        ) as span:
+            try:
+                addressees = await self._addressees(notification, cache)
+            except (ServiceError, grpc.aio.AioRpcError) as exc:
+                span.set_status(trace.StatusCode.ERROR)
+                retry_at = now + retry_delay(notification.attempts)
+                async with self.db.transaction() as session:
+                    await intents.mark_planning_failed(
+                        session,
+                        notification.notification_id,
+                        f"{type(exc).__name__}: {getattr(exc, 'message', '') or exc}",
+                        retry_at,
+                    )
+                log.warning(
+                    "recipient lookup failed; planning later",
+                    notification_id=notification.notification_id,
+                    trigger=notification.trigger,
+                    attempts=notification.attempts + 1,
+                )
+                return
+            async with self.db.transaction() as session:
+                if not await planning.take(session, notification.notification_id, now):
+                    return
+                for addressee in addressees:
+                    await self._write(session, notification, addressee, policy, now)
+            if not addressees:
+                log.warning(
+                    "nobody to tell",
+                    notification_id=notification.notification_id,
+                    trigger=notification.trigger,
+                )
+
+    # -- whom -------------------------------------------------------------------------
+
+    async def _addressees(
+        self, notification: intents.Notification, cache: PassCache
+    ) -> list[Addressee]:
+        if notification.member_id is not None:
+            return [await member_addressee(cache, notification.member_id)]
+        return await self._staff(notification, cache)
+
+    async def _staff(self, notification: intents.Notification, cache: PassCache) -> list[Addressee]:
+        store_id = notification.variables.get("store_id", "")
+        people: list[StaffFacts] = []
+        if notification.staff_id and notification.staff_id != triggers.STORE_MANAGERS:
+            person = await cache.staff(notification.staff_id)
+            if person is not None and person.active:
+                people = [person]
+            else:
+                # The one it was meant for has left: their store's managers
+                # take it over.
+                store_id = store_id or (person.store_id if person else "")
+        if not people:
+            people = await cache.managers(store_id)
+        found = []
+        for person in people:
+            at = await cache.store(person.store_id or store_id)
+            found.append(
+                Addressee(
+                    staff_id=person.staff_id,
+                    store_id=person.store_id or store_id,
+                    time_zone=at.time_zone if at else "",
+                    values={
+                        "staff_id": person.staff_id,
+                        "staff_name": person.display_name,
+                        "store_name": (at.display_name if at else "") or store_id,
+                    },
+                    fanned_out=notification.staff_id != person.staff_id,
+                )
+            )
+        return found
+
+    # -- what, where, when ------------------------------------------------------------
+
+    async def _write(
+        self,
+        session: AsyncSession,
+        notification: intents.Notification,
+        addressee: Addressee,
+        policy: NotifyPolicy,
+        now: dt.datetime,
+    ) -> None:
+        trigger = triggers.CATALOGUE.get(notification.trigger)
+        category = notification.category
+        order = trigger.channels if trigger else (Channel.SMS,)
+        locale = templates.choose_locale(
+            addressee.language, policy.store_locale(addressee.store_id), policy.default_locale
+        )
+        event_id = notification.trigger_event_id
+        if event_id and addressee.fanned_out and addressee.staff_id:
+            event_id = f"{event_id}/{addressee.staff_id}"[:64]
+
+        async def suppress(reason: str, channel: Channel | None = None) -> None:
+            await planning.record_suppressed(
+                session,
+                message_id=str(uuid.uuid4()),
+                template=notification.template or notification.trigger,
+                channel=channel or notification.channel or order[0],
+                locale=locale,
+                category=category,
+                reason=reason,
+                created_at=now,
+                trace_headers=notification.trace_headers,
+                member_id=addressee.member_id,
+                staff_id=addressee.staff_id,
+                time_zone=addressee.time_zone,
+                trigger_event_id=event_id,
+            )
+            log.info(
+                "message suppressed",
+                notification_id=notification.notification_id,
+                trigger=notification.trigger,
+                reason=reason,
+            )
+
+        if addressee.suppressed:
+            await suppress(addressee.suppressed)
+            return
+        if trigger is None:
+            await suppress(choice.TEMPLATE_ERROR)
+            return
+        values = {**notification.variables, **addressee.values}
+        if addressee.member_id is not None and addressee.reach is not None:
+            reach = dataclasses.replace(
+                addressee.reach,
+                optouts=[
+                    choice.OptOut(o.channel, o.scope, o.created_at)
+                    for o in await optouts.of_member(session, addressee.member_id)
+                ],
+            )
+            chosen = choice.choose_channel(category, order, reach, notification.channel)
+            if chosen.channel is None:
+                await suppress(chosen.reason)
+                return
+            channel = chosen.channel
+            if category is Category.MARKETING:
+                sent = await planning.marketing_since(session, addressee.member_id, now - WEEK)
+                if choice.over_weekly_cap(sent, policy.marketing_weekly_cap):
+                    await suppress(choice.WEEKLY_CAP, channel)
+                    return
+                values[triggers.UNSUBSCRIBE_URL] = self.links.unsubscribe_url(
+                    addressee.member_id, channel
+                )
+            if not values.get("given_name"):
+                values["given_name"] = templates.NAMELESS[locale]
+        else:
+            channel = notification.channel or order[0]
+        found = await template_store.in_use(
+            session, notification.template or notification.trigger, channel
+        )
+        template = found.template if found else templates.DEFAULTS.get(notification.trigger)
+        if template is None:
+            await suppress(choice.TEMPLATE_ERROR, channel)
+            return
+        kinds = trigger.allowed_variables()
+        try:
+            rendered = template.render(
+                locale,
+                templates.formatted(kinds, values, locale, addressee.time_zone),
+                fallback=policy.default_locale,
+            )
+        except KeyError:
+            await suppress(choice.TEMPLATE_ERROR, channel)
+            return
+        not_before = notification.not_before
+        release = quiet_hours_release(
+            policy.quiet_hours,
+            category,
+            channel,
+            max(now, not_before) if not_before else now,
+            addressee.time_zone,
+        )
+        if release is not None:
+            not_before = release
+        await store.queue_message(
+            session,
+            message_id=str(uuid.uuid4()),
+            template=template.name,
+            channel=channel,
+            locale=rendered.locale,
+            body=rendered.body,
+            subject=rendered.subject or None,
+            created_at=now,
+            trace_headers=notification.trace_headers,
+            member_id=addressee.member_id,
+            staff_id=addressee.staff_id,
+            category=category,
+            time_zone=addressee.time_zone,
+            not_before=not_before,
+            trigger_event_id=event_id,
+        )
