@@ -128,6 +128,7 @@ The environment of one component. dict "root" $ "name" <component> "component" <
 {{ include "cornucopia.secretEnv" (dict "secret" $secret "env" "NOTIFY_SMTP_PASSWORD" "key" "notify-smtp-password" "optional" true) }}
 {{ include "cornucopia.secretEnv" (dict "secret" $secret "env" "NOTIFY_SMS_API_KEY" "key" "notify-sms-api-key" "optional" true) }}
 {{ include "cornucopia.secretEnv" (dict "secret" $secret "env" "NOTIFY_PUSH_SECRET" "key" "notify-push-secret" "optional" true) }}
+{{ include "cornucopia.secretEnv" (dict "secret" $secret "env" "NOTIFY_LINK_SECRET" "key" "notify-link-secret") }}
 {{- end }}
 {{- if eq $name "gateway" }}
 {{ include "cornucopia.secretEnv" (dict "secret" $secret "env" "NOTIFY_RECEIPT_SECRET" "key" "notify-receipt-secret" "optional" true) }}
