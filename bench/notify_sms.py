@@ -10,7 +10,7 @@ their own, enrolls ``--members`` members, queues ``--messages`` messages
 round-robin to them in a fresh notify database, then measures in the same
 run:
 - the dispatcher (``services.notify.dispatch.Dispatcher``, the SMS channel,
-  addresses from members through ``MembersContacts`` with its cache)
+  addresses from members through ``MembersPeer.contact`` with its cache)
   sending the queue until every message is SENT: claim a batch, look the
   number up, POST to the provider, mark the message sent with its event;
 - the baseline: bare httpx POSTs of the same request to the provider from
@@ -45,9 +45,9 @@ from cornucopia.members.v1 import members_pb2, members_pb2_grpc
 from services.notify import store
 from services.notify.channels.config import SmsSettings
 from services.notify.channels.sms import SmsChannel
-from services.notify.contacts import MembersContacts
 from services.notify.dispatch import Dispatcher
 from services.notify.domain import Channel, MessageStatus
+from services.notify.peers import MembersPeer
 
 NOTIFY_MIGRATIONS = Path(__file__).resolve().parents[1] / "services" / "notify" / "migrations"
 BODY = "您的储值卡消费 88.00 元，余额 412.00 元。如非本人操作请致电门店。"
@@ -129,7 +129,7 @@ async def dispatcher_rate(
     await upgrade_to_head(db, NOTIFY_MIGRATIONS, "notify")
     await queue(db, members, args.messages)
     settings = Settings(service="notify", peers={"members": members_address})
-    contacts = MembersContacts(settings)
+    contacts = MembersPeer(settings)
     channel = SmsChannel(SmsSettings(url=sms_url))
     dispatcher = Dispatcher(
         db,

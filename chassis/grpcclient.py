@@ -20,9 +20,10 @@ carries transport text that must not be shown to an end user.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, TypeVar, overload
 
 import grpc
 from google.protobuf import descriptor_pb2
@@ -45,6 +46,12 @@ from chassis.errors import (
 )
 
 DETAILS_METADATA_KEY = "grpc-status-details-bin"
+
+# Deadline of a service's call to a peer, unless the peer or the call says.
+CALL_TIMEOUT_SECONDS = 5.0
+
+Q = TypeVar("Q")
+R = TypeVar("R")
 
 # Retries of UNAVAILABLE: a few quick attempts with jittered exponential
 # backoff, bounded in any case by the call's deadline; the throttle stops
@@ -212,11 +219,30 @@ def rich_error(exc: grpc.aio.AioRpcError) -> RpcProblem:
     )
 
 
+_VERSION = re.compile(r"v\d+((alpha|beta)\d*)?")
+
+
+def peer_name(target: str, services: Iterable[ServiceDescriptor] = ()) -> str:
+    """What a peer is called in errors: the proto package of its first
+    service without the version (``cornucopia.members.v1`` is ``members``),
+    or else the host of its target."""
+    for service in services:
+        parts = [p for p in service.file.package.split(".") if not _VERSION.fullmatch(p)]
+        if parts:
+            return parts[-1]
+    host = target.rpartition("/")[2].rsplit(":", 1)[0].strip("[]")
+    return host or "peer"
+
+
 class Peer:
     """A service's channel to a peer service, opened on first use inside
     the running loop and closed when the service stops, and the metadata of
     the service's own short-lived token: a service calls a peer on its own
-    behalf, since the peer masks and scopes what staff may see."""
+    behalf, since the peer masks and scopes what staff may see.
+
+    ``name`` is what the peer is called in the errors of ``call`` (its
+    ``<NAME>_UNAVAILABLE``); by default the proto package of its first
+    service, e.g. ``members``."""
 
     def __init__(
         self,
@@ -225,11 +251,15 @@ class Peer:
         *,
         token_secret: str,
         subject: str,
+        name: str | None = None,
+        timeout: float = CALL_TIMEOUT_SECONDS,
     ) -> None:
         self.target = target
         self.services = tuple(services)
         self.token_secret = token_secret
         self.subject = subject
+        self.name = name or peer_name(target, self.services)
+        self.timeout = timeout
         self._channel: grpc.aio.Channel | None = None
 
     @property
@@ -240,6 +270,50 @@ class Peer:
 
     def metadata(self) -> tuple[tuple[str, str]]:
         return bearer(service_token(self.token_secret, self.subject))
+
+    @overload
+    async def call(
+        self,
+        method: grpc.aio.UnaryUnaryMultiCallable[Q, R],
+        request: Q,
+        *,
+        timeout: float | None = None,
+        missing_ok: Literal[False] = False,
+    ) -> R: ...
+
+    @overload
+    async def call(
+        self,
+        method: grpc.aio.UnaryUnaryMultiCallable[Q, R],
+        request: Q,
+        *,
+        timeout: float | None = None,
+        missing_ok: bool,
+    ) -> R | None: ...
+
+    async def call(
+        self,
+        method: grpc.aio.UnaryUnaryMultiCallable[Q, R],
+        request: Q,
+        *,
+        timeout: float | None = None,
+        missing_ok: bool = False,
+    ) -> R | None:
+        """One unary call of ``method`` (a stub's, on ``self.channel``) with
+        the service's token, within ``timeout`` (the peer's by default).
+
+        A failure is raised as this service's own error (``passed_on``);
+        with ``missing_ok``, NOT_FOUND is None instead."""
+        try:
+            return await method(
+                request,
+                metadata=self.metadata(),
+                timeout=self.timeout if timeout is None else timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if missing_ok and exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise passed_on(rich_error(exc), peer=self.name) from None
 
     async def close(self) -> None:
         if self._channel is not None:

@@ -1,24 +1,31 @@
-"""chassis.grpcclient: which methods are retried, and google.rpc details
-read back from a failed call."""
+"""chassis.grpcclient: which methods are retried, google.rpc details read
+back from a failed call, and a peer's calls passing its refusals on."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator
 
 import grpc
+import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, duration_pb2
 from google.protobuf.descriptor import ServiceDescriptor
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from chassis.errors import FieldViolation
+from chassis.auth import current_principal
+from chassis.errors import FailedPrecondition, FieldViolation, NotFound, Unavailable
 from chassis.grpcclient import (
     DETAILS_METADATA_KEY,
+    Peer,
     bearer,
     open_channel,
+    peer_name,
     retry_service_config,
     rich_error,
 )
-from cornucopia.members.v1 import members_pb2
+from chassis.grpcserver import GrpcServer, GrpcService
+from cornucopia.members.v1 import members_pb2, members_pb2_grpc, organisation_pb2
 from cornucopia.notify.v1 import notify_pb2
 
 
@@ -93,7 +100,10 @@ def test_only_idempotent_methods_are_retried() -> None:
                 "EraseMember",
             )
         ),
-        "cornucopia.notify.v1.NotifyService/ListMessages",
+        *(
+            f"cornucopia.notify.v1.NotifyService/{name}"
+            for name in ("ListMessages", "GetMessage", "ListFailedMessages", "ReplayMessage")
+        ),
     }
     json.dumps(retry_service_config([ledger]))  # a valid service config is JSON
 
@@ -174,3 +184,154 @@ def test_rich_error_survives_a_garbled_trailer() -> None:
 
     assert problem.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert not problem.from_service
+
+
+# --- Peer.call, against a real grpc.aio server ----------------------------------------
+
+PEER_SECRET = "test-secret-of-a-reasonable-length-0123456789"
+MEMBERS_SERVICE = members_pb2.DESCRIPTOR.services_by_name["MembersService"]
+
+
+class FakeMembers(members_pb2_grpc.MembersServiceServicer):
+    """GetMember knows M1 and takes its time over SLOW; UpdateConsent refuses
+    an erased file. Records who called."""
+
+    def __init__(self) -> None:
+        self.callers: list[str] = []
+
+    async def GetMember(
+        self, request: members_pb2.GetMemberRequest, context: grpc.aio.ServicerContext
+    ) -> members_pb2.Member:
+        self.callers.append(current_principal().subject)
+        if request.member_id == "SLOW":
+            await asyncio.sleep(2)
+        if request.member_id != "M1":
+            raise NotFound(
+                "no member with this id",
+                reason="MEMBER_NOT_FOUND",
+                metadata={"member_id": request.member_id},
+            )
+        return members_pb2.Member(member_id="M1", given_name="Ana")
+
+    async def UpdateConsent(
+        self, request: members_pb2.UpdateConsentRequest, context: grpc.aio.ServicerContext
+    ) -> members_pb2.Member:
+        raise FailedPrecondition("the member file was erased", reason="MEMBER_ERASED")
+
+
+@pytest.fixture
+async def members_peer() -> AsyncIterator[tuple[Peer, FakeMembers]]:
+    fake = FakeMembers()
+    server = GrpcServer(
+        "members",
+        "127.0.0.1:0",
+        PEER_SECRET,
+        [
+            GrpcService(
+                full_name=MEMBERS_SERVICE.full_name,
+                servicer=fake,
+                add_to_server=members_pb2_grpc.add_MembersServiceServicer_to_server,
+            )
+        ],
+    )
+    await server.start()
+    await server.set_serving(True)
+    peer = Peer(
+        f"127.0.0.1:{server.port}", [MEMBERS_SERVICE], token_secret=PEER_SECRET, subject="notify"
+    )
+    try:
+        yield peer, fake
+    finally:
+        await peer.close()
+        await server.stop(grace=0)
+
+
+def _members(peer: Peer) -> members_pb2_grpc.MembersServiceAsyncStub:
+    return members_pb2_grpc.MembersServiceStub(peer.channel)  # type: ignore[return-value]
+
+
+async def test_a_peer_call_answers_with_the_reply_on_the_services_own_token(
+    members_peer: tuple[Peer, FakeMembers],
+) -> None:
+    peer, fake = members_peer
+
+    member = await peer.call(_members(peer).GetMember, members_pb2.GetMemberRequest(member_id="M1"))
+
+    assert member.given_name == "Ana"
+    assert fake.callers == ["notify"]
+
+
+async def test_not_found_is_none_only_when_missing_is_ok(
+    members_peer: tuple[Peer, FakeMembers],
+) -> None:
+    peer, _ = members_peer
+    request = members_pb2.GetMemberRequest(member_id="M404")
+
+    assert await peer.call(_members(peer).GetMember, request, missing_ok=True) is None
+    with pytest.raises(NotFound) as raised:
+        await peer.call(_members(peer).GetMember, request)
+    assert raised.value.reason == "MEMBER_NOT_FOUND"
+    assert raised.value.metadata == {"member_id": "M404"}
+
+
+async def test_a_peers_refusal_is_passed_on_as_it_is(
+    members_peer: tuple[Peer, FakeMembers],
+) -> None:
+    peer, _ = members_peer
+
+    with pytest.raises(FailedPrecondition) as raised:
+        await peer.call(
+            _members(peer).UpdateConsent,
+            members_pb2.UpdateConsentRequest(member_id="M1", granted=False),
+            missing_ok=True,
+        )
+
+    assert raised.value.reason == "MEMBER_ERASED"
+    assert raised.value.message == "the member file was erased"
+
+
+async def test_a_peer_past_its_deadline_is_unavailable_by_its_name(
+    members_peer: tuple[Peer, FakeMembers],
+) -> None:
+    peer, _ = members_peer
+
+    with pytest.raises(Unavailable) as raised:
+        await peer.call(
+            _members(peer).GetMember,
+            members_pb2.GetMemberRequest(member_id="SLOW"),
+            timeout=0.2,
+            missing_ok=True,
+        )
+
+    assert raised.value.reason == "MEMBERS_UNAVAILABLE"
+    assert raised.value.retry_after_seconds == 1.0
+
+
+async def test_a_peer_that_is_not_there_is_unavailable() -> None:
+    peer = Peer(
+        "127.0.0.1:1",
+        [MEMBERS_SERVICE],
+        token_secret=PEER_SECRET,
+        subject="notify",
+        name="directory",
+        timeout=0.5,
+    )
+    try:
+        with pytest.raises(Unavailable) as raised:
+            await peer.call(_members(peer).GetMember, members_pb2.GetMemberRequest(member_id="M1"))
+    finally:
+        await peer.close()
+
+    assert raised.value.reason == "DIRECTORY_UNAVAILABLE"
+
+
+def test_a_peer_is_named_after_its_proto_package_or_else_its_host() -> None:
+    organisation = organisation_pb2.DESCRIPTOR.services_by_name["OrganisationService"]
+
+    assert peer_name("127.0.0.1:50051", [organisation, MEMBERS_SERVICE]) == "members"
+    assert peer_name("127.0.0.1:1", [_ledger_service()]) == "ledger"
+    assert peer_name("campaigns.internal:50054") == "campaigns.internal"
+    assert peer_name("dns:///loyalty:50053") == "loyalty"
+    assert peer_name("[::1]:50051") == "::1"
+    named = Peer("127.0.0.1:1", [MEMBERS_SERVICE], token_secret=PEER_SECRET, subject="x", name="m")
+    assert named.name == "m"

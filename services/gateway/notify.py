@@ -4,29 +4,22 @@ mailing list a print shop downloads, and the SMS provider's delivery
 receipt callback.
 
 Staff routes forward the caller's token (notify decides who may do what).
-The receipt callback has no user: the provider proves itself with the
-shared secret ``NOTIFY_RECEIPT_SECRET`` in the ``X-Receipt-Secret`` header
-(compared in constant time), and the gateway records the receipt with a
-service token of its own. Without the secret set, the callback is closed.
+The receipt callback has no user: the provider proves itself with its
+shared secret (``notify_client.provider_secret``), and the gateway records
+the receipt with a service token of its own.
 """
 
 from __future__ import annotations
 
-import hmac
-import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated
 
-import grpc
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from chassis.auth import service_token
-from chassis.grpcclient import bearer, open_channel, rich_error
-from cornucopia.notify.v1 import notify_pb2, notify_pb2_grpc
+from chassis.grpcclient import bearer
+from cornucopia.notify.v1 import notify_pb2
 from services.gateway.cards_client import id_path
 from services.gateway.deps import (
     READ_PROBLEMS,
@@ -38,25 +31,22 @@ from services.gateway.deps import (
     problem_responses,
 )
 from services.gateway.downloads import XLSX, stream_file
-from services.gateway.problems import FieldError, ProblemError, from_rpc
+from services.gateway.notify_client import (
+    call_notify,
+    gateway_token,
+    notify,
+    notify_failed,
+    notify_lifespan,
+    provider_secret,
+)
+from services.gateway.problems import FieldError, ProblemError
 from services.gateway.schemas import enum_schema, from_proto, one_of, short_names
-
-
-@asynccontextmanager
-async def _lifespan(app: Any) -> AsyncIterator[None]:
-    yield
-    await close_notify(app)
-
 
 # FastAPI merges a router's lifespan into the app's: the channel to notify
 # is closed on shutdown with the others.
-router = APIRouter(lifespan=_lifespan)
+router = APIRouter(lifespan=notify_lifespan)
 
-NOTIFY_SERVICE = notify_pb2.DESCRIPTOR.services_by_name["NotifyService"]
-CALL_TIMEOUT_SECONDS = 5.0
 EXPORT_TIMEOUT_SECONDS = 120.0
-RECEIPT_SECRET_HEADER = "X-Receipt-Secret"  # noqa: S105 - a header name
-RECEIPT_SECRET_ENV = "NOTIFY_RECEIPT_SECRET"  # noqa: S105 - a variable name
 # The provider named on the receipts of this callback (notify's SMS channel).
 SMS_PROVIDER = "sms"
 
@@ -67,41 +57,6 @@ FORMATS = {"csv": notify_pb2.MAILING_LIST_FORMAT_CSV, "xlsx": notify_pb2.MAILING
 
 MessageId = Annotated[str, id_path("A message_id, e.g. from the member's message history.")]
 ChannelName = Annotated[str, one_of(CHANNELS), enum_schema(CHANNELS)]
-
-
-# -- the channel to notify ----------------------------------------------------------
-
-
-def notify_stub(request: Request) -> notify_pb2_grpc.NotifyServiceAsyncStub:
-    """The stub of the notify service, on a channel opened on first use and
-    kept with the app (``close_notify`` closes it)."""
-    state = request.app.state
-    stub = getattr(state, "notify_stub", None)
-    if stub is None:
-        channel = open_channel(state.settings.peer("notify"), services=[NOTIFY_SERVICE])
-        state.notify_channel = channel
-        stub = notify_pb2_grpc.NotifyServiceStub(channel)  # type: ignore[assignment]
-        state.notify_stub = stub
-    return stub  # type: ignore[no-any-return]
-
-
-async def close_notify(app: Any) -> None:
-    channel = getattr(app.state, "notify_channel", None)
-    if channel is not None:
-        await channel.close()
-        app.state.notify_channel = None
-        app.state.notify_stub = None
-
-
-def notify_field(name: str) -> str:
-    return "Idempotency-Key" if name == "request_id" else name
-
-
-async def call_notify(method: Any, message: Any, token: str) -> Any:
-    try:
-        return await method(message, metadata=bearer(token), timeout=CALL_TIMEOUT_SECONDS)
-    except grpc.aio.AioRpcError as exc:
-        raise from_rpc(rich_error(exc), peer="notify", rename=notify_field) from None
 
 
 # -- shapes ----------------------------------------------------------------------------
@@ -183,7 +138,7 @@ async def list_messages(
     page_token: PageToken = "",
 ) -> MessagePage:
     reply = await call_notify(
-        notify_stub(request).ListMessages,
+        notify(request).messages.ListMessages,
         notify_pb2.ListMessagesRequest(
             member_id=member_id, staff_id=staff_id, page_size=page_size, page_token=page_token
         ),
@@ -201,7 +156,9 @@ async def list_messages(
 )
 async def get_message(message_id: MessageId, request: Request, token: Token) -> Message:
     reply = await call_notify(
-        notify_stub(request).GetMessage, notify_pb2.GetMessageRequest(message_id=message_id), token
+        notify(request).messages.GetMessage,
+        notify_pb2.GetMessageRequest(message_id=message_id),
+        token,
     )
     return from_proto(Message, reply)
 
@@ -228,7 +185,7 @@ async def list_failed_messages(
     page_token: PageToken = "",
 ) -> MessagePage:
     reply = await call_notify(
-        notify_stub(request).ListFailedMessages,
+        notify(request).messages.ListFailedMessages,
         notify_pb2.ListFailedMessagesRequest(
             channel=CHANNELS[channel] if channel else 0,  # type: ignore[arg-type]
             template=template,
@@ -256,7 +213,7 @@ async def replay_message(
     message_id: MessageId, request: Request, token: Token, key: Key
 ) -> Message:
     reply = await call_notify(
-        notify_stub(request).ReplayMessage,
+        notify(request).messages.ReplayMessage,
         notify_pb2.ReplayMessageRequest(request_id=key, message_id=message_id),
         token,
     )
@@ -295,23 +252,21 @@ async def export_mailing_list(
     ] = "csv",
     export_id: Annotated[str, Query(max_length=40)] = "",
 ) -> StreamingResponse:
-    call = notify_stub(request).ExportMailingList(
+    call = notify(request).messages.ExportMailingList(
         notify_pb2.ExportMailingListRequest(format=FORMATS[file_format], export_id=export_id),
         metadata=bearer(token),
         timeout=EXPORT_TIMEOUT_SECONDS,
     )
     return await stream_file(
         call,  # type: ignore[arg-type]
-        lambda exc: from_rpc(rich_error(exc), peer="notify", rename=notify_field),
+        notify_failed,
         f"mailing-list.{file_format}",
     )
 
 
 # -- the SMS provider's receipts -------------------------------------------------------
 
-
-def receipt_secret_matches(given: str | None, expected: str) -> bool:
-    return bool(expected) and hmac.compare_digest((given or "").encode(), expected.encode())
+RECEIPT_SECRET = provider_secret("INVALID_RECEIPT_SECRET", "the receipt secret is missing or wrong")
 
 
 @router.post(
@@ -323,15 +278,9 @@ def receipt_secret_matches(given: str | None, expected: str) -> bool:
     "providers retry later.",
     responses=problem_responses(400, 401, 404, 422, 500, 503, 504),
     operation_id="recordSmsReceipt",
+    dependencies=[Depends(RECEIPT_SECRET)],
 )
-async def record_sms_receipt(
-    body: Receipt,
-    request: Request,
-    secret: Annotated[str | None, Header(alias=RECEIPT_SECRET_HEADER)] = None,
-) -> ReceiptTaken:
-    expected = os.environ.get(RECEIPT_SECRET_ENV, "")
-    if not receipt_secret_matches(secret, expected):
-        raise ProblemError(401, "INVALID_RECEIPT_SECRET", "the receipt secret is missing or wrong")
+async def record_sms_receipt(body: Receipt, request: Request) -> ReceiptTaken:
     word = body.status.strip().lower()
     if word in DELIVERED_WORDS:
         outcome = notify_pb2.DELIVERY_OUTCOME_DELIVERED
@@ -349,8 +298,9 @@ async def record_sms_receipt(
     )
     if body.time is not None:
         call.event_time.FromDatetime(body.time)
-    token = service_token(request.app.state.settings.token_secret, "gateway")
-    message = await call_notify(notify_stub(request).RecordDeliveryReceipt, call, token)
+    message = await call_notify(
+        notify(request).messages.RecordDeliveryReceipt, call, gateway_token(request)
+    )
     return ReceiptTaken(
         message_id=message.message_id,
         status=notify_pb2.MessageStatus.Name(message.status)

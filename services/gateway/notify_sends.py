@@ -10,17 +10,13 @@ Idempotency-Key as its request_id: a retry gets the first answer.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Annotated, Any
 
-import grpc
 from fastapi import APIRouter, Query, Request
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from chassis.grpcclient import bearer, open_channel, rich_error
-from cornucopia.notify.v1 import notify_pb2, sends_pb2_grpc
+from cornucopia.notify.v1 import notify_pb2
 from cornucopia.notify.v1 import sends_pb2 as pb
 from services.gateway.cards_client import id_path
 from services.gateway.deps import (
@@ -32,24 +28,13 @@ from services.gateway.deps import (
     change_problems,
     timestamp,
 )
-from services.gateway.problems import from_rpc
+from services.gateway.notify_client import call_notify, notify, notify_field, notify_lifespan
 from services.gateway.schemas import AuditStamp, enum_schema, from_proto, one_of, short_names
-
-
-@asynccontextmanager
-async def _lifespan(app: Any) -> AsyncIterator[None]:
-    yield
-    channel = getattr(app.state, "notify_sends_channel", None)
-    if channel is not None:
-        await channel.close()
-        app.state.notify_sends_channel = None
-
 
 # The router's lifespan is merged into the app's: the channel is closed on
 # shutdown with the others.
-router = APIRouter(lifespan=_lifespan)
+router = APIRouter(lifespan=notify_lifespan)
 
-SENDS_SERVICE = pb.DESCRIPTOR.services_by_name["SendsService"]
 CALL_TIMEOUT_SECONDS = 10.0
 SEND_STATES = short_names(pb.SendState.DESCRIPTOR)
 SEND_CHANNELS = {
@@ -67,27 +52,13 @@ SEND_CHANGE = change_problems(
 )
 
 
-def _stub(request: Request) -> sends_pb2_grpc.SendsServiceAsyncStub:
-    state = request.app.state
-    channel = getattr(state, "notify_sends_channel", None)
-    if channel is None:
-        channel = open_channel(state.settings.peer("notify"), services=[SENDS_SERVICE])
-        state.notify_sends_channel = channel
-    return sends_pb2_grpc.SendsServiceStub(channel)  # type: ignore[return-value]
-
-
 def _field(name: str) -> str:
     """The service's field names as the HTTP body spells them."""
-    if name == "request_id":
-        return "Idempotency-Key"
-    return name.removeprefix("send.")
+    return notify_field(name).removeprefix("send.")
 
 
 async def _call(method: Any, message: Any, token: str) -> Any:
-    try:
-        return await method(message, metadata=bearer(token), timeout=CALL_TIMEOUT_SECONDS)
-    except grpc.aio.AioRpcError as exc:
-        raise from_rpc(rich_error(exc), peer="notify", rename=_field) from None
+    return await call_notify(method, message, token, rename=_field, timeout=CALL_TIMEOUT_SECONDS)
 
 
 # -- shapes ----------------------------------------------------------------------------
@@ -194,7 +165,7 @@ class SendPage(BaseModel):
     operation_id="createSend",
 )
 async def create_send(body: NewSend, request: Request, token: Token, key: Key) -> Send:
-    send = await _call(_stub(request).CreateSend, body.to_proto(key), token)
+    send = await _call(notify(request).sends.CreateSend, body.to_proto(key), token)
     return from_proto(Send, send)
 
 
@@ -215,7 +186,7 @@ async def list_sends(
     page_token: PageToken = "",
 ) -> SendPage:
     reply = await _call(
-        _stub(request).ListSends,
+        notify(request).sends.ListSends,
         pb.ListSendsRequest(
             state=SEND_STATES[state] if state else 0,  # type: ignore[arg-type]
             page_size=page_size,
@@ -234,7 +205,7 @@ async def list_sends(
     operation_id="getSend",
 )
 async def get_send(send_id: SendId, request: Request, token: Token) -> Send:
-    send = await _call(_stub(request).GetSend, pb.GetSendRequest(send_id=send_id), token)
+    send = await _call(notify(request).sends.GetSend, pb.GetSendRequest(send_id=send_id), token)
     return from_proto(Send, send)
 
 
@@ -248,7 +219,9 @@ async def get_send(send_id: SendId, request: Request, token: Token) -> Send:
 )
 async def approve_send(send_id: SendId, request: Request, token: Token, key: Key) -> Send:
     send = await _call(
-        _stub(request).ApproveSend, pb.ApproveSendRequest(request_id=key, send_id=send_id), token
+        notify(request).sends.ApproveSend,
+        pb.ApproveSendRequest(request_id=key, send_id=send_id),
+        token,
     )
     return from_proto(Send, send)
 
@@ -266,7 +239,7 @@ async def reject_send(
     send_id: SendId, body: Reason, request: Request, token: Token, key: Key
 ) -> Send:
     send = await _call(
-        _stub(request).RejectSend,
+        notify(request).sends.RejectSend,
         pb.RejectSendRequest(request_id=key, send_id=send_id, reason=body.reason),
         token,
     )
@@ -287,7 +260,7 @@ async def cancel_send(
     send_id: SendId, body: Reason, request: Request, token: Token, key: Key
 ) -> Send:
     send = await _call(
-        _stub(request).CancelSend,
+        notify(request).sends.CancelSend,
         pb.CancelSendRequest(request_id=key, send_id=send_id, reason=body.reason),
         token,
     )

@@ -6,32 +6,25 @@ provider's inbound messages (replies such as "TD" or "BAJA").
 Staff routes forward the caller's token. The unsubscribe link needs no
 login: its signed token is the authority, and the gateway passes it on
 with a service token of its own. The provider proves itself with the
-shared secret ``NOTIFY_RECEIPT_SECRET`` in ``X-Receipt-Secret`` (the one
-its delivery receipts carry), compared in constant time; without it set
-the route is closed."""
+shared secret its delivery receipts carry (``notify_client.provider_secret``)."""
 
 from __future__ import annotations
 
-import hmac
 import html
-import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-import grpc
-from fastapi import APIRouter, Header, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import HTMLResponse
 
-from chassis.auth import service_token
-from chassis.grpcclient import bearer, open_channel, rich_error
-from cornucopia.notify.v1 import (
-    preferences_pb2,
-    preferences_pb2_grpc,
-    templates_pb2,
-    templates_pb2_grpc,
-)
+from cornucopia.notify.v1 import preferences_pb2, templates_pb2
 from services.gateway.deps import READ_PROBLEMS, Key, Token, change_problems, problem_responses
+from services.gateway.notify_client import (
+    call_notify,
+    gateway_token,
+    notify,
+    notify_lifespan,
+    provider_secret,
+)
 from services.gateway.notify_templates_schemas import (
     CHANNELS,
     SCOPES,
@@ -57,28 +50,9 @@ from services.gateway.notify_templates_schemas import (
     template_from_proto,
     trigger_from_proto,
 )
-from services.gateway.problems import FieldError, ProblemError, from_rpc
+from services.gateway.problems import FieldError, ProblemError
 
-
-@asynccontextmanager
-async def _lifespan(app: Any) -> AsyncIterator[None]:
-    yield
-    channel = getattr(app.state, "notify_templates_owned", None)
-    if channel is not None:
-        await channel.close()
-        app.state.notify_templates_owned = None
-        app.state.notify_templates_channel = None
-
-
-router = APIRouter(lifespan=_lifespan)
-
-TEMPLATES_SERVICE = templates_pb2.DESCRIPTOR.services_by_name["TemplatesService"]
-PREFERENCES_SERVICE = preferences_pb2.DESCRIPTOR.services_by_name["PreferencesService"]
-CALL_TIMEOUT_SECONDS = 5.0
-# The same secret and header as the provider's delivery receipts.
-SECRET_HEADER = "X-Receipt-Secret"  # noqa: S105 - a header name
-SECRET_ENV = "NOTIFY_RECEIPT_SECRET"  # noqa: S105 - a variable name
-GATEWAY_SUBJECT = "gateway"
+router = APIRouter(lifespan=notify_lifespan)
 
 TemplateName = Annotated[
     str,
@@ -86,43 +60,6 @@ TemplateName = Annotated[
 ]
 MemberId = Annotated[str, Path(min_length=1, max_length=64, description="e.g. M7Q2K9X4TD")]
 LinkToken = Annotated[str, Path(min_length=10, max_length=300)]
-
-
-def _channel(request: Request) -> grpc.aio.Channel:
-    """The channel to notify, opened on first use (or the one a test or
-    embedder put on the app)."""
-    state = request.app.state
-    channel = getattr(state, "notify_templates_channel", None)
-    if channel is None:
-        channel = open_channel(
-            state.settings.peer("notify"), services=[TEMPLATES_SERVICE, PREFERENCES_SERVICE]
-        )
-        state.notify_templates_channel = channel
-        state.notify_templates_owned = channel
-    return channel
-
-
-def _templates(request: Request) -> templates_pb2_grpc.TemplatesServiceAsyncStub:
-    return templates_pb2_grpc.TemplatesServiceStub(_channel(request))  # type: ignore[return-value]
-
-
-def _preferences(request: Request) -> preferences_pb2_grpc.PreferencesServiceAsyncStub:
-    return preferences_pb2_grpc.PreferencesServiceStub(_channel(request))  # type: ignore[return-value]
-
-
-def _field(name: str) -> str:
-    return "Idempotency-Key" if name == "request_id" else name
-
-
-async def _call(method: Any, message: Any, token: str) -> Any:
-    try:
-        return await method(message, metadata=bearer(token), timeout=CALL_TIMEOUT_SECONDS)
-    except grpc.aio.AioRpcError as exc:
-        raise from_rpc(rich_error(exc), peer="notify", rename=_field) from None
-
-
-def _own_token(request: Request) -> str:
-    return service_token(request.app.state.settings.token_secret, GATEWAY_SUBJECT)
 
 
 # --- triggers and templates (HQ writes; staff read) -----------------------------------
@@ -138,8 +75,8 @@ def _own_token(request: Request) -> str:
     operation_id="listNotifyTriggers",
 )
 async def list_triggers(request: Request, token: Token) -> TriggerList:
-    found = await _call(
-        _templates(request).ListTriggers, templates_pb2.ListTriggersRequest(), token
+    found = await call_notify(
+        notify(request).templates.ListTriggers, templates_pb2.ListTriggersRequest(), token
     )
     return TriggerList(triggers=[trigger_from_proto(t) for t in found.triggers])
 
@@ -156,8 +93,8 @@ async def list_triggers(request: Request, token: Token) -> TriggerList:
 async def list_templates(
     request: Request, token: Token, trigger: Annotated[str, Query(max_length=64)] = ""
 ) -> TemplateList:
-    found = await _call(
-        _templates(request).ListTemplates,
+    found = await call_notify(
+        notify(request).templates.ListTemplates,
         templates_pb2.ListTemplatesRequest(trigger=trigger),
         token,
     )
@@ -180,8 +117,8 @@ async def get_template(
     channel: Annotated[ChannelName | None, Query()] = None,
     version: Annotated[int, Query(ge=0)] = 0,
 ) -> Template:
-    found = await _call(
-        _templates(request).GetTemplate,
+    found = await call_notify(
+        notify(request).templates.GetTemplate,
         templates_pb2.GetTemplateRequest(
             name=name,
             channel=CHANNELS[channel] if channel else 0,  # type: ignore[arg-type]
@@ -212,8 +149,8 @@ _TEMPLATE_REFUSALS = (
     operation_id="createNotifyTemplate",
 )
 async def create_template(body: NewTemplate, request: Request, token: Token, key: Key) -> Template:
-    saved = await _call(
-        _templates(request).CreateTemplate,
+    saved = await call_notify(
+        notify(request).templates.CreateTemplate,
         templates_pb2.CreateTemplateRequest(request_id=key, template=body.to_proto()),
         token,
     )
@@ -232,8 +169,8 @@ async def create_template(body: NewTemplate, request: Request, token: Token, key
 async def update_template(
     name: TemplateName, body: TemplateVersion, request: Request, token: Token, key: Key
 ) -> Template:
-    saved = await _call(
-        _templates(request).UpdateTemplate,
+    saved = await call_notify(
+        notify(request).templates.UpdateTemplate,
         templates_pb2.UpdateTemplateRequest(request_id=key, template=body.to_proto(name)),
         token,
     )
@@ -257,7 +194,7 @@ async def preview_template(body: PreviewRequest, request: Request, token: Token)
             "the request has invalid fields",
             errors=[FieldError(field="template", description="give either template or name")],
         )
-    found = await _call(_templates(request).PreviewTemplate, body.to_proto(), token)
+    found = await call_notify(notify(request).templates.PreviewTemplate, body.to_proto(), token)
     return Preview(
         locale=found.locale,
         subject=found.subject,
@@ -281,8 +218,8 @@ async def preview_template(body: PreviewRequest, request: Request, token: Token)
     operation_id="getNotifyPolicy",
 )
 async def get_policy(request: Request, response: Response, token: Token) -> StoredPolicy:
-    found = await _call(
-        _templates(request).GetNotifyPolicy, templates_pb2.GetNotifyPolicyRequest(), token
+    found = await call_notify(
+        notify(request).templates.GetNotifyPolicy, templates_pb2.GetNotifyPolicyRequest(), token
     )
     response.headers["ETag"] = found.etag
     return policy_from_proto(found)
@@ -317,16 +254,13 @@ async def update_policy(
         request_id=key, policy=body.to_proto(), etag=if_match.strip().strip('"')
     )
     try:
-        saved = await _templates(request).UpdateNotifyPolicy(
-            call, metadata=bearer(token), timeout=CALL_TIMEOUT_SECONDS
-        )
-    except grpc.aio.AioRpcError as exc:
-        problem = rich_error(exc)
+        saved = await call_notify(notify(request).templates.UpdateNotifyPolicy, call, token)
+    except ProblemError as problem:
         if problem.reason == "ETAG_MISMATCH":
             raise ProblemError(
                 412, "ETAG_MISMATCH", "the policy changed since you read it; read it again"
             ) from None
-        raise from_rpc(problem, peer="notify", rename=_field) from None
+        raise
     response.headers["ETag"] = saved.etag
     return policy_from_proto(saved)
 
@@ -348,8 +282,8 @@ async def update_policy(
 async def record_optout(
     member_id: MemberId, body: NewOptOut, request: Request, token: Token, key: Key
 ) -> OptOut:
-    saved = await _call(
-        _preferences(request).RecordOptOut,
+    saved = await call_notify(
+        notify(request).preferences.RecordOptOut,
         preferences_pb2.RecordOptOutRequest(
             request_id=key,
             member_id=member_id,
@@ -369,8 +303,8 @@ async def record_optout(
     operation_id="listOptOuts",
 )
 async def list_optouts(member_id: MemberId, request: Request, token: Token) -> OptOutList:
-    found = await _call(
-        _preferences(request).ListOptOuts,
+    found = await call_notify(
+        notify(request).preferences.ListOptOuts,
         preferences_pb2.ListOptOutsRequest(member_id=member_id),
         token,
     )
@@ -427,16 +361,15 @@ async def unsubscribe(
     token: LinkToken, request: Request, accept: Annotated[str, Header()] = ""
 ) -> Any:
     try:
-        done = await _preferences(request).Unsubscribe(
+        done = await call_notify(
+            notify(request).preferences.Unsubscribe,
             preferences_pb2.UnsubscribeRequest(token=token),
-            metadata=bearer(_own_token(request)),
-            timeout=CALL_TIMEOUT_SECONDS,
+            gateway_token(request),
         )
-    except grpc.aio.AioRpcError as exc:
-        problem = rich_error(exc)
+    except ProblemError as problem:
         if "text/html" in accept and problem.reason == "BAD_UNSUBSCRIBE_LINK":
             return _page("Link not valid", "<p>此链接无效 · This link is not valid.</p>", 400)
-        raise from_rpc(problem, peer="notify", rename=_field) from None
+        raise
     if "text/html" in accept:
         return _page(
             "退订成功 · Unsubscribed · Baja confirmada",
@@ -449,9 +382,9 @@ async def unsubscribe(
 
 # --- the SMS provider's inbound messages ------------------------------------------------------
 
-
-def secret_matches(given: str | None, expected: str) -> bool:
-    return bool(expected) and hmac.compare_digest((given or "").encode(), expected.encode())
+PROVIDER_SECRET = provider_secret(
+    "INVALID_PROVIDER_SECRET", "the provider secret is missing or wrong"
+)
 
 
 @router.post(
@@ -464,21 +397,14 @@ def secret_matches(given: str | None, expected: str) -> bool:
     "secret in `X-Receipt-Secret`; idempotent by the provider's message id.",
     responses=problem_responses(400, 401, 500, 503, 504),
     operation_id="inboundSms",
+    dependencies=[Depends(PROVIDER_SECRET)],
 )
-async def inbound_sms(
-    body: InboundMessage,
-    request: Request,
-    secret: Annotated[str | None, Header(alias=SECRET_HEADER)] = None,
-) -> InboundTaken:
-    if not secret_matches(secret, os.environ.get(SECRET_ENV, "")):
-        raise ProblemError(
-            401, "INVALID_PROVIDER_SECRET", "the provider secret is missing or wrong"
-        )
-    taken = await _call(
-        _preferences(request).RecordInboundMessage,
+async def inbound_sms(body: InboundMessage, request: Request) -> InboundTaken:
+    taken = await call_notify(
+        notify(request).preferences.RecordInboundMessage,
         preferences_pb2.RecordInboundMessageRequest(
             request_id=f"sms:{body.message_id}", from_number=body.from_number, text=body.text
         ),
-        _own_token(request),
+        gateway_token(request),
     )
     return InboundTaken(opted_out=taken.opted_out)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
-from google.protobuf.timestamp_pb2 import Timestamp
+from google.protobuf.message import Message
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import utcnow
@@ -12,6 +13,7 @@ from chassis.inbox import Subscription
 from chassis.outbox import enqueue
 from cornucopia.notify.v1 import events_pb2, notify_pb2
 from services.notify import domain, store, triggers
+from services.notify.store.messages import timestamp
 
 SOURCE = "cornucopia/notify"
 MESSAGE_SENT = "notify.v1.message.sent"
@@ -34,6 +36,21 @@ def subscriptions() -> list[Subscription]:
     return triggers.subscriptions()
 
 
+async def _publish(session: AsyncSession, subject: str, message: Message) -> str:
+    return await enqueue(session, source=SOURCE, subject=subject, message=message)
+
+
+def _about(record: store.MessageRecord) -> dict[str, Any]:
+    """The fields every message event has."""
+    return {
+        "message_id": record.message_id,
+        "member_id": record.member_id or "",
+        "staff_id": record.staff_id or "",
+        "template": record.template,
+        "channel": CHANNELS_PROTO[record.channel],
+    }
+
+
 async def message_sent(
     session: AsyncSession,
     record: store.MessageRecord,
@@ -41,19 +58,12 @@ async def message_sent(
     provider: str = "",
     provider_message_id: str = "",
 ) -> str:
-    ts = Timestamp()
-    ts.FromDatetime(sent_at)
-    return await enqueue(
+    return await _publish(
         session,
-        source=SOURCE,
-        subject=MESSAGE_SENT,
-        message=events_pb2.MessageSent(
-            message_id=record.message_id,
-            member_id=record.member_id or "",
-            staff_id=record.staff_id or "",
-            template=record.template,
-            channel=CHANNELS_PROTO[record.channel],
-            send_time=ts,
+        MESSAGE_SENT,
+        events_pb2.MessageSent(
+            **_about(record),
+            send_time=timestamp(sent_at),
             provider=provider,
             provider_message_id=provider_message_id,
         ),
@@ -61,20 +71,13 @@ async def message_sent(
 
 
 async def message_delivered(session: AsyncSession, record: store.MessageRecord) -> str:
-    ts = Timestamp()
-    ts.FromDatetime(record.delivered_at or utcnow())
-    return await enqueue(
+    return await _publish(
         session,
-        source=SOURCE,
-        subject=MESSAGE_DELIVERED,
-        message=events_pb2.MessageDelivered(
-            message_id=record.message_id,
-            member_id=record.member_id or "",
-            staff_id=record.staff_id or "",
-            template=record.template,
-            channel=CHANNELS_PROTO[record.channel],
+        MESSAGE_DELIVERED,
+        events_pb2.MessageDelivered(
+            **_about(record),
             provider=record.provider or "",
-            deliver_time=ts,
+            deliver_time=timestamp(record.delivered_at or utcnow()),
         ),
     )
 
@@ -82,21 +85,14 @@ async def message_delivered(session: AsyncSession, record: store.MessageRecord) 
 async def message_failed(session: AsyncSession, record: store.MessageRecord) -> str:
     """A message given up on; ``reason`` is the provider's or the last
     retry's, never an address."""
-    ts = Timestamp()
-    ts.FromDatetime(record.failed_at or utcnow())
-    return await enqueue(
+    return await _publish(
         session,
-        source=SOURCE,
-        subject=MESSAGE_FAILED,
-        message=events_pb2.MessageFailed(
-            message_id=record.message_id,
-            member_id=record.member_id or "",
-            staff_id=record.staff_id or "",
-            template=record.template,
-            channel=CHANNELS_PROTO[record.channel],
+        MESSAGE_FAILED,
+        events_pb2.MessageFailed(
+            **_about(record),
             reason=record.status_reason or "",
             attempts=record.attempts,
-            fail_time=ts,
+            fail_time=timestamp(record.failed_at or utcnow()),
         ),
     )
 
@@ -113,18 +109,15 @@ async def optout_recorded(  # noqa: PLR0917 - the event's fields
     source: str,
     at: dt.datetime,
 ) -> str:
-    ts = Timestamp()
-    ts.FromDatetime(at)
-    return await enqueue(
+    return await _publish(
         session,
-        source=SOURCE,
-        subject=OPTOUT_RECORDED,
-        message=events_pb2.OptOutRecorded(
+        OPTOUT_RECORDED,
+        events_pb2.OptOutRecorded(
             optout_id=optout_id,
             member_id=member_id,
             channel=CHANNELS_PROTO[channel],
             scope=scope,
             source=source,
-            record_time=ts,
+            record_time=timestamp(at),
         ),
     )

@@ -33,24 +33,17 @@ import grpc
 from opentelemetry import trace
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chassis.config import Settings
 from chassis.db import Database, utcnow
 from chassis.errors import ServiceError
-from chassis.grpcclient import Peer, passed_on, rich_error
 from chassis.logs import get_logger
 from chassis.telemetry import extract_trace_context
-from cornucopia.common.v1 import org_pb2
-from cornucopia.members.v1 import (
-    members_pb2,
-    members_pb2_grpc,
-    organisation_pb2,
-    organisation_pb2_grpc,
-)
+from cornucopia.members.v1 import members_pb2
 from services.notify import store
 from services.notify.domain import choice, templates, triggers
 from services.notify.domain.messages import Category, Channel
 from services.notify.domain.policy import NotifyPolicy, quiet_hours_release
 from services.notify.links import Links
+from services.notify.peers import CONTACT_CHANNELS, StaffFacts, StoreFacts
 from services.notify.store import intents, optouts, planning
 from services.notify.store import policy as policy_store
 from services.notify.store import templates as template_store
@@ -58,8 +51,6 @@ from services.notify.store import templates as template_store
 log = get_logger(__name__)
 _tracer = trace.get_tracer(__name__)
 
-SUBJECT = "notify"
-CALL_TIMEOUT_SECONDS = 5.0
 # Following merged files further than this is a loop in the data.
 MAX_MERGE_HOPS = 3
 WEEK = dt.timedelta(days=7)
@@ -67,37 +58,12 @@ WEEK = dt.timedelta(days=7)
 RETRY_FIRST_SECONDS = 5.0
 RETRY_MAX_SECONDS = 600.0
 
-CONTACT_CHANNELS: dict[int, Channel] = {
-    members_pb2.CONTACT_CHANNEL_SMS: Channel.SMS,
-    members_pb2.CONTACT_CHANNEL_EMAIL: Channel.EMAIL,
-    members_pb2.CONTACT_CHANNEL_APP: Channel.PUSH,
-    members_pb2.CONTACT_CHANNEL_POST: Channel.POST,
-    members_pb2.CONTACT_CHANNEL_PHONE: Channel.CALL_TASK,
-}
-CONTACT_CHANNELS_OF = {channel: contact for contact, channel in CONTACT_CHANNELS.items()}
-
-
 # --- what notify asks members ---------------------------------------------------
 
 
-@dataclass(frozen=True)
-class StoreFacts:
-    store_id: str
-    display_name: str
-    time_zone: str
-
-
-@dataclass(frozen=True)
-class StaffFacts:
-    staff_id: str
-    display_name: str
-    # The store they work at; "" for HQ and region staff.
-    store_id: str
-    active: bool
-    manager: bool
-
-
 class MembersDirectory(Protocol):
+    """What planning asks members: ``peers.MembersPeer``, or a stand-in."""
+
     async def member(self, member_id: str) -> members_pb2.Member | None: ...
 
     async def store(self, store_id: str) -> StoreFacts | None: ...
@@ -109,136 +75,6 @@ class MembersDirectory(Protocol):
     async def lookup_mobile(self, mobile: str) -> members_pb2.Member | None: ...
 
     async def withdraw_consent(self, member_id: str, channel: Channel, source: str) -> None: ...
-
-
-def staff_facts(staff: organisation_pb2.StaffMember) -> StaffFacts:
-    at_store = staff.assignment.level == org_pb2.ORG_LEVEL_STORE
-    return StaffFacts(
-        staff_id=staff.staff_id,
-        display_name=staff.display_name,
-        store_id=staff.assignment.id if at_store else "",
-        active=staff.state != organisation_pb2.STAFF_STATE_LEFT,
-        manager=organisation_pb2.STAFF_ROLE_STORE_MANAGER in staff.roles,
-    )
-
-
-class MembersClient:
-    """notify's channel to members, with a token of its own: notify reads
-    files and stores as a service, and withdraws consent on a member's
-    behalf when they opt out."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.peer = Peer(
-            settings.peer("members"),
-            [
-                members_pb2.DESCRIPTOR.services_by_name["MembersService"],
-                organisation_pb2.DESCRIPTOR.services_by_name["OrganisationService"],
-            ],
-            token_secret=settings.token_secret,
-            subject=SUBJECT,
-        )
-
-    @property
-    def _members(self) -> members_pb2_grpc.MembersServiceAsyncStub:
-        return members_pb2_grpc.MembersServiceStub(self.peer.channel)  # type: ignore[return-value]
-
-    @property
-    def _organisation(self) -> organisation_pb2_grpc.OrganisationServiceAsyncStub:
-        return organisation_pb2_grpc.OrganisationServiceStub(self.peer.channel)  # type: ignore[return-value]
-
-    async def member(self, member_id: str) -> members_pb2.Member | None:
-        try:
-            return await self._members.GetMember(
-                members_pb2.GetMemberRequest(member_id=member_id),
-                metadata=self.peer.metadata(),
-                timeout=CALL_TIMEOUT_SECONDS,
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return None
-            raise passed_on(rich_error(exc), peer="members") from None
-
-    async def lookup_mobile(self, mobile: str) -> members_pb2.Member | None:
-        try:
-            return await self._members.LookupMember(
-                members_pb2.LookupMemberRequest(mobile=mobile),
-                metadata=self.peer.metadata(),
-                timeout=CALL_TIMEOUT_SECONDS,
-            )
-        except grpc.aio.AioRpcError as exc:
-            # A number members cannot parse is no member's either.
-            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
-                return None
-            raise passed_on(rich_error(exc), peer="members") from None
-
-    async def withdraw_consent(self, member_id: str, channel: Channel, source: str) -> None:
-        contact = CONTACT_CHANNELS_OF.get(channel)
-        if contact is None:
-            return
-        try:
-            await self._members.UpdateConsent(
-                members_pb2.UpdateConsentRequest(
-                    member_id=member_id,
-                    channel=contact,  # type: ignore[arg-type]
-                    granted=False,
-                    source=source,
-                ),
-                metadata=self.peer.metadata(),
-                timeout=CALL_TIMEOUT_SECONDS,
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise passed_on(rich_error(exc), peer="members") from None
-
-    async def store(self, store_id: str) -> StoreFacts | None:
-        try:
-            found = await self._organisation.GetStore(
-                organisation_pb2.GetStoreRequest(store_id=store_id),
-                metadata=self.peer.metadata(),
-                timeout=CALL_TIMEOUT_SECONDS,
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return None
-            raise passed_on(rich_error(exc), peer="members") from None
-        return StoreFacts(found.store_id, found.display_name, found.time_zone)
-
-    async def staff(self, staff_id: str) -> StaffFacts | None:
-        try:
-            found = await self._organisation.GetStaffMember(
-                organisation_pb2.GetStaffMemberRequest(staff_id=staff_id),
-                metadata=self.peer.metadata(),
-                timeout=CALL_TIMEOUT_SECONDS,
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return None
-            raise passed_on(rich_error(exc), peer="members") from None
-        return staff_facts(found)
-
-    async def store_managers(self, store_id: str) -> list[StaffFacts]:
-        managers: list[StaffFacts] = []
-        token = ""
-        while True:
-            try:
-                page = await self._organisation.ListStaff(
-                    organisation_pb2.ListStaffRequest(
-                        store_id=store_id,
-                        state=organisation_pb2.STAFF_STATE_ACTIVE,
-                        page_size=100,
-                        page_token=token,
-                    ),
-                    metadata=self.peer.metadata(),
-                    timeout=CALL_TIMEOUT_SECONDS,
-                )
-            except grpc.aio.AioRpcError as exc:
-                raise passed_on(rich_error(exc), peer="members") from None
-            managers += [f for f in map(staff_facts, page.staff) if f.manager and f.active]
-            token = page.next_page_token
-            if not token:
-                return managers
-
-    async def close(self) -> None:
-        await self.peer.close()
 
 
 def reach_of(member: members_pb2.Member) -> choice.Reach:

@@ -31,38 +31,24 @@ import datetime as dt
 import os
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass, field, replace
 
-import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry import trace
 
-from chassis.config import Settings
 from chassis.db import Database, utcnow
-from chassis.grpcclient import Peer, passed_on, rich_error
 from chassis.logs import get_logger
 from chassis.telemetry import current_traceparent
-from cornucopia.campaigns.v1 import followups_pb2 as F
-from cornucopia.campaigns.v1 import followups_pb2_grpc, segments_pb2, segments_pb2_grpc
-from cornucopia.common.v1 import org_pb2
-from cornucopia.members.v1 import (
-    members_pb2,
-    members_pb2_grpc,
-    organisation_pb2,
-    organisation_pb2_grpc,
-)
+from cornucopia.members.v1 import members_pb2
 from services.notify.domain import Category
 from services.notify.domain import schedules as rules
 from services.notify.domain.policy import NotifyPolicy
+from services.notify.peers import Peers, StoreFacts
 from services.notify.store import intents
 from services.notify.store import schedules as runs
 
 log = get_logger(__name__)
 _tracer = trace.get_tracer(__name__)
 
-SUBJECT = "notify"
-CALL_TIMEOUT_SECONDS = 5.0
 # Members read per page of a run, and at once from the members service.
 PAGE = 200
 READS_IN_FLIGHT = 8
@@ -70,244 +56,9 @@ READS_IN_FLIGHT = 8
 # take it over; every page renews it.
 LEASE = dt.timedelta(minutes=5)
 DEFAULT_INTERVAL_SECONDS = 600.0
-TASKS_PAGE = 100
 MAX_DIGEST_TASKS = 1000
-
-
-# --- what notify asks the other services ------------------------------------------
-
-
-@dataclass(frozen=True)
-class StoreFacts:
-    store_id: str
-    display_name: str
-    time_zone: str
-    open: bool = True
-
-
-class Directory(Protocol):
-    """The members and campaigns services, as the schedules and sends need
-    them (with notify's own service token)."""
-
-    async def member(self, member_id: str) -> members_pb2.Member | None: ...
-
-    async def store(self, store_id: str) -> StoreFacts | None: ...
-
-    async def select_members(
-        self, criteria: members_pb2.MemberCriteria, page_token: str, page_size: int
-    ) -> tuple[list[str], str]: ...
-
-    async def count_members(self, criteria: members_pb2.MemberCriteria) -> int: ...
-
-    async def open_stores(self) -> list[StoreFacts]: ...
-
-    async def store_managers(self, store_id: str) -> list[str]: ...
-
-    async def open_tasks(
-        self, store_id: str, due_before: dt.datetime, limit: int
-    ) -> tuple[list[F.FollowUpTask], bool]: ...
-
-    async def segment(self, segment_id: str) -> segments_pb2.Segment | None: ...
-
-
-def _timestamp(at: dt.datetime) -> Timestamp:
-    ts = Timestamp()
-    ts.FromDatetime(at)
-    return ts
-
-
-class PeerDirectory:
-    """The directory over gRPC: members (member files, stores, staff) and
-    campaigns (follow-up tasks, segments). Store facts are kept for the
-    life of the process: a store's zone and name rarely change, and a
-    greeting a day off is the worst a stale one does."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.members_peer = Peer(
-            settings.peer("members"),
-            [
-                members_pb2.DESCRIPTOR.services_by_name["MembersService"],
-                organisation_pb2.DESCRIPTOR.services_by_name["OrganisationService"],
-            ],
-            token_secret=settings.token_secret,
-            subject=SUBJECT,
-        )
-        self.campaigns_peer = Peer(
-            settings.peer("campaigns"),
-            [
-                F.DESCRIPTOR.services_by_name["FollowUpService"],
-                segments_pb2.DESCRIPTOR.services_by_name["SegmentsService"],
-            ],
-            token_secret=settings.token_secret,
-            subject=SUBJECT,
-        )
-        self._stores: dict[str, StoreFacts | None] = {}
-
-    async def _members_call(
-        self, call: Callable[..., Awaitable[object]], request: object
-    ) -> object:
-        try:
-            return await call(
-                request, metadata=self.members_peer.metadata(), timeout=CALL_TIMEOUT_SECONDS
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise passed_on(rich_error(exc), peer="members") from None
-
-    async def member(self, member_id: str) -> members_pb2.Member | None:
-        stub = members_pb2_grpc.MembersServiceStub(self.members_peer.channel)
-        try:
-            found: members_pb2.Member = await stub.GetMember(
-                members_pb2.GetMemberRequest(member_id=member_id),
-                metadata=self.members_peer.metadata(),
-                timeout=CALL_TIMEOUT_SECONDS,
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return None
-            raise passed_on(rich_error(exc), peer="members") from None
-        return found
-
-    async def store(self, store_id: str) -> StoreFacts | None:
-        if store_id in self._stores:
-            return self._stores[store_id]
-        stub = organisation_pb2_grpc.OrganisationServiceStub(self.members_peer.channel)
-        try:
-            found = await stub.GetStore(
-                organisation_pb2.GetStoreRequest(store_id=store_id),
-                metadata=self.members_peer.metadata(),
-                timeout=CALL_TIMEOUT_SECONDS,
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.NOT_FOUND:
-                raise passed_on(rich_error(exc), peer="members") from None
-            facts = None
-        else:
-            facts = _store_facts(found)
-        self._stores[store_id] = facts
-        return facts
-
-    async def select_members(
-        self, criteria: members_pb2.MemberCriteria, page_token: str, page_size: int
-    ) -> tuple[list[str], str]:
-        stub = members_pb2_grpc.MembersServiceStub(self.members_peer.channel)
-        found = await self._members_call(
-            stub.SelectMembers,
-            members_pb2.SelectMembersRequest(
-                criteria=criteria, page_token=page_token, page_size=page_size
-            ),
-        )
-        assert isinstance(found, members_pb2.SelectMembersResponse)
-        return list(found.member_ids), str(found.next_page_token)
-
-    async def count_members(self, criteria: members_pb2.MemberCriteria) -> int:
-        stub = members_pb2_grpc.MembersServiceStub(self.members_peer.channel)
-        found = await self._members_call(
-            stub.CountMembers, members_pb2.CountMembersRequest(criteria=criteria)
-        )
-        assert isinstance(found, members_pb2.CountMembersResponse)
-        return int(found.count)
-
-    async def open_stores(self) -> list[StoreFacts]:
-        stub = organisation_pb2_grpc.OrganisationServiceStub(self.members_peer.channel)
-        out: list[StoreFacts] = []
-        token = ""
-        while True:
-            page = await self._members_call(
-                stub.ListStores,
-                organisation_pb2.ListStoresRequest(
-                    page_size=100, page_token=token, state=organisation_pb2.ORG_UNIT_STATE_OPEN
-                ),
-            )
-            assert isinstance(page, organisation_pb2.ListStoresResponse)
-            for found in page.stores:
-                facts = _store_facts(found)
-                self._stores[facts.store_id] = facts
-                out.append(facts)
-            token = page.next_page_token
-            if not token:
-                return out
-
-    async def store_managers(self, store_id: str) -> list[str]:
-        stub = organisation_pb2_grpc.OrganisationServiceStub(self.members_peer.channel)
-        managers: list[str] = []
-        token = ""
-        while True:
-            page = await self._members_call(
-                stub.ListStaff,
-                organisation_pb2.ListStaffRequest(
-                    page_size=100,
-                    page_token=token,
-                    store_id=store_id,
-                    state=organisation_pb2.STAFF_STATE_ACTIVE,
-                ),
-            )
-            assert isinstance(page, organisation_pb2.ListStaffResponse)
-            managers.extend(
-                staff.staff_id
-                for staff in page.staff
-                if organisation_pb2.STAFF_ROLE_STORE_MANAGER in staff.roles
-                and staff.assignment.level == org_pb2.ORG_LEVEL_STORE
-                and staff.assignment.id == store_id
-            )
-            token = page.next_page_token
-            if not token:
-                return sorted(managers)
-
-    async def open_tasks(
-        self, store_id: str, due_before: dt.datetime, limit: int
-    ) -> tuple[list[F.FollowUpTask], bool]:
-        """The store's open tasks due before ``due_before`` (overdue ones
-        included), at most ``limit``; and whether there were more."""
-        stub = followups_pb2_grpc.FollowUpServiceStub(self.campaigns_peer.channel)
-        tasks: list[F.FollowUpTask] = []
-        token = ""
-        while True:
-            try:
-                page = await stub.ListFollowUpTasks(
-                    F.ListFollowUpTasksRequest(
-                        page_size=TASKS_PAGE,
-                        page_token=token,
-                        store_id=store_id,
-                        due_before=_timestamp(due_before),
-                    ),
-                    metadata=self.campaigns_peer.metadata(),
-                    timeout=CALL_TIMEOUT_SECONDS,
-                )
-            except grpc.aio.AioRpcError as exc:
-                raise passed_on(rich_error(exc), peer="campaigns") from None
-            tasks.extend(page.tasks)
-            token = page.next_page_token
-            if not token:
-                return tasks, False
-            if len(tasks) >= limit:
-                return tasks[:limit], True
-
-    async def segment(self, segment_id: str) -> segments_pb2.Segment | None:
-        stub = segments_pb2_grpc.SegmentsServiceStub(self.campaigns_peer.channel)
-        try:
-            found: segments_pb2.Segment = await stub.GetSegment(
-                segments_pb2.GetSegmentRequest(segment_id=segment_id),
-                metadata=self.campaigns_peer.metadata(),
-                timeout=CALL_TIMEOUT_SECONDS,
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return None
-            raise passed_on(rich_error(exc), peer="campaigns") from None
-        return found
-
-    async def close(self) -> None:
-        await self.members_peer.close()
-        await self.campaigns_peer.close()
-
-
-def _store_facts(found: organisation_pb2.Store) -> StoreFacts:
-    return StoreFacts(
-        store_id=found.store_id,
-        display_name=found.display_name,
-        time_zone=found.time_zone or "UTC",
-        open=found.state != organisation_pb2.ORG_UNIT_STATE_CLOSED,
-    )
+# The zone of a store that names none.
+DEFAULT_TIME_ZONE = "UTC"
 
 
 # --- what the jobs write -----------------------------------------------------------
@@ -444,31 +195,37 @@ class Schedules:
     def __init__(
         self,
         db: Database,
-        directory: Directory,
+        peers: Peers,
         policy: Callable[[], Awaitable[NotifyPolicy]],
         *,
         worker_id: str | None = None,
         page_size: int = PAGE,
     ) -> None:
         self.db = db
-        self.directory = directory
+        self.peers = peers
         self.policy = policy
         self.worker_id = worker_id or f"schedules-{uuid.uuid4()}"
         self.page_size = page_size
+        # The stores' zones are kept for the life of the schedules: a store's
+        # zone rarely changes, and a greeting a day off is the worst a stale
+        # one does.
+        self._zones: dict[str, str] = {}
 
     async def _members(self, ids: Sequence[str]) -> list[members_pb2.Member]:
         gate = asyncio.Semaphore(READS_IN_FLIGHT)
 
         async def read(member_id: str) -> members_pb2.Member | None:
             async with gate:
-                return await self.directory.member(member_id)
+                return await self.peers.members.member(member_id)
 
         found = await asyncio.gather(*(read(m) for m in ids))
         return [m for m in found if m is not None]
 
     async def _zone(self, store_id: str) -> str:
-        facts = await self.directory.store(store_id) if store_id else None
-        return facts.time_zone if facts else "UTC"
+        if store_id not in self._zones:
+            facts = await self.peers.members.store(store_id) if store_id else None
+            self._zones[store_id] = (facts.time_zone if facts else "") or DEFAULT_TIME_ZONE
+        return self._zones[store_id]
 
     async def sweep(
         self,
@@ -516,7 +273,7 @@ class Schedules:
         trace = current_traceparent()
         pages = 0
         while max_pages is None or pages < max_pages:
-            ids, next_token = await self.directory.select_members(
+            ids, next_token = await self.peers.members.select_members(
                 criteria, run.cursor, self.page_size
             )
             members = await self._members(ids)
@@ -586,7 +343,9 @@ class Schedules:
         once per store and week."""
         policy = await self.policy()
         outcomes = []
-        for facts in await self.directory.open_stores():
+        for found in await self.peers.members.open_stores():
+            facts = replace(found, time_zone=found.time_zone or DEFAULT_TIME_ZONE)
+            self._zones[facts.store_id] = facts.time_zone
             due = rules.digest_due(now, facts.time_zone, policy.digest_weekday, policy.digest_time)
             if due is None:
                 continue
@@ -615,9 +374,13 @@ class Schedules:
         if run is None:
             return None
         wanted: list[Wanted] = []
-        managers = await self.directory.store_managers(facts.store_id)
+        managers = sorted(
+            staff.staff_id
+            for staff in await self.peers.members.store_managers(facts.store_id)
+            if staff.store_id == facts.store_id
+        )
         if managers:
-            tasks, more = await self.directory.open_tasks(
+            tasks, more = await self.peers.campaigns.open_tasks(
                 facts.store_id, due.until, MAX_DIGEST_TASKS
             )
             if more:

@@ -114,36 +114,37 @@ async def on_debited(
     await _stored_value(session, triggers.STORED_VALUE_DEBITED, event.movement, envelope)
 
 
-async def on_reported_lost(
-    session: AsyncSession, event: card_events.CardReportedLost, envelope: Envelope
+async def _card(
+    session: AsyncSession,
+    trigger: str,
+    event: card_events.CardReportedLost | card_events.CardFrozen,
+    envelope: Envelope,
+    time_variable: str,
 ) -> None:
+    """A card's member told what happened to it, and when."""
     if event.member_id:
         await notify(
             session,
             envelope,
-            triggers.CARD_REPORTED_LOST,
+            trigger,
             member_id=event.member_id,
             variables={
                 "card_id": event.card_id,
-                "reported_time": instant(event.stamp.time) or envelope.time,
+                time_variable: instant(event.stamp.time) or envelope.time,
             },
         )
+
+
+async def on_reported_lost(
+    session: AsyncSession, event: card_events.CardReportedLost, envelope: Envelope
+) -> None:
+    await _card(session, triggers.CARD_REPORTED_LOST, event, envelope, "reported_time")
 
 
 async def on_frozen(
     session: AsyncSession, event: card_events.CardFrozen, envelope: Envelope
 ) -> None:
-    if event.member_id:
-        await notify(
-            session,
-            envelope,
-            triggers.CARD_FROZEN,
-            member_id=event.member_id,
-            variables={
-                "card_id": event.card_id,
-                "frozen_time": instant(event.stamp.time) or envelope.time,
-            },
-        )
+    await _card(session, triggers.CARD_FROZEN, event, envelope, "frozen_time")
 
 
 # --- loyalty ----------------------------------------------------------------------

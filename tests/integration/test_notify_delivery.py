@@ -345,7 +345,7 @@ async def rig(
                 finally:
                     await db.dispose()
                     await app.state.peers.close()
-                    from services.gateway.notify import close_notify
+                    from services.gateway.notify_client import close_notify
 
                     await close_notify(app)
             # Stop the dispatcher before its outside world goes away.

@@ -37,7 +37,8 @@ from cornucopia.notify.v1 import sends_pb2 as N
 from services.members.server import definition as members_definition
 from services.notify.domain import Category
 from services.notify.domain.policy import NotifyPolicy
-from services.notify.schedules import PeerDirectory, Schedules
+from services.notify.peers import Peers
+from services.notify.schedules import Schedules
 from services.notify.server import definition as notify_definition
 from services.notify.server.sends import SendsWorker, criteria_json, new_send_id
 from services.notify.store import intents, policy, schedules
@@ -97,7 +98,7 @@ class Chain:
 
     suite: Suite
     notify: ServiceRuntime
-    directory: PeerDirectory
+    directory: Peers
 
     @property
     def db(self) -> Database:
@@ -150,7 +151,7 @@ async def open_chain(suite: Suite, database_url: DatabaseFactory) -> Chain:
     )
     await start_campaigns(suite, await database_url("campaigns"))
     notify = await start_notify(suite, await database_url("notify"))
-    directory = PeerDirectory(notify.context.settings)
+    directory = Peers(notify.context.settings)
     return Chain(suite, notify, directory)
 
 

@@ -386,7 +386,7 @@ async def test_opt_outs_by_reply_and_link_reach_the_member_file_and_stop_marketi
         service="gateway", environment="test", var_dir=suite.var_dir, nats_url=suite.nats_url
     )
     app = create_app(settings, members_channel=suite.channels["members"])
-    app.state.notify_templates_channel = suite.channels["notify"]
+    app.state.notify_channel = suite.channels["notify"]
     http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway")
 
     async def coupon(member: str, event_id: str) -> None:

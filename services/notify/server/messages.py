@@ -36,8 +36,9 @@ from services.notify.channels.email import EmailChannel
 from services.notify.channels.post import PostChannel, row, write_csv, write_workbook
 from services.notify.channels.push import PushChannel
 from services.notify.channels.sms import SmsChannel
-from services.notify.contacts import ContactsUnavailable, MembersContacts
+from services.notify.contacts import ContactsUnavailable, Directory
 from services.notify.dispatch import Dispatcher, RateLimiter
+from services.notify.peers import shared_peers
 from services.notify.store import postal
 
 log = get_logger(__name__)
@@ -119,7 +120,7 @@ def message_not_found(message_id: str) -> NotFound:
 
 
 class NotifyServicer(notify_pb2_grpc.NotifyServiceServicer):
-    def __init__(self, ctx: ServiceContext, contacts: MembersContacts) -> None:
+    def __init__(self, ctx: ServiceContext, contacts: Directory) -> None:
         self.db = ctx.db
         self.contacts = contacts
 
@@ -138,10 +139,9 @@ class NotifyServicer(notify_pb2_grpc.NotifyServiceServicer):
         limit = page_size(request.page_size)
         after = _after(request.page_token)
         async with self.db.sessions() as session:
-            if member_id:
-                rows = await store.list_for_member(session, member_id, limit + 1, after)
-            else:
-                rows = await store.list_for_staff(session, staff_id, limit + 1, after)
+            rows = await store.list_for_recipient(
+                session, limit + 1, after, member_id=member_id or None, staff_id=staff_id or None
+            )
         page, more = rows[:limit], len(rows) > limit
         next_token = _next_token(page[-1].created_at, page[-1].message_id) if more else ""
         return notify_pb2.ListMessagesResponse(
@@ -329,20 +329,11 @@ class NotifyServicer(notify_pb2_grpc.NotifyServiceServicer):
 # --- wiring -------------------------------------------------------------
 
 
-def contacts(ctx: ServiceContext) -> MembersContacts:
-    def make() -> MembersContacts:
-        made = MembersContacts(ctx.settings)
-        ctx.on_close(made.close)
-        return made
-
-    return ctx.shared("notify.contacts", make)
-
-
 def channels(ctx: ServiceContext, config: ChannelSettings) -> dict[domain.Channel, Channel]:
     """Every channel: configured ones for real, the others standing in on
     the development channel (said once at start-up)."""
     dev_path = ctx.settings.var_dir / "notify" / "dev-channel.jsonl"
-    directory = contacts(ctx)
+    directory = shared_peers(ctx).members
     call_tasks = CallTaskChannel(ctx.settings)
     ctx.on_close(call_tasks.close)
     made: dict[domain.Channel, Channel] = {
@@ -381,7 +372,7 @@ def dispatcher(ctx: ServiceContext, config: ChannelSettings | None = None) -> Di
     return Dispatcher(
         ctx.db,
         channels(ctx, settings),
-        contacts=contacts(ctx),
+        contacts=shared_peers(ctx).members,
         retry=settings.retry,
         limits={
             domain.Channel(name): RateLimiter(rate, settings.burst.get(name, 1))
@@ -396,7 +387,7 @@ def services(ctx: ServiceContext) -> list[GrpcService]:
     return [
         GrpcService(
             full_name=notify_pb2.DESCRIPTOR.services_by_name["NotifyService"].full_name,
-            servicer=NotifyServicer(ctx, contacts(ctx)),
+            servicer=NotifyServicer(ctx, shared_peers(ctx).members),
             add_to_server=notify_pb2_grpc.add_NotifyServiceServicer_to_server,
         )
     ]

@@ -34,7 +34,8 @@ from services.notify import planner as planning
 from services.notify.domain.messages import Channel
 from services.notify.domain.optouts import BadLink, Scope, Source, is_optout_reply
 from services.notify.links import Links
-from services.notify.server.templates import CHANNELS_PROTO, channel_of, links, members_client
+from services.notify.peers import shared_peers
+from services.notify.server.templates import CHANNELS_PROTO, channel_of, links
 from services.notify.store import optouts
 from services.notify.store import policy as policy_store
 
@@ -248,7 +249,7 @@ def services(ctx: ServiceContext) -> list[GrpcService]:
     return [
         GrpcService(
             full_name=preferences_pb2.DESCRIPTOR.services_by_name["PreferencesService"].full_name,
-            servicer=PreferencesServicer(ctx, members_client(ctx), links(ctx)),
+            servicer=PreferencesServicer(ctx, shared_peers(ctx).members, links(ctx)),
             add_to_server=preferences_pb2_grpc.add_PreferencesServiceServicer_to_server,
         )
     ]

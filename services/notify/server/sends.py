@@ -39,7 +39,8 @@ from cornucopia.notify.v1 import notify_pb2, sends_pb2_grpc
 from cornucopia.notify.v1 import sends_pb2 as pb
 from services.notify import domain
 from services.notify.domain.policy import NotifyPolicy
-from services.notify.schedules import Directory, PeerDirectory, Schedules, ScheduleWorker
+from services.notify.peers import Peers, shared_peers
+from services.notify.schedules import Schedules, ScheduleWorker
 from services.notify.store import intents
 from services.notify.store import sends as store
 from services.notify.store.policy import load_policy
@@ -216,9 +217,9 @@ class NewSend:
 
 
 class SendsServicer(sends_pb2_grpc.SendsServiceServicer):
-    def __init__(self, ctx: ServiceContext, directory: Directory) -> None:
+    def __init__(self, ctx: ServiceContext, peers: Peers) -> None:
         self.db = ctx.db
-        self.directory = directory
+        self.peers = peers
 
     async def CreateSend(self, request: pb.CreateSendRequest, context: Context) -> pb.Send:
         principal = current_principal()
@@ -230,12 +231,12 @@ class SendsServicer(sends_pb2_grpc.SendsServiceServicer):
         segment_version = 0
         audience = len(new.member_ids)
         if new.segment_id:
-            segment = await self.directory.segment(new.segment_id)
+            segment = await self.peers.campaigns.segment(new.segment_id)
             if segment is None:
                 raise _segment_not_found(new.segment_id)
             criteria = criteria_json(segment.criteria)
             segment_version = segment.version
-            audience = await self.directory.count_members(segment.criteria)
+            audience = await self.peers.members.count_members(segment.criteria)
         trace = current_traceparent()
 
         async def create(session: AsyncSession) -> pb.Send:
@@ -451,7 +452,7 @@ class SendsWorker:
     def __init__(
         self,
         db: Database,
-        directory: Directory,
+        peers: Peers,
         *,
         worker_id: str | None = None,
         poll_interval: float | None = None,
@@ -459,7 +460,7 @@ class SendsWorker:
         select_page: int = SELECT_PAGE,
     ) -> None:
         self.db = db
-        self.directory = directory
+        self.peers = peers
         self.worker_id = worker_id or f"sends-{uuid.uuid4()}"
         self.poll_interval = poll_interval or float(
             os.environ.get("NOTIFY_SENDS_POLL_SECONDS", DEFAULT_POLL_SECONDS)
@@ -511,7 +512,7 @@ class SendsWorker:
         while send is not None and (max_batches is None or batches < max_batches):
             if send.selecting:
                 assert send.criteria is not None
-                ids, cursor = await self.directory.select_members(
+                ids, cursor = await self.peers.members.select_members(
                     criteria_of(send.criteria), send.cursor, self.select_page
                 )
                 done = not cursor
@@ -577,20 +578,11 @@ async def _notify(session: AsyncSession, send: SendRecord, member_id: str, now: 
 # --- wiring --------------------------------------------------------------------------
 
 
-def directory(ctx: ServiceContext) -> PeerDirectory:
-    def make() -> PeerDirectory:
-        made = PeerDirectory(ctx.settings)
-        ctx.on_close(made.close)
-        return made
-
-    return ctx.shared("notify.sends.directory", make)
-
-
 def services(ctx: ServiceContext) -> list[GrpcService]:
     return [
         GrpcService(
             full_name=pb.DESCRIPTOR.services_by_name["SendsService"].full_name,
-            servicer=SendsServicer(ctx, directory(ctx)),
+            servicer=SendsServicer(ctx, shared_peers(ctx)),
             add_to_server=sends_pb2_grpc.add_SendsServiceServicer_to_server,
         )
     ]
@@ -601,8 +593,8 @@ def schedules(ctx: ServiceContext) -> Schedules:
         async with ctx.db.sessions() as session:
             return await load_policy(session)
 
-    return Schedules(ctx.db, directory(ctx), policy)
+    return Schedules(ctx.db, shared_peers(ctx), policy)
 
 
 def workers(ctx: ServiceContext) -> Sequence[Callable[[], Awaitable[None]]]:
-    return [SendsWorker(ctx.db, directory(ctx)).run, ScheduleWorker(schedules(ctx)).run]
+    return [SendsWorker(ctx.db, shared_peers(ctx)).run, ScheduleWorker(schedules(ctx)).run]

@@ -31,6 +31,7 @@ from services.notify.domain import templates, triggers
 from services.notify.domain.messages import LOCALES, Category, Channel
 from services.notify.domain.policy import NotifyPolicy, QuietHours, parse_time_of_day
 from services.notify.links import Links
+from services.notify.peers import shared_peers
 from services.notify.store import policy as policy_store
 from services.notify.store import templates as template_store
 
@@ -500,15 +501,6 @@ class TemplatesServicer(templates_pb2_grpc.TemplatesServiceServicer):
 # --- wiring -------------------------------------------------------------------
 
 
-def members_client(ctx: ServiceContext) -> planning.MembersClient:
-    def make() -> planning.MembersClient:
-        client = planning.MembersClient(ctx.settings)
-        ctx.on_close(client.close)
-        return client
-
-    return ctx.shared("notify.planner.members", make)
-
-
 def links(ctx: ServiceContext) -> Links:
     return ctx.shared("notify.links", lambda: Links.from_env(ctx.settings))
 
@@ -516,7 +508,7 @@ def links(ctx: ServiceContext) -> Links:
 def planner(ctx: ServiceContext) -> planning.Planner:
     return ctx.shared(
         "notify.planner",
-        lambda: planning.Planner(ctx.db, members_client(ctx), links(ctx)),
+        lambda: planning.Planner(ctx.db, shared_peers(ctx).members, links(ctx)),
     )
 
 
@@ -524,7 +516,7 @@ def services(ctx: ServiceContext) -> list[GrpcService]:
     return [
         GrpcService(
             full_name=templates_pb2.DESCRIPTOR.services_by_name["TemplatesService"].full_name,
-            servicer=TemplatesServicer(ctx, members_client(ctx)),
+            servicer=TemplatesServicer(ctx, shared_peers(ctx).members),
             add_to_server=templates_pb2_grpc.add_TemplatesServiceServicer_to_server,
         )
     ]

@@ -514,29 +514,18 @@ async def release_claims(session: AsyncSession, token: str, message_ids: Sequenc
     )
 
 
-async def list_for_member(
-    session: AsyncSession, member_id: str, limit: int, after: tuple[dt.datetime, str] | None
+async def list_for_recipient(
+    session: AsyncSession,
+    limit: int,
+    after: tuple[dt.datetime, str] | None,
+    *,
+    member_id: str | None = None,
+    staff_id: str | None = None,
 ) -> list[MessageRecord]:
-    query = newest_first(
-        sa.select(messages).where(messages.c.member_id == member_id),
-        messages.c.created_at,
-        messages.c.message_id,
-        after,
-        limit,
-    )
-    return [_record(r) for r in await session.execute(query)]
-
-
-async def list_for_staff(
-    session: AsyncSession, staff_id: str, limit: int, after: tuple[dt.datetime, str] | None
-) -> list[MessageRecord]:
-    query = newest_first(
-        sa.select(messages).where(messages.c.staff_id == staff_id),
-        messages.c.created_at,
-        messages.c.message_id,
-        after,
-        limit,
-    )
+    """The messages to a member, or else to a staff member, newest first."""
+    c = messages.c
+    whose = c.member_id == member_id if member_id is not None else c.staff_id == staff_id
+    query = newest_first(sa.select(messages).where(whose), c.created_at, c.message_id, after, limit)
     return [_record(r) for r in await session.execute(query)]
 
 

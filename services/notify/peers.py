@@ -1,0 +1,387 @@
+"""What notify asks other services, with a service token of its own: members
+(member files, stores, staff; a consent withdrawn when a member opts out)
+and campaigns (follow-up tasks for the weekly digest, segments for direct
+sends). One ``Peers`` per process, made by the server wiring and closed when
+the service stops.
+
+Members answers notify in clear. Nothing personal is kept but the contacts
+of the dispatcher's short cache (a burst of messages to one member asks
+once), in memory only; nothing of them is logged.
+
+A refusal a peer meant for notify is passed on as it is; a peer that does
+not answer is UNAVAILABLE (``chassis.grpcclient.Peer.call``)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+
+from chassis.config import Settings
+from chassis.errors import InvalidArgument, ServiceError
+from chassis.grpcclient import Peer
+from chassis.service import ServiceContext
+from cornucopia.campaigns.v1 import (
+    followups_pb2,
+    followups_pb2_grpc,
+    segments_pb2,
+    segments_pb2_grpc,
+)
+from cornucopia.common.v1 import org_pb2
+from cornucopia.members.v1 import (
+    members_pb2,
+    members_pb2_grpc,
+    organisation_pb2,
+    organisation_pb2_grpc,
+)
+from services.notify.contacts import Contact, ContactsUnavailable, contact_of
+from services.notify.domain.messages import Channel
+from services.notify.store.messages import timestamp
+
+SUBJECT = "notify"
+# Members and staff read a page at a time.
+PAGE = 100
+# How long, and for how many members, the dispatcher's contacts are kept.
+CACHE_SECONDS = 60.0
+CACHE_ENTRIES = 10_000
+
+CONTACT_CHANNELS: dict[int, Channel] = {
+    members_pb2.CONTACT_CHANNEL_SMS: Channel.SMS,
+    members_pb2.CONTACT_CHANNEL_EMAIL: Channel.EMAIL,
+    members_pb2.CONTACT_CHANNEL_APP: Channel.PUSH,
+    members_pb2.CONTACT_CHANNEL_POST: Channel.POST,
+    members_pb2.CONTACT_CHANNEL_PHONE: Channel.CALL_TASK,
+}
+CONTACT_CHANNELS_OF = {channel: contact for contact, channel in CONTACT_CHANNELS.items()}
+
+
+def _peer(settings: Settings, name: str, *services: ServiceDescriptor) -> Peer:
+    """The channel to the peer service ``name``, with notify's own token."""
+    return Peer(
+        settings.peer(name),
+        services,
+        token_secret=settings.token_secret,
+        subject=SUBJECT,
+        name=name,
+    )
+
+
+class _Page(Protocol):
+    @property
+    def next_page_token(self) -> str: ...
+
+
+Q = TypeVar("Q")
+P = TypeVar("P", bound=_Page)
+
+
+async def pages(
+    peer: Peer, method: grpc.aio.UnaryUnaryMultiCallable[Q, P], request: Callable[[str], Q]
+) -> AsyncGenerator[P, None]:
+    """Every page of a listing, from the first; ``request`` asks for the
+    page of a page token."""
+    token = ""
+    while True:
+        page = await peer.call(method, request(token))
+        yield page
+        token = page.next_page_token
+        if not token:
+            return
+
+
+@dataclass(frozen=True)
+class StoreFacts:
+    store_id: str
+    display_name: str
+    # As the store says; "" when it says none.
+    time_zone: str
+    open: bool = True
+
+
+@dataclass(frozen=True)
+class StaffFacts:
+    staff_id: str
+    display_name: str
+    # The store they work at; "" for HQ and region staff.
+    store_id: str
+    active: bool
+    manager: bool
+
+
+def store_facts(found: organisation_pb2.Store) -> StoreFacts:
+    return StoreFacts(
+        store_id=found.store_id,
+        display_name=found.display_name,
+        time_zone=found.time_zone,
+        open=found.state != organisation_pb2.ORG_UNIT_STATE_CLOSED,
+    )
+
+
+def staff_facts(staff: organisation_pb2.StaffMember) -> StaffFacts:
+    at_store = staff.assignment.level == org_pb2.ORG_LEVEL_STORE
+    return StaffFacts(
+        staff_id=staff.staff_id,
+        display_name=staff.display_name,
+        store_id=staff.assignment.id if at_store else "",
+        active=staff.state != organisation_pb2.STAFF_STATE_LEFT,
+        manager=organisation_pb2.STAFF_ROLE_STORE_MANAGER in staff.roles,
+    )
+
+
+class MembersPeer:
+    """notify's channel to members: notify reads files, stores and staff as
+    a service, and withdraws consent on a member's behalf when they opt
+    out."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        contact_ttl_seconds: float = CACHE_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.peer = _peer(
+            settings,
+            "members",
+            members_pb2.DESCRIPTOR.services_by_name["MembersService"],
+            organisation_pb2.DESCRIPTOR.services_by_name["OrganisationService"],
+        )
+        self.contact_ttl = contact_ttl_seconds
+        self._clock = clock
+        self._contacts: OrderedDict[str, tuple[float, Contact | None]] = OrderedDict()
+        self._inflight: dict[str, asyncio.Future[Contact | None]] = {}
+
+    @property
+    def _members(self) -> members_pb2_grpc.MembersServiceAsyncStub:
+        return members_pb2_grpc.MembersServiceStub(self.peer.channel)  # type: ignore[return-value]
+
+    @property
+    def _organisation(self) -> organisation_pb2_grpc.OrganisationServiceAsyncStub:
+        return organisation_pb2_grpc.OrganisationServiceStub(self.peer.channel)  # type: ignore[return-value]
+
+    # -- member files -------------------------------------------------------------------
+
+    async def member(self, member_id: str) -> members_pb2.Member | None:
+        return await self.peer.call(
+            self._members.GetMember,
+            members_pb2.GetMemberRequest(member_id=member_id),
+            missing_ok=True,
+        )
+
+    async def lookup_mobile(self, mobile: str) -> members_pb2.Member | None:
+        try:
+            return await self.peer.call(
+                self._members.LookupMember,
+                members_pb2.LookupMemberRequest(mobile=mobile),
+                missing_ok=True,
+            )
+        except InvalidArgument:
+            # A number members cannot parse is no member's either.
+            return None
+
+    async def withdraw_consent(self, member_id: str, channel: Channel, source: str) -> None:
+        contact = CONTACT_CHANNELS_OF.get(channel)
+        if contact is None:
+            return
+        await self.peer.call(
+            self._members.UpdateConsent,
+            members_pb2.UpdateConsentRequest(
+                member_id=member_id,
+                channel=contact,  # type: ignore[arg-type]
+                granted=False,
+                source=source,
+            ),
+        )
+
+    async def select_members(
+        self, criteria: members_pb2.MemberCriteria, page_token: str, page_size: int
+    ) -> tuple[list[str], str]:
+        found = await self.peer.call(
+            self._members.SelectMembers,
+            members_pb2.SelectMembersRequest(
+                criteria=criteria, page_token=page_token, page_size=page_size
+            ),
+        )
+        return list(found.member_ids), str(found.next_page_token)
+
+    async def count_members(self, criteria: members_pb2.MemberCriteria) -> int:
+        found = await self.peer.call(
+            self._members.CountMembers, members_pb2.CountMembersRequest(criteria=criteria)
+        )
+        return int(found.count)
+
+    # -- addresses, for the dispatcher ---------------------------------------------------
+
+    async def contact(self, member_id: str, *, fresh: bool = False) -> Contact | None:
+        """The member's contact, None when members knows no such member (or
+        they were erased or merged); ``fresh`` asks members even when a
+        recent answer is cached. Raises ContactsUnavailable when members
+        does not answer."""
+        now = self._clock()
+        cached = self._contacts.get(member_id)
+        if not fresh and cached is not None and now - cached[0] < self.contact_ttl:
+            return cached[1]
+        # Concurrent sends to one member ask once.
+        waiting = self._inflight.get(member_id)
+        if waiting is not None:
+            return await asyncio.shield(waiting)
+        future: asyncio.Future[Contact | None] = asyncio.get_running_loop().create_future()
+        self._inflight[member_id] = future
+        try:
+            found = await self._ask_contact(member_id)
+        except BaseException as exc:
+            # Those waiting on this lookup try again later; a cancelled
+            # lookup is not their cancellation.
+            failure = exc if isinstance(exc, Exception) else ContactsUnavailable("lookup stopped")
+            future.set_exception(failure)
+            # Nobody else may be waiting: keep the loop from warning.
+            future.exception()
+            raise
+        finally:
+            self._inflight.pop(member_id, None)
+        future.set_result(found)
+        self._contacts[member_id] = (self._clock(), found)
+        self._contacts.move_to_end(member_id)
+        while len(self._contacts) > CACHE_ENTRIES:
+            self._contacts.popitem(last=False)
+        return found
+
+    async def _ask_contact(self, member_id: str) -> Contact | None:
+        try:
+            member = await self.member(member_id)
+        except ServiceError as error:
+            raise ContactsUnavailable(error.message) from None
+        if member is None or member.state in (
+            members_pb2.MEMBER_STATE_ERASED,
+            members_pb2.MEMBER_STATE_MERGED,
+        ):
+            return None
+        return contact_of(member)
+
+    # -- stores and staff ----------------------------------------------------------------
+
+    async def store(self, store_id: str) -> StoreFacts | None:
+        found = await self.peer.call(
+            self._organisation.GetStore,
+            organisation_pb2.GetStoreRequest(store_id=store_id),
+            missing_ok=True,
+        )
+        return store_facts(found) if found is not None else None
+
+    async def open_stores(self) -> list[StoreFacts]:
+        listing = pages(
+            self.peer,
+            self._organisation.ListStores,
+            lambda token: organisation_pb2.ListStoresRequest(
+                page_size=PAGE, page_token=token, state=organisation_pb2.ORG_UNIT_STATE_OPEN
+            ),
+        )
+        return [store_facts(found) async for page in listing for found in page.stores]
+
+    async def staff(self, staff_id: str) -> StaffFacts | None:
+        found = await self.peer.call(
+            self._organisation.GetStaffMember,
+            organisation_pb2.GetStaffMemberRequest(staff_id=staff_id),
+            missing_ok=True,
+        )
+        return staff_facts(found) if found is not None else None
+
+    async def store_managers(self, store_id: str) -> list[StaffFacts]:
+        """The active store managers members lists for the store."""
+        listing = pages(
+            self.peer,
+            self._organisation.ListStaff,
+            lambda token: organisation_pb2.ListStaffRequest(
+                store_id=store_id,
+                state=organisation_pb2.STAFF_STATE_ACTIVE,
+                page_size=PAGE,
+                page_token=token,
+            ),
+        )
+        staff = [staff_facts(found) async for page in listing for found in page.staff]
+        return [f for f in staff if f.manager and f.active]
+
+    async def close(self) -> None:
+        await self.peer.close()
+
+
+class CampaignsPeer:
+    """notify's channel to campaigns: the follow-up tasks of the weekly
+    digest, and the segments of direct sends."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.peer = _peer(
+            settings,
+            "campaigns",
+            followups_pb2.DESCRIPTOR.services_by_name["FollowUpService"],
+            segments_pb2.DESCRIPTOR.services_by_name["SegmentsService"],
+        )
+
+    async def open_tasks(
+        self, store_id: str, due_before: dt.datetime, limit: int
+    ) -> tuple[list[followups_pb2.FollowUpTask], bool]:
+        """The store's open tasks due before ``due_before`` (overdue ones
+        included), at most ``limit``; and whether there were more."""
+        stub: followups_pb2_grpc.FollowUpServiceAsyncStub = (
+            followups_pb2_grpc.FollowUpServiceStub(self.peer.channel)  # type: ignore[assignment]
+        )
+        tasks: list[followups_pb2.FollowUpTask] = []
+        listing = pages(
+            self.peer,
+            stub.ListFollowUpTasks,
+            lambda token: followups_pb2.ListFollowUpTasksRequest(
+                page_size=PAGE,
+                page_token=token,
+                store_id=store_id,
+                due_before=timestamp(due_before),
+            ),
+        )
+        async with aclosing(listing):
+            async for page in listing:
+                tasks.extend(page.tasks)
+                if page.next_page_token and len(tasks) >= limit:
+                    return tasks[:limit], True
+        return tasks, False
+
+    async def segment(self, segment_id: str) -> segments_pb2.Segment | None:
+        stub: segments_pb2_grpc.SegmentsServiceAsyncStub = (
+            segments_pb2_grpc.SegmentsServiceStub(self.peer.channel)  # type: ignore[assignment]
+        )
+        return await self.peer.call(
+            stub.GetSegment, segments_pb2.GetSegmentRequest(segment_id=segment_id), missing_ok=True
+        )
+
+    async def close(self) -> None:
+        await self.peer.close()
+
+
+class Peers:
+    """notify's peers, one of each per process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.members = MembersPeer(settings)
+        self.campaigns = CampaignsPeer(settings)
+
+    async def close(self) -> None:
+        await self.members.close()
+        await self.campaigns.close()
+
+
+def shared_peers(ctx: ServiceContext) -> Peers:
+    """The service's peers: made on first ask, shared by its servicers and
+    workers, and closed when it stops."""
+
+    def make() -> Peers:
+        made = Peers(ctx.settings)
+        ctx.on_close(made.close)
+        return made
+
+    return ctx.shared("notify.peers", make)
