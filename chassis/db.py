@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import AsyncIterator, Callable
+import time
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -23,9 +25,21 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import Session
-from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.pool import ConnectionPoolEntry, Pool, PoolProxiedConnection
 
 from chassis.errors import Unavailable
+
+T = TypeVar("T")
+
+# PostgreSQL's pool: as many connections kept as a busy service uses at once
+# (connections made beyond the pool are closed when given back, and each new
+# one is a new backend with cold caches), and some room beyond that.
+POOL_SIZE = 16
+MAX_OVERFLOW = 16
+# A pooled connection idle longer than this is pinged (a round trip) before
+# it is handed out; one in steady use is only checked for a closed socket.
+PING_AFTER_IDLE_SECONDS = 10.0
+_CHECKED_IN = "cornucopia_checked_in"
 
 
 def utcnow() -> dt.datetime:
@@ -143,9 +157,11 @@ class Database:
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
         else:
-            kwargs.update(pool_size=10, max_overflow=10, pool_pre_ping=True)
+            kwargs.update(pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW)
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
         self._write_lock: asyncio.Lock | None = None
+        if self.dialect != "sqlite":
+            _ping_when_idle(self.engine)
         if self.dialect == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
             event.listen(self.engine.sync_engine, "begin", _sqlite_begin)
@@ -209,6 +225,87 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+
+
+def _ping_when_idle(engine: AsyncEngine) -> None:
+    """Instead of ``pool_pre_ping`` (a BEGIN, a ping and a ROLLBACK each time a
+    session takes a connection): a connection whose socket was closed (the
+    server restarted, the backend was terminated) is replaced at once, and
+    one that sat in the pool for PING_AFTER_IDLE_SECONDS is pinged first.
+    A connection that dies while in use fails its statement, as it would
+    with pre-ping; SQLAlchemy then throws away the pool's older connections."""
+    dialect = engine.sync_engine.dialect
+
+    def checkin(_dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        record.info[_CHECKED_IN] = time.monotonic()
+
+    def checkout(
+        dbapi_connection: Any, record: ConnectionPoolEntry, _proxy: PoolProxiedConnection
+    ) -> None:
+        driver_connection = getattr(dbapi_connection, "driver_connection", None)
+        is_closed = getattr(driver_connection, "is_closed", None)
+        if is_closed is not None and is_closed():
+            raise DisconnectionError("the connection was closed")
+        idle_since = record.info.get(_CHECKED_IN)
+        if idle_since is None or time.monotonic() - idle_since < PING_AFTER_IDLE_SECONDS:
+            return
+        try:
+            dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            raise DisconnectionError("the connection did not answer a ping") from exc
+
+    event.listen(engine.sync_engine.pool, "checkin", checkin)
+    event.listen(engine.sync_engine.pool, "checkout", checkout)
+
+
+class Memo(Generic[T]):
+    """A value read on every request and changed seldom (a policy document,
+    a ladder), kept per database for ``ttl`` seconds instead of read and
+    parsed each time. A change made through this process is seen at once
+    (its writer calls ``forget``), one made by another replica within
+    ``ttl``."""
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        # Keyed by the database's connection pool: one per Database, shared
+        # by its read and write sessions.
+        self._values: weakref.WeakKeyDictionary[Pool, tuple[float, T]] = weakref.WeakKeyDictionary()
+
+    async def get(self, session: AsyncSession, load: Callable[[], Awaitable[T]]) -> T:
+        pool = session.get_bind().pool  # type: ignore[union-attr]
+        kept = self._values.get(pool)
+        now = time.monotonic()
+        if kept is not None and kept[0] > now:
+            return kept[1]
+        value = await load()
+        self._values[pool] = (now + self.ttl, value)
+        return value
+
+    def forget(self) -> None:
+        self._values.clear()
+
+
+class RowByKey:
+    """``SELECT * FROM table WHERE key = :key`` (``... FOR UPDATE`` when
+    locking), built once: a statement built afresh on every call costs its
+    construction and its cache key each time (most of what SQLAlchemy spends
+    on a primary-key read)."""
+
+    def __init__(self, table: sa.Table, *columns: str) -> None:
+        self._names = tuple(f"key_{name}" for name in columns)
+        pairs = zip(columns, self._names, strict=True)
+        plain = sa.select(table).where(*(table.c[name] == sa.bindparam(key) for name, key in pairs))
+        self._plain = plain
+        self._locked = plain.with_for_update()
+
+    async def first(
+        self, session: AsyncSession, *values: Any, for_update: bool = False
+    ) -> sa.Row[Any] | None:
+        """The row with these key values (in the columns' order), or None."""
+        result = await session.execute(
+            self._locked if for_update else self._plain, dict(zip(self._names, values, strict=True))
+        )
+        return result.first()
 
 
 def _is_unavailable(exc: DBAPIError) -> bool:

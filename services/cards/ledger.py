@@ -12,6 +12,7 @@ enterprise batches, the hold expiry worker and card cancellation.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from dataclasses import dataclass
 
@@ -298,34 +299,31 @@ async def hold(
         reference=reference,
         hold_id=rules.new_hold_id(),
     )
-    if not replayed:
-        now = request.stamp.at
-        await store.insert_hold(
-            session,
-            HoldRecord(
-                hold_id=movement.hold_id,
-                account_id=card.account_id,
-                card_id=card.card_id,
-                state=HoldState.HELD,
-                currency=movement.currency,
-                funds=-movement.change,
-                captured=Funds(),
-                reference=reference,
-                local_day=day,
-                expires_at=now + ttl,
-                hold_movement_id=movement.movement_id,
-                capture_movement_id="",
-                principal=request.stamp.principal,
-                store_id=request.stamp.store_id,
-                held_at=now,
-                finished_at=None,
-            ),
-        )
-        await events.stored_value_moved(
-            session, movement, card, request.stamp, expire_time=now + ttl
-        )
-    held = await store.get_hold(session, movement.hold_id)
-    assert held is not None  # written with its movement
+    if replayed:
+        found = await store.get_hold(session, movement.hold_id)
+        assert found is not None  # written with its movement
+        return found
+    now = request.stamp.at
+    held = HoldRecord(
+        hold_id=movement.hold_id,
+        account_id=card.account_id,
+        card_id=card.card_id,
+        state=HoldState.HELD,
+        currency=movement.currency,
+        funds=-movement.change,
+        captured=Funds(),
+        reference=reference,
+        local_day=day,
+        expires_at=now + ttl,
+        hold_movement_id=movement.movement_id,
+        capture_movement_id="",
+        principal=request.stamp.principal,
+        store_id=request.stamp.store_id,
+        held_at=now,
+        finished_at=None,
+    )
+    await store.insert_hold(session, held)
+    await events.stored_value_moved(session, movement, card, request.stamp, expire_time=now + ttl)
     return held
 
 
@@ -444,9 +442,13 @@ async def capture(
         captured=take,
         capture_movement_id=movement.movement_id,
     )
-    done = await store.get_hold(session, held.hold_id)
-    assert done is not None
-    return done
+    return dataclasses.replace(
+        held,
+        state=HoldState.CAPTURED,
+        captured=take,
+        capture_movement_id=movement.movement_id,
+        finished_at=request.stamp.at,
+    )
 
 
 async def void(

@@ -61,6 +61,30 @@ async def try_pin(
     return {"refused": "PIN_INCORRECT", "tries_left": pins.MAX_WRONG_TRIES - after.wrong_tries}
 
 
+async def check_payment_pin_in(
+    session: AsyncSession, card: CardRecord, pin: str, now: dt.datetime
+) -> FailedPrecondition | None:
+    """``check_payment_pin`` inside the payment's own unit of work, with
+    the card as read in it: refuses at once what writes nothing
+    (PIN_REQUIRED, a card that is not active), and returns a wrong PIN's
+    refusal for the caller to raise once the try is committed (the
+    payment then writes nothing else)."""
+    domain.require_active(card.state, card.card_id, Action.SET_PIN)
+    if card.pin_hash is None:
+        return None
+    if not pin:
+        raise FailedPrecondition(
+            "this card pays only with its PIN",
+            reason="PIN_REQUIRED",
+            metadata={"card_id": card.card_id},
+        )
+    # Locked, so that concurrent wrong tries all count.
+    locked = await store.get_card(session, card.card_id, for_update=True)
+    assert locked is not None  # cards are never deleted
+    outcome = await try_pin(session, locked, pin, now)
+    return pin_refusal(outcome, card.card_id) if outcome else None
+
+
 async def check_payment_pin(
     db: Database, card_id: str, pin: str, now: dt.datetime, *, required: bool = False
 ) -> None:

@@ -45,6 +45,10 @@ if TYPE_CHECKING:
 
 SUBJECT = "loyalty"
 CALL_TIMEOUT_SECONDS = 5.0
+# Cards' ResolveCard, HoldStoredValue and CaptureHold send the card's
+# available stored value after the call in this trailing metadata key, so
+# that a receipt needs no GetBalance.
+AVAILABLE_KEY = "cornucopia-available-minor-units"
 R = TypeVar("R", bound=Message)
 
 
@@ -59,12 +63,34 @@ class ResolvedCard:
     refusal_reason: str = ""
     discount_bps: int = 0
     stored_value: bool = False
+    # The card's available stored value when it was resolved (None: cards
+    # did not say).
+    stored_value_available: int | None = None
 
 
 @dataclass(frozen=True)
 class HeldValue:
     hold_id: str
     state: str
+
+
+@dataclass(frozen=True)
+class Captured:
+    movement_id: str
+    # The card's available stored value after the capture (None: cards did
+    # not say).
+    available_after: int | None
+
+
+async def _available_after(call: grpc.aio.UnaryUnaryCall) -> int | None:  # type: ignore[type-arg]
+    """The available stored value cards sent with its answer, if it did."""
+    for key, value in await call.trailing_metadata() or ():
+        if key == AVAILABLE_KEY:
+            try:
+                return int(value)
+            except (TypeError, ValueError):
+                return None
+    return None
 
 
 @dataclass(frozen=True)
@@ -162,16 +188,15 @@ class CardsClient:
         return True
 
     async def resolve(self, *, card_number: str, mobile: str, member_id: str) -> ResolvedCard:
+        call = self._cards.ResolveCard(
+            cards_pb2.ResolveCardRequest(
+                card_number=card_number, mobile=mobile, member_id=member_id
+            ),
+            metadata=self.peer.metadata(),
+            timeout=CALL_TIMEOUT_SECONDS,
+        )
         try:
-            found = await self._call(
-                self._cards.ResolveCard(
-                    cards_pb2.ResolveCardRequest(
-                        card_number=card_number, mobile=mobile, member_id=member_id
-                    ),
-                    metadata=self.peer.metadata(),
-                    timeout=CALL_TIMEOUT_SECONDS,
-                )
-            )
+            found = await self._call(call)
         except ServiceError as error:
             # A member without a card still earns points.
             if error.reason == "MEMBER_HAS_NO_CARD" and error.metadata.get("member_id"):
@@ -185,6 +210,7 @@ class CardsClient:
             refusal_reason=found.refusal_reason,
             discount_bps=found.member_discount_bps,
             stored_value=found.stored_value,
+            stored_value_available=await _available_after(call),
         )
 
     async def available(self, card_id: str) -> int:
@@ -225,16 +251,27 @@ class CardsClient:
         )
         return HeldValue(held.hold_id, stored_value_pb2.HoldState.Name(held.state))
 
-    async def capture(self, *, request_id: str, hold_id: str) -> str:
-        """Captures the whole hold; returns the capture's movement id."""
+    async def capture(self, *, request_id: str, hold_id: str) -> Captured:
+        """Captures the whole hold; returns the capture's movement id and
+        what the card has left."""
+        call = self._sv.CaptureHold(
+            stored_value_pb2.CaptureHoldRequest(request_id=request_id, hold_id=hold_id),
+            metadata=self.peer.metadata(),
+            timeout=CALL_TIMEOUT_SECONDS,
+        )
+        held = await self._call(call)
+        return Captured(str(held.capture_movement_id), await _available_after(call))
+
+    async def hold_captured(self, hold_id: str) -> bool:
+        """Whether cards captured the hold."""
         held = await self._call(
-            self._sv.CaptureHold(
-                stored_value_pb2.CaptureHoldRequest(request_id=request_id, hold_id=hold_id),
+            self._sv.GetHold(
+                stored_value_pb2.GetHoldRequest(hold_id=hold_id),
                 metadata=self.peer.metadata(),
                 timeout=CALL_TIMEOUT_SECONDS,
             )
         )
-        return str(held.capture_movement_id)
+        return bool(held.state == stored_value_pb2.HOLD_STATE_CAPTURED)
 
     async def void(self, *, request_id: str, hold_id: str, reason: str) -> None:
         await self._call(

@@ -207,17 +207,25 @@ def _closed(member_id: str, account: AccountRecord | None) -> FailedPrecondition
 async def _target(session: AsyncSession, member_id: str) -> tuple[str, bool]:
     """The member a checkout's call is for (a merged id stands for its
     survivor) and whether that member was erased."""
-    target = await members.survivor_of(session, member_id)
+    # members.survivor_of, keeping the last member read (the survivor).
+    target = member_id
     known = await members.get_member(session, target)
+    for _ in range(5):
+        if known is None or known.status != MemberStatus.MERGED or not known.merged_into:
+            break
+        target = known.merged_into
+        known = await members.get_member(session, target)
     return target, bool(known and known.status == MemberStatus.ERASED)
 
 
 async def _locked(
     session: AsyncSession, member_id: str, now: dt.datetime, *, create: bool
 ) -> AccountRecord | None:
-    if create:
+    account = await store.get_account(session, member_id, for_update=True)
+    if account is None and create:
         await store.open_account(session, member_id, now)
-    return await store.get_account(session, member_id, for_update=True)
+        account = await store.get_account(session, member_id, for_update=True)
+    return account
 
 
 async def _locked_pair(
@@ -424,7 +432,7 @@ async def _spent_event(
 
 async def policy(session: AsyncSession) -> PointsPolicy:
     """The chain's points policy (the defaults until HQ sets one)."""
-    return (await store.get_policy(session)).policy
+    return (await store.current_policy(session)).policy
 
 
 async def available(session: AsyncSession, member_id: str, *, at: dt.datetime | None = None) -> int:

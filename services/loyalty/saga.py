@@ -11,6 +11,17 @@ Before SV_CAPTURED a failure undoes what was done (the stored-value hold
 voided, the points hold released) and the checkout is ABORTED: the same
 checkout may be sent again. From SV_CAPTURED on it can only be completed.
 
+Steps that touch nothing outside this database share a transaction: the
+plan, the points hold and SV_HOLDING are written together (or, when no
+stored value pays, the plan, the points hold and SV_CAPTURED); the capture
+is recorded with the sale, in the commit's transaction (unless coupons are
+redeemed, which needs the sale's id written down first). So the log says
+SV_HELD from the hold until the sale is recorded, and before undoing a
+checkout at SV_HELD its driver or the recovery asks cards whether the hold
+was captured: if it was, the checkout is completed (the capture asked
+again returns the one made). Every call to cards is preceded by the log
+entry that lets recovery undo or complete it.
+
 Every call to cards carries the checkout id, its attempt and the step as
 its request id, so a repeated call returns the first answer. The PIN is
 never written down: a recovery that must find out whether a hold was made
@@ -28,8 +39,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -72,6 +85,7 @@ from services.loyalty.store import sales as store
 from services.loyalty.store.sales import CheckoutLog, RefundLog, SaleRecord, SaleState
 
 log = get_logger(__name__)
+T = TypeVar("T")
 
 # How long the driver of a saga holds it before recovery may take over: a
 # checkout's calls finish well within it.
@@ -80,7 +94,20 @@ LEASE = dt.timedelta(seconds=30)
 HOLD_TTL = dt.timedelta(minutes=15)
 # What checkout keeps of stores and members is refreshed this often.
 FACTS_TTL = dt.timedelta(hours=6)
+# And what a checkout reads of them is kept in the process this long (at
+# most this many of each), instead of read from the database every time.
+FACTS_MEMO_SECONDS = 60.0
+FACTS_MEMO_SIZE = 10_000
 RECOVERY_BATCH = 50
+
+
+class _TakeRefused(Exception):
+    """The first steps of a checkout were refused (the points hold): carries
+    the refusal out of the transaction, which writes nothing."""
+
+    def __init__(self, error: ServiceError) -> None:
+        super().__init__(error.message)
+        self.error = error
 
 
 class SimulatedCrash(BaseException):
@@ -123,6 +150,8 @@ class Sagas:
         self.campaigns = campaigns
         # Tests set this to stop the saga right after a step, as a crash would.
         self.crash_after: Callable[[SagaStep], None] | None = None
+        self._store_memo: dict[str, tuple[float, StoreFacts]] = {}
+        self._birthday_memo: dict[str, tuple[float, int | None]] = {}
 
     def _crash_point(self, step: SagaStep) -> None:
         if self.crash_after is not None:
@@ -130,7 +159,17 @@ class Sagas:
 
     # --- what the checkout needs to know -------------------------------------
 
-    async def store_facts(self, store_id: str) -> StoreFacts:
+    async def store_facts(self, store_id: str, *, memo: bool = False) -> StoreFacts:
+        """The store's region, time zone and currency, as members said them
+        within FACTS_TTL. With ``memo`` (the checkout) as this process read
+        them within FACTS_MEMO_SECONDS."""
+        if memo and (kept := _recall(self._store_memo, store_id)) is not None:
+            return kept
+        facts = await self._store_facts(store_id)
+        _remember(self._store_memo, store_id, facts)
+        return facts
+
+    async def _store_facts(self, store_id: str) -> StoreFacts:
         now = utcnow()
         async with self.db.sessions() as session:
             row = await store.get_store_facts(session, store_id)
@@ -156,6 +195,16 @@ class Sagas:
         return facts
 
     async def birthday_month(self, member_id: str) -> int | None:
+        """The member's birthday month as members said it within
+        FACTS_TTL, as this process read it within FACTS_MEMO_SECONDS."""
+        kept = self._birthday_memo.get(member_id)
+        if kept is not None and kept[0] > time.monotonic():
+            return kept[1]
+        month = await self._birthday_month(member_id)
+        _remember(self._birthday_memo, member_id, month)
+        return month
+
+    async def _birthday_month(self, member_id: str) -> int | None:
         now = utcnow()
         async with self.db.sessions() as session:
             row = await store.get_member_facts(session, member_id)
@@ -446,7 +495,7 @@ class Sagas:
             if found.step != SagaStep.ABORTED:
                 return await self._join(found)
         now = utcnow()
-        facts = await self.store_facts(request.store_id.strip())
+        facts = await self.store_facts(request.store_id.strip(), memo=True)
         card = await self.resolve(request)
         tenders = [
             rules.Tender(
@@ -463,67 +512,128 @@ class Sagas:
                 [FieldViolation(f"tenders[{i}].kind", "one of the tender kinds") for i in bad]
             )
         plan = await self.plan(request, facts, card, now, tenders, reservation_id=checkout_id)
-        lease = now + LEASE
+        pin = next((t.pin for t in request.tenders if t.kind == pb.TENDER_KIND_STORED_VALUE), "")
+        started = CheckoutLog(
+            checkout_id=checkout_id,
+            request_hash=request_hash,
+            step=SagaStep.STARTED,
+            attempt=found.attempt + 1 if found is not None else 1,
+            store_id=facts.store_id,
+            member_id=plan["member_id"],
+            card_id=plan["card_id"],
+            # As the log keeps it, read back.
+            plan=json.loads(store.plan_text(plan)),
+            points_hold_id="",
+            sv_hold_id="",
+            sv_movement_id="",
+            sale_id="",
+            error={},
+            receipt=None,
+            principal=caller.principal,
+            lease_until=now + LEASE,
+            created_at=found.created_at if found is not None else now,
+        )
         try:
-            await self._start(
-                checkout_id,
-                request_hash=request_hash,
-                facts=facts,
-                plan=plan,
-                caller=caller,
-                now=now,
-                lease=lease,
-            )
+            log_ = await self._start(started, now=now, restart=found is not None)
         except IntegrityError as exc:
             # The same checkout, sent again at the same moment, began first.
             if is_unique_violation(exc):
                 raise _in_progress(checkout_id) from None
             raise
-        async with self.db.sessions() as session:
-            started = await store.get_checkout(session, checkout_id)
-        assert started is not None
-        pin = next((t.pin for t in request.tenders if t.kind == pb.TENDER_KIND_STORED_VALUE), "")
-        return await self._drive(started, pin=pin)
+        except _TakeRefused as refused:
+            # The points could not be held: the checkout is written as it
+            # began and undone as any refusal is (coupons released, ABORTED).
+            try:
+                await self._start(started, now=now, restart=found is not None, take=False)
+            except IntegrityError as exc:
+                if is_unique_violation(exc):
+                    raise _in_progress(checkout_id) from None
+                raise
+            await self._undo(started, refused.error)
+            raise refused.error from None
+        known = card.stored_value_available if card is not None else None
+        return await self._drive(log_, pin=pin, stored_value_left=known)
 
     async def _start(
-        self,
-        checkout_id: str,
-        *,
-        request_hash: str,
-        facts: StoreFacts,
-        plan: dict[str, Any],
-        caller: Caller,
-        now: dt.datetime,
-        lease: dt.datetime,
-    ) -> None:
-        """Writes the plan: a new checkout, or a new attempt at an aborted one."""
+        self, log_: CheckoutLog, *, now: dt.datetime, restart: bool, take: bool = True
+    ) -> CheckoutLog:
+        """Writes the plan (a new checkout, or a new attempt at an aborted
+        one) and, in the same transaction, the steps that need no other
+        service (``take``): the points held when points pay, then either
+        SV_HOLDING (the record that a hold is about to be asked of cards)
+        or, when no stored value pays, SV_CAPTURED: nothing outside this
+        database is taken, so the sale can only be completed from here.
+        A refusal of the points hold leaves nothing written
+        (``_TakeRefused``)."""
+        values: dict[str, Any] = {}
+        step = SagaStep.STARTED
         async with self.db.transaction() as session:
-            current = await store.get_checkout(session, checkout_id, for_update=True)
-            if current is None:
+            if take:
+                try:
+                    step, values = await self._first_steps(session, log_)
+                except ServiceError as error:
+                    raise _TakeRefused(error) from None
+            if restart:
+                restarted = await store.restart_checkout(
+                    session,
+                    log_.checkout_id,
+                    plan=log_.plan,
+                    member_id=log_.member_id,
+                    card_id=log_.card_id,
+                    lease_until=log_.lease_until,
+                    now=now,
+                    attempt=log_.attempt - 1,
+                    step=step,
+                    **values,
+                )
+                if not restarted:
+                    raise _in_progress(log_.checkout_id)
+            else:
                 await store.insert_checkout(
                     session,
-                    checkout_id=checkout_id,
-                    request_hash=request_hash,
-                    store_id=facts.store_id,
-                    member_id=plan["member_id"],
-                    card_id=plan["card_id"],
-                    plan=plan,
-                    principal=caller.principal,
-                    lease_until=lease,
+                    checkout_id=log_.checkout_id,
+                    request_hash=log_.request_hash,
+                    store_id=log_.store_id,
+                    member_id=log_.member_id,
+                    card_id=log_.card_id,
+                    plan=log_.plan,
+                    principal=log_.principal,
+                    lease_until=log_.lease_until,
                     now=now,
+                    step=step,
+                    **values,
                 )
-            elif current.step == SagaStep.ABORTED:
-                await store.restart_checkout(
-                    session,
-                    checkout_id,
-                    plan=plan,
-                    member_id=plan["member_id"],
-                    card_id=plan["card_id"],
-                    lease_until=lease,
-                    now=now,
-                )
-            else:
-                raise _in_progress(checkout_id)
+        if take:
+            self._crash_point(SagaStep.POINTS_HELD)
+            self._crash_point(step)
+        return dataclasses.replace(log_, step=step, **values)
+
+    async def _first_steps(
+        self, session: AsyncSession, log_: CheckoutLog
+    ) -> tuple[SagaStep, dict[str, Any]]:
+        """The steps from STARTED that need no other service, in the
+        caller's transaction: the points hold, when points pay. Returns the
+        step the checkout stands at after them and the log's new values."""
+        tenders = log_.plan["tenders"]
+        values: dict[str, Any] = {}
+        if tenders.get("points"):
+            stamp = Stamp(log_.principal, log_.store_id, utcnow())
+            hold_id = f"checkout:{log_.checkout_id}:{log_.attempt}"
+            await points_ledger.hold(
+                session,
+                log_.member_id,
+                int(tenders["points"]),
+                hold_id=hold_id,
+                reference=log_.checkout_id,
+                expires_at=stamp.at + HOLD_TTL,
+                stamp=stamp,
+            )
+            values["points_hold_id"] = hold_id
+        if tenders.get("stored_value"):
+            return SagaStep.SV_HOLDING, values
+        # The sale's id is fixed with the point of no return.
+        values["sale_id"] = rules.new_sale_id()
+        return SagaStep.SV_CAPTURED, values
 
     async def _join(self, found: CheckoutLog) -> pb.Receipt:
         """The same checkout while it is under way: take it over if its
@@ -537,18 +647,22 @@ class Sagas:
             raise _in_progress(found.checkout_id)
         return await self._drive(found, pin=None)
 
-    async def _drive(self, log_: CheckoutLog, *, pin: str | None) -> pb.Receipt:
+    async def _drive(
+        self, log_: CheckoutLog, *, pin: str | None, stored_value_left: int | None = None
+    ) -> pb.Receipt:
         """Takes the checkout from where its log stands to COMMITTED, or
-        undoes it. ``pin`` is None when recovering (no PIN is kept)."""
+        undoes it. ``pin`` is None when recovering (no PIN is kept).
+        ``stored_value_left``: the card's stored value, for the receipt, as
+        cards last said it (asked again at the commit when unknown)."""
         try:
             if log_.step not in rules.PAST_NO_RETURN:
-                log_ = await self._take(log_, pin)
-            return await self._commit(log_)
+                log_, stored_value_left = await self._take(log_, pin, stored_value_left)
+            return await self._commit(log_, stored_value_left=stored_value_left)
         except SimulatedCrash:
             raise
         except ServiceError as error:
             current = await self._reload(log_.checkout_id)
-            if current.step in rules.PAST_NO_RETURN:
+            if current.step in rules.PAST_NO_RETURN or await self._captured(current):
                 log.warning(
                     "checkout past its point of no return could not finish yet",
                     checkout_id=log_.checkout_id,
@@ -562,6 +676,15 @@ class Sagas:
             await self._undo(current, error)
             raise
 
+    async def _captured(self, log_: CheckoutLog) -> bool:
+        """Whether a checkout at SV_HELD is in fact past its point of no
+        return: its capture is recorded with the sale, so a crash (or a
+        failed commit) between the two leaves the log at SV_HELD with the
+        hold captured. Cards says which."""
+        if log_.step != SagaStep.SV_HELD or not log_.sv_hold_id:
+            return False
+        return await self.cards.hold_captured(log_.sv_hold_id)
+
     async def _reload(self, checkout_id: str) -> CheckoutLog:
         async with self.db.sessions() as session:
             current = await store.get_checkout(session, checkout_id)
@@ -569,47 +692,41 @@ class Sagas:
         return current
 
     async def _advance(self, log_: CheckoutLog, step: SagaStep, **values: Any) -> CheckoutLog:
+        """Writes the step (the driver holds the lease, so nobody else
+        writes this log meanwhile) and returns the log as it now stands."""
         now = utcnow()
+        lease = now + LEASE
         async with self.db.transaction() as session:
             await store.advance_checkout(
-                session, log_.checkout_id, step, now, lease_until=now + LEASE, **values
+                session, log_.checkout_id, step, now, lease_until=lease, **values
             )
         self._crash_point(step)
-        return await self._reload(log_.checkout_id)
+        return dataclasses.replace(log_, step=step, lease_until=lease, **values)
 
-    async def _take(self, log_: CheckoutLog, pin: str | None) -> CheckoutLog:
+    async def _take(
+        self, log_: CheckoutLog, pin: str | None, stored_value_left: int | None
+    ) -> tuple[CheckoutLog, int | None]:
+        """From where the log stands to SV_CAPTURED; returns the log and
+        the stored value left as cards' capture said it."""
         plan = log_.plan
         tenders = plan["tenders"]
-        stamp = Stamp(log_.principal, log_.store_id, utcnow())
-        if log_.step == SagaStep.STARTED:
-            if tenders.get("points"):
-                hold_id = f"checkout:{log_.checkout_id}:{log_.attempt}"
+        if log_.step in (SagaStep.STARTED, SagaStep.POINTS_HELD):
+            # Only a log written without its first steps stands here (one
+            # whose points hold was refused, or an older one).
+            if log_.step == SagaStep.STARTED:
+                now = utcnow()
                 async with self.db.transaction() as session:
-                    await points_ledger.hold(
-                        session,
-                        log_.member_id,
-                        int(tenders["points"]),
-                        hold_id=hold_id,
-                        reference=log_.checkout_id,
-                        expires_at=stamp.at + HOLD_TTL,
-                        stamp=stamp,
-                    )
+                    step, values = await self._first_steps(session, log_)
                     await store.advance_checkout(
-                        session,
-                        log_.checkout_id,
-                        SagaStep.POINTS_HELD,
-                        stamp.at,
-                        points_hold_id=hold_id,
-                        lease_until=stamp.at + LEASE,
+                        session, log_.checkout_id, step, now, lease_until=now + LEASE, **values
                     )
                 self._crash_point(SagaStep.POINTS_HELD)
-                log_ = await self._reload(log_.checkout_id)
+                self._crash_point(step)
+                log_ = dataclasses.replace(log_, step=step, **values)
+            elif tenders.get("stored_value"):
+                log_ = await self._advance(log_, SagaStep.SV_HOLDING)
             else:
-                log_ = await self._advance(log_, SagaStep.POINTS_HELD)
-        if not tenders.get("stored_value"):
-            return await self._advance(log_, SagaStep.SV_CAPTURED, sale_id=rules.new_sale_id())
-        if log_.step == SagaStep.POINTS_HELD:
-            log_ = await self._advance(log_, SagaStep.SV_HOLDING)
+                log_ = await self._advance(log_, SagaStep.SV_CAPTURED, sale_id=rules.new_sale_id())
         if log_.step == SagaStep.SV_HOLDING:
             if pin is None:
                 # Recovering: whether the hold was made is for undo to find out.
@@ -624,18 +741,24 @@ class Sagas:
             )
             log_ = await self._advance(log_, SagaStep.SV_HELD, sv_hold_id=held.hold_id)
         if log_.step == SagaStep.SV_HELD:
-            movement_id = await self.cards.capture(
+            # Asked again after a crash, cards returns the capture it made.
+            captured = await self.cards.capture(
                 request_id=_cards_request(log_, "capture"), hold_id=log_.sv_hold_id
             )
-            # The sale's id is fixed here: what comes after is retried until it
-            # is done, and must name the same sale every time.
-            log_ = await self._advance(
-                log_,
-                SagaStep.SV_CAPTURED,
-                sv_movement_id=movement_id,
-                sale_id=rules.new_sale_id(),
-            )
-        return log_
+            stored_value_left = captured.available_after
+            values = {"sv_movement_id": captured.movement_id, "sale_id": rules.new_sale_id()}
+            if plan.get("coupon_ids"):
+                # The coupons are redeemed under the sale's id before the sale
+                # is recorded: the id is written down first, as SV_CAPTURED.
+                log_ = await self._advance(log_, SagaStep.SV_CAPTURED, **values)
+            else:
+                # The capture is recorded with the sale, in the commit's one
+                # transaction. Until then the log says SV_HELD, and whoever
+                # finds it so asks cards whether the hold was captured
+                # (``_captured``) before undoing anything.
+                log_ = dataclasses.replace(log_, step=SagaStep.SV_CAPTURED, **values)
+                self._crash_point(SagaStep.SV_CAPTURED)
+        return log_, stored_value_left
 
     async def _undo(self, log_: CheckoutLog, error: ServiceError) -> None:
         """Gives back what a checkout before its point of no return took, and
@@ -685,13 +808,17 @@ class Sagas:
             return ""
         return held.hold_id
 
-    async def _commit(self, log_: CheckoutLog) -> pb.Receipt:
-        """From SV_CAPTURED: the one transaction that records the sale."""
+    async def _commit(
+        self, log_: CheckoutLog, *, stored_value_left: int | None = None
+    ) -> pb.Receipt:
+        """From SV_CAPTURED: the one transaction that records the sale.
+        ``stored_value_left``: the card's stored value for the receipt, as
+        cards said it at the capture (or, without stored value paying, when
+        it resolved the card); asked of cards when unknown."""
         plan = log_.plan
         tenders = plan["tenders"]
         currency = plan["currency"]
-        stored_value_left = None
-        if log_.card_id:
+        if log_.card_id and stored_value_left is None:
             try:
                 stored_value_left = await self.cards.available(log_.card_id)
             except Unavailable:
@@ -745,7 +872,7 @@ class Sagas:
                 plan,
                 sale_id=sale_id,
                 checkout_id=log_.checkout_id,
-                sv_movement_id=current.sv_movement_id,
+                sv_movement_id=log_.sv_movement_id or current.sv_movement_id,
                 points_spent=spent,
                 points_balance=balance,
                 stored_value_left=stored_value_left,
@@ -781,6 +908,7 @@ class Sagas:
                 SagaStep.COMMITTED,
                 now,
                 sale_id=sale_id,
+                sv_movement_id=log_.sv_movement_id or current.sv_movement_id,
                 receipt=receipt.SerializeToString(),
                 lease_until=now,
             )
@@ -879,6 +1007,9 @@ class Sagas:
             try:
                 if found.step in rules.PAST_NO_RETURN:
                     await self._commit(found)
+                elif await self._captured(found):
+                    # Captured, the capture not yet recorded: complete it.
+                    await self._drive(found, pin=None)
                 else:
                     await self._undo(
                         found,
@@ -1200,6 +1331,17 @@ _TENDER_KINDS = {
 def _used_coupons(sale: SaleRecord) -> bool:
     receipt = pb.Receipt.FromString(sale.receipt)
     return any(d.source == "COUPON" for line in receipt.lines for d in line.discounts)
+
+
+def _recall(memo: dict[str, tuple[float, T]], key: str) -> T | None:
+    kept = memo.get(key)
+    return kept[1] if kept is not None and kept[0] > time.monotonic() else None
+
+
+def _remember(memo: dict[str, tuple[float, T]], key: str, value: T) -> None:
+    if len(memo) >= FACTS_MEMO_SIZE:
+        memo.clear()
+    memo[key] = (time.monotonic() + FACTS_MEMO_SECONDS, value)
 
 
 def sale_not_found(sale_id: str) -> NotFound:

@@ -101,7 +101,7 @@ def _spend_text(ladder: Ladder, standing: Standing) -> str:
 
 
 async def _ladder(session: AsyncSession) -> Ladder:
-    return (await store.get_ladder(session)).ladder
+    return (await store.current_ladder(session)).ladder
 
 
 # --- reading -------------------------------------------------------------------------------

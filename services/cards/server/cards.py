@@ -34,6 +34,7 @@ from services.cards.domain.programs import Holding, normalise_card_number
 from services.cards.members_client import MembersClient
 from services.cards.payment_pin import check_payment_pin, pin_refusal, try_pin
 from services.cards.server.programs import program_not_found
+from services.cards.server.stored_value import send_available
 from services.cards.store import cards as store
 from services.cards.store import programs as program_store
 from services.cards.store import projections
@@ -368,6 +369,8 @@ class CardsServicer(cards_pb2_grpc.CardsServiceServicer):
                 card = await self._members_card(session, member_id)
             program = await get_program(session, card.program_id)
             refusal = domain.payment_refusal(card.state, card.expires_at, utcnow())
+            # What the card has, for a till's receipt without GetBalance.
+            await send_available(context, session, card.account_id)
             return cards_pb2.ResolveCardResponse(
                 card=card_to_proto(card, program.program),
                 resolved_by={

@@ -41,9 +41,10 @@ from services.cards.convert_stored_value import (
     policy_to_proto,
 )
 from services.cards.domain import stored_value as rules
+from services.cards.domain.cards import CardState
 from services.cards.domain.cards import Role as CardRole
 from services.cards.domain.stored_value import Channel, MovementKind, Policy
-from services.cards.payment_pin import check_payment_pin
+from services.cards.payment_pin import check_payment_pin_in
 from services.cards.server.programs import program_not_found
 from services.cards.statements import statement_workbook
 from services.cards.store import cards as card_store
@@ -98,6 +99,19 @@ def _time(
     return start, end
 
 
+# The card's available stored value after a payment call, in its trailing
+# metadata: what a till prints on the receipt, without asking GetBalance.
+AVAILABLE_KEY = "cornucopia-available-minor-units"
+
+
+async def send_available(context: Context, session: AsyncSession, account_id: str) -> None:
+    """Puts the account's available stored value (0 without an account) in
+    the call's trailing metadata (AVAILABLE_KEY)."""
+    account = await store.get_account(session, account_id)
+    available = account.balances.available if account is not None else 0
+    context.set_trailing_metadata(((AVAILABLE_KEY, str(available)),))
+
+
 class StoredValueServicer(stored_value_pb2_grpc.StoredValueServiceServicer):
     def __init__(self, ctx: ServiceContext, batches: BatchRecharges) -> None:
         self.db = ctx.db
@@ -123,7 +137,7 @@ class StoredValueServicer(stored_value_pb2_grpc.StoredValueServiceServicer):
 
     async def _policy(self) -> Policy:
         async with self.db.sessions() as session:
-            return (await rule_store.get_policy(session)).policy
+            return (await rule_store.current_policy(session)).policy
 
     async def _balance(
         self, session: AsyncSession, account_id: str, card: CardRecord | None, policy: Policy
@@ -147,7 +161,7 @@ class StoredValueServicer(stored_value_pb2_grpc.StoredValueServiceServicer):
         if bool(request.card_id.strip()) == bool(request.account_id.strip()):
             raise InvalidArgument([FieldViolation("card_id", "give a card_id or an account_id")])
         async with self.db.sessions() as session:
-            policy = (await rule_store.get_policy(session)).policy
+            policy = (await rule_store.current_policy(session)).policy
             card = None
             account_id = request.account_id.strip()
             if request.card_id.strip():
@@ -242,28 +256,43 @@ class StoredValueServicer(stored_value_pb2_grpc.StoredValueServiceServicer):
         ttl = rules.hold_ttl(policy, request.ttl.ToTimedelta() if request.HasField("ttl") else None)
         now = utcnow()
         command = ledger.Request(request.request_id, _fingerprint(request), _stamp(principal, now))
-        if not await self._replay_of(MovementKind.HOLD, command):
-            await check_payment_pin(self.db, card_id, request.pin, now)
+        # One unit of work: the replay check, the PIN and the hold. A wrong
+        # PIN's try is committed without the hold, then refused.
         async with self.db.transaction() as session:
             card = await self._card(session, card_id)
-            held = await ledger.hold(
-                session,
-                card,
-                await self._program(session, card.program_id),
-                policy,
-                command,
-                amount=amount,
-                ttl=ttl,
-                reference=reference,
-            )
+            refused = await self._check_pin(session, MovementKind.HOLD, command, card, request.pin)
+            if refused is None:
+                held = await ledger.hold(
+                    session,
+                    card,
+                    await self._program(session, card.program_id),
+                    policy,
+                    command,
+                    amount=amount,
+                    ttl=ttl,
+                    reference=reference,
+                )
+        if refused is not None:
+            raise refused
         return hold_to_proto(held)
 
-    async def _replay_of(self, kind: MovementKind, command: ledger.Request) -> bool:
-        """Whether this request was already carried out: a retry must not
-        be asked for the PIN again (nor count as a try)."""
-        async with self.db.sessions() as session:
-            done = await store.movement_by_request(session, kind, command.request_id)
-        return done is not None and done.request_hash == command.request_hash
+    @staticmethod
+    async def _check_pin(
+        session: AsyncSession,
+        kind: MovementKind,
+        command: ledger.Request,
+        card: CardRecord,
+        pin: str,
+    ) -> FailedPrecondition | None:
+        """The payment PIN, in the payment's unit of work, unless this
+        request was already carried out: a retry must not be asked for the
+        PIN again (nor count as a try). Returns a wrong PIN's refusal."""
+        if card.pin_hash is None and card.state == CardState.ACTIVE:
+            return None  # nothing to check, replay or not
+        done = await store.movement_by_request(session, kind, command.request_id)
+        if done is not None and done.request_hash == command.request_hash:
+            return None
+        return await check_payment_pin_in(session, card, pin, command.stamp.at)
 
     async def CaptureHold(self, request: pb.CaptureHoldRequest, context: Context) -> pb.Hold:
         principal = current_principal()
@@ -278,6 +307,7 @@ class StoredValueServicer(stored_value_pb2_grpc.StoredValueServiceServicer):
         )
         async with self.db.transaction() as session:
             held = await ledger.capture(session, hold_id, command, amount=amount)
+            await send_available(context, session, held.account_id)
         return hold_to_proto(held)
 
     async def VoidHold(self, request: pb.VoidHoldRequest, context: Context) -> pb.Hold:
@@ -312,19 +342,21 @@ class StoredValueServicer(stored_value_pb2_grpc.StoredValueServiceServicer):
         amount = _amount(request.amount, policy)
         now = utcnow()
         command = ledger.Request(request.request_id, _fingerprint(request), _stamp(principal, now))
-        if not await self._replay_of(MovementKind.DEBIT, command):
-            await check_payment_pin(self.db, card_id, request.pin, now)
         async with self.db.transaction() as session:
             card = await self._card(session, card_id)
-            movement = await ledger.debit(
-                session,
-                card,
-                await self._program(session, card.program_id),
-                policy,
-                command,
-                amount=amount,
-                reference=reference,
-            )
+            refused = await self._check_pin(session, MovementKind.DEBIT, command, card, request.pin)
+            if refused is None:
+                movement = await ledger.debit(
+                    session,
+                    card,
+                    await self._program(session, card.program_id),
+                    policy,
+                    command,
+                    amount=amount,
+                    reference=reference,
+                )
+        if refused is not None:
+            raise refused
         return movement_response(movement)
 
     async def Refund(self, request: pb.RefundRequest, context: Context) -> pb.MovementResponse:

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chassis.db import BigIntKey, UTCDateTime
+from chassis.db import BigIntKey, RowByKey, UTCDateTime
 from chassis.paging import newest_first
 from services.cards.domain.cards import (
     LIVE_STATES,
@@ -249,18 +249,21 @@ async def number_taken(session: AsyncSession, number: str) -> bool:
     return row.first() is not None
 
 
+_CARD = RowByKey(cards, "card_id")
+
+
 async def get_card(
     session: AsyncSession, card_id: str, *, for_update: bool = False
 ) -> CardRecord | None:
-    query = sa.select(cards).where(cards.c.card_id == card_id)
-    if for_update:
-        query = query.with_for_update()
-    row = (await session.execute(query)).first()
+    row = await _CARD.first(session, card_id, for_update=for_update)
     return None if row is None else _record(row)
 
 
+_CARD_BY_NUMBER = RowByKey(cards, "card_number")
+
+
 async def card_by_number(session: AsyncSession, number: str) -> CardRecord | None:
-    row = (await session.execute(sa.select(cards).where(cards.c.card_number == number))).first()
+    row = await _CARD_BY_NUMBER.first(session, number)
     return None if row is None else _record(row)
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chassis.db import UTCDateTime
+from chassis.db import RowByKey, UTCDateTime
 from services.cards.domain.programs import (
     CancelSettlement,
     Form,
@@ -125,15 +125,15 @@ async def insert_program(
     )
 
 
+_PROGRAM = RowByKey(card_programs, "program_id")
+
+
 async def get_program(
     session: AsyncSession, program_id: str, *, for_update: bool = False
 ) -> ProgramRecord | None:
     """``for_update`` serialises the issues of one program on PostgreSQL, so
     that "one live card of a program per member" holds under concurrency."""
-    query = sa.select(card_programs).where(card_programs.c.program_id == program_id)
-    if for_update:
-        query = query.with_for_update()
-    row = (await session.execute(query)).first()
+    row = await _PROGRAM.first(session, program_id, for_update=for_update)
     return None if row is None else _record(row)
 
 

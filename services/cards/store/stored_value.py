@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chassis.db import BigIntKey, UTCDateTime
+from chassis.db import BigIntKey, RowByKey, UTCDateTime
 from services.cards.domain.stored_value import (
     ACCOUNT_BOOKS,
     Balances,
@@ -178,15 +178,15 @@ async def open_account(
     )
 
 
+_ACCOUNT = RowByKey(sv_accounts, "account_id")
+
+
 async def get_account(
     session: AsyncSession, account_id: str, *, for_update: bool = False
 ) -> AccountRecord | None:
     """With ``for_update`` the account is locked until the transaction ends:
     every movement of one account is serialised on this row."""
-    query = sa.select(sv_accounts).where(sv_accounts.c.account_id == account_id)
-    if for_update:
-        query = query.with_for_update()
-    row = (await session.execute(query)).first()
+    row = await _ACCOUNT.first(session, account_id, for_update=for_update)
     return None if row is None else _account(row)
 
 
@@ -306,6 +306,11 @@ class NewMovement:
     refunds_movement_id: str = ""
 
 
+# Built once (see chassis.db.RowByKey); the values go as parameters.
+_INSERT_MOVEMENT = sa.insert(sv_movements).returning(*sv_movements.c)
+_INSERT_ENTRIES = sa.insert(sv_entries)
+
+
 async def record_movement(
     session: AsyncSession,
     movement: NewMovement,
@@ -315,8 +320,9 @@ async def record_movement(
     store_id: str,
     now: dt.datetime,
 ) -> MovementRecord:
-    await session.execute(
-        sa.insert(sv_movements).values(
+    inserted = await session.execute(
+        _INSERT_MOVEMENT,
+        dict(
             movement_id=movement.movement_id,
             kind=movement.kind.value,
             request_id=movement.request_id,
@@ -342,11 +348,13 @@ async def record_movement(
             principal=principal,
             store_id=store_id,
             at=now,
-        )
+        ),
     )
+    # As written (its seq included), without reading it back.
+    recorded = _movement(inserted.one())
     if movement.entries:
         await session.execute(
-            sa.insert(sv_entries),
+            _INSERT_ENTRIES,
             [
                 {
                     "movement_id": movement.movement_id,
@@ -359,8 +367,6 @@ async def record_movement(
                 for e in movement.entries
             ],
         )
-    recorded = await get_movement(session, movement.movement_id)
-    assert recorded is not None  # written just now, in this transaction
     return recorded
 
 
@@ -374,16 +380,13 @@ async def get_movement(
     return None if row is None else _movement(row)
 
 
+_MOVEMENT_BY_REQUEST = RowByKey(sv_movements, "kind", "request_id")
+
+
 async def movement_by_request(
     session: AsyncSession, kind: MovementKind, request_id: str
 ) -> MovementRecord | None:
-    row = (
-        await session.execute(
-            sa.select(sv_movements).where(
-                sv_movements.c.kind == kind.value, sv_movements.c.request_id == request_id
-            )
-        )
-    ).first()
+    row = await _MOVEMENT_BY_REQUEST.first(session, kind.value, request_id)
     return None if row is None else _movement(row)
 
 
@@ -486,9 +489,13 @@ def _hold(row: Any) -> HoldRecord:
     )
 
 
+_INSERT_HOLD = sa.insert(sv_holds)
+
+
 async def insert_hold(session: AsyncSession, hold: HoldRecord) -> None:
     await session.execute(
-        sa.insert(sv_holds).values(
+        _INSERT_HOLD,
+        dict(
             hold_id=hold.hold_id,
             account_id=hold.account_id,
             card_id=hold.card_id,
@@ -503,18 +510,21 @@ async def insert_hold(session: AsyncSession, hold: HoldRecord) -> None:
             principal=hold.principal,
             store_id=hold.store_id,
             held_at=hold.held_at,
-        )
+        ),
     )
+
+
+_HOLD = RowByKey(sv_holds, "hold_id")
 
 
 async def get_hold(
     session: AsyncSession, hold_id: str, *, for_update: bool = False
 ) -> HoldRecord | None:
-    query = sa.select(sv_holds).where(sv_holds.c.hold_id == hold_id)
-    if for_update:
-        query = query.with_for_update()
-    row = (await session.execute(query)).first()
+    row = await _HOLD.first(session, hold_id, for_update=for_update)
     return None if row is None else _hold(row)
+
+
+_FINISH_HOLD = sa.update(sv_holds).where(sv_holds.c.hold_id == sa.bindparam("key_hold_id"))
 
 
 async def finish_hold(
@@ -527,15 +537,15 @@ async def finish_hold(
     capture_movement_id: str = "",
 ) -> None:
     await session.execute(
-        sa.update(sv_holds)
-        .where(sv_holds.c.hold_id == hold_id)
-        .values(
+        _FINISH_HOLD,
+        dict(
+            key_hold_id=hold_id,
             state=state.value,
             finished_at=now,
             captured_paid=captured.paid,
             captured_bonus=captured.bonus,
             capture_movement_id=capture_movement_id,
-        )
+        ),
     )
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chassis.db import UTCDateTime
+from chassis.db import Memo, UTCDateTime
 from chassis.documents import default_etag, document_table, read_document, write_document
 from chassis.paging import newest_first
 from services.cards.domain.stored_value import (
@@ -109,6 +109,18 @@ class PolicyRecord:
     updated_at: dt.datetime | None
 
 
+# How long a cards process keeps the policy every payment reads before
+# reading it again: a change made through this process is seen at once, one
+# made through another replica within this.
+POLICY_MEMO_SECONDS = 5.0
+_POLICY_MEMO: Memo[PolicyRecord] = Memo(ttl=POLICY_MEMO_SECONDS)
+
+
+async def current_policy(session: AsyncSession) -> PolicyRecord:
+    """The policy, as kept for a few seconds (see ``chassis.db.Memo``)."""
+    return await _POLICY_MEMO.get(session, lambda: get_policy(session))
+
+
 async def get_policy(session: AsyncSession, *, for_update: bool = False) -> PolicyRecord:
     stored = await read_document(session, sv_policy, _POLICY_KEY, for_update=for_update)
     if stored is None:
@@ -126,6 +138,7 @@ async def get_policy(session: AsyncSession, *, for_update: bool = False) -> Poli
 async def save_policy(
     session: AsyncSession, policy: Policy, *, principal: str, store_id: str, now: dt.datetime
 ) -> None:
+    _POLICY_MEMO.forget()
     await write_document(
         session,
         sv_policy,

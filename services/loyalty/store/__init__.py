@@ -7,3 +7,9 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 metadata = sa.MetaData()
+
+# How long a loyalty process keeps the chain's settings it reads on every
+# checkout (the points policy, the tier ladder, the earn rules in force)
+# before reading them again: a change made through this process is seen at
+# once, one made through another replica within this.
+SETTINGS_MEMO_SECONDS = 5.0

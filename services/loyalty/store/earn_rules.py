@@ -11,7 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chassis.db import UTCDateTime
+from chassis.db import Memo, UTCDateTime
 from services.loyalty.domain.earn_rules import (
     EarnRule,
     EarnRuleSet,
@@ -19,7 +19,7 @@ from services.loyalty.domain.earn_rules import (
     RuleKind,
     default_rule_set,
 )
-from services.loyalty.store import metadata
+from services.loyalty.store import SETTINGS_MEMO_SECONDS, metadata
 
 earn_rule_sets = sa.Table(
     "earn_rule_sets",
@@ -123,11 +123,46 @@ async def rule_set_record_in_force(session: AsyncSession, at: dt.datetime) -> Ru
     return _built_in() if row is None else _record(row)
 
 
+@dataclass(frozen=True)
+class _InForce:
+    """The set in force from ``since`` (inclusive) until ``until`` (the next
+    version's effective time; None: no later version yet)."""
+
+    rule_set: EarnRuleSet
+    since: dt.datetime | None
+    until: dt.datetime | None
+
+    def covers(self, at: dt.datetime) -> bool:
+        return (self.since is None or self.since <= at) and (self.until is None or at < self.until)
+
+
+_IN_FORCE_MEMO: Memo[_InForce] = Memo(ttl=SETTINGS_MEMO_SECONDS)
+
+
+async def _in_force(session: AsyncSession, at: dt.datetime) -> _InForce:
+    record = await rule_set_record_in_force(session, at)
+    c = earn_rule_sets.c
+    until = (
+        await session.execute(
+            sa.select(sa.func.min(c.effective_at)).where(
+                c.version > record.rule_set.version, c.effective_at > at
+            )
+        )
+    ).scalar()
+    since = record.rule_set.effective_at if record.rule_set.version else None
+    return _InForce(record.rule_set, since, until)
+
+
 async def rule_set_in_force(session: AsyncSession, at: dt.datetime) -> EarnRuleSet:
     """The newest version whose effective time is at or before ``at``; the
     built-in set (one point per currency unit, rounded down) when none
-    is."""
-    return (await rule_set_record_in_force(session, at)).rule_set
+    is. What was in force is kept for a few seconds, for as long as it
+    stays in force."""
+    kept = await _IN_FORCE_MEMO.get(session, lambda: _in_force(session, at))
+    if not kept.covers(at):
+        _IN_FORCE_MEMO.forget()
+        kept = await _IN_FORCE_MEMO.get(session, lambda: _in_force(session, at))
+    return kept.rule_set
 
 
 async def list_rule_sets(
@@ -153,6 +188,7 @@ async def insert_rule_set(
 ) -> RuleSetRecord:
     """Writes the next version. Two publishers at once may pick the same
     number: the second fails on the primary key and may try again."""
+    _IN_FORCE_MEMO.forget()
     latest = (await session.execute(sa.select(sa.func.max(earn_rule_sets.c.version)))).scalar()
     version = int(latest or 0) + 1
     await session.execute(

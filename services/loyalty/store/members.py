@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chassis.db import UTCDateTime
+from chassis.db import RowByKey, UTCDateTime
 from services.loyalty.store import metadata
 
 known_members = sa.Table(
@@ -46,12 +46,11 @@ class KnownMember:
     as_of: dt.datetime
 
 
+_MEMBER = RowByKey(known_members, "member_id")
+
+
 async def get_member(session: AsyncSession, member_id: str) -> KnownMember | None:
-    row = (
-        await session.execute(
-            sa.select(known_members).where(known_members.c.member_id == member_id)
-        )
-    ).first()
+    row = await _MEMBER.first(session, member_id)
     if row is None:
         return None
     return KnownMember(row.member_id, MemberStatus(row.state), row.merged_into, row.as_of)

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chassis.db import BigIntKey, UTCDateTime
+from chassis.db import BigIntKey, Memo, RowByKey, UTCDateTime
 from chassis.documents import default_etag, document_table, read_document, write_document
 from services.loyalty.domain.points import (
     DEFAULT_POLICY,
@@ -31,7 +31,7 @@ from services.loyalty.domain.points import (
     OpenLot,
     PointsPolicy,
 )
-from services.loyalty.store import metadata
+from services.loyalty.store import SETTINGS_MEMO_SECONDS, metadata
 
 _POLICY_KEY = {"policy_id": 1}
 
@@ -169,6 +169,15 @@ class PolicyRecord:
     updated_at: dt.datetime | None
 
 
+# The policy as every checkout and accrual reads it (``current_policy``).
+_POLICY_MEMO: Memo[PolicyRecord] = Memo(ttl=SETTINGS_MEMO_SECONDS)
+
+
+async def current_policy(session: AsyncSession) -> PolicyRecord:
+    """The policy, as kept for a few seconds (see ``chassis.db.Memo``)."""
+    return await _POLICY_MEMO.get(session, lambda: get_policy(session))
+
+
 async def get_policy(session: AsyncSession, *, for_update: bool = False) -> PolicyRecord:
     stored = await read_document(session, points_policy, _POLICY_KEY, for_update=for_update)
     if stored is None:
@@ -187,6 +196,7 @@ async def get_policy(session: AsyncSession, *, for_update: bool = False) -> Poli
 async def save_policy(
     session: AsyncSession, policy: PointsPolicy, *, principal: str, store_id: str, now: dt.datetime
 ) -> None:
+    _POLICY_MEMO.forget()
     await write_document(
         session,
         points_policy,
@@ -240,13 +250,17 @@ async def open_account(session: AsyncSession, member_id: str, now: dt.datetime) 
     )
 
 
+_ACCOUNT = RowByKey(points_accounts, "member_id")
+
+
 async def get_account(
     session: AsyncSession, member_id: str, *, for_update: bool = False, skip_locked: bool = False
 ) -> AccountRecord | None:
-    query = sa.select(points_accounts).where(points_accounts.c.member_id == member_id)
-    if for_update:
-        query = query.with_for_update(skip_locked=skip_locked)
-    row = (await session.execute(query)).first()
+    if skip_locked:
+        query = sa.select(points_accounts).where(points_accounts.c.member_id == member_id)
+        row = (await session.execute(query.with_for_update(skip_locked=True))).first()
+    else:
+        row = await _ACCOUNT.first(session, member_id, for_update=for_update)
     return None if row is None else _account(row)
 
 
@@ -320,9 +334,13 @@ def open_lot(lot: Lot) -> OpenLot:
     return OpenLot(lot.lot_id, lot.remaining, lot.expires_at, lot.earned_at)
 
 
+_INSERT_LOT = sa.insert(points_lots)
+
+
 async def insert_lot(session: AsyncSession, lot: Lot, *, origin_lot_id: str = "") -> None:
     await session.execute(
-        sa.insert(points_lots).values(
+        _INSERT_LOT,
+        dict(
             lot_id=lot.lot_id,
             member_id=lot.member_id,
             source=lot.source.value,
@@ -334,7 +352,7 @@ async def insert_lot(session: AsyncSession, lot: Lot, *, origin_lot_id: str = ""
             warned_at=lot.warned_at,
             expired_at=lot.expired_at,
             origin_lot_id=origin_lot_id,
-        )
+        ),
     )
 
 
@@ -350,16 +368,25 @@ def _spend_order(query: sa.Select[Any]) -> sa.Select[Any]:
     return query.order_by(c.expires_at, c.earned_at, c.lot_id)
 
 
+# Built once (see chassis.db.RowByKey): read on every checkout.
+_OPEN_LOTS = _spend_order(
+    sa.select(points_lots).where(
+        points_lots.c.member_id == sa.bindparam("member_id"), points_lots.c.remaining > 0
+    )
+)
+_DUE_LOTS = _OPEN_LOTS.where(points_lots.c.expires_at <= sa.bindparam("due_by", type_=UTCDateTime))
+
+
 async def open_lots(
     session: AsyncSession, member_id: str, *, due_by: dt.datetime | None = None
 ) -> list[Lot]:
     """A member's lots with points left, in spend order; with ``due_by``
     only those expiring by then."""
-    c = points_lots.c
-    query = sa.select(points_lots).where(c.member_id == member_id, c.remaining > 0)
-    if due_by is not None:
-        query = query.where(c.expires_at <= due_by)
-    return [_lot(row) for row in await session.execute(_spend_order(query))]
+    if due_by is None:
+        rows = await session.execute(_OPEN_LOTS, {"member_id": member_id})
+    else:
+        rows = await session.execute(_DUE_LOTS, {"member_id": member_id, "due_by": due_by})
+    return [_lot(row) for row in rows]
 
 
 async def lots_of_reference(
@@ -596,13 +623,16 @@ class NewMovement:
     lot_id: str = ""
 
 
+_INSERT_MOVEMENT = sa.insert(points_movements).returning(*points_movements.c)
+
+
 async def record_movement(
     session: AsyncSession, movement: NewMovement, *, principal: str, store_id: str, at: dt.datetime
 ) -> MovementRecord:
     row = (
         await session.execute(
-            sa.insert(points_movements)
-            .values(
+            _INSERT_MOVEMENT,
+            dict(
                 movement_id=movement.movement_id,
                 member_id=movement.member_id,
                 kind=movement.kind.value,
@@ -619,23 +649,20 @@ async def record_movement(
                 at=at,
                 request_id=movement.request_id,
                 request_hash=movement.request_hash,
-            )
-            .returning(*points_movements.c)
+            ),
         )
     ).first()
     assert row is not None
     return _movement(row)
 
 
+_MOVEMENT_BY_REQUEST = RowByKey(points_movements, "kind", "request_id")
+
+
 async def movement_by_request(
     session: AsyncSession, kind: MovementKind, request_id: str
 ) -> MovementRecord | None:
-    c = points_movements.c
-    row = (
-        await session.execute(
-            sa.select(points_movements).where(c.kind == kind.value, c.request_id == request_id)
-        )
-    ).first()
+    row = await _MOVEMENT_BY_REQUEST.first(session, kind.value, request_id)
     return None if row is None else _movement(row)
 
 
@@ -714,13 +741,13 @@ async def insert_hold(
     )
 
 
+_HOLD = RowByKey(points_holds, "hold_id")
+
+
 async def get_hold(
     session: AsyncSession, hold_id: str, *, for_update: bool = False
 ) -> HoldRecord | None:
-    query = sa.select(points_holds).where(points_holds.c.hold_id == hold_id)
-    if for_update:
-        query = query.with_for_update()
-    row = (await session.execute(query)).first()
+    row = await _HOLD.first(session, hold_id, for_update=for_update)
     return None if row is None else _hold(row)
 
 

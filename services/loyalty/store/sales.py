@@ -13,7 +13,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chassis.db import UTCDateTime, upsert
+from chassis.db import RowByKey, UTCDateTime, upsert
 from chassis.paging import newest_first
 from services.loyalty.domain.checkout import SagaStep, TenderKind
 from services.loyalty.store import metadata
@@ -188,14 +188,26 @@ def _log(row: Any) -> CheckoutLog:
     )
 
 
+_CHECKOUT = RowByKey(checkouts, "checkout_id")
+
+
 async def get_checkout(
     session: AsyncSession, checkout_id: str, *, for_update: bool = False
 ) -> CheckoutLog | None:
-    query = sa.select(checkouts).where(checkouts.c.checkout_id == checkout_id)
-    if for_update:
-        query = query.with_for_update()
-    row = (await session.execute(query)).first()
+    row = await _CHECKOUT.first(session, checkout_id, for_update=for_update)
     return None if row is None else _log(row)
+
+
+# Built once (see chassis.db.RowByKey); the values go as parameters.
+_INSERT_CHECKOUT = sa.insert(checkouts)
+_UPDATE_CHECKOUT = sa.update(checkouts).where(
+    checkouts.c.checkout_id == sa.bindparam("key_checkout_id")
+)
+
+
+def plan_text(plan: dict[str, Any]) -> str:
+    """The plan as the log keeps it (JSON)."""
+    return json.dumps(plan, sort_keys=True)
 
 
 async def insert_checkout(
@@ -206,25 +218,31 @@ async def insert_checkout(
     store_id: str,
     member_id: str,
     card_id: str,
-    plan: dict[str, Any],
+    plan: dict[str, Any] | str,
     principal: str,
     lease_until: dt.datetime,
     now: dt.datetime,
+    step: SagaStep = SagaStep.STARTED,
+    **values: Any,
 ) -> None:
+    """A new checkout's log, at ``step`` (the first write may cover several
+    steps) with the ``values`` of those steps (points_hold_id, sale_id)."""
     await session.execute(
-        sa.insert(checkouts).values(
+        _INSERT_CHECKOUT,
+        dict(
             checkout_id=checkout_id,
             request_hash=request_hash,
-            step=SagaStep.STARTED.value,
+            step=step.value,
             store_id=store_id,
             member_id=member_id,
             card_id=card_id,
-            plan=json.dumps(plan, sort_keys=True),
+            plan=plan if isinstance(plan, str) else plan_text(plan),
             principal=principal,
             lease_until=lease_until,
             created_at=now,
             updated_at=now,
-        )
+            **values,
+        ),
     )
 
 
@@ -232,31 +250,38 @@ async def restart_checkout(
     session: AsyncSession,
     checkout_id: str,
     *,
-    plan: dict[str, Any],
+    plan: dict[str, Any] | str,
     member_id: str,
     card_id: str,
     lease_until: dt.datetime,
     now: dt.datetime,
-) -> None:
-    """A new attempt at an aborted checkout, with the plan made anew."""
+    attempt: int | None = None,
+    step: SagaStep = SagaStep.STARTED,
+    **values: Any,
+) -> bool:
+    """A new attempt at an aborted checkout, with the plan made anew. With
+    ``attempt`` (the aborted one's), only if it is still that attempt and
+    aborted; False when it is not (another attempt began first)."""
     c = checkouts.c
-    await session.execute(
-        sa.update(checkouts)
-        .where(c.checkout_id == checkout_id)
-        .values(
-            step=SagaStep.STARTED.value,
-            attempt=c.attempt + 1,
-            plan=json.dumps(plan, sort_keys=True),
-            member_id=member_id,
-            card_id=card_id,
-            points_hold_id="",
-            sv_hold_id="",
-            sv_movement_id="",
-            error="",
-            lease_until=lease_until,
-            updated_at=now,
-        )
-    )
+    query = sa.update(checkouts).where(c.checkout_id == checkout_id)
+    if attempt is not None:
+        query = query.where(c.attempt == attempt, c.step == SagaStep.ABORTED.value)
+    fresh: dict[str, Any] = {
+        "step": step.value,
+        "attempt": c.attempt + 1,
+        "plan": plan if isinstance(plan, str) else plan_text(plan),
+        "member_id": member_id,
+        "card_id": card_id,
+        "points_hold_id": "",
+        "sv_hold_id": "",
+        "sv_movement_id": "",
+        "sale_id": "",
+        "error": "",
+        "lease_until": lease_until,
+        "updated_at": now,
+    }
+    result = await session.execute(query.values(**(fresh | values)))
+    return bool(getattr(result, "rowcount", 0) == 1)
 
 
 async def advance_checkout(
@@ -265,9 +290,8 @@ async def advance_checkout(
     if "error" in values:
         values["error"] = json.dumps(values["error"], sort_keys=True)
     await session.execute(
-        sa.update(checkouts)
-        .where(checkouts.c.checkout_id == checkout_id)
-        .values(step=step.value, updated_at=now, **values)
+        _UPDATE_CHECKOUT,
+        {"key_checkout_id": checkout_id, "step": step.value, "updated_at": now, **values},
     )
 
 
@@ -337,8 +361,11 @@ def _sale(row: Any) -> SaleRecord:
     return SaleRecord(**{name: getattr(row, name) for name in SaleRecord.__dataclass_fields__})
 
 
+_INSERT_SALE = sa.insert(sales)
+
+
 async def insert_sale(session: AsyncSession, sale: SaleRecord) -> None:
-    await session.execute(sa.insert(sales).values(**sale.__dict__))
+    await session.execute(_INSERT_SALE, dict(sale.__dict__))
 
 
 async def get_sale(
@@ -486,14 +513,17 @@ async def add_tender_refund(
     )
 
 
+_EARNED_ON = sa.select(
+    sa.func.coalesce(sa.func.sum(sales.c.points_earned - sales.c.points_reversed), 0)
+).where(
+    sales.c.member_id == sa.bindparam("member_id"),
+    sales.c.business_day == sa.bindparam("day", type_=sa.Date),
+)
+
+
 async def points_earned_on(session: AsyncSession, member_id: str, day: dt.date) -> int:
     """What a member earned on sales of a business day (for daily caps)."""
-    c = sales.c
-    result = await session.execute(
-        sa.select(sa.func.coalesce(sa.func.sum(c.points_earned - c.points_reversed), 0)).where(
-            c.member_id == member_id, c.business_day == day
-        )
-    )
+    result = await session.execute(_EARNED_ON, {"member_id": member_id, "day": day})
     return int(result.scalar_one())
 
 

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chassis.db import BigIntKey, UTCDateTime
+from chassis.db import BigIntKey, Memo, RowByKey, UTCDateTime
 from chassis.documents import default_etag, document_table, read_document, write_document
 from services.loyalty.domain.tiers import (
     HistoryKind,
@@ -25,7 +25,7 @@ from services.loyalty.domain.tiers import (
     default_ladder,
     standing_of,
 )
-from services.loyalty.store import metadata
+from services.loyalty.store import SETTINGS_MEMO_SECONDS, metadata
 
 _LADDER_KEY = {"ladder_id": 1}
 SALE = "sale"
@@ -165,6 +165,15 @@ class LadderRecord:
     updated_at: dt.datetime | None
 
 
+# The ladder as every sale reads it (``current_ladder``).
+_LADDER_MEMO: Memo[LadderRecord] = Memo(ttl=SETTINGS_MEMO_SECONDS)
+
+
+async def current_ladder(session: AsyncSession) -> LadderRecord:
+    """The ladder, as kept for a few seconds (see ``chassis.db.Memo``)."""
+    return await _LADDER_MEMO.get(session, lambda: get_ladder(session))
+
+
 async def get_ladder(session: AsyncSession, *, for_update: bool = False) -> LadderRecord:
     """The chain's ladder; the default one until HQ sets its own."""
     stored = await read_document(session, tier_ladder, _LADDER_KEY, for_update=for_update)
@@ -184,6 +193,7 @@ async def get_ladder(session: AsyncSession, *, for_update: bool = False) -> Ladd
 async def save_ladder(
     session: AsyncSession, ladder: Ladder, *, principal: str, store_id: str, now: dt.datetime
 ) -> None:
+    _LADDER_MEMO.forget()
     await write_document(
         session,
         tier_ladder,
@@ -225,13 +235,13 @@ def _member(row: Any) -> MemberTierRecord:
     return MemberTierRecord(row.member_id, row.tier_id, row.since, row.grace_until)
 
 
+_MEMBER = RowByKey(member_tiers, "member_id")
+
+
 async def get_member(
     session: AsyncSession, member_id: str, *, for_update: bool = False
 ) -> MemberTierRecord | None:
-    query = sa.select(member_tiers).where(member_tiers.c.member_id == member_id)
-    if for_update:
-        query = query.with_for_update()
-    row = (await session.execute(query)).first()
+    row = await _MEMBER.first(session, member_id, for_update=for_update)
     return None if row is None else _member(row)
 
 
@@ -241,6 +251,9 @@ async def locked_member(
     """The member's row, created at the lowest tier if missing, locked
     until the transaction ends: one member's tier changes happen one at a
     time (on PostgreSQL; SQLite serialises all writers)."""
+    found = await get_member(session, member_id, for_update=True)
+    if found is not None:
+        return found
     await session.execute(
         _insert(session)(member_tiers)
         .values(member_id=member_id, tier_id=lowest_tier_id, updated_at=now)
@@ -313,13 +326,11 @@ class ActivityRecord:
     spend_minor_units: int
 
 
+_ACTIVITY = RowByKey(tier_activity, "kind", "reference")
+
+
 async def get_activity(session: AsyncSession, kind: str, reference: str) -> ActivityRecord | None:
-    c = tier_activity.c
-    row = (
-        await session.execute(
-            sa.select(tier_activity).where(c.kind == kind, c.reference == reference)
-        )
-    ).first()
+    row = await _ACTIVITY.first(session, kind, reference)
     if row is None:
         return None
     return ActivityRecord(
@@ -340,6 +351,9 @@ async def refunded_of_sale(session: AsyncSession, sale_id: str) -> int:
     return -int(total or 0)
 
 
+_INSERT_ACTIVITY = sa.insert(tier_activity)
+
+
 async def insert_activity(
     session: AsyncSession,
     *,
@@ -352,7 +366,8 @@ async def insert_activity(
     now: dt.datetime,
 ) -> None:
     await session.execute(
-        sa.insert(tier_activity).values(
+        _INSERT_ACTIVITY,
+        dict(
             kind=kind,
             reference=reference,
             sale_id=sale_id,
@@ -360,7 +375,7 @@ async def insert_activity(
             business_day=business_day,
             spend_minor_units=spend_minor_units,
             recorded_at=now,
-        )
+        ),
     )
 
 
