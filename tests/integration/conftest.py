@@ -75,14 +75,18 @@ class Suite:
     runtimes: dict[str, ServiceRuntime] = field(default_factory=dict)
     channels: dict[str, grpc.aio.Channel] = field(default_factory=dict)
 
-    async def start(self, definition: ServiceDefinition, database_url: str) -> ServiceRuntime:
+    async def start(
+        self, definition: ServiceDefinition, database_url: str, *, port: int = 0
+    ) -> ServiceRuntime:
+        """Start a service; ``port`` to start it again where its peers
+        already look for it (after ``stop``)."""
         settings = Settings(
             service=definition.name,
             environment="test",
             var_dir=self.var_dir,
             database_url=database_url,
             nats_url=self.nats_url,
-            grpc_listen="127.0.0.1:0",
+            grpc_listen=f"127.0.0.1:{port}",
             # The services already running are its peers (notify asks
             # members about the recipients of its messages).
             peers={name: f"127.0.0.1:{rt.port}" for name, rt in self.runtimes.items()},

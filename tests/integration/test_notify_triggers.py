@@ -39,6 +39,7 @@ from services.gateway.server import create_app
 from services.members.server import definition as members_definition
 from services.notify.server import definition as notify_definition
 from services.notify.server import templates as templates_server
+from services.notify.store.intents import notifications as notifications_table
 from services.notify.store.messages import messages as messages_table
 from tests.integration.conftest import (
     Suite,
@@ -534,3 +535,72 @@ async def test_templates_are_checked_when_saved_versioned_and_previewed(
     await publish(suite, "loyalty", "loyalty.v1.tier.changed", tier, "ev-tier-saved")
     got = await rig.message("tier_changed", member_id=member)
     assert got["body"] == "Ahora es socio GOLD de Store S002."
+
+
+@pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
+async def test_a_members_outage_delays_the_welcome_and_loses_nothing(
+    suite: Suite, database_url: DatabaseFactory
+) -> None:
+    """Notify cannot plan a message without the member file: while members
+    is down the notification waits and is tried again with a growing delay;
+    when members is back the message is planned, once."""
+    members_url = await database_url("members")
+    members = await suite.start(members_definition, members_url)
+    await seed_organisation(suite)
+    notify = await suite.start(notify_definition, await database_url("notify"))
+    member = await members_pb2_grpc.MembersServiceStub(suite.channels["members"]).CreateMember(
+        M.CreateMemberRequest(
+            request_id="outage-member",
+            member=M.Member(
+                home_store_id="S001",
+                given_name="Ann",
+                mobile="13800138009",
+                preferred_language="en",
+            ),
+        ),
+        metadata=HQ,
+    )
+    await eventually(lambda: _messages(notify, member.member_id), lambda rows: len(rows) == 1)
+
+    # Members goes down; an event for the member arrives meanwhile.
+    port = members.port
+    await suite.stop("members")
+    tier = loyalty_events.TierChanged(
+        member_id=member.member_id, from_tier_id="SILVER", to_tier_id="GOLD"
+    )
+    await publish(suite, "loyalty", "loyalty.v1.tier.changed", tier, "ev-tier-outage")
+
+    async def notification() -> dict[str, Any] | None:
+        async with notify.db.sessions() as session:
+            row = (
+                await session.execute(
+                    sa.select(notifications_table).where(
+                        notifications_table.c.dedup_key == "tier_changed:ev-tier-outage"
+                    )
+                )
+            ).first()
+            return dict(row._mapping) if row else None
+
+    waiting = await eventually(notification, lambda row: row is not None and row["attempts"] >= 1)
+    assert waiting["planned_at"] is None
+    assert "MEMBERS_UNAVAILABLE" in waiting["last_error"] or "members" in waiting["last_error"]
+    assert [r["template"] for r in await _messages(notify, member.member_id)] == ["welcome"]
+
+    # Members is back where notify looks for it: the message is planned, once.
+    await suite.start(members_definition, members_url, port=port)
+    rows = await eventually(
+        lambda: _messages(notify, member.member_id),
+        lambda rows: any(r["template"] == "tier_changed" for r in rows),
+        timeout=60,
+    )
+    assert sorted(r["template"] for r in rows) == ["tier_changed", "welcome"]
+    planned = await notification()
+    assert planned is not None and planned["planned_at"] is not None
+
+
+async def _messages(notify: ServiceRuntime, member_id: str) -> list[dict[str, Any]]:
+    async with notify.db.sessions() as session:
+        rows = await session.execute(
+            sa.select(messages_table).where(messages_table.c.member_id == member_id)
+        )
+        return [dict(r._mapping) for r in rows]
