@@ -22,7 +22,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from chassis.auth import Role, service_token
+from chassis.auth import Role, Scope, ScopeLevel, service_token
 from chassis.bus import STREAMS, Bus, cloudevent_headers
 from chassis.config import DEVELOPMENT_TOKEN_SECRET, Settings
 from chassis.db import utcnow
@@ -604,3 +604,89 @@ async def _messages(notify: ServiceRuntime, member_id: str) -> list[dict[str, An
             sa.select(messages_table).where(messages_table.c.member_id == member_id)
         )
         return [dict(r._mapping) for r in rows]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_hq_keeps_templates_and_the_policy_over_http(
+    suite: Suite, database_url: DatabaseFactory
+) -> None:
+    rig = await start(suite, database_url)
+    member = await rig.enroll("13800138021", "es")
+    settings = Settings(
+        service="gateway", environment="test", var_dir=suite.var_dir, nats_url=suite.nats_url
+    )
+    app = create_app(settings, members_channel=suite.channels["members"])
+    app.state.notify_channel = suite.channels["notify"]
+    hq = {"authorization": f"Bearer {token()}"}
+    at_s001 = Scope(ScopeLevel.STORE, "S001")
+    operator = {"authorization": f"Bearer {token((Role.STORE_OPERATOR,), at_s001)}"}
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://gateway"
+    ) as http:
+        triggers = (await http.get("/v1/notify/triggers", headers=hq)).json()
+        debited = next(t for t in triggers["triggers"] if t["name"] == "stored_value_debited")
+        assert "balance" in {v["name"] for v in debited["variables"]}
+
+        wording = {
+            "zh-CN": "消费提醒：{amount}",
+            "en": "You spent {amount}; {nickname}",
+            "es": "Ha gastado {amount}",
+        }
+        body = {
+            "name": "stored_value_debited",
+            "trigger": "stored_value_debited",
+            "bodies": wording,
+        }
+        # A variable the trigger does not give is refused when saved.
+        refused = await http.post(
+            "/v1/notify/templates", json=body, headers={**hq, "Idempotency-Key": "t-1"}
+        )
+        assert refused.status_code == 400
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert any("nickname" in e["description"] for e in refused.json()["errors"])
+
+        wording["en"] = "You spent {amount} at the shop"
+        # Staff may read templates, not write them.
+        forbidden = await http.post(
+            "/v1/notify/templates", json=body, headers={**operator, "Idempotency-Key": "t-2"}
+        )
+        assert forbidden.status_code == 403
+        saved = await http.post(
+            "/v1/notify/templates", json=body, headers={**hq, "Idempotency-Key": "t-3"}
+        )
+        assert saved.status_code == 201, saved.text
+
+        # The preview renders the saved wording for the member, in Spanish.
+        preview = await http.post(
+            "/v1/notify/templates/preview",
+            json={
+                "name": "stored_value_debited",
+                "member_id": member,
+                "variables": {"amount": "12,00 ¥"},
+            },
+            headers=hq,
+        )
+        assert preview.status_code == 200, preview.text
+        assert preview.json()["locale"] == "es"
+        assert preview.json()["body"].startswith("Ha gastado 12,00 ¥")
+
+        # The policy changes only against the ETag that was read.
+        read = await http.get("/v1/notify/policy", headers=hq)
+        policy = read.json()
+        etag = read.headers["ETag"]
+        for key in ("etag", "update_time", "updated_by"):
+            policy.pop(key, None)
+        policy["marketing_weekly_cap"] = 5
+        changed = await http.put(
+            "/v1/notify/policy",
+            json=policy,
+            headers={**hq, "If-Match": etag, "Idempotency-Key": "p-1"},
+        )
+        assert changed.status_code == 200, changed.text
+        stale = await http.put(
+            "/v1/notify/policy",
+            json=policy,
+            headers={**hq, "If-Match": etag, "Idempotency-Key": "p-2"},
+        )
+        assert stale.status_code == 412
+        assert (await http.get("/v1/notify/policy", headers=hq)).json()["marketing_weekly_cap"] == 5
