@@ -41,7 +41,7 @@ from cornucopia.members.v1 import members_pb2
 from services.notify import store
 from services.notify.domain import choice, templates, triggers
 from services.notify.domain.messages import Category, Channel
-from services.notify.domain.policy import NotifyPolicy, quiet_hours_release
+from services.notify.domain.policy import NotifyPolicy, quiet_hours_release, same_local_day
 from services.notify.links import Links
 from services.notify.peers import CONTACT_CHANNELS, StaffFacts, StoreFacts
 from services.notify.store import intents, optouts, planning
@@ -420,23 +420,20 @@ class Planner:
                 values["given_name"] = templates.NAMELESS[locale]
         else:
             channel = notification.channel or order[0]
-        found = await template_store.in_use(
-            session, notification.template or notification.trigger, channel
+        found = await _render(
+            session,
+            notification,
+            trigger,
+            channel=channel,
+            values=values,
+            locale=locale,
+            time_zone=addressee.time_zone,
+            policy=policy,
         )
-        template = found.template if found else templates.DEFAULTS.get(notification.trigger)
-        if template is None:
+        if found is None:
             await suppress(choice.TEMPLATE_ERROR, channel)
             return
-        kinds = trigger.allowed_variables()
-        try:
-            rendered = template.render(
-                locale,
-                templates.formatted(kinds, values, locale, addressee.time_zone),
-                fallback=policy.default_locale,
-            )
-        except KeyError:
-            await suppress(choice.TEMPLATE_ERROR, channel)
-            return
+        template_name, rendered = found
         not_before = notification.not_before
         release = quiet_hours_release(
             policy.quiet_hours,
@@ -447,10 +444,19 @@ class Planner:
         )
         if release is not None:
             not_before = release
+        if (
+            trigger.on_its_day_only
+            and notification.not_before is not None
+            and not same_local_day(
+                max(now, not_before or now), notification.not_before, addressee.time_zone
+            )
+        ):
+            await suppress(choice.TOO_LATE, channel)
+            return
         await store.queue_message(
             session,
             message_id=str(uuid.uuid4()),
-            template=template.name,
+            template=template_name,
             channel=channel,
             locale=rendered.locale,
             body=rendered.body,
@@ -464,3 +470,32 @@ class Planner:
             not_before=not_before,
             trigger_event_id=event_id,
         )
+
+
+async def _render(
+    session: AsyncSession,
+    notification: intents.Notification,
+    trigger: triggers.Trigger,
+    *,
+    channel: Channel,
+    values: dict[str, str],
+    locale: str,
+    time_zone: str,
+    policy: NotifyPolicy,
+) -> tuple[str, templates.Rendered] | None:
+    """The template in use (saved, else built in) by name and the message
+    in it, or None when there is none or it cannot be filled."""
+    found = await template_store.in_use(
+        session, notification.template or notification.trigger, channel
+    )
+    template = found.template if found else templates.DEFAULTS.get(notification.trigger)
+    if template is None:
+        return None
+    try:
+        return template.name, template.render(
+            locale,
+            templates.formatted(trigger.allowed_variables(), values, locale, time_zone),
+            fallback=policy.default_locale,
+        )
+    except KeyError:
+        return None

@@ -40,9 +40,11 @@ from services.notify.domain.policy import NotifyPolicy
 from services.notify.peers import Peers
 from services.notify.schedules import Schedules
 from services.notify.server import definition as notify_definition
+from services.notify.server import templates as templates_server
 from services.notify.server.sends import SendsWorker, criteria_json, new_send_id
 from services.notify.store import intents, policy, schedules
 from services.notify.store import sends as send_store
+from services.notify.store.messages import messages as messages_table
 from tests.integration.conftest import (
     Suite,
     a_store,
@@ -112,6 +114,17 @@ class Chain:
         return Schedules(
             self.db, self.directory, default_policy, worker_id=worker_id, page_size=page_size
         )
+
+    async def messages(self) -> list[dict[str, Any]]:
+        """The greetings planned into messages (not the welcomes)."""
+        c = messages_table.c
+        async with self.db.sessions() as session:
+            rows = await session.execute(
+                sa.select(messages_table)
+                .where(c.template.in_(("birthday", "anniversary")))
+                .order_by(c.not_before)
+            )
+        return [dict(row._mapping) for row in rows]
 
     async def notifications(self, trigger: str | None = None) -> list[dict[str, Any]]:
         c = intents.notifications.c
@@ -273,6 +286,23 @@ async def test_birthdays_and_anniversaries_at_nine_local_once_each(
     ]
     await jobs.anniversaries(today)
     assert len(await chain.notifications("anniversary")) == 2
+
+    # The planner takes each greeting an hour before its time, in the
+    # member's language: Alice's at 08:30 in Shanghai, Bob's (09:00 in Mexico
+    # City) not yet; at 08:30 in Mexico City, his. Eve's day (28 February)
+    # has gone by: her greeting is not sent late, it is kept as too late.
+    planner = templates_server.planner(chain.notify.context)
+    await planner.plan_pending(now=today)
+    planned = {m["member_id"]: m for m in await chain.messages()}
+    assert (planned[eve]["status"], planned[eve]["status_reason"]) == ("suppressed", "too_late")
+    del planned[eve]
+    assert [(m, p["locale"], p["not_before"], p["status"]) for m, p in planned.items()] == [
+        (alice, "zh-CN", utc(2027, 3, 15, 1), "queued")
+    ]
+    await planner.plan_pending(now=utc(2027, 3, 15, 14, 30))
+    planned = {m["member_id"]: m for m in await chain.messages()}
+    assert (planned[bob]["locale"], planned[bob]["not_before"]) == ("es", utc(2027, 3, 15, 15))
+    assert planned[bob]["template"] == "birthday" and planned[bob]["category"] == "marketing"
     await chain.directory.close()
 
 

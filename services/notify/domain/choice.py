@@ -24,6 +24,8 @@ MEMBER_INACTIVE = "member_inactive"
 MEMBER_NOT_FOUND = "member_not_found"
 NO_CHANNEL = "no_channel"
 TEMPLATE_ERROR = "template_error"
+# A greeting whose day had passed when it could be sent.
+TOO_LATE = "too_late"
 
 # When several channels were possible and each was ruled out, the reason
 # reported is the most telling: the member said no; else they said yes

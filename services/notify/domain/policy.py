@@ -102,3 +102,9 @@ def local_instant(day: dt.date, at: dt.time, time_zone: str) -> dt.datetime:
     """``at`` on ``day`` in the zone, as a UTC instant (birthday greetings at
     09:00 in the member's store's time zone)."""
     return dt.datetime.combine(day, at, tzinfo=zone(time_zone)).astimezone(dt.UTC)
+
+
+def same_local_day(first: dt.datetime, second: dt.datetime, time_zone: str) -> bool:
+    """Whether two instants fall on one day in the zone."""
+    where = zone(time_zone)
+    return first.astimezone(where).date() == second.astimezone(where).date()

@@ -83,6 +83,9 @@ class Trigger:
     description: str
     # Values for a preview when the caller gives none.
     samples: Mapping[str, str] = field(default_factory=dict)
+    # A greeting: said on its day (the local day of its time) or not at all,
+    # e.g. when notify was down past the day.
+    on_its_day_only: bool = False
 
     def allowed_variables(self) -> dict[str, Kind]:
         """Every variable a template of this trigger may use."""
@@ -105,6 +108,8 @@ def _trigger(  # noqa: PLR0917 - the catalogue below reads as a table
     channels: tuple[Channel, ...],
     description: str,
     samples: dict[str, str] | None = None,
+    *,
+    on_its_day_only: bool = False,
 ) -> Trigger:
     return Trigger(
         name=name,
@@ -115,6 +120,7 @@ def _trigger(  # noqa: PLR0917 - the catalogue below reads as a table
         channels=channels,
         description=description,
         samples=MappingProxyType(samples or {}),
+        on_its_day_only=on_its_day_only,
     )
 
 
@@ -272,6 +278,7 @@ CATALOGUE: Mapping[str, Trigger] = MappingProxyType(
                 {},
                 _PROMOTION,
                 "Birthday greetings at the policy's greeting time, local to the home store.",
+                on_its_day_only=True,
             ),
             _trigger(
                 ANNIVERSARY,
@@ -282,6 +289,7 @@ CATALOGUE: Mapping[str, Trigger] = MappingProxyType(
                 _PROMOTION,
                 "An anniversary on the member file (kind e.g. 'wedding', 'enrollment').",
                 {"kind": "enrollment", "years": "3"},
+                on_its_day_only=True,
             ),
             _trigger(
                 WEEKLY_CALL_DIGEST,
