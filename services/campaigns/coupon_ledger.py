@@ -115,22 +115,41 @@ async def _issue_in(
             raise Skip("COUPON_QUANTITY_EXHAUSTED")
         raise Skip("COUPON_BUDGET_EXHAUSTED")
     valid_from, expires_at = t.validity(stamp.at)
-    await store.insert_coupon(
-        session,
+    coupon = CouponRecord(
         coupon_id=coupon_id,
         code=rules.new_code(),
         template_id=t.template_id,
         member_id=member_id,
-        state=CouponState.ISSUED.value,
+        state=CouponState.ISSUED,
         issued_at=stamp.at,
         issued_store_id=stamp.store_id,
-        issued_by=stamp.principal,
         job_id=job_id,
         valid_from=valid_from,
         expires_at=expires_at,
+        reservation_id="",
+        reserved_until=None,
+        reserved_store_id="",
+        reserved_discount=0,
+        reserved_basket_total=0,
+        sale_id="",
+        redeemed_at=None,
     )
-    coupon = await store.get_coupon(session, coupon_id=coupon_id)
-    assert coupon is not None
+    # The event is built from the row as written (not read back: one
+    # statement less for each coupon of a large issue).
+    await store.insert_coupon(
+        session,
+        coupon_id=coupon.coupon_id,
+        code=coupon.code,
+        template_id=coupon.template_id,
+        member_id=coupon.member_id,
+        state=coupon.state.value,
+        issued_at=coupon.issued_at,
+        issued_store_id=coupon.issued_store_id,
+        issued_by=stamp.principal,
+        job_id=coupon.job_id,
+        valid_from=coupon.valid_from,
+        expires_at=coupon.expires_at,
+    )
     await events.publish(
         session,
         events.COUPON_ISSUED,

@@ -29,15 +29,32 @@ CouponCode = Annotated[
 ]
 TaskId = Annotated[str, id_path("A task_id of listFollowUpTasks.")]
 EventId = Annotated[str, id_path("e.g. EV7Q2K9X4TD3")]
+TemplateId = Annotated[str, id_path("A template_id of listCouponTemplates, e.g. T7Q2K9X4TD8M3RW1")]
+IssueJobId = Annotated[str, id_path("The job_id an issue answered with.")]
+InviteJobId = Annotated[str, id_path("The job_id a segment's invitation answered with.")]
+PromotionId = Annotated[str, id_path("A promotion_id of listPromotions.")]
+PlanId = Annotated[str, id_path("e.g. three-three-three")]
+SegmentId = Annotated[str, id_path("e.g. JUNE-S001")]
+
+
+# The message a create call wraps the body in: its fields are the body's.
+_BODY_MESSAGES = ("template.", "promotion.", "plan.", "event.", "segment.")
 
 
 def campaigns_field(name: str) -> str:
     """The campaigns service's field names as the HTTP request spells them:
-    the same, but for the idempotency key and the state filters."""
+    the same, but for the idempotency key, the state filters and the
+    resource a create or update call wraps the body in (``template.kind`` is
+    the body's ``kind``)."""
     if name == "request_id":
         return "Idempotency-Key"
     if name == "states":
         return "state"
+    if name in ("template", "promotion", "plan", "event", "segment", "update_mask"):
+        return "body"
+    for prefix in _BODY_MESSAGES:
+        if name.startswith(prefix):
+            return name.removeprefix(prefix)
     return name
 
 

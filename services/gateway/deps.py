@@ -24,6 +24,8 @@ from cornucopia.campaigns.v1 import (
     member_events_pb2_grpc,
     pricing_pb2,
     pricing_pb2_grpc,
+    segments_pb2,
+    segments_pb2_grpc,
 )
 from cornucopia.cards.v1 import (
     cards_pb2,
@@ -47,7 +49,11 @@ from services.gateway.problems import FieldError, Problem, ProblemError
 if TYPE_CHECKING:
     from cornucopia.campaigns.v1.followups_pb2_grpc import FollowUpServiceAsyncStub
     from cornucopia.campaigns.v1.member_events_pb2_grpc import MemberEventsServiceAsyncStub
-    from cornucopia.campaigns.v1.pricing_pb2_grpc import CouponsServiceAsyncStub
+    from cornucopia.campaigns.v1.pricing_pb2_grpc import (
+        CouponsServiceAsyncStub,
+        PricingServiceAsyncStub,
+    )
+    from cornucopia.campaigns.v1.segments_pb2_grpc import SegmentsServiceAsyncStub
     from cornucopia.cards.v1.cards_pb2_grpc import CardsServiceAsyncStub
     from cornucopia.cards.v1.programs_pb2_grpc import CardProgramsServiceAsyncStub
     from cornucopia.cards.v1.stored_value_pb2_grpc import StoredValueServiceAsyncStub
@@ -67,6 +73,8 @@ TIERS_SERVICE = rules_pb2.DESCRIPTOR.services_by_name["TiersService"]
 COUPONS_SERVICE = pricing_pb2.DESCRIPTOR.services_by_name["CouponsService"]
 FOLLOW_UP_SERVICE = followups_pb2.DESCRIPTOR.services_by_name["FollowUpService"]
 MEMBER_EVENTS_SERVICE = member_events_pb2.DESCRIPTOR.services_by_name["MemberEventsService"]
+PRICING_SERVICE = pricing_pb2.DESCRIPTOR.services_by_name["PricingService"]
+SEGMENTS_SERVICE = segments_pb2.DESCRIPTOR.services_by_name["SegmentsService"]
 
 
 # -- peers ------------------------------------------------------------------------
@@ -105,6 +113,8 @@ class Peers:
         self._coupons_stub: CouponsServiceAsyncStub | None = None
         self._followups_stub: FollowUpServiceAsyncStub | None = None
         self._member_events_stub: MemberEventsServiceAsyncStub | None = None
+        self._pricing_stub: PricingServiceAsyncStub | None = None
+        self._segments_stub: SegmentsServiceAsyncStub | None = None
 
     @property
     def members_channel(self) -> grpc.aio.Channel:
@@ -191,7 +201,13 @@ class Peers:
         if self._campaigns_channel is None:
             self._campaigns_channel = open_channel(
                 self._campaigns_target,
-                services=[COUPONS_SERVICE, FOLLOW_UP_SERVICE, MEMBER_EVENTS_SERVICE],
+                services=[
+                    COUPONS_SERVICE,
+                    FOLLOW_UP_SERVICE,
+                    MEMBER_EVENTS_SERVICE,
+                    PRICING_SERVICE,
+                    SEGMENTS_SERVICE,
+                ],
             )
             self._owned.append(self._campaigns_channel)
         return self._campaigns_channel
@@ -216,6 +232,19 @@ class Peers:
             )
         return self._member_events_stub
 
+    @property
+    def pricing(self) -> PricingServiceAsyncStub:
+        """The campaigns service's promotions (and basket pricing)."""
+        if self._pricing_stub is None:
+            self._pricing_stub = pricing_pb2_grpc.PricingServiceStub(self.campaigns_channel)
+        return self._pricing_stub
+
+    @property
+    def segments(self) -> SegmentsServiceAsyncStub:
+        if self._segments_stub is None:
+            self._segments_stub = segments_pb2_grpc.SegmentsServiceStub(self.campaigns_channel)
+        return self._segments_stub
+
     async def close(self, grace: float | None = None) -> None:
         for channel in self._owned:
             await channel.close(grace)
@@ -235,6 +264,8 @@ class Peers:
         self._coupons_stub = None
         self._followups_stub = None
         self._member_events_stub = None
+        self._pricing_stub = None
+        self._segments_stub = None
 
 
 def peers_of(request: Request) -> Peers:

@@ -240,7 +240,7 @@ class Consent(BaseModel):
     source: str = ""
 
 
-def _expand_enums(data: dict[str, Any], descriptor: Descriptor) -> dict[str, Any]:
+def expand_enums(data: dict[str, Any], descriptor: Descriptor) -> dict[str, Any]:
     """The inverse of _shorten_enums: short names back to proto names."""
     for field in descriptor.fields:
         value = data.get(field.name)
@@ -256,7 +256,7 @@ def _expand_enums(data: dict[str, Any], descriptor: Descriptor) -> dict[str, Any
         elif message is not None and not message.GetOptions().map_entry:
             for item in items:
                 if isinstance(item, dict):
-                    _expand_enums(item, message)
+                    expand_enums(item, message)
     return data
 
 
@@ -301,7 +301,7 @@ class MemberPatch(BaseModel):
         data = self.model_dump(exclude_unset=True, mode="json")
         paths = sorted(data)
         member = members_pb2.Member(member_id=member_id, etag=etag)
-        ParseDict(_expand_enums(data, members_pb2.Member.DESCRIPTOR), member)
+        ParseDict(expand_enums(data, members_pb2.Member.DESCRIPTOR), member)
         return member, paths
 
 

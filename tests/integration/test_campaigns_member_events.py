@@ -14,12 +14,13 @@ import sqlalchemy as sa
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from chassis.auth import Role, Scope, ScopeLevel
-from chassis.db import outbox_table, utcnow
+from chassis.db import Database, outbox_table, utcnow
 from cornucopia.campaigns.v1 import member_events_pb2 as E
 from cornucopia.campaigns.v1 import member_events_pb2_grpc
 from services.campaigns.server import definition as campaigns
+from services.campaigns.store import member_events as event_store
 from tests.integration.conftest import Suite, auth, rpc_details, token
-from tests.integration.infra import DatabaseFactory
+from tests.integration.infra import DatabaseFactory, migrate, schema_drift
 
 HQ = auth()
 S001_MANAGER = auth(token((Role.STORE_MANAGER,), Scope(ScopeLevel.STORE, "S001"), "mgr-1"))
@@ -219,3 +220,26 @@ async def test_invite_answer_check_in_and_report(
     assert published.count("campaigns.v1.event.checked_in") == 4
     # Answers that changed: 5 + 1 YES, the NO after a YES, M021's NO.
     assert published.count("campaigns.v1.event.rsvp") == 8
+
+
+async def test_the_invite_jobs_migration_matches_the_table_and_rolls_back(
+    database_url: DatabaseFactory,
+) -> None:
+    """0008's invite jobs table is the one the code declares; it rolls back
+    to 0007 and applies again."""
+    db = Database(await database_url("campaigns"))
+    migrations = campaigns.migrations_dir
+    tables = {"member_event_invite_jobs", "member_events", "member_event_guests"}
+    metadata = event_store.metadata
+    try:
+        await migrate(db, migrations, "campaigns", "heads")
+        assert await schema_drift(db, metadata, tables) == []
+        await migrate(db, migrations, "campaigns", "0007", down=True)
+        async with db.engine.connect() as conn:
+            assert not await conn.run_sync(
+                lambda c: sa.inspect(c).has_table("member_event_invite_jobs")
+            )
+        await migrate(db, migrations, "campaigns", "heads")
+        assert await schema_drift(db, metadata, tables) == []
+    finally:
+        await db.dispose()

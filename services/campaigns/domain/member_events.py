@@ -33,6 +33,11 @@ class Answer(enum.StrEnum):
 NAME_LIMIT = 100
 MAX_CAPACITY = 100_000
 MAX_INVITES = 1000
+# A segment counting at most this many members is invited within the call
+# (as a list of that length would be); a larger one by the invite-job worker.
+INLINE_INVITE_LIMIT = MAX_INVITES
+# Why an invite job stopped before its last page.
+STOPPED_RSVP_CLOSED = "RSVP_CLOSED"
 MAX_DURATION = dt.timedelta(days=31)
 # The door opens this long before the start.
 CHECK_IN_OPENS = dt.timedelta(hours=2)
@@ -43,6 +48,15 @@ _STORE_ID = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 
 def new_event_id() -> str:
     return "EV" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(14))
+
+
+def new_invite_job_id() -> str:
+    return "IJ" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(14))
+
+
+class InviteJobState(enum.StrEnum):
+    RUNNING = "running"
+    DONE = "done"
 
 
 @dataclass(frozen=True)
@@ -111,11 +125,24 @@ def validate_event(  # noqa: PLR0917
     )
 
 
+def invite_targets(values: list[str], segment_id: str) -> tuple[list[str], str]:
+    """Whom to invite: the member ids (each once, in the order given) or a
+    segment id, one of the two."""
+    segment_id = segment_id.strip()
+    if not segment_id:
+        return member_ids(values), ""
+    v = Violations()
+    if values:
+        v.add("segment_id", "one of member_ids and segment_id, not both")
+    v.raise_if_any()
+    return [], segment_id
+
+
 def member_ids(values: list[str]) -> list[str]:
     """The invited ids, each once, in the order given."""
     v = Violations()
     if not values:
-        v.add("member_ids", "at least one")
+        v.add("member_ids", "at least one member, or a segment_id")
     if len(values) > MAX_INVITES:
         v.add("member_ids", f"at most {MAX_INVITES}")
     out: dict[str, None] = {}

@@ -171,7 +171,10 @@ async def coupons_to_proto(session: AsyncSession, found: list[CouponRecord]) -> 
 
 
 async def job_to_proto(session: AsyncSession, job: JobRecord) -> pb.IssueJob:
-    issued, skipped = await store.job_results(session, job.job_id, rules.INLINE_ISSUE_LIMIT)
+    with_coupons = job.total <= rules.INLINE_ISSUE_LIMIT
+    issued, skipped = await store.job_results(
+        session, job, rules.INLINE_ISSUE_LIMIT, with_coupons=with_coupons
+    )
     m = pb.IssueJob(
         job_id=job.job_id,
         template_id=job.template_id,
@@ -180,9 +183,7 @@ async def job_to_proto(session: AsyncSession, job: JobRecord) -> pb.IssueJob:
         processed=job.processed,
         issued=job.issued,
         skipped=job.skipped,
-        coupons=await coupons_to_proto(session, issued)
-        if job.total <= rules.INLINE_ISSUE_LIMIT
-        else [],
+        coupons=await coupons_to_proto(session, issued) if with_coupons else [],
         skipped_members=[pb.SkippedMember(member_id=m, reason=r) for m, r in skipped],
         created=stamp_proto(job.created_by, job.created_store_id, job.created_at),
         segment_id=job.segment_id,

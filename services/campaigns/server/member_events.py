@@ -5,7 +5,9 @@ domain/referrals.py, the reward writes in referral_rewards.py."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import os
 from collections.abc import Awaitable, Callable, Sequence
 
 import sqlalchemy as sa
@@ -19,6 +21,7 @@ from chassis.errors import AlreadyExists, FieldViolation, InvalidArgument, NotFo
 from chassis.grpcserver import Context, GrpcService
 from chassis.idempotency import run_idempotent
 from chassis.inbox import Subscription
+from chassis.logs import get_logger
 from chassis.paging import decode_token, encode_token, page_size
 from chassis.service import ServiceContext
 from cornucopia.campaigns.v1 import (
@@ -29,10 +32,10 @@ from cornucopia.campaigns.v1 import (
     referrals_pb2_grpc,
 )
 from cornucopia.common.v1 import org_pb2
-from services.campaigns import events
+from services.campaigns import coupon_ledger, event_invitations, events
 from services.campaigns.domain import member_events as domain
 from services.campaigns.domain import referrals as referral_rules
-from services.campaigns.domain.member_events import Answer, EventKind, SeatMove
+from services.campaigns.domain.member_events import Answer, EventKind, InviteJobState, SeatMove
 from services.campaigns.domain.referrals import ReferralState, RewardKind, Trigger
 from services.campaigns.referral_rewards import (
     LoyaltyPoints,
@@ -41,10 +44,14 @@ from services.campaigns.referral_rewards import (
     ReferralWorker,
 )
 from services.campaigns.server.followups import members_client
+from services.campaigns.server.segments import segment_not_found
 from services.campaigns.store import coupons as coupon_store
 from services.campaigns.store import followups as followup_store
 from services.campaigns.store import member_events as store
 from services.campaigns.store import referrals as referral_store
+from services.campaigns.store import segments as segment_store
+
+log = get_logger(__name__)
 
 E = member_events_pb2
 R = referrals_pb2
@@ -52,6 +59,13 @@ READING_ROLES = (*STAFF_ROLES, Role.SERVICE)
 CREATING_ROLES = (Role.HQ_ADMIN, Role.STORE_MANAGER)
 RSVP_ROLES = (*STAFF_ROLES, Role.SERVICE)
 DOOR_ROLES = (Role.HQ_ADMIN, Role.STORE_MANAGER, Role.STORE_OPERATOR)
+DEFAULT_INVITE_JOB_INTERVAL_SECONDS = 2.0
+# Segments are HQ's: only HQ admins invite one.
+SEGMENT_INVITING_ROLES = (Role.HQ_ADMIN,)
+INVITE_JOB_STATES = {
+    InviteJobState.RUNNING: E.INVITE_JOB_STATE_RUNNING,
+    InviteJobState.DONE: E.INVITE_JOB_STATE_DONE,
+}
 
 KINDS = {
     E.MEMBER_EVENT_KIND_VIP_EVENING: EventKind.VIP_EVENING,
@@ -122,6 +136,30 @@ def guest_to_proto(g: store.Guest) -> E.Guest:
     )
 
 
+def invite_job_to_proto(job: store.InviteJobRecord) -> E.InviteJob:
+    return E.InviteJob(
+        job_id=job.job_id,
+        event_id=job.event_id,
+        segment_id=job.segment_id,
+        segment_version=job.segment_version,
+        state=INVITE_JOB_STATES[job.state],
+        total=job.total,
+        invited=job.invited,
+        already_invited=job.already_invited,
+        stop_reason=job.stop_reason,
+        created=org_pb2.AuditStamp(
+            principal=job.created_by, store_id=job.created_store_id, time=_ts(job.created_at)
+        ),
+        finish_time=_ts(job.finished_at),
+    )
+
+
+def invite_job_not_found(job_id: str) -> NotFound:
+    return NotFound(
+        "no invite job with this id", reason="INVITE_JOB_NOT_FOUND", metadata={"job_id": job_id}
+    )
+
+
 def event_not_found(event_id: str) -> NotFound:
     return NotFound(
         "no member event with this id", reason="EVENT_NOT_FOUND", metadata={"event_id": event_id}
@@ -156,6 +194,7 @@ async def visible_stores(session: AsyncSession, principal: Principal) -> tuple[s
 class MemberEventsServicer(member_events_pb2_grpc.MemberEventsServiceServicer):
     def __init__(self, ctx: ServiceContext) -> None:
         self.db = ctx.db
+        self.members = members_client(ctx)
 
     async def _visible_event(
         self, session: AsyncSession, principal: Principal, event_id: str
@@ -257,32 +296,25 @@ class MemberEventsServicer(member_events_pb2_grpc.MemberEventsServiceServicer):
     ) -> E.InviteMembersResponse:
         principal = current_principal()
         principal.require_role(*CREATING_ROLES)
-        member_ids = domain.member_ids(list(request.member_ids))
+        member_ids, segment_id = domain.invite_targets(list(request.member_ids), request.segment_id)
+        if segment_id:
+            principal.require_role(*SEGMENT_INVITING_ROLES)
         now = utcnow()
         async with self.db.sessions() as session:
             record = await self._visible_event(session, principal, request.event_id)
             await require_store(session, principal, record.event.store_id)
+            segment = await segment_store.get_segment(session, segment_id) if segment_id else None
         event = record.event
         # Invitations go out while answers are taken.
         domain.require_rsvp_open(event, now)
+        if segment_id:
+            if segment is None:
+                raise segment_not_found(segment_id)
+            return await self._invite_segment(request, principal, event, segment, now)
 
         async def invite(session: AsyncSession) -> E.InviteMembersResponse:
-            invited = await store.invite(session, event.event_id, member_ids, now)
-            stamp = _stamp(principal, now)
-            for member_id in invited:
-                await events.publish(
-                    session,
-                    events.EVENT_INVITED,
-                    events_pb2.EventInvited(
-                        event_id=event.event_id,
-                        member_id=member_id,
-                        store_id=event.store_id,
-                        kind=event.kind.value,
-                        start_time=_ts(event.start_at),
-                        rsvp_deadline=_ts(event.rsvp_deadline),
-                        stamp=stamp,
-                    ),
-                )
+            stamp = coupon_ledger.Stamp(principal.subject, principal.store_id, now)
+            invited = await event_invitations.invite(session, event, member_ids, stamp)
             return E.InviteMembersResponse(
                 invited=len(invited), already_invited=len(member_ids) - len(invited)
             )
@@ -295,6 +327,73 @@ class MemberEventsServicer(member_events_pb2_grpc.MemberEventsServiceServicer):
             response_type=E.InviteMembersResponse,
             work=invite,
         )
+
+    async def _invite_segment(
+        self,
+        request: E.InviteMembersRequest,
+        principal: Principal,
+        event: domain.MemberEvent,
+        segment: segment_store.SegmentRecord,
+        now: dt.datetime,
+    ) -> E.InviteMembersResponse:
+        """An invite job for the segment, bound to the request id; run
+        within the call when the segment is small."""
+        count = await self.members.count_members(coupon_ledger.criteria_of(segment.criteria))
+
+        async def create(session: AsyncSession) -> E.InviteMembersResponse:
+            job = await store.get_invite_job(session, request_id=request.request_id)
+            if job is None:
+                job = store.InviteJobRecord(
+                    job_id=domain.new_invite_job_id(),
+                    request_id=request.request_id,
+                    event_id=event.event_id,
+                    segment_id=segment.segment_id,
+                    segment_version=segment.version,
+                    criteria=segment.criteria,
+                    state=InviteJobState.RUNNING,
+                    created_by=principal.subject,
+                    created_store_id=principal.store_id,
+                    created_at=now,
+                )
+                await store.insert_invite_job(session, job)
+            return E.InviteMembersResponse(job=invite_job_to_proto(job))
+
+        created = await run_idempotent(
+            self.db,
+            method="campaigns.InviteMembers",
+            request_id=request.request_id,
+            request=request,
+            response_type=E.InviteMembersResponse,
+            work=create,
+        )
+        job_id = created.job.job_id
+        if count <= domain.INLINE_INVITE_LIMIT:
+            await event_invitations.run_invite_job(self.db, job_id, self.members)
+        async with self.db.sessions() as session:
+            job = await store.get_invite_job(session, job_id=job_id)
+        assert job is not None
+        return E.InviteMembersResponse(
+            invited=job.invited,
+            already_invited=job.already_invited,
+            job=invite_job_to_proto(job),
+        )
+
+    async def GetInviteJob(self, request: E.GetInviteJobRequest, context: Context) -> E.InviteJob:
+        principal = current_principal()
+        principal.require_role(*READING_ROLES)
+        job_id = request.job_id.strip()
+        if not job_id:
+            raise InvalidArgument([FieldViolation("job_id", "required")])
+        async with self.db.sessions() as session:
+            job = await store.get_invite_job(session, job_id=job_id)
+            if job is None:
+                raise invite_job_not_found(job_id)
+            try:
+                await self._visible_event(session, principal, job.event_id)
+            except NotFound:
+                # Another store's event's job reads as missing too.
+                raise invite_job_not_found(job_id) from None
+        return invite_job_to_proto(job)
 
     async def Rsvp(self, request: E.RsvpRequest, context: Context) -> E.Guest:
         principal = current_principal()
@@ -594,8 +693,40 @@ def services(ctx: ServiceContext) -> list[GrpcService]:
     ]
 
 
+def _invite_job_interval() -> float:
+    try:
+        value = float(
+            os.environ.get(
+                "CAMPAIGNS_INVITE_JOB_INTERVAL_SECONDS", DEFAULT_INVITE_JOB_INTERVAL_SECONDS
+            )
+        )
+    except ValueError:
+        return DEFAULT_INVITE_JOB_INTERVAL_SECONDS
+    return value if value > 0 else DEFAULT_INVITE_JOB_INTERVAL_SECONDS
+
+
+def invite_job_worker(ctx: ServiceContext) -> Callable[[], Awaitable[None]]:
+    """Runs the invite jobs too large for their call, and resumes those a
+    restart interrupted."""
+    db, members, interval = ctx.db, members_client(ctx), _invite_job_interval()
+
+    async def run() -> None:
+        while True:
+            try:
+                count = await event_invitations.run_invite_jobs(db, members)
+                if count:
+                    log.info("event invite jobs run", count=count)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("event invite jobs pass failed; will retry")
+            await asyncio.sleep(interval)
+
+    return run
+
+
 def workers(ctx: ServiceContext) -> Sequence[Callable[[], Awaitable[None]]]:
-    return [ReferralWorker(ctx.db, referrals(ctx)).run]
+    return [ReferralWorker(ctx.db, referrals(ctx)).run, invite_job_worker(ctx)]
 
 
 def subscriptions(ctx: ServiceContext) -> Sequence[Subscription]:

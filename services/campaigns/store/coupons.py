@@ -671,18 +671,33 @@ async def add_selected_page(
 
 
 async def job_results(
-    session: AsyncSession, job_id: str, limit: int
+    session: AsyncSession, job: JobRecord, limit: int, *, with_coupons: bool
 ) -> tuple[list[CouponRecord], list[tuple[str, str]]]:
-    """The job's first coupons and first skipped members."""
+    """The job's first coupons (``with_coupons``) and first skipped members,
+    in the job's order. Both are read through the job's own rows (its
+    members' index by outcome and position), so that reading a job costs
+    the same whatever the size of the job or of the coupons table."""
     m = coupon_issue_job_members.c
-    issued = await coupons_where(session, coupons.c.job_id == job_id)
-    skipped = await session.execute(
-        sa.select(m.member_id, m.outcome)
-        .where(m.job_id == job_id, m.outcome != "", m.outcome != "issued")
-        .order_by(m.position)
-        .limit(limit)
-    )
-    return issued[:limit], [(row.member_id, row.outcome) for row in skipped]
+    issued: list[CouponRecord] = []
+    if with_coupons and job.issued:
+        rows = await session.execute(
+            sa.select(coupons)
+            .join(coupon_issue_job_members, m.coupon_id == coupons.c.coupon_id)
+            .where(m.job_id == job.job_id, m.outcome == "issued")
+            .order_by(m.position)
+            .limit(limit)
+        )
+        issued = [_coupon(row) for row in rows]
+    skipped: list[tuple[str, str]] = []
+    if job.skipped:
+        rows = await session.execute(
+            sa.select(m.member_id, m.outcome)
+            .where(m.job_id == job.job_id, m.outcome != "", m.outcome != "issued")
+            .order_by(m.position)
+            .limit(limit)
+        )
+        skipped = [(row.member_id, row.outcome) for row in rows]
+    return issued, skipped
 
 
 # --- statistics ----------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import UTCDateTime
-from services.campaigns.domain.member_events import Answer, EventKind, MemberEvent
+from services.campaigns.domain.member_events import Answer, EventKind, InviteJobState, MemberEvent
 from services.campaigns.store import metadata
 
 member_events = sa.Table(
@@ -55,6 +55,34 @@ member_event_guests = sa.Table(
     sa.Column("checked_in_at", UTCDateTime, nullable=True),
     sa.Column("checked_in_by", sa.String(100), nullable=False, server_default=""),
     sa.Column("walk_in", sa.Boolean, nullable=False, server_default=sa.false()),
+)
+
+# 0008: inviting a segment's members, page by page. The criteria as they
+# were at the call (JSON of members' MemberCriteria), the SelectMembers page
+# token reached, and whether pages remain. A member is invited once per
+# event whatever the job (the guests' primary key), so the job keeps only
+# its counters.
+member_event_invite_jobs = sa.Table(
+    "member_event_invite_jobs",
+    metadata,
+    sa.Column("job_id", sa.String(16), primary_key=True),
+    sa.Column("request_id", sa.String(220), nullable=False, unique=True),
+    sa.Column("event_id", sa.String(16), nullable=False),
+    sa.Column("segment_id", sa.String(40), nullable=False),
+    sa.Column("segment_version", sa.BigInteger, nullable=False),
+    sa.Column("criteria", sa.Text, nullable=False),
+    sa.Column("cursor", sa.String(1024), nullable=False, server_default=""),
+    sa.Column("selecting", sa.Boolean, nullable=False, server_default=sa.true()),
+    sa.Column("state", sa.String(10), nullable=False),
+    sa.Column("total", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("invited", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("already_invited", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("stop_reason", sa.String(40), nullable=False, server_default=""),
+    sa.Column("created_by", sa.String(100), nullable=False),
+    sa.Column("created_store_id", sa.String(32), nullable=False, server_default=""),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("finished_at", UTCDateTime, nullable=True),
+    sa.Index("ix_member_event_invite_jobs_state", "state"),
 )
 
 
@@ -310,3 +338,141 @@ async def attendance(session: AsyncSession, event_id: str) -> Attendance:
         walk_ins=int(row.walk_ins),
         no_shows=int(row.no_shows),
     )
+
+
+# --- invite jobs ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InviteJobRecord:
+    job_id: str
+    request_id: str
+    event_id: str
+    segment_id: str
+    segment_version: int
+    criteria: str
+    state: InviteJobState
+    created_by: str
+    created_store_id: str
+    created_at: dt.datetime
+    cursor: str = ""
+    selecting: bool = True
+    total: int = 0
+    invited: int = 0
+    already_invited: int = 0
+    stop_reason: str = ""
+    finished_at: dt.datetime | None = None
+
+
+def _invite_job(row: Any) -> InviteJobRecord:
+    return InviteJobRecord(
+        job_id=row.job_id,
+        request_id=row.request_id,
+        event_id=row.event_id,
+        segment_id=row.segment_id,
+        segment_version=row.segment_version,
+        criteria=row.criteria,
+        state=InviteJobState(row.state),
+        created_by=row.created_by,
+        created_store_id=row.created_store_id,
+        created_at=row.created_at,
+        cursor=row.cursor,
+        selecting=bool(row.selecting),
+        total=row.total,
+        invited=row.invited,
+        already_invited=row.already_invited,
+        stop_reason=row.stop_reason,
+        finished_at=row.finished_at,
+    )
+
+
+async def insert_invite_job(session: AsyncSession, job: InviteJobRecord) -> None:
+    await session.execute(
+        sa.insert(member_event_invite_jobs).values(
+            job_id=job.job_id,
+            request_id=job.request_id,
+            event_id=job.event_id,
+            segment_id=job.segment_id,
+            segment_version=job.segment_version,
+            criteria=job.criteria,
+            cursor=job.cursor,
+            selecting=job.selecting,
+            state=job.state.value,
+            created_by=job.created_by,
+            created_store_id=job.created_store_id,
+            created_at=job.created_at,
+        )
+    )
+
+
+async def get_invite_job(
+    session: AsyncSession, *, job_id: str = "", request_id: str = ""
+) -> InviteJobRecord | None:
+    c = member_event_invite_jobs.c
+    query = sa.select(member_event_invite_jobs).where(
+        c.job_id == job_id if job_id else c.request_id == request_id
+    )
+    row = (await session.execute(query)).first()
+    return None if row is None else _invite_job(row)
+
+
+async def running_invite_jobs(session: AsyncSession) -> list[str]:
+    c = member_event_invite_jobs.c
+    rows = await session.execute(
+        sa.select(c.job_id).where(c.state == InviteJobState.RUNNING.value).order_by(c.created_at)
+    )
+    return [row.job_id for row in rows]
+
+
+async def take_invite_page(
+    session: AsyncSession, job_id: str, cursor: str, next_cursor: str
+) -> bool:
+    """The job moves from the page at ``cursor`` to ``next_cursor`` (no
+    page left when empty): False when it is no longer at ``cursor`` (another
+    runner took this page, or the job stopped); nothing is written then."""
+    c = member_event_invite_jobs.c
+    moved = await session.execute(
+        sa.update(member_event_invite_jobs)
+        .where(
+            c.job_id == job_id,
+            c.cursor == cursor,
+            c.selecting.is_(True),
+            c.state == InviteJobState.RUNNING.value,
+        )
+        .values(cursor=next_cursor, selecting=bool(next_cursor))
+        .returning(c.job_id)
+    )
+    return moved.first() is not None
+
+
+async def count_invite_page(session: AsyncSession, job_id: str, *, read: int, invited: int) -> None:
+    c = member_event_invite_jobs.c
+    await session.execute(
+        sa.update(member_event_invite_jobs)
+        .where(c.job_id == job_id)
+        .values(
+            total=c.total + read,
+            invited=c.invited + invited,
+            already_invited=c.already_invited + (read - invited),
+        )
+    )
+
+
+async def finish_invite_job(
+    session: AsyncSession, job_id: str, now: dt.datetime, *, stop_reason: str = ""
+) -> bool:
+    """The job is DONE: every page read, or stopped (``stop_reason``) with
+    pages left unread. False when it was done already."""
+    c = member_event_invite_jobs.c
+    done = await session.execute(
+        sa.update(member_event_invite_jobs)
+        .where(c.job_id == job_id, c.state == InviteJobState.RUNNING.value)
+        .values(
+            state=InviteJobState.DONE.value,
+            selecting=False,
+            stop_reason=stop_reason,
+            finished_at=now,
+        )
+        .returning(c.job_id)
+    )
+    return done.first() is not None

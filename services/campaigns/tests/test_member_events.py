@@ -121,6 +121,18 @@ def test_invited_ids_are_checked_and_kept_once_in_order() -> None:
         d.member_ids([f"M{i}" for i in range(d.MAX_INVITES + 1)])
 
 
+def test_a_list_or_a_segment_is_invited_not_both_nor_neither() -> None:
+    assert d.invite_targets(["M1", "M1"], "") == (["M1"], "")
+    assert d.invite_targets([], " JUNE ") == ([], "JUNE")
+    with pytest.raises(InvalidArgument) as both:
+        d.invite_targets(["M1"], "JUNE")
+    assert violations(both.value) == {"segment_id"}
+    with pytest.raises(InvalidArgument) as neither:
+        d.invite_targets([], "  ")
+    assert violations(neither.value) == {"member_ids"}
+    assert d.new_invite_job_id().startswith("IJ") and len(d.new_invite_job_id()) == 16
+
+
 def campaign(**changes: object) -> r.Campaign:
     values: dict[str, object] = {
         "campaign_id": "bring-a-friend",
