@@ -40,6 +40,21 @@ def event_type(message: Message) -> str:
     return message.DESCRIPTOR.full_name
 
 
+# Built once: building a statement and its cache key on every call costs
+# more than executing it.
+_INSERT = sa.insert(outbox_table)
+_MARK_SENT = (
+    sa.update(outbox_table)
+    .where(outbox_table.c.seq.in_(sa.bindparam("seqs", expanding=True)))
+    .values(sent_at=sa.bindparam("sent_now"), attempts=outbox_table.c.attempts + 1)
+)
+_MARK_FAILED = (
+    sa.update(outbox_table)
+    .where(outbox_table.c.seq == sa.bindparam("failed_seq"))
+    .values(attempts=outbox_table.c.attempts + 1, last_error=sa.bindparam("error"))
+)
+
+
 def new_event_id() -> str:
     return str(uuid.uuid4())
 
@@ -62,14 +77,15 @@ async def enqueue(
     )
     headers.update(current_traceparent())
     await session.execute(
-        sa.insert(outbox_table).values(
-            event_id=eid,
-            subject=subject,
-            event_type=event_type(message),
-            payload=message.SerializeToString(),
-            headers=headers,
-            created_at=now,
-        )
+        _INSERT,
+        {
+            "event_id": eid,
+            "subject": subject,
+            "event_type": event_type(message),
+            "payload": message.SerializeToString(),
+            "headers": headers,
+            "created_at": now,
+        },
     )
     session.info[OUTBOX_WRITTEN] = True
     return eid
@@ -233,18 +249,10 @@ class OutboxRelay:
         self, session: AsyncSession, sent: list[int], failure: tuple[int, str] | None
     ) -> None:
         if sent:
-            await session.execute(
-                sa.update(outbox_table)
-                .where(outbox_table.c.seq.in_(sent))
-                .values(sent_at=utcnow(), attempts=outbox_table.c.attempts + 1)
-            )
+            await session.execute(_MARK_SENT, {"seqs": sent, "sent_now": utcnow()})
         if failure is not None:
             seq, error = failure
-            await session.execute(
-                sa.update(outbox_table)
-                .where(outbox_table.c.seq == seq)
-                .values(attempts=outbox_table.c.attempts + 1, last_error=error)
-            )
+            await session.execute(_MARK_FAILED, {"failed_seq": seq, "error": error})
 
     async def _publish_row(self, row: Any) -> None:
         stored: dict[str, str] = dict(row.headers)

@@ -9,11 +9,9 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import grpc
-
 from chassis.config import Settings
-from chassis.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
-from chassis.grpcclient import Peer, rich_error
+from chassis.errors import FieldViolation, InvalidArgument, NotFound, ServiceError, Unavailable
+from chassis.grpcclient import Peer
 from chassis.logs import get_logger
 from cornucopia.members.v1 import members_pb2, members_pb2_grpc
 from services.cards.store.projections import MemberStatus
@@ -53,38 +51,39 @@ class MembersClient:
             [MEMBERS_SERVICE],
             token_secret=settings.token_secret,
             subject=SUBJECT,
+            timeout=CALL_TIMEOUT_SECONDS,
         )
 
-    def _stub(self) -> MembersServiceAsyncStub:
-        return members_pb2_grpc.MembersServiceStub(self.peer.channel)
-
-    def _token(self) -> tuple[tuple[str, str]]:
-        return self.peer.metadata()
+    @property
+    def _members(self) -> MembersServiceAsyncStub:
+        return members_pb2_grpc.MembersServiceStub(self.peer.channel)  # type: ignore[return-value]
 
     async def member_id_by_mobile(self, mobile: str) -> str:
         """The member whose mobile (their e-card) this is; a merged
         duplicate's mobile gives the survivor."""
         try:
-            member = await self._stub().LookupMember(
+            member = await self.peer.call(
+                self._members.LookupMember,
                 members_pb2.LookupMemberRequest(mobile=mobile),
-                metadata=self._token(),
-                timeout=CALL_TIMEOUT_SECONDS,
+                missing_ok=True,
             )
-        except grpc.aio.AioRpcError as exc:
-            raise self._translate(exc, field="mobile") from None
+        except ServiceError as error:
+            raise _translated(error, field="mobile") from None
+        if member is None:
+            raise NotFound("no member with this identifier", reason="MEMBER_NOT_FOUND")
         return str(member.member_id)
 
     async def member_facts(self, member_id: str) -> MemberFacts | None:
         try:
-            member = await self._stub().GetMember(
+            member = await self.peer.call(
+                self._members.GetMember,
                 members_pb2.GetMemberRequest(member_id=member_id),
-                metadata=self._token(),
-                timeout=CALL_TIMEOUT_SECONDS,
+                missing_ok=True,
             )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return None
-            raise self._translate(exc, field="member_id") from None
+        except ServiceError as error:
+            raise _translated(error, field="member_id") from None
+        if member is None:
+            return None
         status = STATUSES.get(member.state, MemberStatus.ACTIVE)
         as_of = member.update_time.ToDatetime(dt.UTC) if member.HasField("update_time") else None
         return MemberFacts(
@@ -94,22 +93,23 @@ class MembersClient:
             as_of or dt.datetime.now(dt.UTC),
         )
 
-    @staticmethod
-    def _translate(exc: grpc.aio.AioRpcError, *, field: str) -> Exception:
-        problem = rich_error(exc)
-        if problem.code == grpc.StatusCode.NOT_FOUND:
-            return NotFound("no member with this identifier", reason="MEMBER_NOT_FOUND")
-        if problem.code == grpc.StatusCode.INVALID_ARGUMENT:
-            description = problem.violations[0].description if problem.violations else "invalid"
-            return InvalidArgument([FieldViolation(field, description)])
-        # Anything else is members failing us, not the caller's mistake.
-        log.warning("members call failed", code=problem.code.name, reason=problem.reason)
-        return Unavailable(
-            "the members service did not answer; try again",
-            reason="MEMBERS_UNAVAILABLE",
-            retry_after_seconds=1.0,
-        )
-
     async def close(self) -> None:
         """Close the channel; the service's context calls this at shutdown."""
         await self.peer.close()
+
+
+def _translated(error: ServiceError, *, field: str) -> ServiceError:
+    """A refusal of members as the cards caller should see it: an invalid
+    identifier is the caller's, on the field they gave; anything else is
+    members failing us (MEMBERS_UNAVAILABLE), not the caller's mistake."""
+    if isinstance(error, InvalidArgument):
+        description = error.violations[0].description if error.violations else "invalid"
+        return InvalidArgument([FieldViolation(field, description)])
+    log.warning("members call failed", reason=error.reason)
+    if isinstance(error, Unavailable):
+        return error
+    return Unavailable(
+        "the members service did not answer; try again",
+        reason="MEMBERS_UNAVAILABLE",
+        retry_after_seconds=1.0,
+    )

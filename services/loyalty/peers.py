@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
-import grpc
 from google.protobuf.duration_pb2 import Duration
-from google.protobuf.message import Message
 
 from chassis.config import Settings
 from chassis.errors import ServiceError
-from chassis.grpcclient import Peer, passed_on, rich_error
+from chassis.grpcclient import Peer
 from chassis.service import ServiceContext
 from cornucopia.campaigns.v1 import pricing_pb2, pricing_pb2_grpc
 from cornucopia.cards.v1 import (
@@ -41,15 +39,10 @@ from cornucopia.members.v1 import (
 from services.loyalty.store.members import MemberStatus
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable
+    pass
 
 SUBJECT = "loyalty"
 CALL_TIMEOUT_SECONDS = 5.0
-# Cards' ResolveCard, HoldStoredValue and CaptureHold send the card's
-# available stored value after the call in this trailing metadata key, so
-# that a receipt needs no GetBalance.
-AVAILABLE_KEY = "cornucopia-available-minor-units"
-R = TypeVar("R", bound=Message)
 
 
 @dataclass(frozen=True)
@@ -63,9 +56,9 @@ class ResolvedCard:
     refusal_reason: str = ""
     discount_bps: int = 0
     stored_value: bool = False
-    # The card's available stored value when it was resolved (None: cards
-    # did not say).
-    stored_value_available: int | None = None
+    # The card's available stored value when it was resolved (0 for a card
+    # with no stored-value account).
+    stored_value_available: int = 0
 
 
 @dataclass(frozen=True)
@@ -80,17 +73,6 @@ class Captured:
     # The card's available stored value after the capture (None: cards did
     # not say).
     available_after: int | None
-
-
-async def _available_after(call: grpc.aio.UnaryUnaryCall) -> int | None:  # type: ignore[type-arg]
-    """The available stored value cards sent with its answer, if it did."""
-    for key, value in await call.trailing_metadata() or ():
-        if key == AVAILABLE_KEY:
-            try:
-                return int(value)
-            except (TypeError, ValueError):
-                return None
-    return None
 
 
 @dataclass(frozen=True)
@@ -130,13 +112,8 @@ class CardsClient:
             ],
             token_secret=settings.token_secret,
             subject=SUBJECT,
+            timeout=CALL_TIMEOUT_SECONDS,
         )
-
-    async def _call(self, call: Awaitable[R]) -> R:
-        try:
-            return await call
-        except grpc.aio.AioRpcError as exc:
-            raise passed_on(rich_error(exc), peer="cards") from None
 
     @property
     def _cards(self) -> cards_pb2_grpc.CardsServiceAsyncStub:
@@ -155,14 +132,9 @@ class CardsClient:
         registered or was revoked. Asked at every partner call, never
         cached: a revocation takes effect at the next call."""
         try:
-            partner = await self._call(
-                self._partners.LookupPartnerCertificate(
-                    partners_pb2.LookupPartnerCertificateRequest(
-                        sha256_fingerprint=sha256_fingerprint
-                    ),
-                    metadata=self.peer.metadata(),
-                    timeout=CALL_TIMEOUT_SECONDS,
-                )
+            partner = await self.peer.call(
+                self._partners.LookupPartnerCertificate,
+                partners_pb2.LookupPartnerCertificateRequest(sha256_fingerprint=sha256_fingerprint),
             )
         except ServiceError as error:
             if error.reason == "CERTIFICATE_NOT_REGISTERED":
@@ -174,12 +146,8 @@ class CardsClient:
 
     async def partner_exists(self, partner_id: str) -> bool:
         try:
-            await self._call(
-                self._partners.GetPartner(
-                    partners_pb2.GetPartnerRequest(partner_id=partner_id),
-                    metadata=self.peer.metadata(),
-                    timeout=CALL_TIMEOUT_SECONDS,
-                )
+            await self.peer.call(
+                self._partners.GetPartner, partners_pb2.GetPartnerRequest(partner_id=partner_id)
             )
         except ServiceError as error:
             if error.reason == "PARTNER_NOT_FOUND":
@@ -188,15 +156,13 @@ class CardsClient:
         return True
 
     async def resolve(self, *, card_number: str, mobile: str, member_id: str) -> ResolvedCard:
-        call = self._cards.ResolveCard(
-            cards_pb2.ResolveCardRequest(
-                card_number=card_number, mobile=mobile, member_id=member_id
-            ),
-            metadata=self.peer.metadata(),
-            timeout=CALL_TIMEOUT_SECONDS,
-        )
         try:
-            found = await self._call(call)
+            found = await self.peer.call(
+                self._cards.ResolveCard,
+                cards_pb2.ResolveCardRequest(
+                    card_number=card_number, mobile=mobile, member_id=member_id
+                ),
+            )
         except ServiceError as error:
             # A member without a card still earns points.
             if error.reason == "MEMBER_HAS_NO_CARD" and error.metadata.get("member_id"):
@@ -210,16 +176,16 @@ class CardsClient:
             refusal_reason=found.refusal_reason,
             discount_bps=found.member_discount_bps,
             stored_value=found.stored_value,
-            stored_value_available=await _available_after(call),
+            # Unset: the card has no stored-value account, nothing to spend.
+            stored_value_available=int(found.stored_value_available.minor_units),
         )
 
     async def available(self, card_id: str) -> int:
-        balance = await self._call(
-            self._sv.GetBalance(
-                stored_value_pb2.GetBalanceRequest(card_id=card_id),
-                metadata=self.peer.metadata(),
-                timeout=CALL_TIMEOUT_SECONDS,
-            )
+        """The card's available stored value, asked on its own: only when
+        recovering a checkout (the replies of ResolveCard and CaptureHold
+        carry it otherwise)."""
+        balance = await self.peer.call(
+            self._sv.GetBalance, stored_value_pb2.GetBalanceRequest(card_id=card_id)
         )
         return int(balance.available.minor_units)
 
@@ -235,66 +201,52 @@ class CardsClient:
     ) -> HeldValue:
         duration = Duration()
         duration.FromTimedelta(ttl)
-        held = await self._call(
-            self._sv.HoldStoredValue(
-                stored_value_pb2.HoldStoredValueRequest(
-                    request_id=request_id,
-                    card_id=card_id,
-                    amount=amount,
-                    pin=pin,
-                    reference=reference,
-                    ttl=duration,
-                ),
-                metadata=self.peer.metadata(),
-                timeout=CALL_TIMEOUT_SECONDS,
-            )
+        held = await self.peer.call(
+            self._sv.HoldStoredValue,
+            stored_value_pb2.HoldStoredValueRequest(
+                request_id=request_id,
+                card_id=card_id,
+                amount=amount,
+                pin=pin,
+                reference=reference,
+                ttl=duration,
+            ),
         )
         return HeldValue(held.hold_id, stored_value_pb2.HoldState.Name(held.state))
 
     async def capture(self, *, request_id: str, hold_id: str) -> Captured:
         """Captures the whole hold; returns the capture's movement id and
         what the card has left."""
-        call = self._sv.CaptureHold(
+        held = await self.peer.call(
+            self._sv.CaptureHold,
             stored_value_pb2.CaptureHoldRequest(request_id=request_id, hold_id=hold_id),
-            metadata=self.peer.metadata(),
-            timeout=CALL_TIMEOUT_SECONDS,
         )
-        held = await self._call(call)
-        return Captured(str(held.capture_movement_id), await _available_after(call))
+        available = (
+            int(held.available_after.minor_units) if held.HasField("available_after") else None
+        )
+        return Captured(str(held.capture_movement_id), available)
 
     async def hold_captured(self, hold_id: str) -> bool:
         """Whether cards captured the hold."""
-        held = await self._call(
-            self._sv.GetHold(
-                stored_value_pb2.GetHoldRequest(hold_id=hold_id),
-                metadata=self.peer.metadata(),
-                timeout=CALL_TIMEOUT_SECONDS,
-            )
+        held = await self.peer.call(
+            self._sv.GetHold, stored_value_pb2.GetHoldRequest(hold_id=hold_id)
         )
         return bool(held.state == stored_value_pb2.HOLD_STATE_CAPTURED)
 
     async def void(self, *, request_id: str, hold_id: str, reason: str) -> None:
-        await self._call(
-            self._sv.VoidHold(
-                stored_value_pb2.VoidHoldRequest(
-                    request_id=request_id, hold_id=hold_id, reason=reason
-                ),
-                metadata=self.peer.metadata(),
-                timeout=CALL_TIMEOUT_SECONDS,
-            )
+        await self.peer.call(
+            self._sv.VoidHold,
+            stored_value_pb2.VoidHoldRequest(request_id=request_id, hold_id=hold_id, reason=reason),
         )
 
     async def refund(
         self, *, request_id: str, movement_id: str, amount: money_pb2.Money, reason: str
     ) -> str:
-        done = await self._call(
-            self._sv.Refund(
-                stored_value_pb2.RefundRequest(
-                    request_id=request_id, movement_id=movement_id, amount=amount, reason=reason
-                ),
-                metadata=self.peer.metadata(),
-                timeout=CALL_TIMEOUT_SECONDS,
-            )
+        done = await self.peer.call(
+            self._sv.Refund,
+            stored_value_pb2.RefundRequest(
+                request_id=request_id, movement_id=movement_id, amount=amount, reason=reason
+            ),
         )
         return str(done.movement.movement_id)
 
@@ -320,28 +272,23 @@ class MembersClient:
             ],
             token_secret=settings.token_secret,
             subject=SUBJECT,
+            timeout=CALL_TIMEOUT_SECONDS,
         )
 
+    @property
+    def _organisation(self) -> organisation_pb2_grpc.OrganisationServiceAsyncStub:
+        return organisation_pb2_grpc.OrganisationServiceStub(self.peer.channel)  # type: ignore[return-value]
+
     async def store(self, store_id: str) -> StoreFacts:
-        try:
-            found = await organisation_pb2_grpc.OrganisationServiceStub(self.peer.channel).GetStore(
-                organisation_pb2.GetStoreRequest(store_id=store_id),
-                metadata=self.peer.metadata(),
-                timeout=CALL_TIMEOUT_SECONDS,
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise passed_on(rich_error(exc), peer="members") from None
+        found = await self.peer.call(
+            self._organisation.GetStore, organisation_pb2.GetStoreRequest(store_id=store_id)
+        )
         return StoreFacts(found.store_id, found.region_id, found.time_zone, found.currency_code)
 
     async def birthday_month(self, member_id: str) -> int | None:
-        try:
-            member = await members_pb2_grpc.MembersServiceStub(self.peer.channel).GetMember(
-                members_pb2.GetMemberRequest(member_id=member_id),
-                metadata=self.peer.metadata(),
-                timeout=CALL_TIMEOUT_SECONDS,
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise passed_on(rich_error(exc), peer="members") from None
+        member = await self.peer.call(
+            self._members.GetMember, members_pb2.GetMemberRequest(member_id=member_id)
+        )
         month = member.birthday.month if member.HasField("birthday") else 0
         return month or None
 
@@ -352,27 +299,17 @@ class MembersClient:
     async def member_id_by_mobile(self, mobile: str) -> str:
         """The member whose mobile this is (a merged duplicate's mobile
         gives the survivor); NOT_FOUND MEMBER_NOT_FOUND for none."""
-        try:
-            member = await self._members.LookupMember(
-                members_pb2.LookupMemberRequest(mobile=mobile),
-                metadata=self.peer.metadata(),
-                timeout=CALL_TIMEOUT_SECONDS,
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise passed_on(rich_error(exc), peer="members") from None
+        member = await self.peer.call(
+            self._members.LookupMember, members_pb2.LookupMemberRequest(mobile=mobile)
+        )
         return str(member.member_id)
 
     async def member_facts(self, member_id: str) -> MemberFacts:
         """What state a member is in now; NOT_FOUND MEMBER_NOT_FOUND for an
         unknown one."""
-        try:
-            member = await self._members.GetMember(
-                members_pb2.GetMemberRequest(member_id=member_id),
-                metadata=self.peer.metadata(),
-                timeout=CALL_TIMEOUT_SECONDS,
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise passed_on(rich_error(exc), peer="members") from None
+        member = await self.peer.call(
+            self._members.GetMember, members_pb2.GetMemberRequest(member_id=member_id)
+        )
         as_of = member.update_time.ToDatetime(dt.UTC) if member.HasField("update_time") else None
         return MemberFacts(
             member.member_id,
@@ -420,50 +357,38 @@ class CampaignsClient:
             ],
             token_secret=settings.token_secret,
             subject=SUBJECT,
+            timeout=CALL_TIMEOUT_SECONDS,
         )
 
-    async def _call(self, call: Awaitable[R]) -> R:
-        try:
-            return await call
-        except grpc.aio.AioRpcError as exc:
-            raise passed_on(rich_error(exc), peer="campaigns") from None
+    @property
+    def _coupons(self) -> pricing_pb2_grpc.CouponsServiceAsyncStub:
+        return pricing_pb2_grpc.CouponsServiceStub(self.peer.channel)  # type: ignore[return-value]
 
     async def price(self, request: pricing_pb2.PriceBasketRequest) -> pricing_pb2.PricedBasket:
-        return await self._call(
-            pricing_pb2_grpc.PricingServiceStub(self.peer.channel).PriceBasket(
-                request, metadata=self.peer.metadata(), timeout=CALL_TIMEOUT_SECONDS
-            )
-        )
+        stub: pricing_pb2_grpc.PricingServiceAsyncStub
+        stub = pricing_pb2_grpc.PricingServiceStub(self.peer.channel)  # type: ignore[assignment]
+        return await self.peer.call(stub.PriceBasket, request)
 
     async def commit(self, *, reservation_id: str, sale_id: str, total: money_pb2.Money) -> None:
-        await self._call(
-            pricing_pb2_grpc.CouponsServiceStub(self.peer.channel).CommitCoupons(
-                pricing_pb2.CommitCouponsRequest(
-                    reservation_id=reservation_id, sale_id=sale_id, sale_total=total
-                ),
-                metadata=self.peer.metadata(),
-                timeout=CALL_TIMEOUT_SECONDS,
-            )
+        await self.peer.call(
+            self._coupons.CommitCoupons,
+            pricing_pb2.CommitCouponsRequest(
+                reservation_id=reservation_id, sale_id=sale_id, sale_total=total
+            ),
         )
 
     async def release(self, *, reservation_id: str, reason: str) -> None:
-        await self._call(
-            pricing_pb2_grpc.CouponsServiceStub(self.peer.channel).ReleaseCoupons(
-                pricing_pb2.ReleaseCouponsRequest(reservation_id=reservation_id, reason=reason),
-                metadata=self.peer.metadata(),
-                timeout=CALL_TIMEOUT_SECONDS,
-            )
+        await self.peer.call(
+            self._coupons.ReleaseCoupons,
+            pricing_pb2.ReleaseCouponsRequest(reservation_id=reservation_id, reason=reason),
         )
 
     async def restore(self, *, sale_id: str, refund_id: str, whole_sale: bool) -> None:
-        await self._call(
-            pricing_pb2_grpc.CouponsServiceStub(self.peer.channel).RestoreCoupons(
-                pricing_pb2.RestoreCouponsRequest(
-                    sale_id=sale_id, refund_id=refund_id, whole_sale=whole_sale
-                ),
-                metadata=self.peer.metadata(),
-                timeout=CALL_TIMEOUT_SECONDS,
-            )
+        await self.peer.call(
+            self._coupons.RestoreCoupons,
+            pricing_pb2.RestoreCouponsRequest(
+                sale_id=sale_id, refund_id=refund_id, whole_sale=whole_sale
+            ),
         )
 
     async def close(self) -> None:

@@ -61,6 +61,7 @@ __all__ = [
     "PointsPolicy",
     "Stamp",
     "accrue",
+    "accrue_with_available",
     "available",
     "award",
     "cash_value",
@@ -603,12 +604,40 @@ async def accrue(
     the survivor; an erased member's are refused (FAILED_PRECONDITION
     MEMBER_ERASED). Idempotent by (ACCRUE, request_id): a retry returns the
     lot (as it is now)."""
+    lot, _ = await accrue_with_available(
+        session,
+        member_id,
+        points,
+        source=source,
+        reference=reference,
+        stamp=stamp,
+        request_id=request_id,
+        reason=reason,
+    )
+    return lot
+
+
+async def accrue_with_available(
+    session: AsyncSession,
+    member_id: str,
+    points: int,
+    *,
+    source: LotSource,
+    reference: str,
+    stamp: Stamp,
+    request_id: str,
+    reason: str = "",
+) -> tuple[Lot | None, int | None]:
+    """``accrue``, and what the member can spend at ``stamp.at`` once the
+    lot is added (``available`` then, without reading the account and its
+    due lots again); None for that when nothing was added (0 points, or a
+    retry of an accrual made before)."""
     if source not in ACCRUE_SOURCES:
         raise InvalidArgument([FieldViolation("source", "purchase, bonus or partner conversion")])
     _check_positive(points)
     _check_text(reference, "reference", rules.MAX_REFERENCE_LENGTH)
     if points == 0:
-        return None
+        return None, None
     # A reason (an award's) is part of the request; without one the
     # fingerprint is what it always was.
     request_hash = fingerprint(
@@ -642,18 +671,22 @@ async def _credit_new_lot(
     request_hash: str,
     stamp: Stamp,
     request_id: str,
-) -> Lot | None:
+) -> tuple[Lot | None, int | None]:
     """What ``accrue`` and ``return_spent`` share: a new lot of ``points``
     expiring by the policy from now, for the member (or the survivor of a
     merge; an erased member's are refused), with its movement of ``kind``
     and loyalty.v1.points.accrued. Idempotent by (``kind``, request_id): a
-    retry returns the lot (as it is now)."""
+    retry returns the lot (as it is now). Also returns what the member can
+    spend at ``stamp.at`` afterwards (None for a retry)."""
     target, erased = await _target(session, member_id)
     account = await _locked(session, target, stamp.at, create=not erased)
     if (done := await _replayed(session, kind, request_id, request_hash)) is not None:
-        return await store.get_lot(session, done.lot_id)
+        return await store.get_lot(session, done.lot_id), None
     if account is None or account.closed_at is not None:
         raise _closed(target, account)
+    # Past this, no lot due at stamp.at is left that could still expire
+    # (only what holds keep), so what the member can spend afterwards is
+    # the balance less the held points: ``_available`` without its reads.
     await _expire_due(session, account, stamp.at)
     current = await policy(session)
     lot = await _new_lot(
@@ -686,7 +719,7 @@ async def _credit_new_lot(
         at=stamp.at,
     )
     await _accrued_event(session, lot, after, stamp)
-    return lot
+    return lot, max(0, _spendable(after))
 
 
 async def reverse_earned(
@@ -782,7 +815,7 @@ async def return_spent(
     if points == 0:
         return None
     request_hash = fingerprint("return", member_id, points, sale_id)
-    return await _credit_new_lot(
+    lot, _ = await _credit_new_lot(
         session,
         member_id,
         points,
@@ -795,6 +828,7 @@ async def return_spent(
         stamp=stamp,
         request_id=request_id,
     )
+    return lot
 
 
 async def get_hold(session: AsyncSession, hold_id: str) -> HoldRecord | None:

@@ -849,8 +849,11 @@ class Sagas:
             progress = None
             balance = 0
             if member_id:
+                after_accrual: int | None = None
                 if earned:
-                    await points_ledger.accrue(
+                    # What the member can spend afterwards comes with the
+                    # accrual: the account is not read again for the receipt.
+                    _, after_accrual = await points_ledger.accrue_with_available(
                         session,
                         member_id,
                         earned,
@@ -867,7 +870,10 @@ class Sagas:
                     business_day=dt.date.fromisoformat(plan["business_day"]),
                     stamp=stamp,
                 )
-                balance = await points_ledger.available(session, member_id)
+                if after_accrual is not None:
+                    balance = after_accrual
+                else:
+                    balance = await points_ledger.available(session, member_id, at=stamp.at)
             receipt = receipt_to_proto(
                 plan,
                 sale_id=sale_id,

@@ -336,6 +336,14 @@ async def test_hold_capture_void_debit_and_refund(
     assert captured.state == S.HOLD_STATE_CAPTURED and captured.captured.minor_units == 2_400
     balance = await w.balance(card.card_id)
     assert (balance.available.minor_units, balance.held.minor_units) == (8_600, 0)
+    # The capture's reply and ResolveCard's carry what the card has left
+    # (a till's receipt asks no GetBalance); a hold's reply does not.
+    assert captured.available_after == balance.available
+    assert not held.HasField("available_after")
+    resolved = await c.cards.ResolveCard(
+        cards_pb2.ResolveCardRequest(card_number=card.card_number), metadata=CHECKOUT
+    )
+    assert resolved.stored_value_available == balance.available
     details = await refused(
         w.sv.VoidHold(S.VoidHoldRequest(request_id=rid(), hold_id=held.hold_id), metadata=CHECKOUT),
         grpc.StatusCode.FAILED_PRECONDITION,

@@ -34,7 +34,7 @@ from services.cards.domain.programs import Holding, normalise_card_number
 from services.cards.members_client import MembersClient
 from services.cards.payment_pin import check_payment_pin, pin_refusal, try_pin
 from services.cards.server.programs import program_not_found
-from services.cards.server.stored_value import send_available
+from services.cards.server.stored_value import available_money
 from services.cards.store import cards as store
 from services.cards.store import programs as program_store
 from services.cards.store import projections
@@ -370,7 +370,7 @@ class CardsServicer(cards_pb2_grpc.CardsServiceServicer):
             program = await get_program(session, card.program_id)
             refusal = domain.payment_refusal(card.state, card.expires_at, utcnow())
             # What the card has, for a till's receipt without GetBalance.
-            await send_available(context, session, card.account_id)
+            available = await available_money(session, card.account_id)
             return cards_pb2.ResolveCardResponse(
                 card=card_to_proto(card, program.program),
                 resolved_by={
@@ -382,6 +382,7 @@ class CardsServicer(cards_pb2_grpc.CardsServiceServicer):
                 refusal_reason=refusal,
                 member_discount_bps=program.program.member_discount_bps,
                 stored_value=program.program.stored_value,
+                stored_value_available=available,
             )
 
     @staticmethod

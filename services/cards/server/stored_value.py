@@ -99,17 +99,14 @@ def _time(
     return start, end
 
 
-# The card's available stored value after a payment call, in its trailing
-# metadata: what a till prints on the receipt, without asking GetBalance.
-AVAILABLE_KEY = "cornucopia-available-minor-units"
-
-
-async def send_available(context: Context, session: AsyncSession, account_id: str) -> None:
-    """Puts the account's available stored value (0 without an account) in
-    the call's trailing metadata (AVAILABLE_KEY)."""
-    account = await store.get_account(session, account_id)
-    available = account.balances.available if account is not None else 0
-    context.set_trailing_metadata(((AVAILABLE_KEY, str(available)),))
+async def available_money(session: AsyncSession, account_id: str) -> money_pb2.Money | None:
+    """The account's available stored value as a reply carries it (what a
+    till prints on the receipt without asking GetBalance); None without an
+    account."""
+    account = await store.get_account(session, account_id) if account_id else None
+    if account is None:
+        return None
+    return money(account.currency, account.balances.available)
 
 
 class StoredValueServicer(stored_value_pb2_grpc.StoredValueServiceServicer):
@@ -307,8 +304,11 @@ class StoredValueServicer(stored_value_pb2_grpc.StoredValueServiceServicer):
         )
         async with self.db.transaction() as session:
             held = await ledger.capture(session, hold_id, command, amount=amount)
-            await send_available(context, session, held.account_id)
-        return hold_to_proto(held)
+            available = await available_money(session, held.account_id)
+        reply = hold_to_proto(held)
+        if available is not None:
+            reply.available_after.CopyFrom(available)
+        return reply
 
     async def VoidHold(self, request: pb.VoidHoldRequest, context: Context) -> pb.Hold:
         principal = current_principal()

@@ -264,6 +264,32 @@ async def get_account(
     return None if row is None else _account(row)
 
 
+def _change_account_statement() -> Any:
+    c = points_accounts.c
+    new_balance = c.balance + sa.bindparam("d_balance", type_=c.balance.type)
+    new_held = c.held + sa.bindparam("d_held", type_=c.held.type)
+    new_lifetime = c.lifetime_earned + sa.bindparam("d_lifetime", type_=c.lifetime_earned.type)
+    return (
+        sa.update(points_accounts)
+        .where(
+            c.member_id == sa.bindparam("key_member_id"),
+            new_balance >= 0,
+            new_held >= 0,
+            new_held <= new_balance,
+        )
+        .values(
+            balance=new_balance,
+            held=new_held,
+            lifetime_earned=sa.case((new_lifetime < 0, 0), else_=new_lifetime),
+        )
+        .returning(*points_accounts.c)
+    )
+
+
+# Built once, the deltas as parameters (each used more than once).
+_CHANGE_ACCOUNT = _change_account_statement()
+
+
 async def change_account(
     session: AsyncSession,
     member_id: str,
@@ -276,25 +302,15 @@ async def change_account(
     the condition that none goes below zero and held stays within the
     balance; lifetime_earned moves too, never below zero. The caller holds
     the account's lock and checked the amounts: a refusal here is a bug."""
-    c = points_accounts.c
-    new_balance = c.balance + balance
-    new_held = c.held + held
-    new_lifetime = c.lifetime_earned + lifetime
     row = (
         await session.execute(
-            sa.update(points_accounts)
-            .where(
-                c.member_id == member_id,
-                new_balance >= 0,
-                new_held >= 0,
-                new_held <= new_balance,
-            )
-            .values(
-                balance=new_balance,
-                held=new_held,
-                lifetime_earned=sa.case((new_lifetime < 0, 0), else_=new_lifetime),
-            )
-            .returning(*points_accounts.c)
+            _CHANGE_ACCOUNT,
+            {
+                "key_member_id": member_id,
+                "d_balance": balance,
+                "d_held": held,
+                "d_lifetime": lifetime,
+            },
         )
     ).first()
     if row is None:
