@@ -8,10 +8,12 @@ to point them elsewhere.
 import os
 
 from bench import (
+    campaigns_pricing,
     checkout,
     enrollment,
     members_import,
     members_lookup,
+    notify_sms,
     outbox_relay,
     stored_value_debits,
 )
@@ -29,3 +31,7 @@ if __name__ == "__main__":
     stored_value_debits.main(["--postgres", POSTGRES])
     checkout.main([])
     checkout.main(["--postgres", POSTGRES])
+    campaigns_pricing.main([])
+    campaigns_pricing.main(["--postgres", POSTGRES])
+    notify_sms.main([])
+    notify_sms.main(["--postgres", POSTGRES])
