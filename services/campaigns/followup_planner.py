@@ -94,36 +94,33 @@ class MembersClient:
             ],
             token_secret=settings.token_secret,
             subject=SUBJECT,
+            timeout=CALL_TIMEOUT_SECONDS,
         )
 
     @property
     def _members(self) -> members_pb2_grpc.MembersServiceAsyncStub:
         return members_pb2_grpc.MembersServiceStub(self.peer.channel)  # type: ignore[return-value]
 
+    @property
+    def _organisation(self) -> organisation_pb2_grpc.OrganisationServiceAsyncStub:
+        return organisation_pb2_grpc.OrganisationServiceStub(self.peer.channel)  # type: ignore[return-value]
+
     async def member(self, member_id: str) -> MemberFacts | None:
-        try:
-            found = await self._members.GetMember(
-                members_pb2.GetMemberRequest(member_id=member_id),
-                metadata=self.peer.metadata(),
-                timeout=CALL_TIMEOUT_SECONDS,
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return None
-            raise passed_on(rich_error(exc), peer="members") from None
-        return facts_of(found)
+        found = await self.peer.call(
+            self._members.GetMember,
+            members_pb2.GetMemberRequest(member_id=member_id),
+            missing_ok=True,
+        )
+        return None if found is None else facts_of(found)
 
     async def store(self, store_id: str) -> StoreFacts | None:
-        try:
-            found = await organisation_pb2_grpc.OrganisationServiceStub(self.peer.channel).GetStore(
-                organisation_pb2.GetStoreRequest(store_id=store_id),
-                metadata=self.peer.metadata(),
-                timeout=CALL_TIMEOUT_SECONDS,
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return None
-            raise passed_on(rich_error(exc), peer="members") from None
+        found = await self.peer.call(
+            self._organisation.GetStore,
+            organisation_pb2.GetStoreRequest(store_id=store_id),
+            missing_ok=True,
+        )
+        if found is None:
+            return None
         return StoreFacts(found.store_id, found.region_id, found.time_zone)
 
     async def select_members(
@@ -131,27 +128,18 @@ class MembersClient:
     ) -> tuple[list[str], str]:
         """One page of the members matching segment criteria, with the
         token of the next (empty on the last)."""
-        try:
-            found = await self._members.SelectMembers(
-                members_pb2.SelectMembersRequest(
-                    criteria=criteria, page_token=page_token, page_size=page_size
-                ),
-                metadata=self.peer.metadata(),
-                timeout=CALL_TIMEOUT_SECONDS,
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise passed_on(rich_error(exc), peer="members") from None
+        found = await self.peer.call(
+            self._members.SelectMembers,
+            members_pb2.SelectMembersRequest(
+                criteria=criteria, page_token=page_token, page_size=page_size
+            ),
+        )
         return list(found.member_ids), str(found.next_page_token)
 
     async def count_members(self, criteria: members_pb2.MemberCriteria) -> int:
-        try:
-            found = await self._members.CountMembers(
-                members_pb2.CountMembersRequest(criteria=criteria),
-                metadata=self.peer.metadata(),
-                timeout=CALL_TIMEOUT_SECONDS,
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise passed_on(rich_error(exc), peer="members") from None
+        found = await self.peer.call(
+            self._members.CountMembers, members_pb2.CountMembersRequest(criteria=criteria)
+        )
         return int(found.count)
 
     async def record_follow_up(

@@ -29,10 +29,8 @@ import asyncio
 import datetime as dt
 import hashlib
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import Protocol
 
-import grpc
-from google.protobuf.message import Message
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -46,7 +44,7 @@ from chassis.errors import (
     ServiceError,
     Unavailable,
 )
-from chassis.grpcclient import Peer, passed_on, rich_error
+from chassis.grpcclient import Peer
 from chassis.logs import get_logger
 from cornucopia.campaigns.v1 import events_pb2
 from cornucopia.common.v1 import org_pb2
@@ -60,9 +58,6 @@ from services.campaigns.store import coupons as coupon_store
 from services.campaigns.store import lotteries as store
 from services.campaigns.store.lotteries import DrawRecord
 
-if TYPE_CHECKING:
-    from collections.abc import Awaitable
-
 log = get_logger(__name__)
 
 SUBJECT = "campaigns"
@@ -74,7 +69,6 @@ REFUND_PREFIX = "lottery-refund:"
 # not answering): the worker finishes it.
 STALE_AFTER = dt.timedelta(seconds=30)
 BATCH = 100
-R = TypeVar("R", bound=Message)
 
 
 # --- loyalty, as campaigns asks it ------------------------------------------------------
@@ -101,34 +95,26 @@ class LoyaltyClient:
             [points_pb2.DESCRIPTOR.services_by_name["PointsService"]],
             token_secret=settings.token_secret,
             subject=SUBJECT,
+            timeout=CALL_TIMEOUT_SECONDS,
         )
 
     @property
     def _points(self) -> points_pb2_grpc.PointsServiceAsyncStub:
         return points_pb2_grpc.PointsServiceStub(self.peer.channel)  # type: ignore[return-value]
 
-    async def _call(self, call: Awaitable[R]) -> R:
-        try:
-            return await call
-        except grpc.aio.AioRpcError as exc:
-            raise passed_on(rich_error(exc), peer="loyalty") from None
-
     async def charge(
         self, *, request_id: str, member_id: str, points: int, reason: str, reference: str
     ) -> str:
         """Returns the charge's movement id."""
-        done = await self._call(
-            self._points.ChargePoints(
-                points_pb2.ChargePointsRequest(
-                    request_id=request_id,
-                    member_id=member_id,
-                    points=points,
-                    reason=reason,
-                    reference=reference,
-                ),
-                metadata=self.peer.metadata(),
-                timeout=CALL_TIMEOUT_SECONDS,
-            )
+        done = await self.peer.call(
+            self._points.ChargePoints,
+            points_pb2.ChargePointsRequest(
+                request_id=request_id,
+                member_id=member_id,
+                points=points,
+                reason=reason,
+                reference=reference,
+            ),
         )
         return str(done.movement.movement_id)
 
@@ -136,18 +122,15 @@ class LoyaltyClient:
         self, *, request_id: str, member_id: str, points: int, reason: str, reference: str
     ) -> str:
         """Returns the lot's id."""
-        done = await self._call(
-            self._points.AwardPoints(
-                points_pb2.AwardPointsRequest(
-                    request_id=request_id,
-                    member_id=member_id,
-                    points=points,
-                    reason=reason,
-                    reference=reference,
-                ),
-                metadata=self.peer.metadata(),
-                timeout=CALL_TIMEOUT_SECONDS,
-            )
+        done = await self.peer.call(
+            self._points.AwardPoints,
+            points_pb2.AwardPointsRequest(
+                request_id=request_id,
+                member_id=member_id,
+                points=points,
+                reason=reason,
+                reference=reference,
+            ),
         )
         return str(done.lot.lot_id)
 

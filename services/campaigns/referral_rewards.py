@@ -88,17 +88,10 @@ class MembersReferrers:
         stub: members_pb2_grpc.MembersServiceAsyncStub = members_pb2_grpc.MembersServiceStub(  # type: ignore[assignment]
             self.client.peer.channel
         )
-        try:
-            found = await stub.GetMember(
-                members_pb2.GetMemberRequest(member_id=member_id),
-                metadata=self.client.peer.metadata(),
-                timeout=CALL_TIMEOUT_SECONDS,
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return None
-            raise passed_on(rich_error(exc), peer="members") from None
-        return str(found.referrer_member_id)
+        found = await self.client.peer.call(
+            stub.GetMember, members_pb2.GetMemberRequest(member_id=member_id), missing_ok=True
+        )
+        return None if found is None else str(found.referrer_member_id)
 
 
 class RewardRefused(Exception):
@@ -132,6 +125,7 @@ class LoyaltyPoints:
             [points_pb2.DESCRIPTOR.services_by_name["PointsService"]],
             token_secret=settings.token_secret,
             subject=SUBJECT,
+            timeout=CALL_TIMEOUT_SECONDS,
         )
 
     async def award(
@@ -140,6 +134,8 @@ class LoyaltyPoints:
         stub: points_pb2_grpc.PointsServiceAsyncStub = points_pb2_grpc.PointsServiceStub(  # type: ignore[assignment]
             self.peer.channel
         )
+        # By status code, not by passed_on: a refusal without ErrorInfo is
+        # for good too, where Peer.call would make it LOYALTY_UNAVAILABLE.
         try:
             await stub.AwardPoints(
                 points_pb2.AwardPointsRequest(
