@@ -262,14 +262,17 @@ class Memo(Generic[T]):
     """A value read on every request and changed seldom (a policy document,
     a ladder), kept per database for ``ttl`` seconds instead of read and
     parsed each time. A change made through this process is seen at once
-    (its writer calls ``forget``), one made by another replica within
-    ``ttl``."""
+    (its writer calls ``forget`` with its session), one made by another
+    replica within ``ttl``."""
 
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
         # Keyed by the database's connection pool: one per Database, shared
         # by its read and write sessions.
         self._values: weakref.WeakKeyDictionary[Pool, tuple[float, T]] = weakref.WeakKeyDictionary()
+        # Bumped by every forget: a read that began before it must not keep
+        # what it read, which may be the value just replaced.
+        self._generation = 0
 
     async def get(self, session: AsyncSession, load: Callable[[], Awaitable[T]]) -> T:
         pool = session.get_bind().pool  # type: ignore[union-attr]
@@ -277,11 +280,24 @@ class Memo(Generic[T]):
         now = time.monotonic()
         if kept is not None and kept[0] > now:
             return kept[1]
+        generation = self._generation
         value = await load()
-        self._values[pool] = (now + self.ttl, value)
+        if generation == self._generation:
+            self._values[pool] = (now + self.ttl, value)
         return value
 
-    def forget(self) -> None:
+    def forget(self, session: AsyncSession | None = None) -> None:
+        """Drop what is kept; given the writer's session, again when it
+        commits, since a read running meanwhile still saw the old value."""
+        self._drop()
+        if session is not None:
+            event.listen(session.sync_session, "after_commit", self._after_commit, once=True)
+
+    def _after_commit(self, _session: Session) -> None:
+        self._drop()
+
+    def _drop(self) -> None:
+        self._generation += 1
         self._values.clear()
 
 

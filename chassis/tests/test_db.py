@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
-from chassis.db import Database
+from chassis.db import Database, Memo
 
 pytestmark = pytest.mark.asyncio
 
@@ -80,3 +81,52 @@ async def test_a_unit_of_work_holds_the_write_lock_from_its_start(tmp_path: Path
     finally:
         await other.dispose()
         await db.dispose()
+
+
+async def test_a_memo_keeps_a_value_until_forgotten(tmp_path: Path) -> None:
+    db = await _database(tmp_path)
+    memo: Memo[int] = Memo(ttl=60)
+    loads: list[int] = []
+
+    async def load() -> int:
+        loads.append(1)
+        return len(loads)
+
+    async with db.sessions() as session:
+        assert await memo.get(session, load) == 1
+        assert await memo.get(session, load) == 1
+        memo.forget()
+        assert await memo.get(session, load) == 2
+    await db.dispose()
+
+
+async def test_a_read_racing_a_write_does_not_keep_the_old_value(tmp_path: Path) -> None:
+    """A read that began before the writer's commit may have seen the old
+    value: it is not kept, neither when it ends after the writer's forget
+    nor after the writer's commit."""
+    db = await _database(tmp_path)
+    memo: Memo[str] = Memo(ttl=60)
+    reading = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow_old_read() -> str:
+        reading.set()
+        await release.wait()
+        return "old"
+
+    async def fresh_read() -> str:
+        return "new"
+
+    async with db.sessions() as session:
+        racing = asyncio.create_task(memo.get(session, slow_old_read))
+        await reading.wait()
+        async with db.transaction() as writer:
+            await writer.execute(sa.text("INSERT INTO things (name) VALUES ('changed')"))
+            memo.forget(writer)
+            # A read between the forget and the commit sees the old value...
+            assert await memo.get(session, lambda: asyncio.sleep(0, "old")) == "old"
+        # ...and the commit drops it again.
+        release.set()
+        assert await racing == "old"
+        assert await memo.get(session, fresh_read) == "new"
+    await db.dispose()

@@ -505,9 +505,11 @@ async def test_the_sms_rate_limit_spaces_sends(
         ids = [await r.queue(Channel.SMS, member_id=member) for _ in range(15)]
         await r.settled(ids)
         arrivals = sorted(r.provider.taken_at[i] for i in ids)
-        # 15 sends at 10 a second, bursts of one: at least 1.4 s from first
-        # to last (a little slack for the clocks).
-        assert arrivals[-1] - arrivals[0] >= 1.3
+        # 15 sends at 10 a second, bursts of one: 1.4 s from the first send
+        # to the last. Arrivals are timed at the provider, and the first may
+        # come late (a new connection on a busy machine), so the bound has
+        # room; without the limit all 15 arrive within a tenth of that.
+        assert arrivals[-1] - arrivals[0] >= 1.0
 
 
 # -- e-mail ---------------------------------------------------------------------------

@@ -138,7 +138,7 @@ async def get_policy(session: AsyncSession, *, for_update: bool = False) -> Poli
 async def save_policy(
     session: AsyncSession, policy: Policy, *, principal: str, store_id: str, now: dt.datetime
 ) -> None:
-    _POLICY_MEMO.forget()
+    _POLICY_MEMO.forget(session)
     await write_document(
         session,
         sv_policy,

@@ -188,7 +188,7 @@ async def insert_rule_set(
 ) -> RuleSetRecord:
     """Writes the next version. Two publishers at once may pick the same
     number: the second fails on the primary key and may try again."""
-    _IN_FORCE_MEMO.forget()
+    _IN_FORCE_MEMO.forget(session)
     latest = (await session.execute(sa.select(sa.func.max(earn_rule_sets.c.version)))).scalar()
     version = int(latest or 0) + 1
     await session.execute(

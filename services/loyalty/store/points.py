@@ -196,7 +196,7 @@ async def get_policy(session: AsyncSession, *, for_update: bool = False) -> Poli
 async def save_policy(
     session: AsyncSession, policy: PointsPolicy, *, principal: str, store_id: str, now: dt.datetime
 ) -> None:
-    _POLICY_MEMO.forget()
+    _POLICY_MEMO.forget(session)
     await write_document(
         session,
         points_policy,

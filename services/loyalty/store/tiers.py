@@ -193,7 +193,7 @@ async def get_ladder(session: AsyncSession, *, for_update: bool = False) -> Ladd
 async def save_ladder(
     session: AsyncSession, ladder: Ladder, *, principal: str, store_id: str, now: dt.datetime
 ) -> None:
-    _LADDER_MEMO.forget()
+    _LADDER_MEMO.forget(session)
     await write_document(
         session,
         tier_ladder,

@@ -127,5 +127,5 @@ async def save_policy(
         now=now,
         ensure_ascii=False,
     )
-    _memo.forget()
+    _memo.forget(session)
     return etag
