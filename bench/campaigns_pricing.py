@@ -77,10 +77,9 @@ from typing import Any
 
 import grpc
 import sqlalchemy as sa
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.enrollment import wait_serving
-from bench.harness import Result, ThrowawayDatabases, drive, spawn
+from bench.harness import Result, ThrowawayDatabases, bare_grpc, drive, spawn
 from chassis.auth import Role, Scope, ScopeLevel, mint_token
 from chassis.config import DEVELOPMENT_TOKEN_SECRET, normalise_database_url
 from chassis.db import Database, UTCDateTime, outbox_table, utcnow
@@ -369,25 +368,6 @@ async def bare_database(url: str, concurrency: int, seconds: float) -> list[Resu
         ]
     finally:
         await db.dispose()
-
-
-async def bare_grpc(address: str, concurrency: int, seconds: float) -> list[Result]:
-    async with grpc.aio.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-
-        async def check(_n: int) -> None:
-            await health.Check(health_pb2.HealthCheckRequest())
-
-        await drive("warm-up", check, concurrency=concurrency, seconds=1)
-        return [
-            await drive("bare grpc.aio call, 1 caller", check, concurrency=1, seconds=seconds),
-            await drive(
-                f"bare grpc.aio call, {concurrency} callers",
-                check,
-                concurrency=concurrency,
-                seconds=seconds,
-            ),
-        ]
 
 
 # --- a stand-in for members' segment selection ------------------------------------------
@@ -755,7 +735,7 @@ async def run(
             )
             print(f"\nset up and measured PriceBasket in {time.perf_counter() - began:.1f} s")
             small_before = await time_small_job(channel, "BSMALL-1")
-            grpc_one, grpc_many = await bare_grpc(
+            grpc_many, grpc_one = await bare_grpc(
                 f"127.0.0.1:{baseline_port}", concurrency, seconds
             )
             db_one, db_many, db_write = await bare_database(baseline_url, concurrency, seconds)

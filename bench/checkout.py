@@ -71,10 +71,9 @@ from pathlib import Path
 
 import grpc
 import sqlalchemy as sa
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.enrollment import wait_serving
-from bench.harness import Result, ThrowawayDatabases, drive, spawn
+from bench.harness import Result, ThrowawayDatabases, bare_grpc, drive, spawn
 from bench.organisation import open_stores, store_id
 from chassis import supervisor
 from chassis.auth import Role, Scope, ScopeLevel, mint_token
@@ -771,25 +770,6 @@ async def raw_asyncpg_transactions(
         ]
     finally:
         await pool.close()
-
-
-async def bare_grpc(address: str, concurrency: int, seconds: float) -> list[Result]:
-    async with grpc.aio.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-
-        async def check(_n: int) -> None:
-            await health.Check(health_pb2.HealthCheckRequest())
-
-        await drive("warm-up", check, concurrency=concurrency, seconds=1)
-        return [
-            await drive(
-                f"bare grpc.aio call, {concurrency} callers",
-                check,
-                concurrency=concurrency,
-                seconds=seconds,
-            ),
-            await drive("bare grpc.aio call, 1 caller", check, concurrency=1, seconds=seconds),
-        ]
 
 
 # --- what the services did: their logs, PostgreSQL's statistics ------------------------------

@@ -14,6 +14,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 
 @dataclass
 class Result:
@@ -113,3 +116,25 @@ class ThrowawayDatabases:
         finally:
             await admin.close()
         self.created.clear()
+
+
+async def bare_grpc(address: str, concurrency: int, seconds: float) -> list[Result]:
+    """The baseline of every service call: a bare grpc.aio health check
+    against ``bench.baseline_server``, with ``concurrency`` callers and
+    then one. Returns [many callers, one caller]."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+
+        async def check(_n: int) -> None:
+            await health.Check(health_pb2.HealthCheckRequest())
+
+        await drive("warm-up", check, concurrency=concurrency, seconds=1)
+        return [
+            await drive(
+                f"bare grpc.aio call, {concurrency} callers",
+                check,
+                concurrency=concurrency,
+                seconds=seconds,
+            ),
+            await drive("bare grpc.aio call, 1 caller", check, concurrency=1, seconds=seconds),
+        ]

@@ -45,10 +45,9 @@ from pathlib import Path
 
 import grpc
 import sqlalchemy as sa
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.enrollment import wait_serving
-from bench.harness import Result, ThrowawayDatabases, drive, spawn
+from bench.harness import Result, ThrowawayDatabases, bare_grpc, drive, spawn
 from chassis.auth import Role, Scope, ScopeLevel, mint_token
 from chassis.bus import STREAMS, Bus, cloudevent_headers
 from chassis.config import DEVELOPMENT_TOKEN_SECRET, Settings, normalise_database_url
@@ -166,25 +165,6 @@ async def bare_transactions(url: str, rows: int, concurrency: int, seconds: floa
         ]
     finally:
         await db.dispose()
-
-
-async def bare_grpc(address: str, concurrency: int, seconds: float) -> list[Result]:
-    async with grpc.aio.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-
-        async def check(_n: int) -> None:
-            await health.Check(health_pb2.HealthCheckRequest())
-
-        await drive("warm-up", check, concurrency=concurrency, seconds=1)
-        return [
-            await drive(
-                f"bare grpc.aio call, {concurrency} callers",
-                check,
-                concurrency=concurrency,
-                seconds=seconds,
-            ),
-            await drive("bare grpc.aio call, 1 caller", check, concurrency=1, seconds=seconds),
-        ]
 
 
 # --- setting the cards up ---------------------------------------------------------------
