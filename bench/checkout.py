@@ -71,6 +71,7 @@ from pathlib import Path
 
 import grpc
 import sqlalchemy as sa
+from sqlalchemy.engine import make_url
 
 from bench.enrollment import wait_serving
 from bench.harness import Result, ThrowawayDatabases, bare_grpc, drive, spawn
@@ -359,7 +360,7 @@ class Suite:
         processes = {name: [pid] for name, pid in self.pids.items() if pid}
         if self.databases is not None:
             for name, url in self.urls.items():
-                database = url.rsplit("/", 1)[1]
+                database = str(make_url(url).database)
                 processes[f"postgres ({name}'s database)"] = pids_matching(
                     "postgres: ", f" {database} "
                 )
@@ -829,7 +830,9 @@ async def pg_stats(admin_url: str, databases: list[str]) -> dict[str, dict[str, 
     finally:
         await conn.close()
     for database in databases:
-        conn = await asyncpg.connect(f"{admin_url.rsplit('/', 1)[0]}/{database}")
+        conn = await asyncpg.connect(
+            make_url(admin_url).set(database=database).render_as_string(hide_password=False)
+        )
         try:
             for row in await conn.fetch(
                 "SELECT relname, seq_scan, coalesce(seq_tup_read, 0) AS seq_tup_read,"
@@ -1046,7 +1049,7 @@ async def run(
                 plain_baseline_url, member_count, concurrency, seconds
             )
 
-        databases = {name: url.rsplit("/", 1)[1] for name, url in suite.urls.items()}
+        databases = {name: str(make_url(url).database) for name, url in suite.urls.items()}
         stats_before = await pg_stats(postgres, list(databases.values())) if postgres else None
         tills = Tills(channels["loyalty"], members, run_id)
         # Warm-up: two checkouts a member (loyalty asks members for a
@@ -1064,6 +1067,8 @@ async def run(
 
         async def measured(name: str, callers: int) -> Result:
             offsets = log_offsets(suite)
+            # Said as it starts, for whoever attaches a profiler to a service.
+            print(f"measuring: {name}, {seconds:g} s", file=sys.stderr, flush=True)
             meter.start()
             result = await drive(name, tills.checkout, concurrency=callers, seconds=seconds)
             cpu[name] = meter.stop()

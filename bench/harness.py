@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy.engine import make_url
 
 
 @dataclass
@@ -102,7 +103,9 @@ class ThrowawayDatabases:
         finally:
             await admin.close()
         self.created.append(name)
-        return f"{self.admin_url.rsplit('/', 1)[0]}/{name}"
+        # The admin URL with the new name (a socket directory given as
+        # ``?host=`` is kept).
+        return make_url(self.admin_url).set(database=name).render_as_string(hide_password=False)
 
     async def drop_all(self) -> None:
         if not self.created:

@@ -171,7 +171,20 @@ class Database:
         self._session_class: type[Session] = type("ServiceSession", (Session,), {})
         self._commit_hooks: list[Callable[[dict[str, Any]], None]] = []
         event.listen(self._session_class, "after_commit", self._after_commit)
-        self.sessions = async_sessionmaker(
+        # Reads on PostgreSQL run without a transaction: at READ COMMITTED
+        # every statement takes its own snapshot either way, so a BEGIN and a
+        # ROLLBACK around them are two round trips that buy nothing. SQLite's
+        # read transaction does give one snapshot over several statements,
+        # and costs no round trip, so it stays.
+        read_engine = (
+            self.engine
+            if self.dialect == "sqlite"
+            else self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        )
+        self._read_sessions = async_sessionmaker(
+            read_engine, expire_on_commit=False, sync_session_class=self._session_class
+        )
+        self._snapshot_sessions = async_sessionmaker(
             self.engine, expire_on_commit=False, sync_session_class=self._session_class
         )
         # Units of work run on the same pool with the writer's begin.
@@ -180,6 +193,12 @@ class Database:
             expire_on_commit=False,
             sync_session_class=self._session_class,
         )
+
+    def sessions(self, *, in_transaction: bool = False) -> AsyncSession:
+        """A session for reading (``async with db.sessions() as session``);
+        nothing it writes is kept. ``in_transaction`` for the rare read that
+        needs one on PostgreSQL too (``SET LOCAL``, say)."""
+        return (self._snapshot_sessions if in_transaction else self._read_sessions)()
 
     def on_commit(self, hook: Callable[[dict[str, Any]], None]) -> None:
         """Call ``hook(session.info)`` after each commit of this database."""

@@ -72,6 +72,17 @@ def dead_letter_subject(consumer: str, subject: str) -> str:
     return f"deadletter.{consumer}.{subject}"
 
 
+# The inbox row of a handled event, built once per dialect (not per event).
+_RECORD = {
+    dialect: insert(inbox_table)
+    .values(
+        {name: sa.bindparam(name) for name in ("consumer", "event_id", "subject", "processed_at")}
+    )
+    .on_conflict_do_nothing()
+    for dialect, insert in (("postgresql", postgresql.insert), ("sqlite", sqlite.insert))
+}
+
+
 class Consumer:
     def __init__(
         self,
@@ -188,15 +199,15 @@ class Consumer:
             await handler(session, event, envelope)
 
     async def _record(self, session: AsyncSession, envelope: Envelope) -> bool:
-        values = {
-            "consumer": self.durable,
-            "event_id": envelope.event_id,
-            "subject": envelope.subject,
-            "processed_at": utcnow(),
-        }
-        insert = postgresql.insert if self.db.dialect == "postgresql" else sqlite.insert
-        stmt = insert(inbox_table).values(**values).on_conflict_do_nothing()
-        result = await session.execute(stmt)
+        result = await session.execute(
+            _RECORD[self.db.dialect],
+            {
+                "consumer": self.durable,
+                "event_id": envelope.event_id,
+                "subject": envelope.subject,
+                "processed_at": utcnow(),
+            },
+        )
         return bool(getattr(result, "rowcount", 0) == 1)
 
     async def _ack(self, msg: Any) -> None:

@@ -320,3 +320,35 @@ def test_a_service_token_is_short_lived_chain_wide_and_names_its_service() -> No
     stale = service_token(SECRET, "cards", now=time.time() - 120)
     with pytest.raises(Unauthenticated):
         verify_token(SECRET, stale)
+
+
+def test_a_verified_token_is_still_refused_once_it_expires() -> None:
+    """Kept verified tokens are checked for expiry on every use."""
+    token = mint_token(SECRET, "s", [Role.HQ_ADMIN], Scope(ScopeLevel.HQ), ttl_seconds=1)
+    first = verify_token(SECRET, token)
+    assert verify_token(SECRET, token) is first
+    time.sleep(max(0.0, first.claims["exp"] - time.time()) + 0.05)
+    assert unauthenticated_reason(token) == "TOKEN_EXPIRED"
+
+
+def test_a_verified_token_is_kept_per_secret() -> None:
+    token = mint_token(SECRET, "s", [Role.HQ_ADMIN], Scope(ScopeLevel.HQ))
+    verify_token(SECRET, token)
+    with pytest.raises(Unauthenticated):
+        verify_token(OTHER_SECRET, token)
+
+
+def test_a_service_token_is_reused_for_half_its_life(monkeypatch: pytest.MonkeyPatch) -> None:
+    import chassis.auth as auth
+
+    start = time.time()
+    monkeypatch.setattr(auth.time, "time", lambda: start)
+    token = service_token(SECRET, "reuse-test")
+    monkeypatch.setattr(auth.time, "time", lambda: start + auth.SERVICE_TOKEN_REUSE_SECONDS - 1)
+    assert service_token(SECRET, "reuse-test") == token
+    assert service_token(OTHER_SECRET, "reuse-test") != token
+    monkeypatch.setattr(auth.time, "time", lambda: start + auth.SERVICE_TOKEN_REUSE_SECONDS + 1)
+    renewed = service_token(SECRET, "reuse-test")
+    assert renewed != token
+    claims = jwt.decode(renewed, options={"verify_signature": False})
+    assert claims["iat"] == int(start + auth.SERVICE_TOKEN_REUSE_SECONDS + 1)

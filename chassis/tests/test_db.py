@@ -1,4 +1,5 @@
-"""The unit of work on SQLite: all or nothing, savepoints included."""
+"""The unit of work on SQLite: all or nothing, savepoints included; read
+sessions on both kinds of database."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from chassis.db import Database, Memo
+from tests.integration.infra import DatabaseFactory
 
 pytestmark = pytest.mark.asyncio
 
@@ -130,3 +132,44 @@ async def test_a_read_racing_a_write_does_not_keep_the_old_value(tmp_path: Path)
         assert await racing == "old"
         assert await memo.get(session, fresh_read) == "new"
     await db.dispose()
+
+
+@pytest.mark.integration
+async def test_a_read_session_on_postgresql_sends_no_begin(database_url: DatabaseFactory) -> None:
+    """Reads on PostgreSQL run statement by statement (no BEGIN and ROLLBACK
+    around them: two round trips for nothing at READ COMMITTED); a read that
+    asks for a transaction gets one, and SQLite's reads keep theirs (one
+    snapshot over several statements)."""
+    db = Database(await database_url("reads"))
+    try:
+        if db.dialect == "sqlite":
+            async with db.engine.begin() as conn:
+                await conn.run_sync(things.metadata.create_all)
+            async with db.sessions() as session:
+                await session.execute(sa.select(things.c.name))
+                assert session.in_transaction()
+                assert (await session.connection()).in_transaction()
+            return
+        async with db.sessions() as session:
+            first = (await session.execute(sa.text("SELECT now()"))).scalar_one()
+            await asyncio.sleep(0.02)
+            second = (await session.execute(sa.text("SELECT now()"))).scalar_one()
+        # Each statement its own transaction: now() moves on.
+        assert second > first
+        async with db.sessions(in_transaction=True) as session:
+            first = (await session.execute(sa.text("SELECT now()"))).scalar_one()
+            await asyncio.sleep(0.02)
+            second = (await session.execute(sa.text("SELECT now()"))).scalar_one()
+            # SET LOCAL needs a transaction (outside one it only warns).
+            await session.execute(sa.text("SET LOCAL statement_timeout = '5s'"))
+            timeout = (await session.execute(sa.text("SHOW statement_timeout"))).scalar_one()
+            assert timeout == "5s"
+        assert second == first
+        # Units of work are transactions as ever.
+        async with db.transaction() as session:
+            first = (await session.execute(sa.text("SELECT now()"))).scalar_one()
+            await asyncio.sleep(0.02)
+            second = (await session.execute(sa.text("SELECT now()"))).scalar_one()
+        assert second == first
+    finally:
+        await db.dispose()

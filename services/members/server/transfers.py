@@ -922,7 +922,8 @@ class ImportRunner:
         rows = await self._check(run, records, now.date())
         if run.job.dry_run:
             return _Sealed(now, rows)
-        async with self.db.sessions() as session:
+        # In a transaction: the lookup sets a planner option for itself only.
+        async with self.db.sessions(in_transaction=True) as session:
             taken = await member_store.existing_mobile_indexes(
                 session, [r.mobile_index for r in rows if r.member is not None]
             )
