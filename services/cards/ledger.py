@@ -209,7 +209,10 @@ async def _check_spend(
     session: AsyncSession, card: CardRecord, policy: Policy, amount: int, now: dt.datetime
 ) -> dt.date:
     day = policy.local_day(now)
-    spent_today, _ = await store.card_day(session, card.card_id, day)
+    spent_today = 0
+    if policy.daily_spend_limit is not None:
+        # Without a daily limit what the card spent today decides nothing.
+        spent_today, _ = await store.card_day(session, card.card_id, day)
     monthly = None
     spent_this_month = 0
     if card.role == Role.SUPPLEMENTARY and card.spending_limit is not None:
@@ -327,16 +330,31 @@ async def hold(
     return held
 
 
-async def _locked_hold(session: AsyncSession, hold_id: str) -> tuple[AccountRecord, HoldRecord]:
-    """Locks the hold's account, then reads the hold: the order every
-    movement locks in."""
-    found = await store.get_hold(session, hold_id)
-    if found is None:
+@dataclass(frozen=True)
+class _LockedHold:
+    account: AccountRecord
+    hold: HoldRecord
+    card: CardRecord
+    # Whether this request was carried out already (see ``_replayed``).
+    replayed: bool
+
+
+async def _locked_hold(
+    session: AsyncSession, hold_id: str, kind: MovementKind, request: Request
+) -> _LockedHold:
+    """Locks the hold's account, then reads the hold (locked too) with its
+    card and checks the request for a replay: the order every movement
+    locks in. Read after the account's lock, the hold is as the account's
+    last movement left it, and a replay committed meanwhile is seen."""
+    account = await store.lock_account_of_hold(session, hold_id)
+    if account is None:
         raise hold_not_found(hold_id)
-    account = await store.get_account(session, found.account_id, for_update=True)
-    current = await store.get_hold(session, hold_id, for_update=True)
-    assert account is not None and current is not None  # a hold's account is never deleted
-    return account, current
+    found = await store.locked_hold_with_card(session, hold_id, kind, request.request_id)
+    assert found is not None  # holds and cards are never deleted
+    done = found.done_request_hash
+    if done is not None and done != request.request_hash:
+        raise _reused()
+    return _LockedHold(account, found.hold, found.card, replayed=done is not None)
 
 
 def _hold_refusal(held: HoldRecord) -> FailedPrecondition:
@@ -383,16 +401,28 @@ async def _release(
     return movement
 
 
+@dataclass(frozen=True)
+class Captured:
+    """A capture's hold, and what its account has available after it (for
+    the till's receipt)."""
+
+    hold: HoldRecord
+    currency: str
+    available: int
+
+
 async def capture(
     session: AsyncSession,
     hold_id: str,
     request: Request,
     *,
     amount: int | None,
-) -> HoldRecord:
-    account, held = await _locked_hold(session, hold_id)
-    if await _replayed(session, MovementKind.CAPTURE, request) is not None:
-        return held
+) -> Captured:
+    locked = await _locked_hold(session, hold_id, MovementKind.CAPTURE, request)
+    account, held, card = locked.account, locked.hold, locked.card
+    if locked.replayed:
+        # The account as locked: nothing moved it since.
+        return Captured(held, account.currency, account.balances.available)
     if held.state != HoldState.HELD:
         raise _hold_refusal(held)
     take_total = held.funds.total if amount is None else amount
@@ -402,7 +432,6 @@ async def capture(
             reason="HOLD_AMOUNT_EXCEEDED",
             metadata={"hold_id": hold_id, "held_minor_units": str(held.funds.total)},
         )
-    card = await _card(session, held.card_id)
     take = rules.split_capture(held.funds, take_total)
     rest = held.funds - take
     movement = await _write(
@@ -425,8 +454,10 @@ async def capture(
         request.stamp,
     )
     await events.stored_value_moved(session, movement, card, request.stamp)
+    # The balances the account's last write returned are its balances now.
+    after = movement.after
     if rest.total:
-        await _release(
+        released = await _release(
             session,
             held,
             rest,
@@ -434,6 +465,7 @@ async def capture(
             card,
             note="not captured",
         )
+        after = released.after
     await store.finish_hold(
         session,
         held.hold_id,
@@ -442,13 +474,14 @@ async def capture(
         captured=take,
         capture_movement_id=movement.movement_id,
     )
-    return dataclasses.replace(
+    captured = dataclasses.replace(
         held,
         state=HoldState.CAPTURED,
         captured=take,
         capture_movement_id=movement.movement_id,
         finished_at=request.stamp.at,
     )
+    return Captured(captured, account.currency, after.available)
 
 
 async def void(
@@ -459,20 +492,25 @@ async def void(
     reason: str = "",
     expired: bool = False,
 ) -> HoldRecord:
-    _, held = await _locked_hold(session, hold_id)
-    if await _replayed(session, MovementKind.RELEASE, request) is not None:
+    locked = await _locked_hold(session, hold_id, MovementKind.RELEASE, request)
+    held, card = locked.hold, locked.card
+    if locked.replayed:
         return held
     if held.state in (HoldState.VOIDED, HoldState.EXPIRED):
         return held
     if held.state == HoldState.CAPTURED:
         raise _hold_refusal(held)
-    card = await _card(session, held.card_id)
     await _release(session, held, held.funds, request, card, expired=expired, note=reason)
     state = HoldState.EXPIRED if expired else HoldState.VOIDED
     await store.finish_hold(session, held.hold_id, state, request.stamp.at)
-    done = await store.get_hold(session, held.hold_id)
-    assert done is not None
-    return done
+    # As finish_hold wrote it, without reading it back.
+    return dataclasses.replace(
+        held,
+        state=state,
+        captured=Funds(),
+        capture_movement_id="",
+        finished_at=request.stamp.at,
+    )
 
 
 async def debit(

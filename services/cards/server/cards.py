@@ -24,8 +24,10 @@ from chassis.paging import (
 )
 from chassis.service import ServiceContext
 from cornucopia.cards.v1 import cards_pb2, cards_pb2_grpc
+from cornucopia.common.v1 import money_pb2
 from services.cards import lifecycle
 from services.cards.convert import card_to_proto, history_to_proto
+from services.cards.convert_stored_value import money
 from services.cards.domain import cards as domain
 from services.cards.domain import pins
 from services.cards.domain.cards import Action, CardState, ProgramFacts
@@ -38,6 +40,7 @@ from services.cards.server.stored_value import available_money
 from services.cards.store import cards as store
 from services.cards.store import programs as program_store
 from services.cards.store import projections
+from services.cards.store import stored_value as sv_store
 from services.cards.store.cards import CardRecord, NewCard, Stamp
 from services.cards.store.programs import ProgramRecord
 from services.cards.store.projections import MemberStatus
@@ -361,16 +364,24 @@ class CardsServicer(cards_pb2_grpc.CardsServiceServicer):
         else:
             member_id = request.member_id.strip()
         async with self.db.sessions() as session:
+            # What the card has, for a till's receipt without GetBalance.
+            available: money_pb2.Money | None
             if by == "card_number":
-                card = await store.card_by_number(session, number or "")
-                if card is None:
+                found = await sv_store.card_by_number_with_account(session, number or "")
+                if found is None:
                     raise NotFound("no card with this number", reason="CARD_NOT_FOUND")
+                card, account = found
+                available = (
+                    None if account is None else money(account.currency, account.balances.available)
+                )
             else:
                 card = await self._members_card(session, member_id)
-            program = await get_program(session, card.program_id)
+                available = await available_money(session, card.account_id)
+            # Its settings never change: as kept for a while.
+            program = await program_store.program_settings(session, card.program_id)
+            if program is None:
+                raise program_not_found(card.program_id)
             refusal = domain.payment_refusal(card.state, card.expires_at, utcnow())
-            # What the card has, for a till's receipt without GetBalance.
-            available = await available_money(session, card.account_id)
             return cards_pb2.ResolveCardResponse(
                 card=card_to_proto(card, program.program),
                 resolved_by={

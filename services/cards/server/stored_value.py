@@ -127,7 +127,8 @@ class StoredValueServicer(stored_value_pb2_grpc.StoredValueServiceServicer):
 
     @staticmethod
     async def _program(session: AsyncSession, program_id: str) -> ProgramRecord:
-        program = await program_store.get_program(session, program_id)
+        """The program's settings, as kept for a while: they never change."""
+        program = await program_store.program_settings(session, program_id)
         if program is None:
             raise program_not_found(program_id)
         return program
@@ -303,11 +304,9 @@ class StoredValueServicer(stored_value_pb2_grpc.StoredValueServiceServicer):
             request.request_id, request_fingerprint(request), _stamp(principal, utcnow())
         )
         async with self.db.transaction() as session:
-            held = await ledger.capture(session, hold_id, command, amount=amount)
-            available = await available_money(session, held.account_id)
-        reply = hold_to_proto(held)
-        if available is not None:
-            reply.available_after.CopyFrom(available)
+            done = await ledger.capture(session, hold_id, command, amount=amount)
+        reply = hold_to_proto(done.hold)
+        reply.available_after.CopyFrom(money(done.currency, done.available))
         return reply
 
     async def VoidHold(self, request: pb.VoidHoldRequest, context: Context) -> pb.Hold:

@@ -185,6 +185,12 @@ def _record(row: Any) -> CardRecord:
     )
 
 
+def card_of(row: Any) -> CardRecord:
+    """The card in a row with the cards table's columns under their own
+    names: a read of cards joined with another table's."""
+    return _record(row)
+
+
 @dataclass(frozen=True)
 class NewCard:
     card_id: str

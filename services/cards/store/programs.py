@@ -10,7 +10,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chassis.db import RowByKey, UTCDateTime
+from chassis.db import Memo, RowByKey, UTCDateTime
 from services.cards.domain.programs import (
     CancelSettlement,
     Form,
@@ -135,6 +135,32 @@ async def get_program(
     that "one live card of a program per member" holds under concurrency."""
     row = await _PROGRAM.first(session, program_id, for_update=for_update)
     return None if row is None else _record(row)
+
+
+# A program's settings never change once it is created (only its serial
+# moves on), yet every payment and every ResolveCard reads them: kept per
+# process for this long, as read, in a table of programs filled as they
+# are asked for. A program not yet created is not kept, so one created
+# meanwhile is found at once.
+PROGRAM_MEMO_SECONDS = 60.0
+_PROGRAMS: Memo[dict[str, ProgramRecord]] = Memo(ttl=PROGRAM_MEMO_SECONDS)
+
+
+async def _no_programs() -> dict[str, ProgramRecord]:
+    return {}
+
+
+async def program_settings(session: AsyncSession, program_id: str) -> ProgramRecord | None:
+    """The program as kept for a while (see ``chassis.db.Memo``): for its
+    settings only, since its ``numbers_issued`` is as of when it was read.
+    ``get_program`` reads it as it is now."""
+    kept = await _PROGRAMS.get(session, _no_programs)
+    record = kept.get(program_id)
+    if record is None:
+        record = await get_program(session, program_id)
+        if record is not None:
+            kept[program_id] = record
+    return record
 
 
 async def list_programs(

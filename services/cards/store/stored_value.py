@@ -23,6 +23,7 @@ from services.cards.domain.stored_value import (
     MovementKind,
 )
 from services.cards.store import metadata
+from services.cards.store.cards import CardRecord, card_of, cards
 
 NO_FUNDS = Funds()
 
@@ -153,18 +154,37 @@ class AccountRecord:
     closed_at: dt.datetime | None
 
 
-def _account(row: Any) -> AccountRecord:
+def _account(row: Any, prefix: str = "") -> AccountRecord:
+    """From a row with the account's columns, named ``prefix + name`` (a
+    joined read's, see ``_labelled``)."""
+    values = row._mapping
     return AccountRecord(
-        account_id=row.account_id,
-        currency=row.currency,
-        balances=Balances(row.paid, row.bonus, row.held_paid, row.held_bonus),
-        opened_at=row.opened_at,
-        closed_at=row.closed_at,
+        account_id=values[prefix + "account_id"],
+        currency=values[prefix + "currency"],
+        balances=Balances(
+            values[prefix + "paid"],
+            values[prefix + "bonus"],
+            values[prefix + "held_paid"],
+            values[prefix + "held_bonus"],
+        ),
+        opened_at=values[prefix + "opened_at"],
+        closed_at=values[prefix + "closed_at"],
     )
 
 
-def _insert(session: AsyncSession) -> Any:
-    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+def _labelled(table: sa.Table, prefix: str) -> list[sa.Label[Any]]:
+    """A table's columns for a read joined with the cards table, named apart
+    from the card's own (both have an account_id, a state...)."""
+    return [column.label(prefix + column.name) for column in table.c]
+
+
+# Built once per dialect (see chassis.db.RowByKey); the values go as parameters.
+_OPEN_ACCOUNT = {
+    "postgresql": postgresql.insert(sv_accounts).on_conflict_do_nothing(
+        index_elements=["account_id"]
+    ),
+    "sqlite": sqlite.insert(sv_accounts).on_conflict_do_nothing(index_elements=["account_id"]),
+}
 
 
 async def open_account(
@@ -172,9 +192,8 @@ async def open_account(
 ) -> None:
     """Creates the account on its first movement; a no-op after that."""
     await session.execute(
-        _insert(session)(sv_accounts)
-        .values(account_id=account_id, currency=currency, opened_at=now)
-        .on_conflict_do_nothing(index_elements=["account_id"])
+        _OPEN_ACCOUNT[session.get_bind().dialect.name],
+        {"account_id": account_id, "currency": currency, "opened_at": now},
     )
 
 
@@ -190,30 +209,85 @@ async def get_account(
     return None if row is None else _account(row)
 
 
+_ACCOUNT_PREFIX = "account__"
+# A card by its number with its account (none before the account's first
+# movement): ResolveCard's one statement where two would do.
+_CARD_BY_NUMBER_WITH_ACCOUNT = (
+    sa.select(cards, *_labelled(sv_accounts, _ACCOUNT_PREFIX))
+    .select_from(cards.outerjoin(sv_accounts, sv_accounts.c.account_id == cards.c.account_id))
+    .where(cards.c.card_number == sa.bindparam("card_number"))
+)
+
+
+async def card_by_number_with_account(
+    session: AsyncSession, number: str
+) -> tuple[CardRecord, AccountRecord | None] | None:
+    row = (await session.execute(_CARD_BY_NUMBER_WITH_ACCOUNT, {"card_number": number})).first()
+    if row is None:
+        return None
+    has_account = row._mapping[_ACCOUNT_PREFIX + "account_id"] is not None
+    return card_of(row), _account(row, _ACCOUNT_PREFIX) if has_account else None
+
+
+# The account of a hold, locked: one statement where reading the hold for
+# its account and then locking that would be two (a hold never changes
+# account, so the hold read before the lock is as good as one after).
+_ACCOUNT_OF_HOLD = (
+    sa.select(sv_accounts)
+    .where(
+        sv_accounts.c.account_id
+        == sa.select(sv_holds.c.account_id)
+        .where(sv_holds.c.hold_id == sa.bindparam("hold_id"))
+        .scalar_subquery()
+    )
+    .with_for_update()
+)
+
+
+async def lock_account_of_hold(session: AsyncSession, hold_id: str) -> AccountRecord | None:
+    """The hold's account, locked until the transaction ends; None when
+    there is no such hold."""
+    row = (await session.execute(_ACCOUNT_OF_HOLD, {"hold_id": hold_id})).first()
+    return None if row is None else _account(row)
+
+
+# Built once (see chassis.db.RowByKey): every book's change goes as a
+# parameter, zero for the books a movement leaves alone. The WHERE clause
+# and the CHECK constraints refuse any result below zero even if a caller
+# had not locked the row (adding zero to a column never below zero passes).
+_BOOK_CHANGES = {
+    book: sa.bindparam(f"change_{book.value}", type_=sa.BigInteger) for book in ACCOUNT_BOOKS
+}
+_APPLY_ENTRIES = (
+    sa.update(sv_accounts)
+    .where(
+        sv_accounts.c.account_id == sa.bindparam("key_account_id"),
+        *[sv_accounts.c[book.value] + change >= 0 for book, change in _BOOK_CHANGES.items()],
+    )
+    .values({book.value: sv_accounts.c[book.value] + ch for book, ch in _BOOK_CHANGES.items()})
+    .returning(*(sv_accounts.c[book.value] for book in ACCOUNT_BOOKS))
+)
+_BALANCES = sa.select(*(sv_accounts.c[book.value] for book in ACCOUNT_BOOKS)).where(
+    sv_accounts.c.account_id == sa.bindparam("key_account_id")
+)
+
+
 async def apply_entries(session: AsyncSession, account_id: str, entries: list[Entry]) -> Balances:
-    """Adds the account books' entries to its stored balances. The WHERE
-    clause and the CHECK constraints refuse any result below zero even if a
-    caller had not locked the row."""
+    """Adds the account books' entries to its stored balances; returns them
+    as they are after."""
     delta = {book: 0 for book in ACCOUNT_BOOKS}
     for entry in entries:
         if entry.book in delta:
             delta[entry.book] += entry.amount
-    c = sv_accounts.c
-    balances = (c.paid, c.bonus, c.held_paid, c.held_bonus)
-    changed = {book: c[book.value] for book in ACCOUNT_BOOKS if delta[book]}
-    if changed:
-        query: Any = (
-            sa.update(sv_accounts)
-            .where(
-                c.account_id == account_id,
-                *[column + delta[book] >= 0 for book, column in changed.items() if delta[book] < 0],
-            )
-            .values({column.name: column + delta[book] for book, column in changed.items()})
-            .returning(*balances)
-        )
+    params: dict[str, Any] = {"key_account_id": account_id}
+    query: sa.Executable
+    if any(delta.values()):
+        params.update({change.key: delta[book] for book, change in _BOOK_CHANGES.items()})
+        query = _APPLY_ENTRIES
     else:
-        query = sa.select(*balances).where(c.account_id == account_id)
-    row = (await session.execute(query)).first()
+        # Nothing of the account's changes: read its balances, write nothing.
+        query = _BALANCES
+    row = (await session.execute(query, params)).first()
     if row is None:
         raise LookupError(f"account {account_id} would go below zero or does not exist")
     return Balances(row.paid, row.bonus, row.held_paid, row.held_bonus)
@@ -468,24 +542,27 @@ class HoldRecord:
     finished_at: dt.datetime | None
 
 
-def _hold(row: Any) -> HoldRecord:
+def _hold(row: Any, prefix: str = "") -> HoldRecord:
+    """From a row with the hold's columns, named ``prefix + name`` (a
+    joined read's, see ``_labelled``)."""
+    values = row._mapping
     return HoldRecord(
-        hold_id=row.hold_id,
-        account_id=row.account_id,
-        card_id=row.card_id,
-        state=HoldState(row.state),
-        currency=row.currency,
-        funds=Funds(row.paid, row.bonus),
-        captured=Funds(row.captured_paid, row.captured_bonus),
-        reference=row.reference,
-        local_day=row.local_day,
-        expires_at=row.expires_at,
-        hold_movement_id=row.hold_movement_id,
-        capture_movement_id=row.capture_movement_id,
-        principal=row.principal,
-        store_id=row.store_id,
-        held_at=row.held_at,
-        finished_at=row.finished_at,
+        hold_id=values[prefix + "hold_id"],
+        account_id=values[prefix + "account_id"],
+        card_id=values[prefix + "card_id"],
+        state=HoldState(values[prefix + "state"]),
+        currency=values[prefix + "currency"],
+        funds=Funds(values[prefix + "paid"], values[prefix + "bonus"]),
+        captured=Funds(values[prefix + "captured_paid"], values[prefix + "captured_bonus"]),
+        reference=values[prefix + "reference"],
+        local_day=values[prefix + "local_day"],
+        expires_at=values[prefix + "expires_at"],
+        hold_movement_id=values[prefix + "hold_movement_id"],
+        capture_movement_id=values[prefix + "capture_movement_id"],
+        principal=values[prefix + "principal"],
+        store_id=values[prefix + "store_id"],
+        held_at=values[prefix + "held_at"],
+        finished_at=values[prefix + "finished_at"],
     )
 
 
@@ -522,6 +599,55 @@ async def get_hold(
 ) -> HoldRecord | None:
     row = await _HOLD.first(session, hold_id, for_update=for_update)
     return None if row is None else _hold(row)
+
+
+_HOLD_PREFIX = "hold__"
+# A hold, locked, with the card that made it (its movements' events name
+# the card's holder and program) and the request hash of the movement of
+# this kind already made under this request id, if any: one statement
+# where three would do. Read after the account's lock, as the replay check
+# must be (see ledger.py).
+_HOLD_WITH_CARD = (
+    sa.select(
+        cards,
+        *_labelled(sv_holds, _HOLD_PREFIX),
+        sa.select(sv_movements.c.request_hash)
+        .where(
+            sv_movements.c.kind == sa.bindparam("kind"),
+            sv_movements.c.request_id == sa.bindparam("request_id"),
+        )
+        .scalar_subquery()
+        .label("done_request_hash"),
+    )
+    .join_from(sv_holds, cards, cards.c.card_id == sv_holds.c.card_id)
+    .where(sv_holds.c.hold_id == sa.bindparam("hold_id"))
+    .with_for_update(of=sv_holds)
+)
+
+
+@dataclass(frozen=True)
+class LockedHold:
+    hold: HoldRecord
+    card: CardRecord
+    # The request hash of the movement already made under the request id
+    # asked about; None when there is none.
+    done_request_hash: str | None
+
+
+async def locked_hold_with_card(
+    session: AsyncSession, hold_id: str, kind: MovementKind, request_id: str
+) -> LockedHold | None:
+    """The hold, locked until the transaction ends, its card (not locked),
+    and whether a movement of ``kind`` was made under ``request_id``. Lock
+    the hold's account first (``lock_account_of_hold``)."""
+    row = (
+        await session.execute(
+            _HOLD_WITH_CARD, {"hold_id": hold_id, "kind": kind.value, "request_id": request_id}
+        )
+    ).first()
+    if row is None:
+        return None
+    return LockedHold(_hold(row, _HOLD_PREFIX), card_of(row), row.done_request_hash)
 
 
 _FINISH_HOLD = sa.update(sv_holds).where(sv_holds.c.hold_id == sa.bindparam("key_hold_id"))
@@ -574,25 +700,44 @@ async def open_holds(session: AsyncSession, account_id: str) -> list[str]:
 # --- what a card did per day -------------------------------------------------------
 
 
+_CARD_DAY = RowByKey(sv_card_days, "card_id", "day")
+
+
 async def card_day(session: AsyncSession, card_id: str, day: dt.date) -> tuple[int, int]:
     """(spent, recharged) on that day."""
-    row = (
-        await session.execute(
-            sa.select(sv_card_days.c.spent, sv_card_days.c.recharged).where(
-                sv_card_days.c.card_id == card_id, sv_card_days.c.day == day
-            )
-        )
-    ).first()
+    row = await _CARD_DAY.first(session, card_id, day)
     return (0, 0) if row is None else (int(row.spent), int(row.recharged))
 
 
+_SPENT_SINCE = sa.select(sa.func.coalesce(sa.func.sum(sv_card_days.c.spent), 0)).where(
+    sv_card_days.c.card_id == sa.bindparam("card_id"),
+    sv_card_days.c.day >= sa.bindparam("first_day"),
+)
+
+
 async def spent_since(session: AsyncSession, card_id: str, first_day: dt.date) -> int:
-    result = await session.execute(
-        sa.select(sa.func.coalesce(sa.func.sum(sv_card_days.c.spent), 0)).where(
-            sv_card_days.c.card_id == card_id, sv_card_days.c.day >= first_day
-        )
-    )
+    result = await session.execute(_SPENT_SINCE, {"card_id": card_id, "first_day": first_day})
     return int(result.scalar_one())
+
+
+def _add_to_card_day(insert: Any) -> Any:
+    # What the row would have been had it been new is what to add to it.
+    statement = insert(sv_card_days)
+    c = sv_card_days.c
+    return statement.on_conflict_do_update(
+        index_elements=["card_id", "day"],
+        set_={
+            "spent": c.spent + statement.excluded.spent,
+            "recharged": c.recharged + statement.excluded.recharged,
+        },
+    )
+
+
+# Built once per dialect; the values go as parameters.
+_ADD_TO_CARD_DAY = {
+    "postgresql": _add_to_card_day(postgresql.insert),
+    "sqlite": _add_to_card_day(sqlite.insert),
+}
 
 
 async def add_to_card_day(
@@ -600,15 +745,9 @@ async def add_to_card_day(
 ) -> None:
     """Callers hold the account's lock, so the counters of its cards change
     one movement at a time."""
-    c = sv_card_days.c
-    statement = _insert(session)(sv_card_days).values(
-        card_id=card_id, day=day, spent=spent, recharged=recharged
-    )
     await session.execute(
-        statement.on_conflict_do_update(
-            index_elements=["card_id", "day"],
-            set_={"spent": c.spent + spent, "recharged": c.recharged + recharged},
-        )
+        _ADD_TO_CARD_DAY[session.get_bind().dialect.name],
+        {"card_id": card_id, "day": day, "spent": spent, "recharged": recharged},
     )
 
 
