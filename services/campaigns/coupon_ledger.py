@@ -278,12 +278,7 @@ async def price_basket(
                     coupon=_moved(reserved, stamp, currency=ctx.currency, discount=use.discount)
                 ),
             )
-    held = await store.coupons_where(
-        session,
-        store.coupons.c.reservation_id == reservation_id,
-        store.coupons.c.state == CouponState.RESERVED.value,
-        for_update=True,
-    )
+    held = await store.reserved_for(session, reservation_id, for_update=True)
     for coupon in held:
         if coupon.coupon_id not in used:
             await _release(session, coupon, stamp)

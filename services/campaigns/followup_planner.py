@@ -321,8 +321,14 @@ class Planner:
             day = dt.date(event.business_day.year, event.business_day.month, event.business_day.day)
         else:
             day = now.date()
-        first = await store.note_visit(session, event.member_id, day)
         plans = await store.enabled_plans(session)
+        # Whether the sale is the member's first matters to a 3+3+3 plan
+        # only; without one the visit is recorded in a single statement.
+        if any(plan.kind == PlanKind.THREE_THREE_THREE for plan in plans):
+            first = await store.note_visit(session, event.member_id, day)
+        else:
+            await store.note_any_visit(session, event.member_id, day)
+            first = False
         aims: list[tuple[Plan, Aim]] = []
         categories = {c.strip() for c in event.categories}
         for plan in plans:

@@ -322,9 +322,13 @@ class Referrals:
             referrer = await self.directory.referrer_of(event.member_id)
             if referrer is None:
                 return
-            await store.note_member(session, event.member_id, referrer)
-            known = await store.get_member(session, event.member_id)
-            assert known is not None
+            if await store.note_member(session, event.member_id, referrer):
+                # The row just written, as a read would give it back.
+                known = store.KnownMember(event.member_id, referrer, "")
+            else:
+                # Another writer got there first: its word stays.
+                known = await store.get_member(session, event.member_id)
+                assert known is not None
         if not known.referrer_member_id:
             return
         now = utcnow()

@@ -269,12 +269,19 @@ class PricingServicer(pricing_pb2_grpc.PricingServiceServicer):
         codes = [code.strip() for code in request.coupon_codes]
         reservation_id = request.reservation_id.strip()
         stamp = coupon_ledger.Stamp(principal.subject, ctx.store_id, now)
-        if not reservation_id:
+        if not reservation_id or not codes:
             async with self.db.sessions() as session:
-                priced = await coupon_ledger.price_basket(
-                    session, lines, ctx, codes, reservation_id="", ttl=ttl, stamp=stamp
-                )
-            return priced_to_proto(priced, None)
+                # Without codes nothing is reserved, and a checkout that
+                # holds no coupon from an earlier pricing has none to
+                # release: it needs no unit of work (on SQLite, no turn
+                # at the writer's lock).
+                if not reservation_id or not await coupon_store.reserved_for(
+                    session, reservation_id
+                ):
+                    priced = await coupon_ledger.price_basket(
+                        session, lines, ctx, codes, reservation_id="", ttl=ttl, stamp=stamp
+                    )
+                    return priced_to_proto(priced, None)
         async with self.db.transaction() as session:
             priced = await coupon_ledger.price_basket(
                 session, lines, ctx, codes, reservation_id=reservation_id, ttl=ttl, stamp=stamp

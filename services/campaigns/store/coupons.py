@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chassis.db import BigIntKey, UTCDateTime
+from chassis.db import BigIntKey, RowByKey, UTCDateTime
 from chassis.paging import newest_first
 from services.campaigns.domain.coupons import (
     CouponFacts,
@@ -385,6 +385,10 @@ async def insert_coupon(session: AsyncSession, **values: Any) -> None:
     await session.execute(sa.insert(coupons).values(**values))
 
 
+_COUPON = RowByKey(coupons, "coupon_id")
+_COUPON_BY_CODE = RowByKey(coupons, "code")
+
+
 async def get_coupon(
     session: AsyncSession,
     *,
@@ -392,11 +396,10 @@ async def get_coupon(
     code: str = "",
     for_update: bool = False,
 ) -> CouponRecord | None:
-    c = coupons.c
-    query = sa.select(coupons).where(c.coupon_id == coupon_id if coupon_id else c.code == code)
-    if for_update:
-        query = query.with_for_update()
-    row = (await session.execute(query)).first()
+    if coupon_id:
+        row = await _COUPON.first(session, coupon_id, for_update=for_update)
+    else:
+        row = await _COUPON_BY_CODE.first(session, code, for_update=for_update)
     return None if row is None else _coupon(row)
 
 
@@ -418,6 +421,28 @@ async def coupons_where(
     if for_update:
         query = query.with_for_update()
     return [_coupon(row) for row in await session.execute(query)]
+
+
+# Built once (see chassis.db.RowByKey): read on every checkout's pricing.
+_RESERVED_FOR = (
+    sa.select(coupons)
+    .where(
+        coupons.c.reservation_id == sa.bindparam("reservation_id"),
+        coupons.c.state == CouponState.RESERVED.value,
+    )
+    .order_by(coupons.c.coupon_id)
+)
+_RESERVED_FOR_LOCKED = _RESERVED_FOR.with_for_update()
+
+
+async def reserved_for(
+    session: AsyncSession, reservation_id: str, *, for_update: bool = False
+) -> list[CouponRecord]:
+    """The coupons the checkout holds reserved, in coupon id order."""
+    rows = await session.execute(
+        _RESERVED_FOR_LOCKED if for_update else _RESERVED_FOR, {"reservation_id": reservation_id}
+    )
+    return [_coupon(row) for row in rows]
 
 
 async def update_coupon(

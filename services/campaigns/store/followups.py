@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chassis.db import UTCDateTime, upsert
+from chassis.db import Memo, RowByKey, UTCDateTime, upsert
 from services.campaigns.domain.followups import (
     OPEN_STATES,
     CallWindow,
@@ -25,7 +25,7 @@ from services.campaigns.domain.followups import (
     TaskState,
     parse_time,
 )
-from services.campaigns.store import metadata
+from services.campaigns.store import SETTINGS_MEMO_SECONDS, metadata
 
 followup_plans = sa.Table(
     "followup_plans",
@@ -144,17 +144,18 @@ def plan_values(plan: Plan) -> dict[str, Any]:
     }
 
 
+_PLAN = RowByKey(followup_plans, "plan_id")
+
+
 async def get_plan(
     session: AsyncSession, plan_id: str, *, for_update: bool = False
 ) -> PlanRecord | None:
-    query = sa.select(followup_plans).where(followup_plans.c.plan_id == plan_id)
-    if for_update:
-        query = query.with_for_update()
-    row = (await session.execute(query)).first()
+    row = await _PLAN.first(session, plan_id, for_update=for_update)
     return None if row is None else _plan(row)
 
 
 async def insert_plan(session: AsyncSession, plan: Plan, now: dt.datetime) -> None:
+    _ENABLED_MEMO.forget(session)
     await session.execute(
         sa.insert(followup_plans).values(
             plan_id=plan.plan_id, created_at=now, updated_at=now, **plan_values(plan)
@@ -163,6 +164,7 @@ async def insert_plan(session: AsyncSession, plan: Plan, now: dt.datetime) -> No
 
 
 async def update_plan(session: AsyncSession, plan: Plan, now: dt.datetime) -> None:
+    _ENABLED_MEMO.forget(session)
     await session.execute(
         sa.update(followup_plans)
         .where(followup_plans.c.plan_id == plan.plan_id)
@@ -180,12 +182,25 @@ async def list_plans(session: AsyncSession, *, after: str, limit: int) -> list[P
     return [_plan(r) for r in rows]
 
 
+_ENABLED = (
+    sa.select(followup_plans)
+    .where(followup_plans.c.enabled.is_(True))
+    .order_by(followup_plans.c.plan_id)
+)
+
+# The enabled plans, read on every sale and changed seldom (see
+# ``chassis.db.Memo``).
+_ENABLED_MEMO: Memo[tuple[Plan, ...]] = Memo(ttl=SETTINGS_MEMO_SECONDS)
+
+
+async def _enabled(session: AsyncSession) -> tuple[Plan, ...]:
+    return tuple(_plan(r).plan for r in await session.execute(_ENABLED))
+
+
 async def enabled_plans(session: AsyncSession, kind: PlanKind | None = None) -> list[Plan]:
-    query = sa.select(followup_plans).where(followup_plans.c.enabled.is_(True))
-    if kind is not None:
-        query = query.where(followup_plans.c.kind == kind.value)
-    rows = await session.execute(query.order_by(followup_plans.c.plan_id))
-    return [_plan(r).plan for r in rows]
+    """The enabled plans (of ``kind``), in plan id order."""
+    plans = await _ENABLED_MEMO.get(session, lambda: _enabled(session))
+    return [plan for plan in plans if kind is None or plan.kind == kind]
 
 
 # --- stores -------------------------------------------------------------
@@ -207,12 +222,11 @@ async def note_store(session: AsyncSession, store_id: str, region_id: str, time_
     )
 
 
+_STORE = RowByKey(followup_stores, "store_id")
+
+
 async def get_store(session: AsyncSession, store_id: str) -> KnownStore | None:
-    row = (
-        await session.execute(
-            sa.select(followup_stores).where(followup_stores.c.store_id == store_id)
-        )
-    ).first()
+    row = await _STORE.first(session, store_id)
     return None if row is None else KnownStore(row.store_id, row.region_id, row.time_zone)
 
 
@@ -233,13 +247,13 @@ def _insert(session: AsyncSession) -> Any:
     return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
 
 
+_MEMBER = RowByKey(followup_members, "member_id")
+
+
 async def get_member(
     session: AsyncSession, member_id: str, *, for_update: bool = False
 ) -> KnownMember | None:
-    query = sa.select(followup_members).where(followup_members.c.member_id == member_id)
-    if for_update:
-        query = query.with_for_update()
-    row = (await session.execute(query)).first()
+    row = await _MEMBER.first(session, member_id, for_update=for_update)
     if row is None:
         return None
     return KnownMember(
@@ -260,39 +274,93 @@ async def ensure_member(session: AsyncSession, member_id: str, home_store_id: st
     )
 
 
+@dataclass(frozen=True)
+class _VisitStatements:
+    """A sale's visit, built once per dialect (see chassis.db.RowByKey):
+    written on every sale. Each changes the row only when a day moves: the
+    first purchase day never later, the last visit day never earlier."""
+
+    # The member's first purchase: inserts the row, or fills the first
+    # purchase day of one that has none (from an enrollment). Returns a row
+    # only then; a row that conflicts is locked either way.
+    first: Any
+    # Any visit, whether or not it is the first.
+    any: Any
+
+
+_m = followup_members.c
+_DAY = sa.bindparam("day", type_=sa.Date)
+_EARLIER_FIRST = sa.case(
+    (sa.or_(_m.first_purchase_day.is_(None), _m.first_purchase_day > _DAY), _DAY),
+    else_=_m.first_purchase_day,
+)
+_LATER_LAST = sa.case(
+    (sa.or_(_m.last_visit_day.is_(None), _m.last_visit_day < _DAY), _DAY),
+    else_=_m.last_visit_day,
+)
+_DAYS_MOVE = sa.or_(
+    _m.first_purchase_day.is_(None),
+    _m.first_purchase_day > _DAY,
+    _m.last_visit_day.is_(None),
+    _m.last_visit_day < _DAY,
+)
+
+
+def _visit_statements(insert: Any) -> _VisitStatements:
+    new_row = insert(followup_members).values(
+        member_id=sa.bindparam("key_member_id"), first_purchase_day=_DAY, last_visit_day=_DAY
+    )
+    return _VisitStatements(
+        first=new_row.on_conflict_do_update(
+            index_elements=[_m.member_id],
+            set_={"first_purchase_day": _DAY, "last_visit_day": _LATER_LAST},
+            where=_m.first_purchase_day.is_(None),
+        ).returning(_m.member_id),
+        any=new_row.on_conflict_do_update(
+            index_elements=[_m.member_id],
+            set_={"first_purchase_day": _EARLIER_FIRST, "last_visit_day": _LATER_LAST},
+            where=_DAYS_MOVE,
+        ),
+    )
+
+
+_VISITS = {
+    "postgresql": _visit_statements(postgresql.insert),
+    "sqlite": _visit_statements(sqlite.insert),
+}
+# A visit of a member whose first purchase is known (and row locked).
+_LATER_VISIT = (
+    sa.update(followup_members)
+    .where(_m.member_id == sa.bindparam("key_member_id"), _DAYS_MOVE)
+    .values(first_purchase_day=_EARLIER_FIRST, last_visit_day=_LATER_LAST)
+)
+
+
 async def note_visit(session: AsyncSession, member_id: str, day: dt.date) -> bool:
     """Records a purchase day; returns True when it is the member's first
     purchase campaigns has seen."""
-    await ensure_member(session, member_id)
-    known = await get_member(session, member_id, for_update=True)
-    assert known is not None
-    first = known.first_purchase_day is None
-    values: dict[str, Any] = {}
-    if first or (known.first_purchase_day is not None and day < known.first_purchase_day):
-        values["first_purchase_day"] = day
-    if known.last_visit_day is None or day > known.last_visit_day:
-        values["last_visit_day"] = day
-    if values:
-        await session.execute(
-            sa.update(followup_members)
-            .where(followup_members.c.member_id == member_id)
-            .values(**values)
-        )
-    return first
+    params = {"key_member_id": member_id, "day": day}
+    visits = _VISITS[session.get_bind().dialect.name]
+    if (await session.execute(visits.first, params)).first() is not None:
+        return True
+    await session.execute(_LATER_VISIT, params)
+    return False
+
+
+async def note_any_visit(session: AsyncSession, member_id: str, day: dt.date) -> None:
+    """Records a purchase day, in one statement, where whether it is the
+    member's first does not matter."""
+    visits = _VISITS[session.get_bind().dialect.name]
+    await session.execute(visits.any, {"key_member_id": member_id, "day": day})
 
 
 async def note_member_facts(
     session: AsyncSession, member_id: str, *, home_store_id: str, birthday_month: int
 ) -> None:
-    await ensure_member(session, member_id, home_store_id)
     values: dict[str, Any] = {"birthday_month": birthday_month}
     if home_store_id:
         values["home_store_id"] = home_store_id
-    await session.execute(
-        sa.update(followup_members)
-        .where(followup_members.c.member_id == member_id)
-        .values(**values)
-    )
+    await upsert(session, followup_members, {"member_id": member_id}, values)
 
 
 async def set_member_state(session: AsyncSession, member_id: str, state: str) -> None:

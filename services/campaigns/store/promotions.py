@@ -11,10 +11,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chassis.db import UTCDateTime
+from chassis.db import Memo, RowByKey, UTCDateTime, utcnow
 from chassis.paging import newest_first
 from services.campaigns.domain.pricing import Promotion, PromotionKind, Scope, Stacking
-from services.campaigns.store import metadata
+from services.campaigns.store import SETTINGS_MEMO_SECONDS, metadata
 
 promotions = sa.Table(
     "promotions",
@@ -105,6 +105,7 @@ def _record(row: Any) -> PromotionRecord:
 async def insert_promotion(
     session: AsyncSession, p: Promotion, *, principal: str, store_id: str, now: dt.datetime
 ) -> None:
+    _CANDIDATES_MEMO.forget(session)
     await session.execute(
         sa.insert(promotions).values(
             promotion_id=p.promotion_id,
@@ -119,34 +120,82 @@ async def insert_promotion(
     )
 
 
+_PROMOTION = RowByKey(promotions, "promotion_id")
+
+
 async def get_promotion(
     session: AsyncSession, promotion_id: str, *, for_update: bool = False
 ) -> PromotionRecord | None:
-    query = sa.select(promotions).where(promotions.c.promotion_id == promotion_id)
-    if for_update:
-        query = query.with_for_update()
-    row = (await session.execute(query)).first()
+    row = await _PROMOTION.first(session, promotion_id, for_update=for_update)
     return None if row is None else _record(row)
 
 
 async def end_promotion(session: AsyncSession, promotion_id: str, at: dt.datetime) -> None:
+    _CANDIDATES_MEMO.forget(session)
     await session.execute(
         sa.update(promotions).where(promotions.c.promotion_id == promotion_id).values(ends_at=at)
     )
 
 
-def _in_force(at: dt.datetime) -> Any:
+def _in_force(at: Any) -> Any:
     c = promotions.c
     return sa.and_(c.starts_at <= at, sa.or_(c.ends_at.is_(None), c.ends_at > at))
 
 
+# Built once (see chassis.db.RowByKey): read on every checkout.
+_IN_FORCE_AT = (
+    sa.select(promotions)
+    .where(_in_force(sa.bindparam("at", type_=UTCDateTime)))
+    .order_by(promotions.c.promotion_id)
+)
+_NOT_ENDED_BY = (
+    sa.select(promotions)
+    .where(
+        sa.or_(
+            promotions.c.ends_at.is_(None),
+            promotions.c.ends_at > sa.bindparam("since", type_=UTCDateTime),
+        )
+    )
+    .order_by(promotions.c.promotion_id)
+)
+
+# The candidates reach back this far before they were read: a checkout's
+# time is its caller's clock, taken a moment before the call (or on another
+# host), and should still find them.
+CANDIDATES_REACH_BACK = dt.timedelta(minutes=15)
+
+
+@dataclass(frozen=True)
+class _Candidates:
+    """Every promotion not ended by ``since`` (started or yet to start), in
+    promotion id order: those in force at any time from ``since`` on."""
+
+    since: dt.datetime
+    promotions: tuple[Promotion, ...]
+
+
+# Kept rather than the promotions in force at one instant: windows open and
+# close between reads, so each call filters the candidates by its own time.
+_CANDIDATES_MEMO: Memo[_Candidates] = Memo(ttl=SETTINGS_MEMO_SECONDS)
+
+
+async def _candidates(session: AsyncSession, now: dt.datetime) -> _Candidates:
+    since = now - CANDIDATES_REACH_BACK
+    rows = await session.execute(_NOT_ENDED_BY, {"since": since})
+    return _Candidates(since, tuple(_promotion(row) for row in rows))
+
+
 async def promotions_in_force(session: AsyncSession, at: dt.datetime) -> list[Promotion]:
     """Every promotion in its window at ``at``; store, region and buyer are
-    the domain's to check."""
-    rows = await session.execute(
-        sa.select(promotions).where(_in_force(at)).order_by(promotions.c.promotion_id)
-    )
-    return [_promotion(row) for row in rows]
+    the domain's to check. The candidates are kept for a few seconds (see
+    ``chassis.db.Memo``); a time before them (a repriced old sale) is read
+    from the table."""
+    kept = await _CANDIDATES_MEMO.get(session, lambda: _candidates(session, utcnow()))
+    if at < kept.since:
+        rows = await session.execute(_IN_FORCE_AT, {"at": at})
+        return [_promotion(row) for row in rows]
+    # The same window as _in_force's, checked here.
+    return [p for p in kept.promotions if p.in_force(at)]
 
 
 async def list_promotions(

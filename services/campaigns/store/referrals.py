@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chassis.db import UTCDateTime
+from chassis.db import RowByKey, UTCDateTime
 from services.campaigns.domain.referrals import (
     Campaign,
     ReferralState,
@@ -162,23 +162,44 @@ class KnownMember:
     first_sale_id: str
 
 
-async def note_member(session: AsyncSession, member_id: str, referrer_member_id: str) -> None:
-    """Keeps who referred the member; the first word stays."""
-    await session.execute(
+async def note_member(session: AsyncSession, member_id: str, referrer_member_id: str) -> bool:
+    """Keeps who referred the member; the first word stays. True when this
+    call kept it (the member was not known)."""
+    m = referral_members.c
+    result = await session.execute(
         _insert(session)(referral_members)
         .values(member_id=member_id, referrer_member_id=referrer_member_id)
-        .on_conflict_do_nothing(index_elements=[referral_members.c.member_id])
+        .on_conflict_do_nothing(index_elements=[m.member_id])
+        .returning(m.member_id)
     )
+    return result.first() is not None
+
+
+_MEMBER = RowByKey(referral_members, "member_id")
 
 
 async def get_member(session: AsyncSession, member_id: str) -> KnownMember | None:
-    m = referral_members.c
-    row = (
-        await session.execute(sa.select(referral_members).where(m.member_id == member_id))
-    ).first()
+    row = await _MEMBER.first(session, member_id)
     if row is None:
         return None
     return KnownMember(row.member_id, row.referrer_member_id, row.first_sale_id)
+
+
+# Built once (see chassis.db.RowByKey): tried on every sale of a referred member.
+_TAKE_FIRST_SALE = (
+    sa.update(referral_members)
+    .where(
+        referral_members.c.member_id == sa.bindparam("key_member_id"),
+        sa.or_(
+            referral_members.c.first_sale_id == "",
+            referral_members.c.first_sale_id == sa.bindparam("sale_id"),
+        ),
+    )
+    .values(
+        first_sale_id=sa.bindparam("sale_id"), first_sale_at=sa.bindparam("at", type_=UTCDateTime)
+    )
+    .returning(referral_members.c.member_id)
+)
 
 
 async def take_first_sale(
@@ -186,12 +207,8 @@ async def take_first_sale(
 ) -> bool:
     """True for the member's first sale seen (and again for a redelivery of
     that same sale, which the referrals' UNIQUE key then absorbs)."""
-    m = referral_members.c
     result = await session.execute(
-        sa.update(referral_members)
-        .where(m.member_id == member_id, sa.or_(m.first_sale_id == "", m.first_sale_id == sale_id))
-        .values(first_sale_id=sale_id, first_sale_at=at)
-        .returning(m.member_id)
+        _TAKE_FIRST_SALE, {"key_member_id": member_id, "sale_id": sale_id, "at": at}
     )
     return result.first() is not None
 
