@@ -1,0 +1,217 @@
+"""What one statement and one service call cost in CPU: the units a
+checkout is made of.
+
+    python -m bench.unit_costs --postgres postgresql://postgres@127.0.0.1:5432/postgres
+
+A checkout is some thirty statements in loyalty, about twenty in cards and
+a handful in campaigns, and five gRPC calls; its CPU is roughly those
+counts times these unit costs. Each figure is this process's CPU time
+(user and system) over ``--calls`` operations by one caller, so the noise
+of a shared machine changes the wall clock more than these:
+
+- a primary-key read through the chassis (``chassis.db.RowByKey`` in a
+  unit of work, ten reads a transaction), through a read session (on
+  PostgreSQL without a transaction), through SQLAlchemy Core's
+  ``AsyncConnection`` alone, and the baseline: the same read straight
+  through asyncpg, in a transaction of ten;
+- a gRPC call: a health check against ``bench.baseline_server`` from a
+  bare grpc.aio channel (the baseline) and from a channel with the
+  OpenTelemetry client interceptor every service channel has, with the
+  process's tracer provider installed as a service installs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import resource
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+import asyncpg
+import grpc
+import sqlalchemy as sa
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+from bench.harness import ThrowawayDatabases, spawn
+from chassis.config import normalise_database_url
+from chassis.db import Database, RowByKey
+from chassis.telemetry import configure_tracing
+
+READS_A_TRANSACTION = 10
+# What a service's call carries besides the request: its token.
+CALL_METADATA = (("authorization", "Bearer " + "x" * 200),)
+ROWS = 1_000
+
+shelf = sa.Table(
+    "unit_cost_rows",
+    sa.MetaData(),
+    sa.Column("row_id", sa.String(20), primary_key=True),
+    sa.Column("balance", sa.BigInteger, nullable=False),
+    sa.Column("note", sa.String(60), nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class Cost:
+    name: str
+    operations: int
+    cpu_seconds: float
+    wall_seconds: float
+
+    @property
+    def cpu_us(self) -> float:
+        return self.cpu_seconds / self.operations * 1e6
+
+    @property
+    def wall_us(self) -> float:
+        return self.wall_seconds / self.operations * 1e6
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def measure(name: str, operations: int, batch: Callable[[int], Awaitable[None]]) -> Cost:
+    """``batch(i)`` does READS_A_TRANSACTION operations (or one, for calls);
+    warmed up first, then timed over ``operations``."""
+    per_batch = READS_A_TRANSACTION if "read" in name else 1
+    for i in range(20):
+        await batch(i)
+    cpu, wall = _cpu(), time.perf_counter()
+    for i in range(operations // per_batch):
+        await batch(i)
+    return Cost(name, operations, _cpu() - cpu, time.perf_counter() - wall)
+
+
+async def statement_costs(url: str, operations: int) -> list[Cost]:
+    db = Database(normalise_database_url(url))
+    try:
+        async with db.engine.begin() as conn:
+            await conn.run_sync(shelf.metadata.create_all)
+            await conn.execute(
+                sa.insert(shelf),
+                [{"row_id": f"r{i}", "balance": i, "note": "x" * 40} for i in range(ROWS)],
+            )
+        by_id = RowByKey(shelf, "row_id")
+
+        def keys(i: int) -> list[str]:
+            return [f"r{(i * READS_A_TRANSACTION + k) % ROWS}" for k in range(READS_A_TRANSACTION)]
+
+        async def unit_of_work(i: int) -> None:
+            async with db.transaction() as session:
+                for key in keys(i):
+                    await by_id.first(session, key)
+
+        async def read_session(i: int) -> None:
+            async with db.sessions() as session:
+                for key in keys(i):
+                    await by_id.first(session, key)
+
+        statement = sa.select(shelf).where(shelf.c.row_id == sa.bindparam("key_row_id"))
+
+        async def core(i: int) -> None:
+            async with db.engine.begin() as conn:
+                for key in keys(i):
+                    (await conn.execute(statement, {"key_row_id": key})).first()
+
+        costs = [
+            await measure("read, chassis unit of work", operations, unit_of_work),
+            await measure("read, chassis read session", operations, read_session),
+            await measure("read, SQLAlchemy Core connection", operations, core),
+        ]
+        if db.dialect == "postgresql":
+            raw = await asyncpg.connect(url)
+            try:
+                text = "SELECT row_id, balance, note FROM unit_cost_rows WHERE row_id = $1"
+
+                async def bare(i: int) -> None:
+                    async with raw.transaction():
+                        for key in keys(i):
+                            await raw.fetchrow(text, key)
+
+                costs.append(await measure("read, bare asyncpg (baseline)", operations, bare))
+            finally:
+                await raw.close()
+        return costs
+    finally:
+        await db.dispose()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def call_costs(operations: int, work: Path) -> list[Cost]:
+    configure_tracing("bench")
+    address = f"127.0.0.1:{_free_port()}"
+    server = spawn(["-m", "bench.baseline_server", address], {}, work / "baseline.log")
+    try:
+        costs: list[Cost] = []
+        for name, interceptors in (
+            ("gRPC call, bare channel (baseline)", None),
+            ("gRPC call, OpenTelemetry interceptor", aio_client_interceptors()),
+        ):
+            async with grpc.aio.insecure_channel(address, interceptors=interceptors) as channel:
+                await channel.channel_ready()
+                health = health_pb2_grpc.HealthStub(channel)
+
+                async def check(_i: int, health: health_pb2_grpc.HealthStub = health) -> None:
+                    await health.Check(
+                        health_pb2.HealthCheckRequest(), metadata=CALL_METADATA, timeout=5
+                    )
+
+                costs.append(await measure(name, operations, check))
+        return costs
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def report(title: str, costs: list[Cost]) -> None:
+    print(title)
+    baseline = next((c for c in costs if "baseline" in c.name), None)
+    for cost in costs:
+        ratio = f"  {cost.cpu_us / baseline.cpu_us:4.1f}x the baseline" if baseline else ""
+        print(f"  {cost.name:<40} CPU {cost.cpu_us:7.1f} us  wall {cost.wall_us:7.1f} us{ratio}")
+
+
+async def run(postgres: str | None, operations: int) -> None:
+    with TemporaryDirectory(prefix="cornucopia-bench-units-") as tmp:
+        work = Path(tmp)
+        if postgres:
+            databases = ThrowawayDatabases(postgres)
+            try:
+                url = await databases.create()
+                report(
+                    "a primary-key read (PostgreSQL), CPU a statement:",
+                    await statement_costs(url, operations),
+                )
+            finally:
+                await databases.drop_all()
+        report(
+            "a primary-key read (SQLite), CPU a statement:",
+            await statement_costs(f"sqlite:///{work / 'units.db'}", operations),
+        )
+        report("a unary gRPC call, CPU of the caller:", await call_costs(operations, work))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--postgres", help="an admin URL of a PostgreSQL server to measure on")
+    parser.add_argument("--calls", type=int, default=5_000, help="operations a figure")
+    args = parser.parse_args(argv)
+    asyncio.run(run(args.postgres, args.calls))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
