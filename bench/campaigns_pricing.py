@@ -62,7 +62,6 @@ import argparse
 import asyncio
 import bisect
 import datetime as dt
-import os
 import shutil
 import signal
 import statistics
@@ -79,7 +78,7 @@ import grpc
 import sqlalchemy as sa
 
 from bench.enrollment import wait_serving
-from bench.harness import Result, ThrowawayDatabases, bare_grpc, drive, spawn
+from bench.harness import Result, ThrowawayDatabases, bare_grpc, cpu_seconds, drive, spawn
 from chassis.auth import Role, Scope, ScopeLevel, mint_token
 from chassis.config import DEVELOPMENT_TOKEN_SECRET, normalise_database_url
 from chassis.db import Database, UTCDateTime, outbox_table, utcnow
@@ -138,16 +137,6 @@ CHECKOUT = metadata([Role.SERVICE], "bench-checkout")
 
 def cny(minor_units: int) -> money_pb2.Money:
     return money_pb2.Money(currency_code=CURRENCY, minor_units=minor_units)
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process (Linux), None when it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()  # utime and stime, in clock ticks
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # --- the rules: 50 promotions, a coupon, a basket ----------------------------------------

@@ -74,7 +74,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
 from bench.enrollment import wait_serving
-from bench.harness import Result, ThrowawayDatabases, bare_grpc, drive, spawn
+from bench.harness import Result, ThrowawayDatabases, bare_grpc, cpu_seconds, drive, spawn
 from bench.organisation import open_stores, store_id
 from chassis import supervisor
 from chassis.auth import Role, Scope, ScopeLevel, mint_token
@@ -150,16 +150,6 @@ TILLS = {
 
 
 # --- /proc: CPU time ----------------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process (Linux), None when it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()  # utime and stime, in clock ticks
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def pids_matching(*needles: str) -> list[int]:

@@ -17,7 +17,8 @@ of a shared machine changes the wall clock more than these:
 - a gRPC call: a health check against ``bench.baseline_server`` from a
   bare grpc.aio channel (the baseline) and from a channel with the
   OpenTelemetry client interceptor every service channel has, with the
-  process's tracer provider installed as a service installs it.
+  process's tracer provider installed as a service installs it; the
+  server's CPU (from /proc) too.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import resource
-import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -39,9 +39,10 @@ import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
-from bench.harness import ThrowawayDatabases, spawn
+from bench.harness import ThrowawayDatabases, cpu_seconds, spawn
 from chassis.config import normalise_database_url
 from chassis.db import Database, RowByKey
+from chassis.natsserver import free_port
 from chassis.telemetry import configure_tracing
 
 READS_A_TRANSACTION = 10
@@ -64,6 +65,8 @@ class Cost:
     operations: int
     cpu_seconds: float
     wall_seconds: float
+    # The CPU of the process at the other end (the gRPC server), if measured.
+    peer_cpu_seconds: float | None = None
 
     @property
     def cpu_us(self) -> float:
@@ -73,22 +76,40 @@ class Cost:
     def wall_us(self) -> float:
         return self.wall_seconds / self.operations * 1e6
 
+    @property
+    def peer_cpu_us(self) -> float | None:
+        if self.peer_cpu_seconds is None:
+            return None
+        return self.peer_cpu_seconds / self.operations * 1e6
+
 
 def _cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
 
-async def measure(name: str, operations: int, batch: Callable[[int], Awaitable[None]]) -> Cost:
-    """``batch(i)`` does READS_A_TRANSACTION operations (or one, for calls);
-    warmed up first, then timed over ``operations``."""
-    per_batch = READS_A_TRANSACTION if "read" in name else 1
+async def measure(
+    name: str,
+    operations: int,
+    batch: Callable[[int], Awaitable[None]],
+    *,
+    per_batch: int = 1,
+    peer: int | None = None,
+) -> Cost:
+    """``batch(i)`` does ``per_batch`` operations; warmed up first, then
+    timed over ``operations``, with the CPU of process ``peer`` too."""
     for i in range(20):
         await batch(i)
+    peer_before = cpu_seconds(peer) if peer is not None else None
     cpu, wall = _cpu(), time.perf_counter()
     for i in range(operations // per_batch):
         await batch(i)
-    return Cost(name, operations, _cpu() - cpu, time.perf_counter() - wall)
+    cpu, wall = _cpu() - cpu, time.perf_counter() - wall
+    peer_after = cpu_seconds(peer) if peer is not None else None
+    peer_cpu = None
+    if peer_before is not None and peer_after is not None:
+        peer_cpu = peer_after - peer_before
+    return Cost(name, operations, cpu, wall, peer_cpu)
 
 
 async def statement_costs(url: str, operations: int) -> list[Cost]:
@@ -123,9 +144,21 @@ async def statement_costs(url: str, operations: int) -> list[Cost]:
                     (await conn.execute(statement, {"key_row_id": key})).first()
 
         costs = [
-            await measure("read, chassis unit of work", operations, unit_of_work),
-            await measure("read, chassis read session", operations, read_session),
-            await measure("read, SQLAlchemy Core connection", operations, core),
+            await measure(
+                "read, chassis unit of work",
+                operations,
+                unit_of_work,
+                per_batch=READS_A_TRANSACTION,
+            ),
+            await measure(
+                "read, chassis read session",
+                operations,
+                read_session,
+                per_batch=READS_A_TRANSACTION,
+            ),
+            await measure(
+                "read, SQLAlchemy Core connection", operations, core, per_batch=READS_A_TRANSACTION
+            ),
         ]
         if db.dialect == "postgresql":
             raw = await asyncpg.connect(url)
@@ -137,7 +170,14 @@ async def statement_costs(url: str, operations: int) -> list[Cost]:
                         for key in keys(i):
                             await raw.fetchrow(text, key)
 
-                costs.append(await measure("read, bare asyncpg (baseline)", operations, bare))
+                costs.append(
+                    await measure(
+                        "read, bare asyncpg (baseline)",
+                        operations,
+                        bare,
+                        per_batch=READS_A_TRANSACTION,
+                    )
+                )
             finally:
                 await raw.close()
         return costs
@@ -145,15 +185,9 @@ async def statement_costs(url: str, operations: int) -> list[Cost]:
         await db.dispose()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 async def call_costs(operations: int, work: Path) -> list[Cost]:
     configure_tracing("bench")
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     server = spawn(["-m", "bench.baseline_server", address], {}, work / "baseline.log")
     try:
         costs: list[Cost] = []
@@ -170,7 +204,7 @@ async def call_costs(operations: int, work: Path) -> list[Cost]:
                         health_pb2.HealthCheckRequest(), metadata=CALL_METADATA, timeout=5
                     )
 
-                costs.append(await measure(name, operations, check))
+                costs.append(await measure(name, operations, check, peer=server.pid))
         return costs
     finally:
         server.terminate()
@@ -182,7 +216,10 @@ def report(title: str, costs: list[Cost]) -> None:
     baseline = next((c for c in costs if "baseline" in c.name), None)
     for cost in costs:
         ratio = f"  {cost.cpu_us / baseline.cpu_us:4.1f}x the baseline" if baseline else ""
-        print(f"  {cost.name:<40} CPU {cost.cpu_us:7.1f} us  wall {cost.wall_us:7.1f} us{ratio}")
+        peer = "" if cost.peer_cpu_us is None else f"; the server's CPU {cost.peer_cpu_us:6.1f} us"
+        print(
+            f"  {cost.name:<40} CPU {cost.cpu_us:7.1f} us  wall {cost.wall_us:7.1f} us{ratio}{peer}"
+        )
 
 
 async def run(postgres: str | None, operations: int) -> None:
@@ -202,7 +239,10 @@ async def run(postgres: str | None, operations: int) -> None:
             "a primary-key read (SQLite), CPU a statement:",
             await statement_costs(f"sqlite:///{work / 'units.db'}", operations),
         )
-        report("a unary gRPC call, CPU of the caller:", await call_costs(operations, work))
+        report(
+            "a unary gRPC call, CPU of the caller (and of the server):",
+            await call_costs(operations, work),
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
