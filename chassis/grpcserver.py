@@ -29,7 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 from opentelemetry import trace
-from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
 from chassis.auth import Principal, reset_current_principal, set_current_principal, verify_token
 from chassis.config import GrpcConnections
@@ -64,6 +64,7 @@ _RPC_CODES = {
 
 # Methods anyone may call: health checks and reflection (so that `buf curl`
 # and Kubernetes probes work without a token).
+_HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 PUBLIC_METHOD_PREFIXES = (
     "/grpc.health.v1.Health/",
     "/grpc.reflection.v1alpha.ServerReflection/",
@@ -387,7 +388,11 @@ class GrpcServer:
         # the access log sees the final code; errors map what auth and the
         # handler raise.
         interceptors: list[ServerInterceptor] = [
-            aio_server_interceptor(),  # type: ignore[no-untyped-call]
+            # Health probes (every few seconds from each kubelet and
+            # balancer) are not traced: they would bury the real traces.
+            aio_server_interceptor(  # type: ignore[no-untyped-call]
+                filter_=filters.negate(filters.service_name(_HEALTH_SERVICE))
+            ),
             AccessLogInterceptor(service),
             ErrorInterceptor(service),
             AuthInterceptor(token_secret) if auth is None else auth,
