@@ -16,6 +16,7 @@ from bench import (
     notify_sms,
     outbox_relay,
     stored_value_debits,
+    unit_costs,
 )
 
 POSTGRES = os.environ.get("BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -29,6 +30,7 @@ if __name__ == "__main__":
     outbox_relay.main(["--postgres", POSTGRES])
     stored_value_debits.main([])
     stored_value_debits.main(["--postgres", POSTGRES])
+    unit_costs.main(["--postgres", POSTGRES])
     checkout.main([])
     checkout.main(["--postgres", POSTGRES])
     campaigns_pricing.main([])
