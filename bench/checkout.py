@@ -1148,8 +1148,9 @@ async def run(
             # Every checkout from the first reading on: warm-up and both figures.
             checkouts = tills.ledger.attempted
             print(
-                f"  PostgreSQL per checkout ({checkouts} checkouts; a pooled session's ping is"
-                " BEGIN, ';', ROLLBACK, and a read-only session ends in a ROLLBACK too):"
+                f"  PostgreSQL per checkout ({checkouts} checkouts; a ping of a connection idle"
+                " for 10 s is BEGIN, ';', ROLLBACK, and each statement of a read session"
+                " (no transaction) counts as a commit):"
             )
             for line in pg_lines(stats_before, stats_after, databases, max(checkouts, 1)):
                 print("  " + line)
