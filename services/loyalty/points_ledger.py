@@ -59,6 +59,7 @@ __all__ = [
     "Lot",
     "LotSource",
     "PointsPolicy",
+    "Settled",
     "Stamp",
     "accrue",
     "accrue_with_available",
@@ -74,6 +75,7 @@ __all__ = [
     "return_spent",
     "reverse_earned",
     "spend_hold",
+    "spend_hold_settled",
 ]
 
 log = get_logger(__name__)
@@ -296,11 +298,18 @@ async def _expire_lot(
 
 
 async def _expire_due(
-    session: AsyncSession, account: AccountRecord, now: dt.datetime
+    session: AsyncSession,
+    account: AccountRecord,
+    now: dt.datetime,
+    *,
+    due: list[Lot] | None = None,
 ) -> AccountRecord:
     """Expires what of a locked account's lots is past its expiry at
-    ``now``, but not the points holds keep (see domain ``expirable``)."""
-    due = await store.open_lots(session, account.member_id, due_by=now)
+    ``now``, but not the points holds keep (see domain ``expirable``).
+    ``due``: those lots, when the caller read them under the lock already.
+    Returns ``account`` itself when nothing expired."""
+    if due is None:
+        due = await store.open_lots(session, account.member_id, due_by=now)
     if not due:
         return account
     by_id = {lot.lot_id: lot for lot in due}
@@ -310,9 +319,13 @@ async def _expire_due(
     return account
 
 
-async def _take(session: AsyncSession, member_id: str, points: int) -> list[Take]:
-    """Takes ``points`` from a locked member's lots that expire first."""
-    lots = await store.open_lots(session, member_id)
+async def _take(
+    session: AsyncSession, member_id: str, points: int, *, lots: list[Lot] | None = None
+) -> list[Take]:
+    """Takes ``points`` from a locked member's lots that expire first
+    (``lots``: the member's open lots, when read under the lock already)."""
+    if lots is None:
+        lots = await store.open_lots(session, member_id)
     takes = rules.take([store.open_lot(lot) for lot in lots], points)
     for part in takes:
         await store.take_from_lot(session, part.lot_id, part.points)
@@ -332,12 +345,13 @@ async def _spend_from_lots(
     request_hash: str = "",
     reason: str = "",
     held: int = 0,
+    lots: list[Lot] | None = None,
 ) -> tuple[AccountRecord, MovementRecord]:
     """Takes ``points`` from the member's lots that expire first, off the
     balance (and ``held`` off the points held), and records the movement
     of ``kind`` and source ``purpose``. Returns the account after and the
-    movement."""
-    await _take(session, member_id, points)
+    movement. ``lots``: the open lots, when read under the lock already."""
+    await _take(session, member_id, points, lots=lots)
     after = await store.change_account(session, member_id, balance=-points, held=held)
     movement = await store.record_movement(
         session,
@@ -465,12 +479,19 @@ async def hold(
     reference: str,
     expires_at: dt.datetime,
     stamp: Stamp,
+    unseen_hold: bool = False,
 ) -> None:
     """Sets ``points`` aside for a sale until ``spend_hold`` or
     ``release_hold`` (or the hold expiry worker, after ``expires_at``).
     FAILED_PRECONDITION POINTS_INSUFFICIENT (metadata available, asked)
     when the member has too few. The same hold_id again changes nothing;
-    with another member or amount it is refused (IDEMPOTENCY_KEY_REUSED)."""
+    with another member or amount it is refused (IDEMPOTENCY_KEY_REUSED).
+
+    ``unseen_hold``: the caller's transaction fails anyway if a hold under
+    ``hold_id`` was made before (the checkout's first write, which inserts
+    its log, or moves it to the attempt the id names, in the same
+    transaction), so that is not read; the hold's primary key makes a
+    second one fail as the log's write would."""
     if points <= 0 or points > rules.MAX_POINTS:
         raise InvalidArgument([FieldViolation("points", f"1 to {rules.MAX_POINTS}")])
     if not hold_id or len(hold_id) > 100:
@@ -478,7 +499,7 @@ async def hold(
     _check_text(reference, "reference", rules.MAX_REFERENCE_LENGTH)
     target, _ = await _target(session, member_id)
     account = await _locked(session, target, stamp.at, create=False)
-    existing = await store.get_hold(session, hold_id)
+    existing = None if unseen_hold else await store.get_hold(session, hold_id)
     if existing is not None:
         if existing.member_id not in (member_id, target) or existing.points != points:
             raise _reused("hold_id")
@@ -532,6 +553,17 @@ async def release_hold(session: AsyncSession, hold_id: str, *, stamp: Stamp) -> 
         await _release(session, held, stamp.at)
 
 
+@dataclass(frozen=True)
+class Settled:
+    """A member's account as a change in this transaction left it: locked,
+    and nothing of its lots due by ``at`` left to expire (only what holds
+    keep). A later change at the same ``at`` in the same transaction need
+    not lock it or read its due lots again."""
+
+    account: AccountRecord
+    at: dt.datetime
+
+
 async def spend_hold(session: AsyncSession, hold_id: str, *, reference: str, stamp: Stamp) -> int:
     """Spends a hold's points on the sale ``reference``: taken from the lots
     that expire first, a movement SPEND (source SALE) in the member's
@@ -539,20 +571,36 @@ async def spend_hold(session: AsyncSession, hold_id: str, *, reference: str, sta
     returns its points again without spending twice; a released one is
     refused (FAILED_PRECONDITION POINTS_HOLD_RELEASED), an unknown one
     NOT_FOUND (POINTS_HOLD_NOT_FOUND)."""
+    points, _ = await spend_hold_settled(session, hold_id, reference=reference, stamp=stamp)
+    return points
+
+
+async def spend_hold_settled(
+    session: AsyncSession, hold_id: str, *, reference: str, stamp: Stamp
+) -> tuple[int, Settled | None]:
+    """``spend_hold``, and the hold's account as the spend left it (for
+    ``accrue_with_available`` in the same transaction); None for a hold
+    spent before."""
     _check_text(reference, "reference", rules.MAX_REFERENCE_LENGTH)
     locked = await _locked_hold(session, hold_id)
     if locked is None:
         raise hold_not_found(hold_id)
     account, held = locked
     if held.state == HoldState.SPENT:
-        return held.points
+        return held.points, None
     if held.state == HoldState.RELEASED:
         raise FailedPrecondition(
             "this points hold was released",
             reason="POINTS_HOLD_RELEASED",
             metadata={"hold_id": hold_id},
         )
-    await _expire_due(session, account, stamp.at)
+    # One read of the open lots (under the account's lock) serves the
+    # expiry, as those due by now are the rows _DUE_LOTS reads in the same
+    # order, and the spend, unless the expiry took from them.
+    open_ = await store.open_lots(session, account.member_id)
+    due = [lot for lot in open_ if lot.expires_at <= stamp.at]
+    expired = await _expire_due(session, account, stamp.at, due=due) is not account
+    lots = None if expired else open_  # read again after an expiry
     member_id, points = held.member_id, held.points
     spent_on = reference or held.reference
     after, movement = await _spend_from_lots(
@@ -565,6 +613,7 @@ async def spend_hold(session: AsyncSession, hold_id: str, *, reference: str, sta
         stamp=stamp,
         request_id=hold_id,
         held=-points,
+        lots=lots,
     )
     await store.finish_hold(
         session,
@@ -583,7 +632,11 @@ async def spend_hold(session: AsyncSession, hold_id: str, *, reference: str, sta
         after=after,
         stamp=stamp,
     )
-    return points
+    # Nothing due is left to expire after the spend: before it, what was
+    # due and kept was at most the points held (``expirable``); the spend
+    # took its points from the lots that expire first (the due ones) and
+    # as many off the held points, so what is due is still within them.
+    return points, Settled(after, stamp.at)
 
 
 async def accrue(
@@ -627,11 +680,20 @@ async def accrue_with_available(
     stamp: Stamp,
     request_id: str,
     reason: str = "",
+    unseen_request: bool = False,
+    settled: Settled | None = None,
 ) -> tuple[Lot | None, int | None]:
     """``accrue``, and what the member can spend at ``stamp.at`` once the
     lot is added (``available`` then, without reading the account and its
     due lots again); None for that when nothing was added (0 points, or a
-    retry of an accrual made before)."""
+    retry of an accrual made before).
+
+    ``unseen_request``: the caller knows no accrual under ``request_id``
+    was committed (the checkout's commit, which holds its log's row and
+    writes the accrual and COMMITTED in one transaction), so the replay
+    check is not read; the unique (kind, request_id) stays the backstop.
+    ``settled``: the member's account as a spend in this transaction left
+    it (``spend_hold_settled``), used when it is the account credited."""
     if source not in ACCRUE_SOURCES:
         raise InvalidArgument([FieldViolation("source", "purchase, bonus or partner conversion")])
     _check_positive(points)
@@ -655,6 +717,8 @@ async def accrue_with_available(
         request_hash=request_hash,
         stamp=stamp,
         request_id=request_id,
+        unseen_request=unseen_request,
+        settled=settled,
     )
 
 
@@ -671,6 +735,8 @@ async def _credit_new_lot(
     request_hash: str,
     stamp: Stamp,
     request_id: str,
+    unseen_request: bool = False,
+    settled: Settled | None = None,
 ) -> tuple[Lot | None, int | None]:
     """What ``accrue`` and ``return_spent`` share: a new lot of ``points``
     expiring by the policy from now, for the member (or the survivor of a
@@ -679,15 +745,25 @@ async def _credit_new_lot(
     retry returns the lot (as it is now). Also returns what the member can
     spend at ``stamp.at`` afterwards (None for a retry)."""
     target, erased = await _target(session, member_id)
-    account = await _locked(session, target, stamp.at, create=not erased)
-    if (done := await _replayed(session, kind, request_id, request_hash)) is not None:
+    account: AccountRecord | None
+    reuse = False
+    if settled is not None and settled.account.member_id == target and settled.at == stamp.at:
+        # Locked by this transaction, and nothing due left to expire.
+        account, reuse = settled.account, True
+    else:
+        account = await _locked(session, target, stamp.at, create=not erased)
+    if (
+        not unseen_request
+        and (done := await _replayed(session, kind, request_id, request_hash)) is not None
+    ):
         return await store.get_lot(session, done.lot_id), None
     if account is None or account.closed_at is not None:
         raise _closed(target, account)
     # Past this, no lot due at stamp.at is left that could still expire
     # (only what holds keep), so what the member can spend afterwards is
     # the balance less the held points: ``_available`` without its reads.
-    await _expire_due(session, account, stamp.at)
+    if not reuse:
+        await _expire_due(session, account, stamp.at)
     current = await policy(session)
     lot = await _new_lot(
         session,

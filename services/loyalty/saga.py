@@ -570,7 +570,10 @@ class Sagas:
         async with self.db.transaction() as session:
             if take:
                 try:
-                    step, values = await self._first_steps(session, log_)
+                    # The log's insert (unique checkout id) or its move to
+                    # this attempt (only from the attempt before) in this
+                    # transaction fails if these steps were written before.
+                    step, values = await self._first_steps(session, log_, new_log=True)
                 except ServiceError as error:
                     raise _TakeRefused(error) from None
             if restart:
@@ -609,11 +612,14 @@ class Sagas:
         return dataclasses.replace(log_, step=step, **values)
 
     async def _first_steps(
-        self, session: AsyncSession, log_: CheckoutLog
+        self, session: AsyncSession, log_: CheckoutLog, *, new_log: bool = False
     ) -> tuple[SagaStep, dict[str, Any]]:
         """The steps from STARTED that need no other service, in the
         caller's transaction: the points hold, when points pay. Returns the
-        step the checkout stands at after them and the log's new values."""
+        step the checkout stands at after them and the log's new values.
+        ``new_log``: the transaction also writes this attempt's log, and
+        fails if it was written before (the hold's replay check is not
+        read then)."""
         tenders = log_.plan["tenders"]
         values: dict[str, Any] = {}
         if tenders.get("points"):
@@ -627,6 +633,7 @@ class Sagas:
                 reference=log_.checkout_id,
                 expires_at=stamp.at + HOLD_TTL,
                 stamp=stamp,
+                unseen_hold=new_log,
             )
             values["points_hold_id"] = hold_id
         if tenders.get("stored_value"):
@@ -840,9 +847,15 @@ class Sagas:
             assert current is not None
             if current.step == SagaStep.COMMITTED and current.receipt is not None:
                 return pb.Receipt.FromString(current.receipt)
+            # The accrual and the tier's activity keyed by this sale are
+            # written only here, with COMMITTED, and the log's row is locked:
+            # a log not yet committed means neither exists, so their replay
+            # checks need not be read (their unique keys stay the backstop).
+            unseen = current.step != SagaStep.COMMITTED
             spent = 0
+            settled = None
             if current.points_hold_id:
-                spent = await points_ledger.spend_hold(
+                spent, settled = await points_ledger.spend_hold_settled(
                     session, current.points_hold_id, reference=sale_id, stamp=stamp
                 )
             earned = int(plan["earn"]["points"])
@@ -861,6 +874,8 @@ class Sagas:
                         reference=sale_id,
                         stamp=stamp,
                         request_id=f"sale:{sale_id}",
+                        unseen_request=unseen,
+                        settled=settled,
                     )
                 progress = await tiers.after_sale(
                     session,
@@ -869,6 +884,7 @@ class Sagas:
                     spend_minor_units=int(plan["total"]) - int(tenders.get("points_value", 0)),
                     business_day=dt.date.fromisoformat(plan["business_day"]),
                     stamp=stamp,
+                    unseen_sale=unseen,
                 )
                 if after_accrual is not None:
                     balance = after_accrual

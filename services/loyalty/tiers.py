@@ -216,17 +216,23 @@ async def after_sale(
     spend_minor_units: int,
     business_day: dt.date,
     stamp: TierStamp,
+    unseen_sale: bool = False,
 ) -> TierProgress:
     """Records a sale's qualifying spend (money actually paid, without the
     part paid with points, in the ladder's currency) on its business day,
     and moves the member up at once to the highest tier now qualified
     (history and ``loyalty.v1.tier.changed``). The same sale again changes
-    nothing and returns the same progress."""
+    nothing and returns the same progress.
+
+    ``unseen_sale``: the caller knows the sale was not counted before (the
+    checkout's commit, which holds its log's row and records the sale and
+    COMMITTED in one transaction), so that is not read; the activity's
+    primary key stays the backstop."""
     _check(member_id, spend_minor_units, sale_id=sale_id)
     ladder = await _ladder(session)
     member = await store.locked_member(session, member_id, ladder.lowest.tier_id, stamp.at)
     current = ladder.tier_or_lowest(member.tier_id)
-    done = await store.get_activity(session, SALE, sale_id)
+    done = None if unseen_sale else await store.get_activity(session, SALE, sale_id)
     if done is not None:
         if done.member_id != member_id:
             raise FailedPrecondition(

@@ -426,18 +426,36 @@ async def lots_of_reference(
     return [_lot(row) for row in await session.execute(_spend_order(query))]
 
 
+def _take_from_lot_statement(*, expire: bool) -> Any:
+    c = points_lots.c
+    take = sa.bindparam("take", type_=c.remaining.type)
+    values: dict[str, Any] = {"remaining": c.remaining - take}
+    if expire:
+        expired = sa.bindparam("expired", type_=UTCDateTime)
+        values["expired_at"] = sa.case((c.remaining == take, expired), else_=c.expired_at)
+    return (
+        sa.update(points_lots)
+        .where(c.lot_id == sa.bindparam("key_lot_id"), c.remaining >= take)
+        .values(**values)
+    )
+
+
+# Built once: spending and expiring take from lots on many checkouts.
+_TAKE_FROM_LOT = _take_from_lot_statement(expire=False)
+_EXPIRE_FROM_LOT = _take_from_lot_statement(expire=True)
+
+
 async def take_from_lot(
     session: AsyncSession, lot_id: str, points: int, *, expired_at: dt.datetime | None = None
 ) -> None:
     """Takes ``points`` of what is left of a lot; with ``expired_at`` the
     lot is marked expired when nothing is left of it."""
-    c = points_lots.c
-    values: dict[str, Any] = {"remaining": c.remaining - points}
-    if expired_at is not None:
-        values["expired_at"] = sa.case((c.remaining == points, expired_at), else_=c.expired_at)
-    result = await session.execute(
-        sa.update(points_lots).where(c.lot_id == lot_id, c.remaining >= points).values(**values)
-    )
+    if expired_at is None:
+        result = await session.execute(_TAKE_FROM_LOT, {"key_lot_id": lot_id, "take": points})
+    else:
+        result = await session.execute(
+            _EXPIRE_FROM_LOT, {"key_lot_id": lot_id, "take": points, "expired": expired_at}
+        )
     if getattr(result, "rowcount", 0) != 1:
         raise LookupError(f"lot {lot_id} holds fewer than {points} points")
 
@@ -730,6 +748,11 @@ def _hold(row: Any) -> HoldRecord:
     )
 
 
+# Built once (see chassis.db.RowByKey): written on checkouts paid with points.
+_INSERT_HOLD = sa.insert(points_holds)
+_FINISH_HOLD = sa.update(points_holds).where(points_holds.c.hold_id == sa.bindparam("key_hold_id"))
+
+
 async def insert_hold(
     session: AsyncSession,
     *,
@@ -743,7 +766,8 @@ async def insert_hold(
     at: dt.datetime,
 ) -> None:
     await session.execute(
-        sa.insert(points_holds).values(
+        _INSERT_HOLD,
+        dict(
             hold_id=hold_id,
             member_id=member_id,
             points=points,
@@ -753,7 +777,7 @@ async def insert_hold(
             principal=principal,
             store_id=store_id,
             held_at=at,
-        )
+        ),
     )
 
 
@@ -777,14 +801,14 @@ async def finish_hold(
     movement_id: str = "",
 ) -> None:
     await session.execute(
-        sa.update(points_holds)
-        .where(points_holds.c.hold_id == hold_id)
-        .values(
+        _FINISH_HOLD,
+        dict(
+            key_hold_id=hold_id,
             state=state.value,
             finished_at=now,
             spend_reference=spend_reference,
             movement_id=movement_id,
-        )
+        ),
     )
 
 

@@ -418,10 +418,13 @@ class LineRecord:
     quantity_refunded: int
 
 
+# Built once: written with every sale.
+_INSERT_LINES = sa.insert(sale_lines)
+_INSERT_TENDERS = sa.insert(sale_tenders)
+
+
 async def insert_lines(session: AsyncSession, sale_id: str, lines: list[LineRecord]) -> None:
-    await session.execute(
-        sa.insert(sale_lines), [{"sale_id": sale_id, **line.__dict__} for line in lines]
-    )
+    await session.execute(_INSERT_LINES, [{"sale_id": sale_id, **line.__dict__} for line in lines])
 
 
 async def lines_of(
@@ -471,7 +474,7 @@ class TenderRecord:
 async def insert_tenders(session: AsyncSession, sale_id: str, tenders: list[TenderRecord]) -> None:
     if tenders:
         await session.execute(
-            sa.insert(sale_tenders),
+            _INSERT_TENDERS,
             [
                 {
                     "sale_id": sale_id,

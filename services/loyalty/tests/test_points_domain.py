@@ -396,3 +396,37 @@ def test_spending_and_transferring_never_create_points(
         )
     # What is on the lots is exactly what was created less what left.
     assert sum(m.balance(x) for x in MEMBERS) == m.created - m.spent - m.expired
+
+
+@settings(max_examples=300)
+@given(
+    lots=st.lists(st.tuples(st.integers(1, 300), st.integers(0, 60)), max_size=8),
+    held=st.integers(0, 1500),
+    spend=st.integers(0, 1500),
+    day=st.integers(0, 60),
+)
+def test_spending_a_hold_leaves_nothing_due_to_expire(
+    lots: list[tuple[int, int]], held: int, spend: int, day: int
+) -> None:
+    """What the checkout's commit relies on to credit a sale's points
+    without reading the due lots again after spending its hold: once what
+    is due has expired (held points kept), spending points held takes the
+    due lots first, so what is still due stays within what is still held."""
+    now = T0 + dt.timedelta(days=day)
+    open_ = [
+        OpenLot(f"L{i}", points, T0 + dt.timedelta(days=expires), T0)
+        for i, (points, expires) in enumerate(lots)
+    ]
+    balance = sum(x.remaining for x in open_)
+    held = min(held, balance)
+    spend = min(spend, held)
+
+    def minus(lots_: list[OpenLot], takes: list[Take]) -> list[OpenLot]:
+        by_id = {t.lot_id: t.points for t in takes}
+        return [replace(x, remaining=x.remaining - by_id.get(x.lot_id, 0)) for x in lots_]
+
+    expired = expirable([x for x in open_ if x.expires_at <= now], held)
+    after_expiry = minus(open_, expired)
+    after_spend = minus(after_expiry, take(after_expiry, spend))
+    still_due = [x for x in after_spend if x.expires_at <= now and x.remaining]
+    assert expirable(still_due, held - spend) == []
