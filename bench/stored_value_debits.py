@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
 import subprocess
 import tempfile
@@ -47,7 +46,7 @@ import grpc
 import sqlalchemy as sa
 
 from bench.enrollment import wait_serving
-from bench.harness import Result, ThrowawayDatabases, bare_grpc, drive, spawn
+from bench.harness import Result, ThrowawayDatabases, bare_grpc, cpu_seconds, drive, spawn
 from chassis.auth import Role, Scope, ScopeLevel, mint_token
 from chassis.bus import STREAMS, Bus, cloudevent_headers
 from chassis.config import DEVELOPMENT_TOKEN_SECRET, Settings, normalise_database_url
@@ -304,12 +303,7 @@ class CardsService:
         it runs in this process, beside the load driver."""
         if self.process is None:
             return None
-        try:
-            stat = Path(f"/proc/{self.process.pid}/stat").read_text()
-        except OSError:
-            return None
-        fields = stat.rsplit(")", 1)[1].split()  # utime and stime, in clock ticks
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.process.pid)
 
     async def stop(self) -> None:
         if self.runtime is not None:
