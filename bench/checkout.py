@@ -74,7 +74,15 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
 from bench.enrollment import wait_serving
-from bench.harness import Result, ThrowawayDatabases, bare_grpc, cpu_seconds, drive, spawn
+from bench.harness import (
+    Result,
+    ThrowawayDatabases,
+    bare_grpc,
+    cpu_seconds,
+    drive,
+    spawn,
+    warm_then_many_and_one,
+)
 from bench.organisation import open_stores, store_id
 from chassis import supervisor
 from chassis.auth import Role, Scope, ScopeLevel, mint_token
@@ -695,13 +703,7 @@ async def bare_transactions(url: str, rows: int, concurrency: int, seconds: floa
                     sa.insert(bare_events).values(subject="bench.sale", payload=b"e" * 200)
                 )
 
-        await drive("warm-up", call, concurrency=concurrency, seconds=1)
-        return [
-            await drive(
-                f"bare db tx, {concurrency} callers", call, concurrency=concurrency, seconds=seconds
-            ),
-            await drive("bare db tx, 1 caller", call, concurrency=1, seconds=seconds),
-        ]
+        return await warm_then_many_and_one("bare db tx", call, concurrency, seconds)
     finally:
         await db.dispose()
 
@@ -749,16 +751,7 @@ async def raw_asyncpg_transactions(
                     b"e" * 200,
                 )
 
-        await drive("warm-up", call, concurrency=concurrency, seconds=1)
-        return [
-            await drive(
-                f"bare asyncpg tx, {concurrency} callers",
-                call,
-                concurrency=concurrency,
-                seconds=seconds,
-            ),
-            await drive("bare asyncpg tx, 1 caller", call, concurrency=1, seconds=seconds),
-        ]
+        return await warm_then_many_and_one("bare asyncpg tx", call, concurrency, seconds)
     finally:
         await pool.close()
 

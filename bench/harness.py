@@ -131,6 +131,20 @@ class ThrowawayDatabases:
         self.created.clear()
 
 
+async def warm_then_many_and_one(
+    name: str, call: Callable[[int], Awaitable[None]], concurrency: int, seconds: float
+) -> list[Result]:
+    """What each baseline does: a second's warm-up, then ``call`` with
+    ``concurrency`` callers and with one. Returns [many callers, one caller]."""
+    await drive("warm-up", call, concurrency=concurrency, seconds=1)
+    return [
+        await drive(
+            f"{name}, {concurrency} callers", call, concurrency=concurrency, seconds=seconds
+        ),
+        await drive(f"{name}, 1 caller", call, concurrency=1, seconds=seconds),
+    ]
+
+
 async def bare_grpc(address: str, concurrency: int, seconds: float) -> list[Result]:
     """The baseline of every service call: a bare grpc.aio health check
     against ``bench.baseline_server``, with ``concurrency`` callers and
@@ -141,13 +155,4 @@ async def bare_grpc(address: str, concurrency: int, seconds: float) -> list[Resu
         async def check(_n: int) -> None:
             await health.Check(health_pb2.HealthCheckRequest())
 
-        await drive("warm-up", check, concurrency=concurrency, seconds=1)
-        return [
-            await drive(
-                f"bare grpc.aio call, {concurrency} callers",
-                check,
-                concurrency=concurrency,
-                seconds=seconds,
-            ),
-            await drive("bare grpc.aio call, 1 caller", check, concurrency=1, seconds=seconds),
-        ]
+        return await warm_then_many_and_one("bare grpc.aio call", check, concurrency, seconds)
