@@ -755,6 +755,20 @@ def _probe_ports(container: dict[str, Any]) -> set[Any]:
 
 
 @needs_helm
+def test_helm_lints_the_chart_strictly() -> None:
+    assert _HELM is not None
+    result = subprocess.run(
+        [_HELM, "lint", "--strict", str(CHART)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 chart(s) failed" in result.stdout
+
+
+@needs_helm
 def test_rendered_defaults_have_no_partner_endpoint() -> None:
     manifests = helm_template()
     assert not [m for m in manifests if m["metadata"]["name"].endswith("-partner")]
