@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import nats
+from google.protobuf.message import DecodeError, Message
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription as NatsSubscription
 from nats.js import JetStreamContext
 from nats.js.api import PubAck, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
@@ -130,6 +133,7 @@ class Bus:
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
         self.connected = asyncio.Event()
+        self._reconnect_hooks: list[Callable[[], Awaitable[None]]] = []
 
     @property
     def js(self) -> JetStreamContext:
@@ -155,6 +159,11 @@ class Bus:
         async def reconnected() -> None:
             self.connected.set()
             log.info("nats reconnected")
+            for hook in list(self._reconnect_hooks):
+                try:
+                    await hook()
+                except Exception:
+                    log.exception("a reconnect hook failed")
 
         async def error(exc: Exception) -> None:
             log.warning("nats error", error=str(exc))
@@ -172,6 +181,17 @@ class Bus:
         )
         self._js = self._nc.jetstream(timeout=5)
         self.connected.set()
+
+    def on_reconnect(self, hook: Callable[[], Awaitable[None]]) -> Callable[[], None]:
+        """Await ``hook()`` after every reconnect, once the client has made
+        its core subscriptions again; returns what removes the hook."""
+        self._reconnect_hooks.append(hook)
+
+        def remove() -> None:
+            if hook in self._reconnect_hooks:
+                self._reconnect_hooks.remove(hook)
+
+        return remove
 
     async def ensure_stream(self, spec: StreamSpec) -> None:
         """Create the stream, or bring an existing one to the spec."""
@@ -233,3 +253,141 @@ class Bus:
 
 def header_map(msg: Any) -> dict[str, str]:
     return {str(k): str(v) for k, v in (msg.headers or {}).items()}
+
+
+# -- per-replica listeners ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Heard:
+    """What a listener knows about an event besides its payload (the
+    CloudEvents headers the outbox relay publishes)."""
+
+    event_id: str
+    subject: str
+    event_type: str
+    source: str
+    time: str
+
+
+ListenerHandler = Callable[[Any, Heard], Awaitable[None]]
+
+
+class Listener:
+    """A plain core NATS subscription of this process on ``subjects``,
+    decoding the suite's envelope (``ce-type`` names the protobuf payload):
+    for what every replica must hear itself, a cache to drop, say, where a
+    durable consumer would hand each event to one replica only.
+
+    JetStream's stored events reach core subscribers of their subject too,
+    but only as they are published: there is no ack, no redelivery and no
+    inbox. Whatever was published while this process was not subscribed
+    (before ``start``, or while the connection was down) is never heard;
+    ``on_gap`` is awaited after the subscription is made and after every
+    reconnect (nats-py makes core subscriptions again by itself), so that
+    the caller can drop what it may have missed. A handler that fails is
+    logged and the event forgotten; an event of a type without a handler,
+    or one that does not decode, is ignored."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        *,
+        name: str,
+        subjects: Sequence[str],
+        handlers: Mapping[type[Message], ListenerHandler],
+        on_gap: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.bus = bus
+        self.name = name
+        self.subjects = tuple(subjects)
+        self.on_gap = on_gap
+        self._types = {cls.DESCRIPTOR.full_name: (cls, h) for cls, h in handlers.items()}
+        self._subs: list[NatsSubscription] = []
+        self._remove_hook: Callable[[], None] | None = None
+
+    @property
+    def listening(self) -> bool:
+        return bool(self._subs)
+
+    async def start(self) -> None:
+        """Subscribe on the connected bus (once; again after ``close``)."""
+        if self._subs:
+            return
+        nc = self.bus.nc
+        for subject in self.subjects:
+            self._subs.append(await nc.subscribe(subject, cb=self._deliver))
+        if self.on_gap is not None:
+            self._remove_hook = self.bus.on_reconnect(self._gap)
+        try:
+            # Subscribed once the server has the SUBs: from here on nothing is missed.
+            await nc.flush()
+        except Exception as exc:
+            # Disconnected meanwhile: the client subscribes again when it is
+            # back, and the reconnect hook reports the gap then.
+            log.warning("listener not yet confirmed", listener=self.name, error=type(exc).__name__)
+        log.info("listening", listener=self.name, subjects=list(self.subjects))
+        await self._gap()
+
+    async def run(self) -> None:
+        """A worker: wait for the bus, listen until cancelled, then stop."""
+        try:
+            while self.bus.nc_or_none is None:
+                await self.bus.connected.wait()
+            await self.start()
+            await asyncio.Event().wait()
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        if self._remove_hook is not None:
+            self._remove_hook()
+            self._remove_hook = None
+        subs, self._subs = self._subs, []
+        for sub in subs:
+            try:
+                await sub.unsubscribe()
+            except Exception as exc:
+                # A closed connection has dropped it already.
+                log.debug("unsubscribe failed", listener=self.name, error=type(exc).__name__)
+
+    async def _gap(self) -> None:
+        if self.on_gap is None:
+            return
+        try:
+            await self.on_gap()
+        except Exception:
+            log.exception("listener gap handling failed", listener=self.name)
+
+    async def _deliver(self, msg: Msg) -> None:
+        headers = header_map(msg)
+        heard = Heard(
+            event_id=headers.get("ce-id") or headers.get("Nats-Msg-Id", ""),
+            subject=msg.subject,
+            event_type=headers.get("ce-type", ""),
+            source=headers.get("ce-source", ""),
+            time=headers.get("ce-time", ""),
+        )
+        known = self._types.get(heard.event_type)
+        if known is None:
+            return
+        cls, handler = known
+        try:
+            event = cls.FromString(msg.data)
+        except DecodeError:
+            log.warning(
+                "undecodable event ignored",
+                listener=self.name,
+                subject=heard.subject,
+                type=heard.event_type,
+            )
+            return
+        try:
+            await handler(event, heard)
+        except Exception:
+            log.exception(
+                "listener handler failed",
+                listener=self.name,
+                subject=heard.subject,
+                event_id=heard.event_id,
+            )

@@ -21,7 +21,7 @@ from nats.aio.msg import Msg
 from opentelemetry.sdk.trace import TracerProvider
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chassis.bus import STREAMS, Bus, cloudevent_headers
+from chassis.bus import STREAMS, Bus, Heard, Listener, cloudevent_headers
 from chassis.db import Database, outbox_table
 from chassis.deadletters import DeadLetter, list_dead_letters
 from chassis.inbox import Consumer, Envelope, Subscription, dead_letter_subject, inbox_contains
@@ -415,3 +415,60 @@ async def test_an_undecodable_payload_goes_straight_to_the_dead_letters(
     assert not await inbox_contains(db, "tests-poison", other)
     assert await inbox_contains(db, "tests-poison", good)
     assert len(await dead_letters(bus)) == 1
+
+
+# -- per-replica listeners ----------------------------------------------------------------
+
+
+async def test_every_replica_hears_each_event_and_hears_again_after_a_reconnect(
+    bus: Bus, nats_server: NatsServer
+) -> None:
+    """Two processes' listeners on one subject both hear each event published
+    to JetStream (no durable consumer shares them out); a reconnect is
+    reported as a gap, and the subscription is back after it."""
+    other = Bus(nats_server.url, "chassis-tests-2")
+    await other.connect()
+    heard: dict[str, list[tuple[str, str, str]]] = {"one": [], "two": []}
+    gaps = {"one": 0, "two": 0}
+
+    def listener(name: str, on: Bus) -> Listener:
+        async def handler(event: StringValue, envelope: Heard) -> None:
+            heard[name].append((event.value, envelope.event_id, envelope.subject))
+
+        async def gap() -> None:
+            gaps[name] += 1
+
+        return Listener(
+            on, name=name, subjects=(SUBJECT,), handlers={StringValue: handler}, on_gap=gap
+        )
+
+    one, two = listener("one", bus), listener("two", other)
+    try:
+        async with running(one.run()), running(two.run()):
+            await eventually(reading(lambda: one.listening and two.listening), bool)
+            assert gaps == {"one": 1, "two": 1}  # what came before was not heard
+            first = await publish_event(bus, StringValue(value="C1").SerializeToString())
+            # Not ours: another type, and a payload that does not decode.
+            await publish_event(bus, b"\x08\x01", event_type="cornucopia.cards.v1.Newer")
+            await publish_event(bus, b"\xff\xff\xff\xff")
+            await eventually(reading(lambda: heard), lambda h: all(len(v) == 1 for v in h.values()))
+            assert heard["one"] == heard["two"] == [("C1", first, SUBJECT)]
+
+            nats_server.stop()
+            await eventually(reading(bus.connected.is_set), lambda up: not up)
+            nats_server.start()
+            await asyncio.wait_for(bus.connected.wait(), timeout=15)
+            await asyncio.wait_for(other.connected.wait(), timeout=15)
+            await eventually(reading(lambda: gaps), lambda g: g == {"one": 2, "two": 2})
+            second = await publish_event(bus, StringValue(value="C2").SerializeToString())
+            await eventually(reading(lambda: heard), lambda h: all(len(v) == 2 for v in h.values()))
+            assert heard["one"][1] == heard["two"][1] == ("C2", second, SUBJECT)
+        # Stopped: unsubscribed, and a reconnect is nobody's gap any more.
+        assert not one.listening and not two.listening
+        await publish_event(bus, StringValue(value="C3").SerializeToString())
+        await bus.nc.flush()
+        await asyncio.sleep(0.2)
+        assert [len(v) for v in heard.values()] == [2, 2]
+        assert bus._reconnect_hooks == []
+    finally:
+        await other.close()

@@ -6,7 +6,10 @@ the service stops.
 
 Members answers notify in clear. Nothing personal is kept but the contacts
 of the dispatcher's short cache (a burst of messages to one member asks
-once), in memory only; nothing of them is logged.
+once), in memory only; nothing of them is logged. Each process drops a
+member's cached contact as soon as it hears that members changed the
+member's file (``contact_evictions``), so the cache's time to live only
+matters when such an event is lost.
 
 A refusal a peer meant for notify is passed on as it is; a peer that does
 not answer is UNAVAILABLE (``chassis.grpcclient.Peer.call``)."""
@@ -20,11 +23,13 @@ from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import Message
 
+from chassis.bus import Heard, Listener, ListenerHandler
 from chassis.config import Settings
 from chassis.errors import InvalidArgument, ServiceError
 from chassis.grpcclient import Peer
@@ -37,6 +42,7 @@ from cornucopia.campaigns.v1 import (
 )
 from cornucopia.common.v1 import org_pb2
 from cornucopia.members.v1 import (
+    events_pb2,
     members_pb2,
     members_pb2_grpc,
     organisation_pb2,
@@ -238,6 +244,7 @@ class MembersPeer:
         try:
             found = await self._ask_contact(member_id)
         except BaseException as exc:
+            self._done_asking(member_id, future)
             # Those waiting on this lookup try again later; a cancelled
             # lookup is not their cancellation.
             failure = exc if isinstance(exc, Exception) else ContactsUnavailable("lookup stopped")
@@ -245,14 +252,45 @@ class MembersPeer:
             # Nobody else may be waiting: keep the loop from warning.
             future.exception()
             raise
-        finally:
-            self._inflight.pop(member_id, None)
+        current = self._done_asking(member_id, future)
         future.set_result(found)
+        if not current:
+            # The member's file changed while members was being asked: the
+            # answer may predate the change. Those who asked before the
+            # change have it; the next lookup asks again.
+            return found
         self._contacts[member_id] = (self._clock(), found)
         self._contacts.move_to_end(member_id)
         while len(self._contacts) > CACHE_ENTRIES:
             self._contacts.popitem(last=False)
         return found
+
+    def _done_asking(self, member_id: str, future: asyncio.Future[Contact | None]) -> bool:
+        """The lookup ``future`` is over: whether it is still the member's
+        current one (no eviction came while it was asked)."""
+        if self._inflight.get(member_id) is not future:
+            return False
+        del self._inflight[member_id]
+        return True
+
+    def evict(self, *member_ids: str) -> None:
+        """Forget what is cached about these members, and what lookups of
+        them already under way will answer: the next ``contact`` asks
+        members again."""
+        for member_id in member_ids:
+            if not member_id:
+                continue
+            self._contacts.pop(member_id, None)
+            # Later callers must not join a lookup that started before the
+            # change; the lookup itself sees it is no longer current and
+            # does not cache its answer.
+            self._inflight.pop(member_id, None)
+
+    def forget_contacts(self) -> None:
+        """Forget every cached contact and every lookup under way (the
+        changes of member files may have been missed)."""
+        self._contacts.clear()
+        self._inflight.clear()
 
     async def _ask_contact(self, member_id: str) -> Contact | None:
         try:
@@ -385,3 +423,57 @@ def shared_peers(ctx: ServiceContext) -> Peers:
         return made
 
     return ctx.shared("notify.peers", make)
+
+
+# -- dropping cached contacts when members changes a file ---------------------------------
+
+# What members publishes when a member's file changes in a way that may
+# change their contact (or whether there is one to send to).
+MEMBER_CHANGE_SUBJECTS = (
+    "members.v1.member.updated",
+    "members.v1.member.merged",
+    "members.v1.member.archived",
+    "members.v1.member.reactivated",
+    "members.v1.member.erased",
+    "members.v1.member.consent_changed",
+)
+
+
+def _member_changes(members: MembersPeer) -> dict[type[Message], ListenerHandler]:
+    """What each member event evicts: the member it is about; for a
+    merge, both the member merged away and the survivor."""
+
+    async def about(event: Any, _heard: Heard) -> None:
+        members.evict(event.member_id)
+
+    async def merged(event: events_pb2.MemberMerged, _heard: Heard) -> None:
+        members.evict(event.duplicate_member_id, event.survivor_member_id)
+
+    return {
+        events_pb2.MemberUpdated: about,
+        events_pb2.MemberMerged: merged,
+        events_pb2.MemberArchived: about,
+        events_pb2.MemberReactivated: about,
+        events_pb2.MemberErased: about,
+        events_pb2.MemberConsentChanged: about,
+    }
+
+
+def contact_evictions(ctx: ServiceContext) -> Listener:
+    """This process's own subscription to the member events (every replica
+    keeps its own cache, so every replica hears them: not a durable
+    consumer): each evicts the member's cached contact. Whatever may have
+    been missed (before the subscription, while NATS was away) empties the
+    whole cache."""
+    members = shared_peers(ctx).members
+
+    async def gap() -> None:
+        members.forget_contacts()
+
+    return Listener(
+        ctx.bus,
+        name="notify-contacts",
+        subjects=MEMBER_CHANGE_SUBJECTS,
+        handlers=_member_changes(members),
+        on_gap=gap,
+    )

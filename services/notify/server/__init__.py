@@ -10,7 +10,7 @@ from pathlib import Path
 from chassis.grpcserver import GrpcService
 from chassis.inbox import Subscription
 from chassis.service import ServiceContext, ServiceDefinition
-from services.notify import events
+from services.notify import events, peers
 from services.notify.server import messages, preferences, sends, templates
 
 
@@ -24,7 +24,13 @@ def grpc_services(ctx: ServiceContext) -> list[GrpcService]:
 
 
 def workers(ctx: ServiceContext) -> Sequence[Callable[[], Awaitable[None]]]:
-    return [*messages.workers(ctx), *sends.workers(ctx), *templates.workers(ctx)]
+    return [
+        *messages.workers(ctx),
+        *sends.workers(ctx),
+        *templates.workers(ctx),
+        # Every process's own: drops the contacts members has changed.
+        peers.contact_evictions(ctx).run,
+    ]
 
 
 def subscriptions(ctx: ServiceContext) -> Sequence[Subscription]:
