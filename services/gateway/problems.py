@@ -125,6 +125,7 @@ class ProblemError(Exception):
         domain: str = DOMAIN,
         errors: Iterable[FieldError] = (),
         headers: Mapping[str, str] | None = None,
+        extensions: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(detail)
         self.status = status
@@ -133,6 +134,10 @@ class ProblemError(Exception):
         self.domain = domain
         self.errors = list(errors)
         self.headers = dict(headers or {})
+        # RFC 9457 extension members, added to the body beside the standard
+        # ones (which they never replace); JSON values. The route documents
+        # them with a subclass of Problem.
+        self.extensions = dict(extensions or {})
 
 
 def problem_type(reason: str) -> str:
@@ -163,8 +168,11 @@ def problem_response(error: ProblemError, instance: str) -> JSONResponse:
         errors=error.errors,
         trace_id=current_trace_id(),
     )
+    body = problem.model_dump(exclude_none=True)
+    for name, value in error.extensions.items():
+        body.setdefault(name, value)
     return JSONResponse(
-        problem.model_dump(exclude_none=True),
+        body,
         status_code=error.status,
         headers=error.headers,
         media_type=PROBLEM_JSON,

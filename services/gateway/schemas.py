@@ -24,6 +24,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from cornucopia.common.v1 import date_pb2
 from cornucopia.members.v1 import members_pb2
+from services.gateway.problems import Problem
 
 # -- enums ----------------------------------------------------------------------
 
@@ -412,12 +413,44 @@ class Health(BaseModel):
     status: Literal["ok"] = "ok"
 
 
+_CHECKS_DESCRIPTION = (
+    "Each service the gateway calls, with the answer to its gRPC health check: "
+    "the status it reported (`SERVING`, `NOT_SERVING`, `UNKNOWN`), or why it could "
+    "not be checked (`UNREACHABLE`, `DEADLINE_EXCEEDED`, `SERVICE_UNKNOWN`, or "
+    "another gRPC code). Only `members` decides readiness; the others are "
+    "reported for the operators."
+)
+_CHECKS_SERVING = {
+    "members": "SERVING",
+    "cards": "SERVING",
+    "loyalty": "SERVING",
+    "campaigns": "SERVING",
+    "notify": "SERVING",
+}
+
+
 class Readiness(BaseModel):
+    """The gateway is ready: the members service is `SERVING`. The other
+    services may be down; their routes then answer 503 or 504 while the
+    member routes keep working."""
+
     status: Literal["ok"] = "ok"
     checks: dict[str, str] = Field(
         default_factory=dict,
-        description="Each service the gateway needs, with its gRPC health status.",
-        examples=[{"members": "SERVING"}],
+        description=_CHECKS_DESCRIPTION,
+        examples=[_CHECKS_SERVING, {**_CHECKS_SERVING, "loyalty": "UNREACHABLE"}],
+    )
+
+
+class NotReady(Problem):
+    """The 503 of `/readyz` (`reason` `NOT_READY`): the members service is
+    not `SERVING` or cannot be checked; `checks` says how every service
+    answered."""
+
+    checks: dict[str, str] = Field(
+        default_factory=dict,
+        description=_CHECKS_DESCRIPTION,
+        examples=[{**_CHECKS_SERVING, "members": "UNREACHABLE"}],
     )
 
 

@@ -9,6 +9,7 @@ it makes are its children.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -37,13 +38,18 @@ from services.gateway import notify as notify_routes
 from services.gateway import notify_sends as send_routes
 from services.gateway import notify_templates as template_routes
 from services.gateway.deps import (
+    CARDS_SERVICE,
+    CHECKOUT_SERVICE,
     MEMBERS_SERVICE,
+    PRICING_SERVICE,
     Peers,
     caller_token,
     idempotency_key,
     peers_of,
     problem_responses,
 )
+from services.gateway.notify_client import NOTIFY_SERVICES
+from services.gateway.notify_client import notify as notify_stubs
 from services.gateway.problems import (
     PROBLEM_JSON,
     FieldError,
@@ -60,6 +66,7 @@ from services.gateway.schemas import (
     MemberPatch,
     NewFollowUp,
     NewMember,
+    NotReady,
     Readiness,
     follow_up_from_proto,
     member_field,
@@ -101,29 +108,85 @@ async def healthz() -> Health:
     return Health()
 
 
+# The services /readyz checks, with the name each answers health for (all
+# the names of a process share one status). Only members gates readiness.
+READINESS_SERVICES = {
+    "members": MEMBERS_SERVICE.full_name,
+    "cards": CARDS_SERVICE.full_name,
+    "loyalty": CHECKOUT_SERVICE.full_name,
+    "campaigns": PRICING_SERVICE.full_name,
+    "notify": NOTIFY_SERVICES[0].full_name,  # NotifyService
+}
+# The answers of a health check that are a status the service reported;
+# any other answer is a check that failed.
+_HEALTH_STATUSES = frozenset(health_pb2.HealthCheckResponse.ServingStatus.keys())
+_FAILED_CHECKS = {
+    grpc.StatusCode.UNAVAILABLE: "UNREACHABLE",
+    # What the standard health servicer answers for a name it does not know.
+    grpc.StatusCode.NOT_FOUND: "SERVICE_UNKNOWN",
+}
+
+
+def _readiness_channels(request: Request) -> dict[str, grpc.aio.Channel]:
+    peers = peers_of(request)
+    return {
+        "members": peers.members_channel,
+        "cards": peers.cards_channel,
+        "loyalty": peers.loyalty_channel,
+        "campaigns": peers.campaigns_channel,
+        "notify": notify_stubs(request).channel,
+    }
+
+
+async def _health_check(channel: grpc.aio.Channel, service: str) -> str:
+    """The health status ``service`` reports on ``channel`` (``SERVING``,
+    ``NOT_SERVING``...), or why it could not be had (``UNREACHABLE``,
+    ``DEADLINE_EXCEEDED``...); never raises for a failed call."""
+    try:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=READINESS_TIMEOUT_SECONDS
+        )
+    except grpc.aio.AioRpcError as exc:
+        return _FAILED_CHECKS.get(exc.code(), exc.code().name)
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
 @router.get(
     "/readyz",
     tags=["health"],
     summary="Readiness",
-    description="200 when the members service reports SERVING on its gRPC health check.",
-    responses=problem_responses(503),
+    description="Checks the gRPC health of every service the gateway calls (members, cards, "
+    f"loyalty, campaigns and notify) at once, each within {READINESS_TIMEOUT_SECONDS:g} s, "
+    "and reports each answer in `checks`. Only members decides: 200 when it reports "
+    "`SERVING`, else 503 `NOT_READY` (with the same `checks`). Staff login and the "
+    "organisation live in members, so no store request works without it; another "
+    "service being down does not make the gateway unready, since taking every replica "
+    "out of the Service would also stop member lookups and enrolment. Its routes "
+    "answer 503 or 504 meanwhile.",
+    responses={
+        503: {
+            "model": NotReady,
+            "description": "The members service is not `SERVING` or cannot be checked.",
+        }
+    },
     operation_id="readyz",
 )
 async def readyz(request: Request) -> Readiness:
-    health = health_pb2_grpc.HealthStub(peers_of(request).members_channel)
-    try:
-        reply = await health.Check(
-            health_pb2.HealthCheckRequest(service=MEMBERS_SERVICE.full_name),
-            timeout=READINESS_TIMEOUT_SECONDS,
+    channels = _readiness_channels(request)
+    # Concurrently: the whole check takes one timeout at most, not one per service.
+    answers = await asyncio.gather(
+        *(_health_check(channels[name], service) for name, service in READINESS_SERVICES.items())
+    )
+    checks = dict(zip(READINESS_SERVICES, answers, strict=True))
+    members = checks["members"]
+    if members != "SERVING":
+        detail = (
+            f"the members service is {members}"
+            if members in _HEALTH_STATUSES
+            else f"the members service cannot be checked ({members})"
         )
-    except grpc.aio.AioRpcError as exc:
-        raise ProblemError(
-            503, "NOT_READY", f"the members service cannot be checked ({exc.code().name})"
-        ) from None
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    if reply.status != health_pb2.HealthCheckResponse.SERVING:
-        raise ProblemError(503, "NOT_READY", f"the members service is {status}")
-    return Readiness(checks={"members": status})
+        raise ProblemError(503, "NOT_READY", detail, extensions={"checks": checks})
+    return Readiness(checks=checks)
 
 
 @router.post(

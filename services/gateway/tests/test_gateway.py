@@ -5,14 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
+import grpc
 import httpx
 import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
 from chassis.auth import Role, Scope, ScopeLevel
+from chassis.config import Settings
 from chassis.errors import Unavailable
 from chassis.grpcclient import open_channel
 from cornucopia.members.v1 import members_pb2
@@ -389,17 +396,200 @@ async def test_liveness(http: httpx.AsyncClient) -> None:
     assert response.json() == {"status": "ok"}
 
 
+OTHER_UPSTREAMS = ("cards", "loyalty", "campaigns", "notify")
+ALL_SERVING = {name: "SERVING" for name in server.READINESS_SERVICES}
+
+
+class SlowHealth(health_pb2_grpc.HealthServicer):
+    """A health service that answers long after any probe gave up."""
+
+    async def Check(  # type: ignore[override]
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
+    ) -> health_pb2.HealthCheckResponse:
+        await asyncio.sleep(30)
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+
+@dataclass
+class Upstream:
+    """A real grpc.aio server with the standard health service, standing in
+    for one of the services behind the gateway."""
+
+    name: str
+    server: grpc.aio.Server
+    health: Any  # grpc_health.v1.health.aio.HealthServicer (untyped)
+    port: int
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def set(self, status: int) -> None:
+        await self.health.set(server.READINESS_SERVICES[self.name], status)
+
+
+async def start_upstream(name: str, *, slow: bool = False) -> Upstream:
+    servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+    grpc_server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(SlowHealth() if slow else servicer, grpc_server)
+    port = grpc_server.add_insecure_port("127.0.0.1:0")
+    await grpc_server.start()
+    upstream = Upstream(name, grpc_server, servicer, port)
+    await upstream.set(health_pb2.HealthCheckResponse.SERVING)
+    return upstream
+
+
+@pytest.fixture
+async def upstreams() -> AsyncIterator[dict[str, Upstream]]:
+    """cards, loyalty, campaigns and notify, each SERVING under the name the
+    gateway checks."""
+    started = {name: await start_upstream(name) for name in OTHER_UPSTREAMS}
+    yield started
+    for upstream in started.values():
+        await upstream.server.stop(grace=0)
+
+
+@asynccontextmanager
+async def gateway_to(targets: dict[str, str]) -> AsyncIterator[httpx.AsyncClient]:
+    """A gateway opening its own channels to ``targets`` (name: host:port)."""
+    settings = Settings(service="gateway", environment="test", peers=targets)
+    app = create_app(settings)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as http,
+    ):
+        yield http
+
+
+def targets_of(members: Peer, upstreams: dict[str, Upstream]) -> dict[str, str]:
+    return {"members": members.target} | {n: u.target for n, u in upstreams.items()}
+
+
 async def test_readiness_follows_the_members_health_check(
     http: httpx.AsyncClient, members: Peer
 ) -> None:
     ready = await http.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ok", "checks": {"members": "SERVING"}}
+    body = ready.json()
+    assert body["status"] == "ok"
+    assert body["checks"]["members"] == "SERVING"
+    assert set(body["checks"]) == set(ALL_SERVING)
 
     await members.server.set_serving(False)
     not_ready = await http.get("/readyz")
     problem = assert_problem(not_ready, 503, "NOT_READY")
     assert "NOT_SERVING" in problem["detail"]
+    assert problem["checks"]["members"] == "NOT_SERVING"
+
+
+async def test_readiness_reports_every_upstream_when_all_are_serving(
+    members: Peer, upstreams: dict[str, Upstream]
+) -> None:
+    async with gateway_to(targets_of(members, upstreams)) as http:
+        response = await http.get("/readyz")
+
+    assert response.status_code == 200
+    assert response.json() == {
+        "status": "ok",
+        "checks": {
+            "members": "SERVING",
+            "cards": "SERVING",
+            "loyalty": "SERVING",
+            "campaigns": "SERVING",
+            "notify": "SERVING",
+        },
+    }
+
+
+@pytest.mark.parametrize("down", OTHER_UPSTREAMS)
+@pytest.mark.parametrize(
+    ("how", "reported"), [("stopped", "UNREACHABLE"), ("not serving", "NOT_SERVING")]
+)
+async def test_another_upstream_down_is_reported_but_keeps_the_gateway_ready(
+    members: Peer, upstreams: dict[str, Upstream], down: str, how: str, reported: str
+) -> None:
+    if how == "stopped":
+        await upstreams[down].server.stop(grace=0)
+    else:
+        await upstreams[down].set(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async with gateway_to(targets_of(members, upstreams)) as http:
+        response = await http.get("/readyz")
+
+    assert response.status_code == 200, response.text
+    assert response.json() == {"status": "ok", "checks": ALL_SERVING | {down: reported}}
+
+
+async def test_members_not_serving_is_a_503_that_carries_every_check(
+    members: Peer, upstreams: dict[str, Upstream]
+) -> None:
+    await members.server.set_serving(False)
+    await upstreams["loyalty"].server.stop(grace=0)
+
+    async with gateway_to(targets_of(members, upstreams)) as http:
+        response = await http.get("/readyz")
+
+    problem = assert_problem(response, 503, "NOT_READY")
+    assert problem["detail"] == "the members service is NOT_SERVING"
+    assert problem["checks"] == ALL_SERVING | {"members": "NOT_SERVING", "loyalty": "UNREACHABLE"}
+
+
+async def test_members_unreachable_is_a_503_that_carries_every_check(
+    members: Peer, upstreams: dict[str, Upstream]
+) -> None:
+    await members.server.stop(grace=0)
+
+    async with gateway_to(targets_of(members, upstreams)) as http:
+        response = await http.get("/readyz")
+
+    problem = assert_problem(response, 503, "NOT_READY")
+    assert problem["detail"] == "the members service cannot be checked (UNREACHABLE)"
+    assert problem["checks"] == ALL_SERVING | {"members": "UNREACHABLE"}
+
+
+async def test_the_checks_run_at_once_within_one_timeout(
+    members: Peer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    timeout = 0.5
+    monkeypatch.setattr(server, "READINESS_TIMEOUT_SECONDS", timeout)
+    slow = {name: await start_upstream(name, slow=True) for name in OTHER_UPSTREAMS}
+    try:
+        async with gateway_to(targets_of(members, slow)) as http:
+            started = time.monotonic()
+            response = await http.get("/readyz")
+            elapsed = time.monotonic() - started
+    finally:
+        for upstream in slow.values():
+            await upstream.server.stop(grace=0)
+
+    # One after the other, four silent services would take 4 x the timeout.
+    assert elapsed < 2 * timeout
+    assert response.status_code == 200, response.text
+    assert response.json()["checks"] == {
+        "members": "SERVING",
+        **{name: "DEADLINE_EXCEEDED" for name in OTHER_UPSTREAMS},
+    }
+
+
+async def test_a_silent_members_is_a_503_within_the_timeout(
+    upstreams: dict[str, Upstream], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    timeout = 0.5
+    monkeypatch.setattr(server, "READINESS_TIMEOUT_SECONDS", timeout)
+    silent = await start_upstream("members", slow=True)
+    try:
+        targets = {"members": silent.target} | {n: u.target for n, u in upstreams.items()}
+        async with gateway_to(targets) as http:
+            started = time.monotonic()
+            response = await http.get("/readyz")
+            elapsed = time.monotonic() - started
+    finally:
+        await silent.server.stop(grace=0)
+
+    assert elapsed < 2 * timeout
+    problem = assert_problem(response, 503, "NOT_READY")
+    assert problem["detail"] == "the members service cannot be checked (DEADLINE_EXCEEDED)"
+    assert problem["checks"] == ALL_SERVING | {"members": "DEADLINE_EXCEEDED"}
 
 
 async def test_readiness_without_members_is_a_503() -> None:
@@ -411,7 +601,22 @@ async def test_readiness_without_members_is_a_503() -> None:
     ):
         response = await http.get("/readyz")
 
-    assert_problem(response, 503, "NOT_READY")
+    problem = assert_problem(response, 503, "NOT_READY")
+    assert problem["checks"]["members"] == "UNREACHABLE"
+
+
+async def test_the_openapi_document_describes_readiness(http: httpx.AsyncClient) -> None:
+    doc = (await http.get("/openapi.json")).json()
+
+    readyz = doc["paths"]["/readyz"]["get"]
+    assert "Only members decides" in readyz["description"]
+    not_ready = readyz["responses"]["503"]["content"]
+    assert list(not_ready) == ["application/problem+json"]
+    assert not_ready["application/problem+json"]["schema"]["$ref"].endswith("/NotReady")
+    schemas = doc["components"]["schemas"]
+    assert "checks" in schemas["NotReady"]["properties"]
+    assert "reason" in schemas["NotReady"]["properties"]
+    assert "checks" in schemas["Readiness"]["properties"]
 
 
 async def test_the_gateway_opens_its_own_channel_from_settings(members: Peer) -> None:
