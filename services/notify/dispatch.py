@@ -23,7 +23,8 @@ result only while it still holds it. A send is started only if it can end
 sent by two replicas at once; the rest of the batch is given back. A pass
 that dies keeps its messages until the lease expires; then another takes
 them. Up to ``concurrency`` sends of a pass run at once; each channel's
-sends are spaced by its rate limit (a token bucket per replica).
+sends are spaced by its rate limit, kept in the database and so shared by
+every replica (``RateLimiter``).
 
 At least once towards the channel: a crash after the send and before the
 mark sends again once the lease has expired (providers deduplicate by
@@ -52,8 +53,9 @@ from services.notify import events, store
 from services.notify.channels import Channel, ChannelError, Needs, PermanentChannelError, Sent
 from services.notify.contacts import ContactsUnavailable, Directory
 from services.notify.domain import Channel as ChannelName
-from services.notify.domain.delivery import RetryPolicy, TokenBucket, next_attempt_at
+from services.notify.domain.delivery import RetryPolicy, SendPace, next_attempt_at, pace_wait
 from services.notify.domain.policy import NotifyPolicy, quiet_hours_release
+from services.notify.store.pace import reserve_send
 from services.notify.store.policy import load_policy
 
 log = get_logger(__name__)
@@ -68,16 +70,46 @@ PolicyLoader = Callable[[AsyncSession], Awaitable[NotifyPolicy]]
 
 
 class RateLimiter:
-    """A token bucket that waits: ``await acquire()`` returns when the next
-    send may start."""
+    """A channel's rate limit, held across all replicas: ``await acquire()``
+    reserves the next slot in the database (GCRA, see
+    ``domain.delivery.SendPace`` and ``store.pace``) and returns when the
+    send may start. One short transaction of one statement per send, apart
+    from the send's own.
 
-    def __init__(self, rate: float, burst: int = 1) -> None:
-        self.bucket = TokenBucket(rate, burst)
+    Replicas read their own wall clock (``time.time``): the nodes are assumed
+    NTP-synchronised, and a skew of a few milliseconds only shifts the pace
+    by as much (a replica whose clock is ahead waits a little less after an
+    idle spell, one behind a little more)."""
 
-    async def acquire(self) -> None:
-        wait = self.bucket.reserve(time.monotonic())
+    def __init__(
+        self,
+        db: Database,
+        channel: ChannelName | str,
+        rate: float,
+        burst: int = 1,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.db = db
+        self.channel = str(channel)
+        self.pace = SendPace(rate, burst)
+        self.clock = clock
+
+    async def acquire(self) -> float:
+        """Wait for the next slot; returns the time (``clock``) the send was
+        allowed to start at. A database error propagates: nothing reserved,
+        or a slot reserved that no send uses, which only slows the pace."""
+        async with self.db.transaction() as session:
+            # Read the clock as late as possible: a reservation made with an
+            # older ``now`` lets the send start later than its slot.
+            now = self.clock()
+            tat = await reserve_send(session, self.channel, now=now, interval=self.pace.interval)
+        start = now + pace_wait(tat, now, self.pace)
+        # Measured again after the commit, so that its latency is not waited twice.
+        wait = pace_wait(tat, self.clock(), self.pace)
         if wait > 0:
             await asyncio.sleep(wait)
+        return start
 
 
 class Dispatcher:
@@ -158,13 +190,29 @@ class Dispatcher:
         last_start = started + self.lease_seconds - self.send_timeout - CLOCK_MARGIN_SECONDS
         waiting = list(batch)
         pending = {message.message_id for message in batch}
+        failures: list[Exception] = []
 
         async def worker() -> None:
-            while waiting:
+            while waiting and not failures:
                 message = waiting.pop(0)
                 limiter = self.limits.get(message.channel)
                 if limiter is not None:
-                    await limiter.acquire()
+                    try:
+                        await limiter.acquire()
+                    except Exception as exc:
+                        # The rate limit could not be reserved (the database
+                        # is unreachable, say). Sending anyway could overrun
+                        # the provider; so the message is not started: it
+                        # goes back with the rest of the batch, no attempt
+                        # counted, and the pass fails like any pass that
+                        # meets a database error, to be tried again after
+                        # the poll interval. Nothing is lost (a message that
+                        # cannot even be given back waits for its lease to
+                        # expire) and nothing is sent twice (it was never
+                        # sent). Sends already under way end as usual.
+                        waiting.insert(0, message)
+                        failures.append(exc)
+                        return
                 if time.monotonic() > last_start:
                     waiting.insert(0, message)
                     return
@@ -178,6 +226,9 @@ class Dispatcher:
             with contextlib.suppress(Exception):
                 await self._release(token, list(pending))
             raise
+        if failures:
+            await self._release(token, list(pending))
+            raise failures[0]
         if pending:
             log.info("lease running out; giving back the rest", count=len(pending))
         await self._release(token, list(pending))

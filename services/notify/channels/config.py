@@ -111,8 +111,9 @@ class ChannelSettings:
     smtp: SmtpSettings | None = None
     sms: SmsSettings | None = None
     push: PushSettings | None = None
-    # Sends a second per provider, per replica (0: no limit), and the
-    # bursts allowed.
+    # Sends a second per provider, across all replicas (0: no limit), and
+    # the bursts allowed; the pace is kept in the database (see
+    # ``dispatch.RateLimiter``), so every replica must be given the same.
     rate_per_second: Mapping[str, float] = field(default_factory=dict)
     burst: Mapping[str, int] = field(default_factory=dict)
     retry: RetryPolicy = field(default_factory=RetryPolicy)

@@ -61,34 +61,56 @@ def next_attempt_at(
     return now + dt.timedelta(seconds=wait)
 
 
-@dataclass
-class TokenBucket:
+@dataclass(frozen=True)
+class SendPace:
     """A provider's rate limit: ``rate`` sends a second on average, bursts
-    of up to ``burst``. ``reserve(now)`` takes a token and says how long to
-    wait before using it (0 when one is there); tokens reserved ahead are
-    owed, so concurrent senders queue up fairly instead of all waking at
-    once. Times are seconds of a monotonic clock."""
+    of up to ``burst``, kept with the generic cell rate algorithm (GCRA).
+
+    The whole state is one number per channel, the *theoretical arrival
+    time* ``tat`` (seconds since the Unix epoch): when the channel would be
+    idle again if every send reserved so far started on time. A reservation
+    (``next_tat``) takes the slot at ``max(tat, now)`` and moves ``tat`` one
+    ``interval`` on; its send may start ``tolerance`` before its slot
+    (``pace_wait``). Slots are reserved ahead, so concurrent senders queue
+    up fairly, each with its own slot, instead of all waking at once; and
+    since the state is one number, every replica can share it in the
+    database (``store.pace``).
+
+    Slots are ``interval`` apart and each send starts within ``tolerance``
+    before its slot, so any window of ``w`` seconds holds at most
+    ``burst + rate * w`` starts, whatever the order and the clocks of the
+    reservations. (At epoch magnitudes a float resolves about a quarter of a
+    microsecond, far below any interval.)"""
 
     rate: float
-    burst: float = 1.0
-    tokens: float = math.nan
-    stamp: float = math.nan
+    burst: int = 1
 
     def __post_init__(self) -> None:
         if not (self.rate > 0 and math.isfinite(self.rate)):
             raise ValueError("rate must be a positive number of sends per second")
         if self.burst < 1:
             raise ValueError("burst must be at least 1")
-        if math.isnan(self.tokens):
-            self.tokens = self.burst
 
-    def reserve(self, now: float) -> float:
-        if math.isnan(self.stamp):
-            self.stamp = now
-        elapsed = max(0.0, now - self.stamp)
-        self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
-        self.stamp = max(self.stamp, now)
-        self.tokens -= 1.0
-        if self.tokens >= 0:
-            return 0.0
-        return -self.tokens / self.rate
+    @property
+    def interval(self) -> float:
+        """Seconds between two slots."""
+        return 1.0 / self.rate
+
+    @property
+    def tolerance(self) -> float:
+        """How long before its slot a send may start: ``burst - 1`` slots."""
+        return (self.burst - 1) * self.interval
+
+
+def next_tat(tat: float | None, now: float, pace: SendPace) -> float:
+    """The channel's ``tat`` after one reservation at ``now``: what the
+    reservation statement writes and returns (``None``: the channel has no
+    row yet, as if idle). The reserved slot is the result less ``interval``."""
+    return (now if tat is None else max(tat, now)) + pace.interval
+
+
+def pace_wait(tat: float, now: float, pace: SendPace) -> float:
+    """How long a send whose reservation returned ``tat`` waits from ``now``
+    before it starts: until ``tolerance`` before its slot, 0 when that is
+    past."""
+    return max(0.0, (tat - pace.interval) - now - pace.tolerance)

@@ -375,7 +375,9 @@ def dispatcher(ctx: ServiceContext, config: ChannelSettings | None = None) -> Di
         contacts=shared_peers(ctx).members,
         retry=settings.retry,
         limits={
-            domain.Channel(name): RateLimiter(rate, settings.burst.get(name, 1))
+            domain.Channel(name): RateLimiter(
+                ctx.db, domain.Channel(name), rate, settings.burst.get(name, 1)
+            )
             for name, rate in settings.rate_per_second.items()
         },
         concurrency=settings.concurrency,

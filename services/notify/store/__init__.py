@@ -1,6 +1,7 @@
 """Notify's tables and queries, one module per area (messages and their
-delivery; templates, opt-outs, direct sends). Every table registers on
-``metadata``; the migrations' env imports the modules through this one.
+delivery; templates, opt-outs, direct sends; the providers' send pace).
+Every table registers on ``metadata``; the migrations' env imports the
+modules through this one.
 
 The message-level names are re-exported here because the dispatcher and
 most tests use them."""
@@ -10,6 +11,7 @@ from __future__ import annotations
 from services.notify.store import (
     intents,  # noqa: F401  (registers its table)
     optouts,  # noqa: F401  (registers its table)
+    pace,  # noqa: F401  (registers its table)
     policy,  # noqa: F401  (registers its table)
     postal,  # noqa: F401  (registers its table)
     schedules,  # noqa: F401  (registers its table)

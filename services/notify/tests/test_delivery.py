@@ -1,6 +1,7 @@
 """Retry timing and rate limits: full-jitter backoff stays within its
-bounds, grows and caps; a Retry-After is honoured; a token bucket never
-lets more through than its rate and burst allow."""
+bounds, grows and caps; a Retry-After is honoured; the send pace (GCRA)
+never lets more sends start than its rate and burst allow, whatever the
+order of the reservations, and never holds back sends that keep to it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.notify.domain.delivery import RetryPolicy, TokenBucket, next_attempt_at
+from services.notify.domain.delivery import (
+    RetryPolicy,
+    SendPace,
+    next_attempt_at,
+    next_tat,
+    pace_wait,
+)
 
 NOW = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.UTC)
 
@@ -69,33 +76,83 @@ def test_gives_up_after_the_last_attempt() -> None:
         policy.ceiling(0)
 
 
+def starts_of(pace: SendPace, times: list[float]) -> list[float]:
+    """When each send may start, reserving one after the other at ``times``
+    (in the order the database serialised them, which need not be the
+    order of the clocks' readings)."""
+    tat: float | None = None
+    starts = []
+    for now in times:
+        tat = next_tat(tat, now, pace)
+        starts.append(now + pace_wait(tat, now, pace))
+    return starts
+
+
+def most_in_a_window(starts: list[float], rate: float, burst: int) -> float:
+    """The largest excess, over all windows from one start to another, of
+    the sends started in it over ``burst + rate * span``: <= 0 when the
+    limit holds."""
+    starts = sorted(starts)
+    worst = -float(burst)
+    for i, first in enumerate(starts):
+        for j in range(i, len(starts)):
+            worst = max(worst, (j - i + 1) - (burst + rate * (starts[j] - first)))
+    return worst
+
+
 @given(
     st.floats(0.5, 500),
     st.integers(1, 20),
-    st.lists(st.floats(0, 0.5), min_size=1, max_size=200),
+    st.lists(st.floats(0, 30), min_size=1, max_size=150),
 )
-def test_a_bucket_never_allows_more_than_rate_and_burst(
-    rate: float, burst: int, gaps: list[float]
+def test_the_pace_never_allows_more_than_rate_and_burst(
+    rate: float, burst: int, times: list[float]
 ) -> None:
-    bucket = TokenBucket(rate, burst)
-    now = 0.0
-    starts = []
-    for gap in gaps:
-        now += gap
-        starts.append(now + bucket.reserve(now))
-    starts.sort()
-    # In any window from one start to another, at most burst + rate * span
-    # sends begin.
-    for i, first in enumerate(starts):
-        for j in range(i, len(starts)):
-            span = starts[j] - first
-            assert j - i + 1 <= burst + rate * span + 1e-6
+    # Reservation times in any order: replicas' clocks differ, and a
+    # reservation may wait for another's lock after reading its clock.
+    pace = SendPace(rate, burst)
+    starts = starts_of(pace, times)
+    assert all(start >= now for start, now in zip(starts, times, strict=True))
+    assert most_in_a_window(starts, rate, burst) <= 1e-6
 
 
-def test_a_bucket_lets_a_burst_through_then_spaces_sends() -> None:
-    bucket = TokenBucket(rate=10, burst=2)
-    assert [bucket.reserve(0.0) for _ in range(4)] == pytest.approx([0, 0, 0.1, 0.2])
-    # A second later the debt is paid and the bucket full again.
-    assert bucket.reserve(1.3) == 0
+@given(
+    st.floats(0.5, 500),
+    st.integers(1, 20),
+    st.lists(st.floats(1, 100), min_size=1, max_size=100),
+    st.floats(0, 1e6),
+)
+def test_sends_at_a_slow_pace_never_wait(
+    rate: float, burst: int, factors: list[float], first: float
+) -> None:
+    # Each reservation at least one interval after the one before.
+    pace = SendPace(rate, burst)
+    now, tat = first, None
+    for factor in factors:
+        tat = next_tat(tat, now, pace)
+        assert pace_wait(tat, now, pace) <= 1e-9
+        now += factor * pace.interval
+
+
+def test_the_pace_lets_a_burst_through_then_spaces_sends() -> None:
+    pace = SendPace(rate=10, burst=2)
+    assert (pace.interval, pace.tolerance) == pytest.approx((0.1, 0.1))
+    assert starts_of(pace, [5.0] * 4) == pytest.approx([5.0, 5.0, 5.1, 5.2])
+    # A burst at the epoch's magnitude, as the replicas' clocks read it.
+    now = 1_780_000_000.0
+    assert [s - now for s in starts_of(pace, [now] * 4)] == pytest.approx(
+        [0, 0, 0.1, 0.2], abs=1e-6
+    )
+    # Once the slots reserved ahead are past, the burst is there again.
+    tat = next_tat(None, 0.0, pace)
+    for _ in range(3):
+        tat = next_tat(tat, 0.0, pace)
+    assert tat == pytest.approx(0.4)
+    assert pace_wait(next_tat(tat, 0.45, pace), 0.45, pace) == 0
+    assert pace_wait(next_tat(tat, 0.29, pace), 0.29, pace) == pytest.approx(0.01)
     with pytest.raises(ValueError):
-        TokenBucket(rate=0)
+        SendPace(rate=0)
+    with pytest.raises(ValueError):
+        SendPace(rate=float("inf"))
+    with pytest.raises(ValueError):
+        SendPace(rate=1, burst=0)

@@ -1,13 +1,15 @@
 """The dispatcher's claims: replicas on one database share the queue and
 never send a message twice, a dead replica's messages are taken over once
-its lease expires, and a pass gives back what it cannot send in time. On
-real databases, SQLite and PostgreSQL."""
+its lease expires, a pass gives back what it cannot send in time, and the
+replicas keep one rate limit between them. On real databases, SQLite and
+PostgreSQL."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
 import datetime as dt
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -354,3 +356,83 @@ async def test_a_refusal_fails_at_once_and_retries_give_up_at_the_last_attempt(
         again = await store.get_message(session, flaky_id)
     assert again is not None
     assert (again.status, again.attempts, again.last_error) == (MessageStatus.QUEUED, 0, None)
+
+
+async def test_two_dispatchers_keep_one_rate_limit_between_them(
+    replicas: Callable[[], Database],
+) -> None:
+    """The rate limit is in the database: two replicas, each with the
+    provider's whole rate, send at that rate between them, not twice it."""
+    first, second = replicas(), replicas()
+    ids = await queue(first, 16)
+    rate = 40.0
+    sent_at: list[float] = []
+
+    class Timed(Recorder):
+        async def send(self, message: MessageRecord, address: str) -> Sent:
+            sent_at.append(time.time())
+            return await super().send(message, address)
+
+    sent: list[tuple[str, str]] = []
+    dispatchers = [
+        dispatch.Dispatcher(
+            db,
+            {Channel.DEV_LOG: Timed(name, sent, delay=0)},
+            limits={Channel.DEV_LOG: dispatch.RateLimiter(db, Channel.DEV_LOG, rate)},
+            concurrency=4,
+            batch_size=4,
+        )
+        for name, db in (("one", first), ("two", second))
+    ]
+    await asyncio.wait_for(
+        asyncio.gather(*(drain(d, db) for d, db in zip(dispatchers, (first, second), strict=True))),
+        timeout=60,
+    )
+    assert sorted(m for _, m in sent) == ids
+    assert {who for who, _ in sent} == {"one", "two"}
+    # 16 sends, bursts of one: 15 intervals from the first planned start to
+    # the last (each replica alone would have taken about half of that). A
+    # send starts a little after its slot on a busy machine, the first one
+    # included, so one interval of the span is allowed for that.
+    assert max(sent_at) - min(sent_at) >= 14 / rate
+
+
+async def test_a_rate_limit_the_database_cannot_reserve_sends_nothing(
+    replicas: Callable[[], Database],
+) -> None:
+    """Without its slot a message is not sent: it goes back to the queue
+    with no attempt counted, and the pass fails like one whose database
+    failed; once the limit can be reserved again, it is sent once."""
+    db = replicas()
+    ids = await queue(db, 3)
+
+    class Unreachable(dispatch.RateLimiter):
+        calls = 0
+
+        async def acquire(self) -> float:
+            Unreachable.calls += 1
+            if Unreachable.calls == 2:
+                raise OSError("connection refused")
+            return await super().acquire()
+
+    sent: list[tuple[str, str]] = []
+    limiter = Unreachable(db, Channel.DEV_LOG, 1000.0, 10)
+    one = dispatch.Dispatcher(
+        db, {Channel.DEV_LOG: Recorder("one", sent)}, limits={Channel.DEV_LOG: limiter}
+    )
+    with pytest.raises(OSError, match="connection refused"):
+        await one.dispatch_queued()
+    assert sent == [("one", ids[0])]
+    async with db.sessions() as session:
+        rest = [await store.get_message(session, m) for m in ids[1:]]
+        unclaimed = await session.execute(
+            sa.select(sa.func.count()).where(messages.c.claim_token.is_not(None))
+        )
+        assert unclaimed.scalar_one() == 0
+    assert [(m.status, m.attempts) for m in rest if m is not None] == [
+        (MessageStatus.QUEUED, 0),
+        (MessageStatus.QUEUED, 0),
+    ]
+    assert await one.dispatch_queued() == 2
+    assert sorted(m for _, m in sent) == ids
+    assert await sent_events(db) == 3
