@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import ConnectionPoolEntry, Pool, PoolProxiedConnection
 
+from chassis.direct import Direct
 from chassis.errors import Unavailable
 
 T = TypeVar("T")
@@ -330,16 +331,15 @@ class RowByKey:
         self._names = tuple(f"key_{name}" for name in columns)
         pairs = zip(columns, self._names, strict=True)
         plain = sa.select(table).where(*(table.c[name] == sa.bindparam(key) for name, key in pairs))
-        self._plain = plain
-        self._locked = plain.with_for_update()
+        # Run on the driver on PostgreSQL (chassis.direct): the reads every
+        # request makes.
+        self._plain = Direct(plain)
+        self._locked = Direct(plain.with_for_update())
 
-    async def first(
-        self, session: AsyncSession, *values: Any, for_update: bool = False
-    ) -> sa.Row[Any] | None:
+    async def first(self, session: AsyncSession, *values: Any, for_update: bool = False) -> Any:
         """The row with these key values (in the columns' order), or None."""
-        result = await session.execute(
-            self._locked if for_update else self._plain, dict(zip(self._names, values, strict=True))
-        )
+        statement = self._locked if for_update else self._plain
+        result = await statement.execute(session, dict(zip(self._names, values, strict=True)))
         return result.first()
 
 

@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.bus import Bus, StreamSpec, header_map
 from chassis.db import Database, inbox_table, outbox_table, utcnow
+from chassis.direct import Direct
 from chassis.logs import get_logger, redact_text
 from chassis.telemetry import extract_trace_context
 
@@ -74,11 +75,16 @@ def dead_letter_subject(consumer: str, subject: str) -> str:
 
 # The inbox row of a handled event, built once per dialect (not per event).
 _RECORD = {
-    dialect: insert(inbox_table)
-    .values(
-        {name: sa.bindparam(name) for name in ("consumer", "event_id", "subject", "processed_at")}
+    dialect: Direct(
+        insert(inbox_table)
+        .values(
+            {
+                name: sa.bindparam(name)
+                for name in ("consumer", "event_id", "subject", "processed_at")
+            }
+        )
+        .on_conflict_do_nothing()
     )
-    .on_conflict_do_nothing()
     for dialect, insert in (("postgresql", postgresql.insert), ("sqlite", sqlite.insert))
 }
 
@@ -199,8 +205,8 @@ class Consumer:
             await handler(session, event, envelope)
 
     async def _record(self, session: AsyncSession, envelope: Envelope) -> bool:
-        result = await session.execute(
-            _RECORD[self.db.dialect],
+        result = await _RECORD[self.db.dialect].execute(
+            session,
             {
                 "consumer": self.durable,
                 "event_id": envelope.event_id,
@@ -208,7 +214,7 @@ class Consumer:
                 "processed_at": utcnow(),
             },
         )
-        return bool(getattr(result, "rowcount", 0) == 1)
+        return result.rowcount == 1
 
     async def _ack(self, msg: Any) -> None:
         try:

@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from chassis.bulk import insert_rows
 from chassis.bus import Bus, cloudevent_headers
 from chassis.db import Database, outbox_table, utcnow
+from chassis.direct import Direct
 from chassis.logs import get_logger
 from chassis.telemetry import current_traceparent, extract_trace_context, inject_trace_headers
 
@@ -42,7 +43,7 @@ def event_type(message: Message) -> str:
 
 # Built once: building a statement and its cache key on every call costs
 # more than executing it.
-_INSERT = sa.insert(outbox_table)
+_INSERT = Direct(sa.insert(outbox_table))
 _MARK_SENT = (
     sa.update(outbox_table)
     .where(outbox_table.c.seq.in_(sa.bindparam("seqs", expanding=True)))
@@ -76,8 +77,8 @@ async def enqueue(
         event_id=eid, event_type=event_type(message), source=source, time=now, subject=subject
     )
     headers.update(current_traceparent())
-    await session.execute(
-        _INSERT,
+    await _INSERT.execute(
+        session,
         {
             "event_id": eid,
             "subject": subject,

@@ -1,0 +1,295 @@
+"""Statements on the hot paths, run straight on the driver on PostgreSQL.
+
+Through SQLAlchemy's execution path a key read costs two to three times
+what the same read costs through asyncpg (``bench/unit_costs.py``): the
+session's bookkeeping, the execution context, the greenlet that bridges the
+sync core to asyncio, the cursor adapter and the result wrapping, all per
+statement. A checkout runs some fifty statements, so that path was the
+largest part of the services' CPU.
+
+``Direct`` keeps SQLAlchemy for what it is good at (the statement is an
+ordinary Core construct, compiled once by the dialect, with its types' bind
+and result processing) and skips the rest on PostgreSQL: the compiled SQL
+goes to the session's own asyncpg connection, prepared through the dialect
+adapter's statement cache, inside the transaction the session has begun
+(begun here if this is its first statement), serialised with the adapter's
+other statements on that connection. Errors come back as SQLAlchemy's own
+(``IntegrityError`` for a unique violation, with ``connection_invalidated``
+for a lost connection, which is then invalidated as SQLAlchemy would). On
+SQLite, or for a statement this path cannot run (Python-side column
+defaults, expanding ``IN`` parameters), it is an ordinary
+``session.execute``. Either way the caller gets the same ``Rows``.
+
+It relies on a few internals of SQLAlchemy's asyncpg adapter (its
+transaction, statement cache and mutex), pinned with SQLAlchemy's version
+in ``pyproject.toml``; ``chassis/tests/test_direct.py`` runs every kind of
+statement both ways on PostgreSQL and compares them, so an upgrade that
+changes them fails there first.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, cast
+
+import sqlalchemy as sa
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+# The session's driver connection, kept in ``session.info`` for the rest of
+# the session's transaction.
+_CONNECTION = "chassis.direct.connection"
+_ROWCOUNT = re.compile(r"(?:SELECT|UPDATE|DELETE|INSERT \d+|MERGE) (\d+)")
+
+
+class Rows:
+    """A statement's result, read at once: its rows (with attribute, index
+    and ``_mapping`` access, as SQLAlchemy's) and the rows it changed."""
+
+    __slots__ = ("_rows", "rowcount")
+
+    def __init__(self, rows: Sequence[Any], rowcount: int) -> None:
+        self._rows = rows
+        self.rowcount = rowcount
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._rows)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def all(self) -> list[Any]:
+        return list(self._rows)
+
+    def first(self) -> Any | None:
+        return self._rows[0] if self._rows else None
+
+    def one(self) -> Any:
+        if len(self._rows) != 1:
+            raise sa.exc.NoResultFound(f"expected one row, got {len(self._rows)}")
+        return self._rows[0]
+
+    def one_or_none(self) -> Any | None:
+        if len(self._rows) > 1:
+            raise sa.exc.MultipleResultsFound(f"expected one row, got {len(self._rows)}")
+        return self.first()
+
+    def scalar(self) -> Any:
+        """The first column of the first row, or None without rows."""
+        row = self.first()
+        return None if row is None else row[0]
+
+    def scalar_one(self) -> Any:
+        return self.one()[0]
+
+    def scalars(self) -> list[Any]:
+        return [row[0] for row in self._rows]
+
+
+class _MappingRow:
+    """What a row class adds to a named tuple: SQLAlchemy's ``_mapping``."""
+
+    _fields: tuple[str, ...]
+
+    @property
+    def _mapping(self) -> dict[str, Any]:
+        return dict(zip(self._fields, cast(Sequence[Any], self), strict=True))
+
+
+def _row_class(names: Sequence[str]) -> type:
+    plain = NamedTuple("Row", [(name, Any) for name in _safe_names(names)])  # type: ignore[misc]
+    return type("Row", (plain, _MappingRow), {"__slots__": ()})
+
+
+def _safe_names(names: Sequence[str]) -> list[str]:
+    seen: set[str] = set()
+    safe = []
+    for i, name in enumerate(names):
+        ok = name.isidentifier() and not name.startswith("_") and name not in seen
+        safe.append(name if ok else f"c{i}")
+        seen.add(safe[-1])
+    return safe
+
+
+@dataclass
+class _Plan:
+    """A statement compiled for one set of parameter names."""
+
+    compiled: Any
+    sql: str
+    positions: tuple[str, ...]
+    processors: Mapping[str, Any]
+    # Filled at the first execution, from what the server says it returns.
+    results: tuple[type, tuple[Any, ...]] | None = None
+
+
+class Direct:
+    """A Core statement that runs on the driver on PostgreSQL (see the
+    module's docstring). Build it once, at import time, like the statement;
+    ``await statement.execute(session, params)``."""
+
+    def __init__(self, statement: sa.Executable) -> None:
+        self.statement = statement
+        # By the names of the parameters a call passes: an INSERT without
+        # explicit values renders the columns it is given.
+        self._plans: dict[tuple[str, ...], _Plan | None] = {}
+
+    async def execute(self, session: AsyncSession, params: Mapping[str, Any] | None = None) -> Rows:
+        values = dict(params or {})
+        bound = session.info.get(_CONNECTION)
+        if bound is None or bound.transaction is not session.sync_session.get_transaction():
+            bound = await _bind(session)
+        if bound is None:
+            return await self._through_sqlalchemy(session, values)
+        plan = self._plan(bound.dialect, tuple(sorted(values)))
+        if plan is None:
+            return await self._through_sqlalchemy(session, values)
+        return await _run(session, bound, plan, values)
+
+    def _plan(self, dialect: sa.Dialect, names: tuple[str, ...]) -> _Plan | None:
+        try:
+            return self._plans[names]
+        except KeyError:
+            pass
+        compiled: Any = cast(Any, self.statement).compile(dialect=dialect, column_keys=list(names))
+        if (
+            compiled.insert_prefetch
+            or compiled.update_prefetch
+            or compiled.post_compile_params
+            or compiled.literal_execute_params
+            or not compiled.positional
+        ):
+            # Python-side defaults or expanding parameters: SQLAlchemy's own
+            # execution context works those out.
+            plan = None
+        else:
+            plan = _Plan(
+                compiled=compiled,
+                sql=compiled.string,
+                positions=tuple(compiled.positiontup or ()),
+                processors=dict(compiled._bind_processors),
+            )
+        self._plans[names] = plan
+        return plan
+
+    async def _through_sqlalchemy(self, session: AsyncSession, values: dict[str, Any]) -> Rows:
+        result = cast(sa.CursorResult[Any], await session.execute(self.statement, values))
+        rows = result.all() if result.returns_rows else []
+        return Rows(rows, result.rowcount)
+
+
+@dataclass(frozen=True)
+class _Bound:
+    """A session's transaction and the driver connection it runs on."""
+
+    transaction: Any
+    # SQLAlchemy's asyncpg adapter connection.
+    adapted: Any
+    dialect: Any
+    connection: AsyncConnection
+
+
+async def _bind(session: AsyncSession) -> _Bound | None:
+    """The session's asyncpg adapter connection (the session's transaction
+    begun, the connection checked out), None off asyncpg. Kept for the rest
+    of the transaction."""
+    dialect = session.get_bind().dialect
+    if dialect.name != "postgresql" or dialect.driver != "asyncpg":
+        return None
+    connection = await session.connection()
+    pooled = connection.sync_connection.connection  # type: ignore[union-attr]
+    bound = _Bound(
+        transaction=session.sync_session.get_transaction(),
+        adapted=pooled.dbapi_connection,
+        dialect=dialect,
+        connection=connection,
+    )
+    session.info[_CONNECTION] = bound
+    return bound
+
+
+async def _run(session: AsyncSession, bound: _Bound, plan: _Plan, values: dict[str, Any]) -> Rows:
+    adapted, dialect = bound.adapted, bound.dialect
+    compiled_params = plan.compiled.construct_params(values, escape_names=False)
+    processors = plan.processors
+    args = [
+        processors[key](compiled_params[key]) if key in processors else compiled_params[key]
+        for key in plan.positions
+    ]
+    try:
+        async with adapted._execute_mutex:
+            if adapted._transaction is None:
+                # The driver begins the session's transaction with its first
+                # statement; this may be that statement.
+                await adapted._start_transaction()
+            prepared, attributes = await adapted._prepare(
+                plan.sql, dialect._invalidate_schema_cache_asof
+            )
+            records = await prepared.fetch(*args)
+            status = prepared.get_statusmsg()
+    except Exception as error:
+        raise await _translated(session, bound, plan, args, error) from error
+    matched = _ROWCOUNT.match(status or "")
+    rowcount = int(matched.group(1)) if matched else -1
+    if not attributes:
+        return Rows((), rowcount)
+    if plan.results is None:
+        plan.results = _result_plan(plan.compiled, dialect, attributes)
+    row_class, result_processors = plan.results
+    rows = [
+        row_class(
+            *(
+                value if process is None else process(value)
+                for process, value in zip(result_processors, record, strict=True)
+            )
+        )
+        for record in records
+    ]
+    return Rows(rows, rowcount)
+
+
+def _result_plan(compiled: Any, dialect: Any, attributes: Any) -> tuple[type, tuple[Any, ...]]:
+    """The row class and each column's result processor, as SQLAlchemy's
+    cursor result would build them for these columns."""
+    columns = list(compiled._result_columns or ())
+    if len(columns) != len(attributes):
+        # Not a shape SQLAlchemy matched by position (text, say): the
+        # server's names, no processing.
+        return _row_class([a.name for a in attributes]), (None,) * len(attributes)
+    names = [column.keyname for column in columns]
+    processors = tuple(
+        column.type._cached_result_processor(dialect, attribute.type.oid)
+        for column, attribute in zip(columns, attributes, strict=True)
+    )
+    return _row_class(names), processors
+
+
+async def _translated(
+    session: AsyncSession, bound: _Bound, plan: _Plan, args: list[Any], error: Exception
+) -> Exception:
+    """The driver's error as SQLAlchemy would raise it from ``execute``."""
+    dialect = bound.dialect
+    try:
+        bound.adapted._handle_exception(error)
+    except Exception as dbapi_error:
+        error = dbapi_error
+    if not isinstance(error, dialect.loaded_dbapi.Error):
+        return error
+    lost = dialect.is_disconnect(error, bound.adapted, None)
+    if lost:
+        # As SQLAlchemy does after a statement of its own: the connection is
+        # not given back to the pool, and the session must roll back.
+        session.info.pop(_CONNECTION, None)
+        await bound.connection.invalidate(error)
+    translated: Exception = DBAPIError.instance(
+        plan.sql,
+        args,
+        error,
+        dialect.loaded_dbapi.Error,
+        hide_parameters=True,
+        dialect=dialect,
+        connection_invalidated=lost,
+    )
+    return translated

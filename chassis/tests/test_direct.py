@@ -1,0 +1,258 @@
+"""chassis.direct: every kind of statement gives what SQLAlchemy's own
+execute gives, inside the session's transaction, with SQLAlchemy's errors;
+on PostgreSQL through the driver, on SQLite through the session."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+
+from chassis.db import Database, UTCDateTime, is_unique_violation
+from chassis.direct import Direct, _Bound
+from tests.integration.infra import DatabaseFactory
+
+metadata = sa.MetaData()
+shelf = sa.Table(
+    "direct_shelf",
+    metadata,
+    sa.Column("item_id", sa.String(20), primary_key=True),
+    sa.Column("count", sa.BigInteger, nullable=False),
+    sa.Column("small", sa.Integer, nullable=True),
+    sa.Column("day", sa.Date, nullable=False),
+    sa.Column("at", UTCDateTime, nullable=False),
+    sa.Column("blob", sa.LargeBinary, nullable=True),
+    sa.Column("doc", sa.JSON, nullable=True),
+    sa.Column("flag", sa.Boolean, nullable=False),
+)
+# A Python-side default: SQLAlchemy's execution context fills it in.
+stamped = sa.Table(
+    "direct_stamped",
+    metadata,
+    sa.Column("item_id", sa.String(20), primary_key=True),
+    sa.Column("note", sa.String(20), nullable=False, default="none"),
+)
+
+AT = dt.datetime(2026, 11, 30, 8, 15, 30, 123456, tzinfo=dt.UTC)
+ROW = {
+    "item_id": "a",
+    "count": 2**40,
+    "small": None,
+    "day": dt.date(2026, 11, 30),
+    "at": AT,
+    "blob": b"\x00\xff",
+    "doc": {"k": [1, "x", None]},
+    "flag": True,
+}
+
+INSERT = Direct(sa.insert(shelf))
+BY_ID = Direct(sa.select(shelf).where(shelf.c.item_id == sa.bindparam("key")))
+LOCKED = Direct(sa.select(shelf).where(shelf.c.item_id == sa.bindparam("key")).with_for_update())
+ADD = Direct(
+    sa.update(shelf)
+    .where(shelf.c.item_id == sa.bindparam("key"))
+    .values(count=shelf.c.count + sa.bindparam("by"))
+    .returning(shelf.c.count, shelf.c.at)
+)
+TOUCH = Direct(sa.update(shelf).where(shelf.c.day <= sa.bindparam("until")).values(flag=sa.false()))
+TOTAL = Direct(
+    sa.select(sa.func.coalesce(sa.func.sum(shelf.c.count), 0).label("total")).where(
+        shelf.c.day == sa.bindparam("day")
+    )
+)
+DELETE = Direct(sa.delete(shelf).where(shelf.c.item_id == sa.bindparam("key")))
+IN_LIST = Direct(
+    sa.select(shelf.c.item_id).where(shelf.c.item_id.in_(sa.bindparam("keys", expanding=True)))
+)
+STAMP = Direct(sa.insert(stamped))
+
+
+def upsert(dialect: str) -> Direct:
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = insert(shelf).values(
+        item_id=sa.bindparam("key"),
+        count=sa.bindparam("n"),
+        small=sa.bindparam("n"),
+        day=sa.bindparam("day"),
+        at=sa.bindparam("at"),
+        flag=sa.true(),
+    )
+    return Direct(
+        statement.on_conflict_do_update(
+            index_elements=["item_id"], set_={"count": shelf.c.count + statement.excluded.count}
+        )
+    )
+
+
+async def open_db(database_url: DatabaseFactory) -> Database:
+    db = Database(await database_url("direct"))
+    async with db.engine.begin() as conn:
+        await conn.run_sync(metadata.create_all)
+    return db
+
+
+def plain(row: Any) -> dict[str, Any]:
+    return dict(row._mapping)
+
+
+async def test_each_kind_of_statement_reads_as_sqlalchemy_reads_it(
+    database_url: DatabaseFactory,
+) -> None:
+    db = await open_db(database_url)
+    try:
+        async with db.transaction() as session:
+            inserted = await INSERT.execute(session, ROW)
+            assert inserted.rowcount == 1 and inserted.first() is None
+            await INSERT.execute(session, {**ROW, "item_id": "b", "count": 5, "small": 7})
+        async with db.sessions() as session:
+            direct = await BY_ID.execute(session, {"key": "a"})
+            through = (await session.execute(BY_ID.statement, {"key": "a"})).first()
+        row = direct.one()
+        assert plain(row) == plain(through) == ROW
+        assert row.at.tzinfo is not None and row.at == AT
+        assert row[0] == "a" and row.count == 2**40
+        item_id, count, *_ = row
+        assert (item_id, count) == ("a", 2**40)
+
+        async with db.transaction() as session:
+            added = await ADD.execute(session, {"key": "a", "by": 3})
+            assert added.rowcount == 1 and tuple(added.one()) == (2**40 + 3, AT)
+            locked = await LOCKED.execute(session, {"key": "b"})
+            assert locked.one().small == 7
+            touched = await TOUCH.execute(session, {"until": dt.date(2026, 12, 1)})
+            assert touched.rowcount == 2 and touched.all() == []
+            total = await TOTAL.execute(session, {"day": dt.date(2026, 11, 30)})
+            assert total.scalar() == 2**40 + 8
+            # A statement whose parameter appears twice, and an upsert.
+            merge = upsert(db.dialect)
+            await merge.execute(
+                session, {"key": "b", "n": 10, "day": dt.date(2026, 11, 29), "at": AT}
+            )
+            await merge.execute(
+                session, {"key": "c", "n": 4, "day": dt.date(2026, 11, 29), "at": AT}
+            )
+        async with db.sessions() as session:
+            assert (await BY_ID.execute(session, {"key": "b"})).one().count == 15
+            assert (await BY_ID.execute(session, {"key": "c"})).one().small == 4
+            assert (await BY_ID.execute(session, {"key": "missing"})).first() is None
+            assert (await BY_ID.execute(session, {"key": "c"})).one().flag is True
+            # What this path leaves to SQLAlchemy still works through it.
+            keys = await IN_LIST.execute(session, {"keys": ["a", "c", "zz"]})
+            assert sorted(keys.scalars()) == ["a", "c"]
+        async with db.transaction() as session:
+            await STAMP.execute(session, {"item_id": "s"})
+            assert (await DELETE.execute(session, {"key": "c"})).rowcount == 1
+        async with db.sessions() as session:
+            note = await session.execute(sa.select(stamped.c.note))
+            assert note.scalar_one() == "none"
+            assert (await BY_ID.execute(session, {"key": "c"})).first() is None
+    finally:
+        await db.dispose()
+
+
+async def test_the_statements_are_part_of_the_sessions_transaction(
+    database_url: DatabaseFactory,
+) -> None:
+    db = await open_db(database_url)
+    try:
+
+        class Stop(Exception):
+            pass
+
+        # The first statement of the transaction is a direct one: it must
+        # not run outside the transaction that is then rolled back.
+        with pytest.raises(Stop):
+            async with db.transaction() as session:
+                await INSERT.execute(session, ROW)
+                await session.execute(sa.insert(stamped).values(item_id="x", note="y"))
+                raise Stop
+        async with db.sessions() as session:
+            assert (await BY_ID.execute(session, {"key": "a"})).first() is None
+            assert (await session.execute(sa.select(stamped))).first() is None
+
+        # Written through SQLAlchemy, read back directly in the same
+        # transaction (and the other way round) before the commit.
+        async with db.transaction() as session:
+            await session.execute(sa.insert(shelf).values(**ROW))
+            assert (await BY_ID.execute(session, {"key": "a"})).one().count == ROW["count"]
+            await ADD.execute(session, {"key": "a", "by": 1})
+            again = await session.execute(sa.select(shelf.c.count))
+            assert again.scalar_one() == ROW["count"] + 1
+        async with db.sessions() as session:
+            assert (await BY_ID.execute(session, {"key": "a"})).one().count == ROW["count"] + 1
+    finally:
+        await db.dispose()
+
+
+async def test_a_unique_violation_is_sqlalchemys_integrity_error(
+    database_url: DatabaseFactory,
+) -> None:
+    db = await open_db(database_url)
+    try:
+        async with db.transaction() as session:
+            await INSERT.execute(session, ROW)
+        with pytest.raises(IntegrityError) as raised:
+            async with db.transaction() as session:
+                await INSERT.execute(session, {**ROW, "item_id": "other"})
+                await INSERT.execute(session, ROW)
+        assert is_unique_violation(raised.value)
+        async with db.sessions() as session:
+            # The whole transaction was rolled back; the pool is usable.
+            assert (await BY_ID.execute(session, {"key": "other"})).first() is None
+            assert (await BY_ID.execute(session, {"key": "a"})).one().item_id == "a"
+    finally:
+        await db.dispose()
+
+
+async def test_on_postgresql_the_driver_runs_them(database_url: DatabaseFactory) -> None:
+    """On PostgreSQL the statements go to the driver (SQLAlchemy sees none
+    of them); elsewhere SQLAlchemy runs them all."""
+    db = await open_db(database_url)
+    seen: list[str] = []
+
+    def count(*args: Any) -> None:
+        seen.append(args[2])
+
+    sa.event.listen(db.engine.sync_engine, "before_cursor_execute", count)
+    try:
+        async with db.transaction() as session:
+            await INSERT.execute(session, ROW)
+            await ADD.execute(session, {"key": "a", "by": 1})
+            bound = session.info.get("chassis.direct.connection")
+        async with db.sessions() as session:
+            await BY_ID.execute(session, {"key": "a"})
+        if db.dialect == "postgresql":
+            assert isinstance(bound, _Bound)
+            assert seen == []
+        else:
+            assert bound is None
+            assert len([s for s in seen if "direct_shelf" in s]) == 3
+    finally:
+        await db.dispose()
+
+
+async def test_a_lost_connection_is_unavailable_and_leaves_the_pool_sound(
+    database_url: DatabaseFactory,
+) -> None:
+    if database_url.kind != "postgresql":  # type: ignore[attr-defined]
+        pytest.skip("a server-side disconnect is a PostgreSQL matter")
+    db = await open_db(database_url)
+    try:
+        async with db.transaction() as session:
+            await INSERT.execute(session, ROW)
+        from chassis.errors import Unavailable
+
+        with pytest.raises(Unavailable):
+            async with db.transaction() as session:
+                await BY_ID.execute(session, {"key": "a"})
+                bound = session.info["chassis.direct.connection"]
+                await bound.adapted._connection.close()
+                await BY_ID.execute(session, {"key": "a"})
+        async with db.sessions() as session:
+            assert (await BY_ID.execute(session, {"key": "a"})).one().item_id == "a"
+    finally:
+        await db.dispose()
