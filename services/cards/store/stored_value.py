@@ -13,6 +13,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import BigIntKey, RowByKey, UTCDateTime
+from chassis.direct import Direct
 from services.cards.domain.stored_value import (
     ACCOUNT_BOOKS,
     Balances,
@@ -180,10 +181,12 @@ def _labelled(table: sa.Table, prefix: str) -> list[sa.Label[Any]]:
 
 # Built once per dialect (see chassis.db.RowByKey); the values go as parameters.
 _OPEN_ACCOUNT = {
-    "postgresql": postgresql.insert(sv_accounts).on_conflict_do_nothing(
-        index_elements=["account_id"]
+    "postgresql": Direct(
+        postgresql.insert(sv_accounts).on_conflict_do_nothing(index_elements=["account_id"])
     ),
-    "sqlite": sqlite.insert(sv_accounts).on_conflict_do_nothing(index_elements=["account_id"]),
+    "sqlite": Direct(
+        sqlite.insert(sv_accounts).on_conflict_do_nothing(index_elements=["account_id"])
+    ),
 }
 
 
@@ -191,8 +194,8 @@ async def open_account(
     session: AsyncSession, account_id: str, currency: str, now: dt.datetime
 ) -> None:
     """Creates the account on its first movement; a no-op after that."""
-    await session.execute(
-        _OPEN_ACCOUNT[session.get_bind().dialect.name],
+    await _OPEN_ACCOUNT[session.get_bind().dialect.name].execute(
+        session,
         {"account_id": account_id, "currency": currency, "opened_at": now},
     )
 
@@ -212,7 +215,7 @@ async def get_account(
 _ACCOUNT_PREFIX = "account__"
 # A card by its number with its account (none before the account's first
 # movement): ResolveCard's one statement where two would do.
-_CARD_BY_NUMBER_WITH_ACCOUNT = (
+_CARD_BY_NUMBER_WITH_ACCOUNT = Direct(
     sa.select(cards, *_labelled(sv_accounts, _ACCOUNT_PREFIX))
     .select_from(cards.outerjoin(sv_accounts, sv_accounts.c.account_id == cards.c.account_id))
     .where(cards.c.card_number == sa.bindparam("card_number"))
@@ -222,7 +225,7 @@ _CARD_BY_NUMBER_WITH_ACCOUNT = (
 async def card_by_number_with_account(
     session: AsyncSession, number: str
 ) -> tuple[CardRecord, AccountRecord | None] | None:
-    row = (await session.execute(_CARD_BY_NUMBER_WITH_ACCOUNT, {"card_number": number})).first()
+    row = (await _CARD_BY_NUMBER_WITH_ACCOUNT.execute(session, {"card_number": number})).first()
     if row is None:
         return None
     has_account = row._mapping[_ACCOUNT_PREFIX + "account_id"] is not None
@@ -232,7 +235,7 @@ async def card_by_number_with_account(
 # The account of a hold, locked: one statement where reading the hold for
 # its account and then locking that would be two (a hold never changes
 # account, so the hold read before the lock is as good as one after).
-_ACCOUNT_OF_HOLD = (
+_ACCOUNT_OF_HOLD = Direct(
     sa.select(sv_accounts)
     .where(
         sv_accounts.c.account_id
@@ -247,7 +250,7 @@ _ACCOUNT_OF_HOLD = (
 async def lock_account_of_hold(session: AsyncSession, hold_id: str) -> AccountRecord | None:
     """The hold's account, locked until the transaction ends; None when
     there is no such hold."""
-    row = (await session.execute(_ACCOUNT_OF_HOLD, {"hold_id": hold_id})).first()
+    row = (await _ACCOUNT_OF_HOLD.execute(session, {"hold_id": hold_id})).first()
     return None if row is None else _account(row)
 
 
@@ -258,7 +261,7 @@ async def lock_account_of_hold(session: AsyncSession, hold_id: str) -> AccountRe
 _BOOK_CHANGES = {
     book: sa.bindparam(f"change_{book.value}", type_=sa.BigInteger) for book in ACCOUNT_BOOKS
 }
-_APPLY_ENTRIES = (
+_APPLY_ENTRIES = Direct(
     sa.update(sv_accounts)
     .where(
         sv_accounts.c.account_id == sa.bindparam("key_account_id"),
@@ -267,8 +270,10 @@ _APPLY_ENTRIES = (
     .values({book.value: sv_accounts.c[book.value] + ch for book, ch in _BOOK_CHANGES.items()})
     .returning(*(sv_accounts.c[book.value] for book in ACCOUNT_BOOKS))
 )
-_BALANCES = sa.select(*(sv_accounts.c[book.value] for book in ACCOUNT_BOOKS)).where(
-    sv_accounts.c.account_id == sa.bindparam("key_account_id")
+_BALANCES = Direct(
+    sa.select(*(sv_accounts.c[book.value] for book in ACCOUNT_BOOKS)).where(
+        sv_accounts.c.account_id == sa.bindparam("key_account_id")
+    )
 )
 
 
@@ -280,14 +285,14 @@ async def apply_entries(session: AsyncSession, account_id: str, entries: list[En
         if entry.book in delta:
             delta[entry.book] += entry.amount
     params: dict[str, Any] = {"key_account_id": account_id}
-    query: sa.Executable
+    query: Direct
     if any(delta.values()):
         params.update({change.key: delta[book] for book, change in _BOOK_CHANGES.items()})
         query = _APPLY_ENTRIES
     else:
         # Nothing of the account's changes: read its balances, write nothing.
         query = _BALANCES
-    row = (await session.execute(query, params)).first()
+    row = (await query.execute(session, params)).first()
     if row is None:
         raise LookupError(f"account {account_id} would go below zero or does not exist")
     return Balances(row.paid, row.bonus, row.held_paid, row.held_bonus)
@@ -381,7 +386,7 @@ class NewMovement:
 
 
 # Built once (see chassis.db.RowByKey); the values go as parameters.
-_INSERT_MOVEMENT = sa.insert(sv_movements).returning(*sv_movements.c)
+_INSERT_MOVEMENT = Direct(sa.insert(sv_movements).returning(*sv_movements.c))
 _INSERT_ENTRIES = sa.insert(sv_entries)
 
 
@@ -394,8 +399,8 @@ async def record_movement(
     store_id: str,
     now: dt.datetime,
 ) -> MovementRecord:
-    inserted = await session.execute(
-        _INSERT_MOVEMENT,
+    inserted = await _INSERT_MOVEMENT.execute(
+        session,
         dict(
             movement_id=movement.movement_id,
             kind=movement.kind.value,
@@ -566,12 +571,12 @@ def _hold(row: Any, prefix: str = "") -> HoldRecord:
     )
 
 
-_INSERT_HOLD = sa.insert(sv_holds)
+_INSERT_HOLD = Direct(sa.insert(sv_holds))
 
 
 async def insert_hold(session: AsyncSession, hold: HoldRecord) -> None:
-    await session.execute(
-        _INSERT_HOLD,
+    await _INSERT_HOLD.execute(
+        session,
         dict(
             hold_id=hold.hold_id,
             account_id=hold.account_id,
@@ -607,7 +612,7 @@ _HOLD_PREFIX = "hold__"
 # this kind already made under this request id, if any: one statement
 # where three would do. Read after the account's lock, as the replay check
 # must be (see ledger.py).
-_HOLD_WITH_CARD = (
+_HOLD_WITH_CARD = Direct(
     sa.select(
         cards,
         *_labelled(sv_holds, _HOLD_PREFIX),
@@ -641,8 +646,8 @@ async def locked_hold_with_card(
     and whether a movement of ``kind`` was made under ``request_id``. Lock
     the hold's account first (``lock_account_of_hold``)."""
     row = (
-        await session.execute(
-            _HOLD_WITH_CARD, {"hold_id": hold_id, "kind": kind.value, "request_id": request_id}
+        await _HOLD_WITH_CARD.execute(
+            session, {"hold_id": hold_id, "kind": kind.value, "request_id": request_id}
         )
     ).first()
     if row is None:
@@ -650,7 +655,7 @@ async def locked_hold_with_card(
     return LockedHold(_hold(row, _HOLD_PREFIX), card_of(row), row.done_request_hash)
 
 
-_FINISH_HOLD = sa.update(sv_holds).where(sv_holds.c.hold_id == sa.bindparam("key_hold_id"))
+_FINISH_HOLD = Direct(sa.update(sv_holds).where(sv_holds.c.hold_id == sa.bindparam("key_hold_id")))
 
 
 async def finish_hold(
@@ -662,8 +667,8 @@ async def finish_hold(
     captured: Funds = NO_FUNDS,
     capture_movement_id: str = "",
 ) -> None:
-    await session.execute(
-        _FINISH_HOLD,
+    await _FINISH_HOLD.execute(
+        session,
         dict(
             key_hold_id=hold_id,
             state=state.value,
@@ -709,14 +714,16 @@ async def card_day(session: AsyncSession, card_id: str, day: dt.date) -> tuple[i
     return (0, 0) if row is None else (int(row.spent), int(row.recharged))
 
 
-_SPENT_SINCE = sa.select(sa.func.coalesce(sa.func.sum(sv_card_days.c.spent), 0)).where(
-    sv_card_days.c.card_id == sa.bindparam("card_id"),
-    sv_card_days.c.day >= sa.bindparam("first_day"),
+_SPENT_SINCE = Direct(
+    sa.select(sa.func.coalesce(sa.func.sum(sv_card_days.c.spent), 0)).where(
+        sv_card_days.c.card_id == sa.bindparam("card_id"),
+        sv_card_days.c.day >= sa.bindparam("first_day"),
+    )
 )
 
 
 async def spent_since(session: AsyncSession, card_id: str, first_day: dt.date) -> int:
-    result = await session.execute(_SPENT_SINCE, {"card_id": card_id, "first_day": first_day})
+    result = await _SPENT_SINCE.execute(session, {"card_id": card_id, "first_day": first_day})
     return int(result.scalar_one())
 
 
@@ -735,8 +742,8 @@ def _add_to_card_day(insert: Any) -> Any:
 
 # Built once per dialect; the values go as parameters.
 _ADD_TO_CARD_DAY = {
-    "postgresql": _add_to_card_day(postgresql.insert),
-    "sqlite": _add_to_card_day(sqlite.insert),
+    "postgresql": Direct(_add_to_card_day(postgresql.insert)),
+    "sqlite": Direct(_add_to_card_day(sqlite.insert)),
 }
 
 
@@ -745,8 +752,8 @@ async def add_to_card_day(
 ) -> None:
     """Callers hold the account's lock, so the counters of its cards change
     one movement at a time."""
-    await session.execute(
-        _ADD_TO_CARD_DAY[session.get_bind().dialect.name],
+    await _ADD_TO_CARD_DAY[session.get_bind().dialect.name].execute(
+        session,
         {"card_id": card_id, "day": day, "spent": spent, "recharged": recharged},
     )
 

@@ -20,6 +20,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import BigIntKey, Memo, RowByKey, UTCDateTime
+from chassis.direct import Direct
 from chassis.documents import default_etag, document_table, read_document, write_document
 from services.loyalty.domain.points import (
     DEFAULT_POLICY,
@@ -287,7 +288,7 @@ def _change_account_statement() -> Any:
 
 
 # Built once, the deltas as parameters (each used more than once).
-_CHANGE_ACCOUNT = _change_account_statement()
+_CHANGE_ACCOUNT = Direct(_change_account_statement())
 
 
 async def change_account(
@@ -303,8 +304,8 @@ async def change_account(
     balance; lifetime_earned moves too, never below zero. The caller holds
     the account's lock and checked the amounts: a refusal here is a bug."""
     row = (
-        await session.execute(
-            _CHANGE_ACCOUNT,
+        await _CHANGE_ACCOUNT.execute(
+            session,
             {
                 "key_member_id": member_id,
                 "d_balance": balance,
@@ -350,12 +351,12 @@ def open_lot(lot: Lot) -> OpenLot:
     return OpenLot(lot.lot_id, lot.remaining, lot.expires_at, lot.earned_at)
 
 
-_INSERT_LOT = sa.insert(points_lots)
+_INSERT_LOT = Direct(sa.insert(points_lots))
 
 
 async def insert_lot(session: AsyncSession, lot: Lot, *, origin_lot_id: str = "") -> None:
-    await session.execute(
-        _INSERT_LOT,
+    await _INSERT_LOT.execute(
+        session,
         dict(
             lot_id=lot.lot_id,
             member_id=lot.member_id,
@@ -441,8 +442,8 @@ def _take_from_lot_statement(*, expire: bool) -> Any:
 
 
 # Built once: spending and expiring take from lots on many checkouts.
-_TAKE_FROM_LOT = _take_from_lot_statement(expire=False)
-_EXPIRE_FROM_LOT = _take_from_lot_statement(expire=True)
+_TAKE_FROM_LOT = Direct(_take_from_lot_statement(expire=False))
+_EXPIRE_FROM_LOT = Direct(_take_from_lot_statement(expire=True))
 
 
 async def take_from_lot(
@@ -451,10 +452,10 @@ async def take_from_lot(
     """Takes ``points`` of what is left of a lot; with ``expired_at`` the
     lot is marked expired when nothing is left of it."""
     if expired_at is None:
-        result = await session.execute(_TAKE_FROM_LOT, {"key_lot_id": lot_id, "take": points})
+        result = await _TAKE_FROM_LOT.execute(session, {"key_lot_id": lot_id, "take": points})
     else:
-        result = await session.execute(
-            _EXPIRE_FROM_LOT, {"key_lot_id": lot_id, "take": points, "expired": expired_at}
+        result = await _EXPIRE_FROM_LOT.execute(
+            session, {"key_lot_id": lot_id, "take": points, "expired": expired_at}
         )
     if getattr(result, "rowcount", 0) != 1:
         raise LookupError(f"lot {lot_id} holds fewer than {points} points")
@@ -657,15 +658,15 @@ class NewMovement:
     lot_id: str = ""
 
 
-_INSERT_MOVEMENT = sa.insert(points_movements).returning(*points_movements.c)
+_INSERT_MOVEMENT = Direct(sa.insert(points_movements).returning(*points_movements.c))
 
 
 async def record_movement(
     session: AsyncSession, movement: NewMovement, *, principal: str, store_id: str, at: dt.datetime
 ) -> MovementRecord:
     row = (
-        await session.execute(
-            _INSERT_MOVEMENT,
+        await _INSERT_MOVEMENT.execute(
+            session,
             dict(
                 movement_id=movement.movement_id,
                 member_id=movement.member_id,
@@ -749,8 +750,10 @@ def _hold(row: Any) -> HoldRecord:
 
 
 # Built once (see chassis.db.RowByKey): written on checkouts paid with points.
-_INSERT_HOLD = sa.insert(points_holds)
-_FINISH_HOLD = sa.update(points_holds).where(points_holds.c.hold_id == sa.bindparam("key_hold_id"))
+_INSERT_HOLD = Direct(sa.insert(points_holds))
+_FINISH_HOLD = Direct(
+    sa.update(points_holds).where(points_holds.c.hold_id == sa.bindparam("key_hold_id"))
+)
 
 
 async def insert_hold(
@@ -765,8 +768,8 @@ async def insert_hold(
     store_id: str,
     at: dt.datetime,
 ) -> None:
-    await session.execute(
-        _INSERT_HOLD,
+    await _INSERT_HOLD.execute(
+        session,
         dict(
             hold_id=hold_id,
             member_id=member_id,
@@ -800,8 +803,8 @@ async def finish_hold(
     spend_reference: str = "",
     movement_id: str = "",
 ) -> None:
-    await session.execute(
-        _FINISH_HOLD,
+    await _FINISH_HOLD.execute(
+        session,
         dict(
             key_hold_id=hold_id,
             state=state.value,

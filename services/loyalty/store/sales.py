@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import RowByKey, UTCDateTime, upsert
+from chassis.direct import Direct
 from chassis.paging import newest_first
 from services.loyalty.domain.checkout import SagaStep, TenderKind
 from services.loyalty.store import metadata
@@ -199,9 +200,9 @@ async def get_checkout(
 
 
 # Built once (see chassis.db.RowByKey); the values go as parameters.
-_INSERT_CHECKOUT = sa.insert(checkouts)
-_UPDATE_CHECKOUT = sa.update(checkouts).where(
-    checkouts.c.checkout_id == sa.bindparam("key_checkout_id")
+_INSERT_CHECKOUT = Direct(sa.insert(checkouts))
+_UPDATE_CHECKOUT = Direct(
+    sa.update(checkouts).where(checkouts.c.checkout_id == sa.bindparam("key_checkout_id"))
 )
 
 
@@ -227,8 +228,8 @@ async def insert_checkout(
 ) -> None:
     """A new checkout's log, at ``step`` (the first write may cover several
     steps) with the ``values`` of those steps (points_hold_id, sale_id)."""
-    await session.execute(
-        _INSERT_CHECKOUT,
+    await _INSERT_CHECKOUT.execute(
+        session,
         dict(
             checkout_id=checkout_id,
             request_hash=request_hash,
@@ -289,8 +290,8 @@ async def advance_checkout(
 ) -> None:
     if "error" in values:
         values["error"] = json.dumps(values["error"], sort_keys=True)
-    await session.execute(
-        _UPDATE_CHECKOUT,
+    await _UPDATE_CHECKOUT.execute(
+        session,
         {"key_checkout_id": checkout_id, "step": step.value, "updated_at": now, **values},
     )
 
@@ -361,11 +362,11 @@ def _sale(row: Any) -> SaleRecord:
     return SaleRecord(**{name: getattr(row, name) for name in SaleRecord.__dataclass_fields__})
 
 
-_INSERT_SALE = sa.insert(sales)
+_INSERT_SALE = Direct(sa.insert(sales))
 
 
 async def insert_sale(session: AsyncSession, sale: SaleRecord) -> None:
-    await session.execute(_INSERT_SALE, dict(sale.__dict__))
+    await _INSERT_SALE.execute(session, dict(sale.__dict__))
 
 
 async def get_sale(
@@ -516,17 +517,19 @@ async def add_tender_refund(
     )
 
 
-_EARNED_ON = sa.select(
-    sa.func.coalesce(sa.func.sum(sales.c.points_earned - sales.c.points_reversed), 0)
-).where(
-    sales.c.member_id == sa.bindparam("member_id"),
-    sales.c.business_day == sa.bindparam("day", type_=sa.Date),
+_EARNED_ON = Direct(
+    sa.select(
+        sa.func.coalesce(sa.func.sum(sales.c.points_earned - sales.c.points_reversed), 0)
+    ).where(
+        sales.c.member_id == sa.bindparam("member_id"),
+        sales.c.business_day == sa.bindparam("day", type_=sa.Date),
+    )
 )
 
 
 async def points_earned_on(session: AsyncSession, member_id: str, day: dt.date) -> int:
     """What a member earned on sales of a business day (for daily caps)."""
-    result = await session.execute(_EARNED_ON, {"member_id": member_id, "day": day})
+    result = await _EARNED_ON.execute(session, {"member_id": member_id, "day": day})
     return int(result.scalar_one())
 
 

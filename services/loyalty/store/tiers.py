@@ -14,6 +14,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import BigIntKey, Memo, RowByKey, UTCDateTime
+from chassis.direct import Direct
 from chassis.documents import default_etag, document_table, read_document, write_document
 from services.loyalty.domain.tiers import (
     HistoryKind,
@@ -351,7 +352,7 @@ async def refunded_of_sale(session: AsyncSession, sale_id: str) -> int:
     return -int(total or 0)
 
 
-_INSERT_ACTIVITY = sa.insert(tier_activity)
+_INSERT_ACTIVITY = Direct(sa.insert(tier_activity))
 
 
 async def insert_activity(
@@ -365,8 +366,8 @@ async def insert_activity(
     spend_minor_units: int,
     now: dt.datetime,
 ) -> None:
-    await session.execute(
-        _INSERT_ACTIVITY,
+    await _INSERT_ACTIVITY.execute(
+        session,
         dict(
             kind=kind,
             reference=reference,
@@ -416,15 +417,15 @@ def _standing_statement() -> Any:
 
 
 # One member's days, built once (the checkout asks it at every sale).
-_STANDING = _standing_statement()
+_STANDING = Direct(_standing_statement())
 
 
 async def standing(
     session: AsyncSession, member_id: str, first_day: dt.date, last_day: dt.date
 ) -> Standing:
     """``standings`` of one member."""
-    rows = await session.execute(
-        _STANDING, {"key_member_id": member_id, "first_day": first_day, "last_day": last_day}
+    rows = await _STANDING.execute(
+        session, {"key_member_id": member_id, "first_day": first_day, "last_day": last_day}
     )
     return standing_of([int(row.total) for row in rows])
 
