@@ -148,6 +148,20 @@ class Direct:
             return await self._through_sqlalchemy(session, values)
         return await _run(session, bound, plan, values)
 
+    async def execute_many(self, session: AsyncSession, rows: Sequence[Mapping[str, Any]]) -> None:
+        """The statement once for each of ``rows`` (all with the same keys),
+        in one round trip on PostgreSQL; no result."""
+        if not rows:
+            return
+        bound = session.info.get(_CONNECTION)
+        if bound is None or bound.transaction is not session.sync_session.get_transaction():
+            bound = await _bind(session)
+        plan = None if bound is None else self._plan(bound.dialect, tuple(sorted(rows[0])))
+        if bound is None or plan is None:
+            await session.execute(self.statement, [dict(row) for row in rows])
+            return
+        await _run_many(session, bound, plan, rows)
+
     def _plan(self, dialect: sa.Dialect, names: tuple[str, ...]) -> _Plan | None:
         try:
             return self._plans[names]
@@ -212,12 +226,7 @@ async def _bind(session: AsyncSession) -> _Bound | None:
 
 async def _run(session: AsyncSession, bound: _Bound, plan: _Plan, values: dict[str, Any]) -> Rows:
     adapted, dialect = bound.adapted, bound.dialect
-    compiled_params = plan.compiled.construct_params(values, escape_names=False)
-    processors = plan.processors
-    args = [
-        processors[key](compiled_params[key]) if key in processors else compiled_params[key]
-        for key in plan.positions
-    ]
+    args = _arguments(plan, values)
     try:
         async with adapted._execute_mutex:
             if adapted._transaction is None:
@@ -250,6 +259,34 @@ async def _run(session: AsyncSession, bound: _Bound, plan: _Plan, values: dict[s
     return Rows(rows, rowcount)
 
 
+def _arguments(plan: _Plan, values: Mapping[str, Any]) -> list[Any]:
+    """The statement's positional arguments, through its types' bind
+    processing, as SQLAlchemy's execution context makes them."""
+    compiled_params = plan.compiled.construct_params(values, escape_names=False)
+    processors = plan.processors
+    return [
+        processors[key](compiled_params[key]) if key in processors else compiled_params[key]
+        for key in plan.positions
+    ]
+
+
+async def _run_many(
+    session: AsyncSession, bound: _Bound, plan: _Plan, rows: Sequence[Mapping[str, Any]]
+) -> None:
+    adapted, dialect = bound.adapted, bound.dialect
+    args = [_arguments(plan, row) for row in rows]
+    try:
+        async with adapted._execute_mutex:
+            if adapted._transaction is None:
+                await adapted._start_transaction()
+            prepared, _attributes = await adapted._prepare(
+                plan.sql, dialect._invalidate_schema_cache_asof
+            )
+            await prepared.executemany(args)
+    except Exception as error:
+        raise await _translated(session, bound, plan, args, error) from error
+
+
 def _result_plan(compiled: Any, dialect: Any, attributes: Any) -> tuple[type, tuple[Any, ...]]:
     """The row class and each column's result processor, as SQLAlchemy's
     cursor result would build them for these columns."""
@@ -267,7 +304,7 @@ def _result_plan(compiled: Any, dialect: Any, attributes: Any) -> tuple[type, tu
 
 
 async def _translated(
-    session: AsyncSession, bound: _Bound, plan: _Plan, args: list[Any], error: Exception
+    session: AsyncSession, bound: _Bound, plan: _Plan, args: Any, error: Exception
 ) -> Exception:
     """The driver's error as SQLAlchemy would raise it from ``execute``."""
     dialect = bound.dialect

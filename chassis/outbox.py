@@ -19,6 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 from google.protobuf.message import Message
 from opentelemetry import trace
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.bulk import insert_rows
@@ -47,6 +48,16 @@ _INSERT = Direct(sa.insert(outbox_table))
 _MARK_SENT = (
     sa.update(outbox_table)
     .where(outbox_table.c.seq.in_(sa.bindparam("seqs", expanding=True)))
+    .values(sent_at=sa.bindparam("sent_now"), attempts=outbox_table.c.attempts + 1)
+)
+# On PostgreSQL a batch is marked with one array parameter: one statement,
+# prepared once, whatever the batch's size (an expanding IN is a statement
+# of its own for each size).
+_MARK_SENT_ARRAY = Direct(
+    sa.update(outbox_table)
+    .where(
+        outbox_table.c.seq == sa.any_(sa.bindparam("seqs", type_=postgresql.ARRAY(sa.BigInteger)))
+    )
     .values(sent_at=sa.bindparam("sent_now"), attempts=outbox_table.c.attempts + 1)
 )
 _MARK_FAILED = (
@@ -154,6 +165,7 @@ class OutboxRelay:
         self.retry_delay = retry_delay
         self._wake = asyncio.Event()
         self._stopping = False
+        self._unsent_claimed = Direct(self._unsent().with_for_update(skip_locked=True))
         db.on_commit(self._on_commit)
 
     def _on_commit(self, info: dict[str, Any]) -> None:
@@ -204,7 +216,7 @@ class OutboxRelay:
         # Replicas share the work: each claims rows no one else holds, and
         # holds them until they are marked.
         async with self.db.transaction() as session:
-            rows = (await session.execute(self._unsent().with_for_update(skip_locked=True))).all()
+            rows = (await self._unsent_claimed.execute(session)).all()
             sent, failure = await self._publish_rows(rows)
             await self._mark(session, sent, failure)
         return len(sent), failure is not None
@@ -249,7 +261,9 @@ class OutboxRelay:
     async def _mark(
         self, session: AsyncSession, sent: list[int], failure: tuple[int, str] | None
     ) -> None:
-        if sent:
+        if sent and self.db.dialect == "postgresql":
+            await _MARK_SENT_ARRAY.execute(session, {"seqs": sent, "sent_now": utcnow()})
+        elif sent:
             await session.execute(_MARK_SENT, {"seqs": sent, "sent_now": utcnow()})
         if failure is not None:
             seq, error = failure

@@ -256,3 +256,30 @@ async def test_a_lost_connection_is_unavailable_and_leaves_the_pool_sound(
             assert (await BY_ID.execute(session, {"key": "a"})).one().item_id == "a"
     finally:
         await db.dispose()
+
+
+async def test_many_rows_in_one_call_inside_the_transaction(
+    database_url: DatabaseFactory,
+) -> None:
+    db = await open_db(database_url)
+    try:
+        rows = [{**ROW, "item_id": f"m{i}", "count": i, "doc": {"i": i}} for i in range(5)]
+        async with db.transaction() as session:
+            await INSERT.execute_many(session, rows)
+            # Seen by the transaction's next statement, and read back as written.
+            assert (await BY_ID.execute(session, {"key": "m3"})).one().doc == {"i": 3}
+            await INSERT.execute_many(session, [])
+        async with db.sessions() as session:
+            for row in rows:
+                assert plain((await BY_ID.execute(session, {"key": row["item_id"]})).one()) == row
+        # A duplicate among them: nothing of the call, nor of its transaction, is kept.
+        with pytest.raises(IntegrityError) as raised:
+            async with db.transaction() as session:
+                await INSERT.execute(session, {**ROW, "item_id": "before"})
+                await INSERT.execute_many(session, [{**ROW, "item_id": "new"}, rows[0]])
+        assert is_unique_violation(raised.value)
+        async with db.sessions() as session:
+            for key in ("before", "new"):
+                assert (await BY_ID.execute(session, {"key": key})).first() is None
+    finally:
+        await db.dispose()
