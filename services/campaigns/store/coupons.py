@@ -18,6 +18,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import BigIntKey, RowByKey, UTCDateTime
+from chassis.direct import Direct
 from chassis.paging import newest_first
 from services.campaigns.domain.coupons import (
     CouponFacts,
@@ -432,16 +433,16 @@ _RESERVED_FOR = (
     )
     .order_by(coupons.c.coupon_id)
 )
-_RESERVED_FOR_LOCKED = _RESERVED_FOR.with_for_update()
+_RESERVED_FOR_LOCKED = Direct(_RESERVED_FOR.with_for_update())
+_RESERVED_FOR_PLAIN = Direct(_RESERVED_FOR)
 
 
 async def reserved_for(
     session: AsyncSession, reservation_id: str, *, for_update: bool = False
 ) -> list[CouponRecord]:
     """The coupons the checkout holds reserved, in coupon id order."""
-    rows = await session.execute(
-        _RESERVED_FOR_LOCKED if for_update else _RESERVED_FOR, {"reservation_id": reservation_id}
-    )
+    statement = _RESERVED_FOR_LOCKED if for_update else _RESERVED_FOR_PLAIN
+    rows = await statement.execute(session, {"reservation_id": reservation_id})
     return [_coupon(row) for row in rows]
 
 

@@ -16,6 +16,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import Memo, RowByKey, UTCDateTime, upsert
+from chassis.direct import Direct
 from services.campaigns.domain.followups import (
     OPEN_STATES,
     CallWindow,
@@ -283,9 +284,9 @@ class _VisitStatements:
     # The member's first purchase: inserts the row, or fills the first
     # purchase day of one that has none (from an enrollment). Returns a row
     # only then; a row that conflicts is locked either way.
-    first: Any
+    first: Direct
     # Any visit, whether or not it is the first.
-    any: Any
+    any: Direct
 
 
 _m = followup_members.c
@@ -311,15 +312,19 @@ def _visit_statements(insert: Any) -> _VisitStatements:
         member_id=sa.bindparam("key_member_id"), first_purchase_day=_DAY, last_visit_day=_DAY
     )
     return _VisitStatements(
-        first=new_row.on_conflict_do_update(
-            index_elements=[_m.member_id],
-            set_={"first_purchase_day": _DAY, "last_visit_day": _LATER_LAST},
-            where=_m.first_purchase_day.is_(None),
-        ).returning(_m.member_id),
-        any=new_row.on_conflict_do_update(
-            index_elements=[_m.member_id],
-            set_={"first_purchase_day": _EARLIER_FIRST, "last_visit_day": _LATER_LAST},
-            where=_DAYS_MOVE,
+        first=Direct(
+            new_row.on_conflict_do_update(
+                index_elements=[_m.member_id],
+                set_={"first_purchase_day": _DAY, "last_visit_day": _LATER_LAST},
+                where=_m.first_purchase_day.is_(None),
+            ).returning(_m.member_id)
+        ),
+        any=Direct(
+            new_row.on_conflict_do_update(
+                index_elements=[_m.member_id],
+                set_={"first_purchase_day": _EARLIER_FIRST, "last_visit_day": _LATER_LAST},
+                where=_DAYS_MOVE,
+            )
         ),
     )
 
@@ -329,7 +334,7 @@ _VISITS = {
     "sqlite": _visit_statements(sqlite.insert),
 }
 # A visit of a member whose first purchase is known (and row locked).
-_LATER_VISIT = (
+_LATER_VISIT = Direct(
     sa.update(followup_members)
     .where(_m.member_id == sa.bindparam("key_member_id"), _DAYS_MOVE)
     .values(first_purchase_day=_EARLIER_FIRST, last_visit_day=_LATER_LAST)
@@ -341,9 +346,9 @@ async def note_visit(session: AsyncSession, member_id: str, day: dt.date) -> boo
     purchase campaigns has seen."""
     params = {"key_member_id": member_id, "day": day}
     visits = _VISITS[session.get_bind().dialect.name]
-    if (await session.execute(visits.first, params)).first() is not None:
+    if (await visits.first.execute(session, params)).first() is not None:
         return True
-    await session.execute(_LATER_VISIT, params)
+    await _LATER_VISIT.execute(session, params)
     return False
 
 
@@ -351,7 +356,7 @@ async def note_any_visit(session: AsyncSession, member_id: str, day: dt.date) ->
     """Records a purchase day, in one statement, where whether it is the
     member's first does not matter."""
     visits = _VISITS[session.get_bind().dialect.name]
-    await session.execute(visits.any, {"key_member_id": member_id, "day": day})
+    await visits.any.execute(session, {"key_member_id": member_id, "day": day})
 
 
 async def note_member_facts(

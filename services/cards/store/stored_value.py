@@ -387,7 +387,7 @@ class NewMovement:
 
 # Built once (see chassis.db.RowByKey); the values go as parameters.
 _INSERT_MOVEMENT = Direct(sa.insert(sv_movements).returning(*sv_movements.c))
-_INSERT_ENTRIES = sa.insert(sv_entries)
+_INSERT_ENTRIES = Direct(sa.insert(sv_entries))
 
 
 async def record_movement(
@@ -432,8 +432,8 @@ async def record_movement(
     # As written (its seq included), without reading it back.
     recorded = _movement(inserted.one())
     if movement.entries:
-        await session.execute(
-            _INSERT_ENTRIES,
+        await _INSERT_ENTRIES.execute_many(
+            session,
             [
                 {
                     "movement_id": movement.movement_id,

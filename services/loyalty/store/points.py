@@ -386,12 +386,15 @@ def _spend_order(query: sa.Select[Any]) -> sa.Select[Any]:
 
 
 # Built once (see chassis.db.RowByKey): read on every checkout.
-_OPEN_LOTS = _spend_order(
+_OPEN_LOTS_QUERY = _spend_order(
     sa.select(points_lots).where(
         points_lots.c.member_id == sa.bindparam("member_id"), points_lots.c.remaining > 0
     )
 )
-_DUE_LOTS = _OPEN_LOTS.where(points_lots.c.expires_at <= sa.bindparam("due_by", type_=UTCDateTime))
+_DUE_LOTS = Direct(
+    _OPEN_LOTS_QUERY.where(points_lots.c.expires_at <= sa.bindparam("due_by", type_=UTCDateTime))
+)
+_OPEN_LOTS = Direct(_OPEN_LOTS_QUERY)
 
 
 async def open_lots(
@@ -400,9 +403,9 @@ async def open_lots(
     """A member's lots with points left, in spend order; with ``due_by``
     only those expiring by then."""
     if due_by is None:
-        rows = await session.execute(_OPEN_LOTS, {"member_id": member_id})
+        rows = await _OPEN_LOTS.execute(session, {"member_id": member_id})
     else:
-        rows = await session.execute(_DUE_LOTS, {"member_id": member_id, "due_by": due_by})
+        rows = await _DUE_LOTS.execute(session, {"member_id": member_id, "due_by": due_by})
     return [_lot(row) for row in rows]
 
 

@@ -420,12 +420,14 @@ class LineRecord:
 
 
 # Built once: written with every sale.
-_INSERT_LINES = sa.insert(sale_lines)
-_INSERT_TENDERS = sa.insert(sale_tenders)
+_INSERT_LINES = Direct(sa.insert(sale_lines))
+_INSERT_TENDERS = Direct(sa.insert(sale_tenders))
 
 
 async def insert_lines(session: AsyncSession, sale_id: str, lines: list[LineRecord]) -> None:
-    await session.execute(_INSERT_LINES, [{"sale_id": sale_id, **line.__dict__} for line in lines])
+    await _INSERT_LINES.execute_many(
+        session, [{"sale_id": sale_id, **line.__dict__} for line in lines]
+    )
 
 
 async def lines_of(
@@ -474,8 +476,8 @@ class TenderRecord:
 
 async def insert_tenders(session: AsyncSession, sale_id: str, tenders: list[TenderRecord]) -> None:
     if tenders:
-        await session.execute(
-            _INSERT_TENDERS,
+        await _INSERT_TENDERS.execute_many(
+            session,
             [
                 {
                     "sale_id": sale_id,
