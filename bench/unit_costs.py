@@ -9,11 +9,13 @@ counts times these unit costs. Each figure is this process's CPU time
 (user and system) over ``--calls`` operations by one caller, so the noise
 of a shared machine changes the wall clock more than these:
 
-- a primary-key read through the chassis (``chassis.db.RowByKey`` in a
-  unit of work, ten reads a transaction), through a read session (on
+- a primary-key read through the chassis's session (``session.execute``
+  in a unit of work, ten reads a transaction), through a read session (on
   PostgreSQL without a transaction), through SQLAlchemy Core's
-  ``AsyncConnection`` alone, and the baseline: the same read straight
-  through asyncpg, in a transaction of ten;
+  ``AsyncConnection`` alone, through ``chassis.direct`` in a unit of work
+  (on PostgreSQL the session's driver connection; elsewhere the session),
+  and the baseline: the same read straight through asyncpg, in a
+  transaction of ten;
 - a gRPC call: a health check against ``bench.baseline_server`` from a
   bare grpc.aio channel (the baseline) and from a channel with the
   OpenTelemetry client interceptor every service channel has, with the
@@ -41,7 +43,8 @@ from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
 from bench.harness import ThrowawayDatabases, cpu_seconds, spawn
 from chassis.config import normalise_database_url
-from chassis.db import Database, RowByKey
+from chassis.db import Database
+from chassis.direct import Direct
 from chassis.natsserver import free_port
 from chassis.telemetry import configure_tracing
 
@@ -121,22 +124,27 @@ async def statement_costs(url: str, operations: int) -> list[Cost]:
                 sa.insert(shelf),
                 [{"row_id": f"r{i}", "balance": i, "note": "x" * 40} for i in range(ROWS)],
             )
-        by_id = RowByKey(shelf, "row_id")
 
         def keys(i: int) -> list[str]:
             return [f"r{(i * READS_A_TRANSACTION + k) % ROWS}" for k in range(READS_A_TRANSACTION)]
 
+        statement = sa.select(shelf).where(shelf.c.row_id == sa.bindparam("key_row_id"))
+        direct = Direct(statement)
+
         async def unit_of_work(i: int) -> None:
             async with db.transaction() as session:
                 for key in keys(i):
-                    await by_id.first(session, key)
+                    (await session.execute(statement, {"key_row_id": key})).first()
 
         async def read_session(i: int) -> None:
             async with db.sessions() as session:
                 for key in keys(i):
-                    await by_id.first(session, key)
+                    (await session.execute(statement, {"key_row_id": key})).first()
 
-        statement = sa.select(shelf).where(shelf.c.row_id == sa.bindparam("key_row_id"))
+        async def direct_unit_of_work(i: int) -> None:
+            async with db.transaction() as session:
+                for key in keys(i):
+                    (await direct.execute(session, {"key_row_id": key})).first()
 
         async def core(i: int) -> None:
             async with db.engine.begin() as conn:
@@ -145,19 +153,25 @@ async def statement_costs(url: str, operations: int) -> list[Cost]:
 
         costs = [
             await measure(
-                "read, chassis unit of work",
+                "read, session.execute in a unit of work",
                 operations,
                 unit_of_work,
                 per_batch=READS_A_TRANSACTION,
             ),
             await measure(
-                "read, chassis read session",
+                "read, session.execute in a read session",
                 operations,
                 read_session,
                 per_batch=READS_A_TRANSACTION,
             ),
             await measure(
                 "read, SQLAlchemy Core connection", operations, core, per_batch=READS_A_TRANSACTION
+            ),
+            await measure(
+                "read, chassis.direct in a unit of work",
+                operations,
+                direct_unit_of_work,
+                per_batch=READS_A_TRANSACTION,
             ),
         ]
         if db.dialect == "postgresql":
