@@ -41,6 +41,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 # The session's driver connection, kept in ``session.info`` for the rest of
 # the session's transaction.
 _CONNECTION = "chassis.direct.connection"
+# The constants of a plan whose parameters are computed per call.
+_COMPUTED: dict[str, Any] = {}
 _ROWCOUNT = re.compile(r"(?:SELECT|UPDATE|DELETE|INSERT \d+|MERGE) (\d+)")
 
 
@@ -121,6 +123,11 @@ class _Plan:
     sql: str
     positions: tuple[str, ...]
     processors: Mapping[str, Any]
+    # The values of the parameters the calls do not give (the literals the
+    # statement was built with), found at the first execution.
+    constants: dict[str, Any] | None = None
+    # Whether a parameter's value is computed per call (``construct_params``).
+    computed: bool = False
     # Filled at the first execution, from what the server says it returns.
     results: tuple[type, tuple[Any, ...]] | None = None
 
@@ -209,7 +216,8 @@ async def _bind(session: AsyncSession) -> _Bound | None:
     """The session's asyncpg adapter connection (the session's transaction
     begun, the connection checked out), None off asyncpg. Kept for the rest
     of the transaction."""
-    dialect = session.get_bind().dialect
+    engine = session.bind
+    dialect = (engine if engine is not None else session.get_bind()).dialect
     if dialect.name != "postgresql" or dialect.driver != "asyncpg":
         return None
     connection = await session.connection()
@@ -262,12 +270,36 @@ async def _run(session: AsyncSession, bound: _Bound, plan: _Plan, values: dict[s
 def _arguments(plan: _Plan, values: Mapping[str, Any]) -> list[Any]:
     """The statement's positional arguments, through its types' bind
     processing, as SQLAlchemy's execution context makes them."""
-    compiled_params = plan.compiled.construct_params(values, escape_names=False)
+    constants = plan.constants
+    if constants is None:
+        constants = plan.constants = _constants(plan.compiled, values)
+        plan.computed = constants is _COMPUTED
+    if plan.computed:
+        merged = plan.compiled.construct_params(values, escape_names=False)
+    else:
+        merged = constants | dict(values) if constants else values
     processors = plan.processors
     return [
-        processors[key](compiled_params[key]) if key in processors else compiled_params[key]
-        for key in plan.positions
+        processors[key](merged[key]) if key in processors else merged[key] for key in plan.positions
     ]
+
+
+def _constants(compiled: Any, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The values of the parameters a call does not give: the literals the
+    statement was built with (the same for every call of a plan, whose
+    calls give the same names). ``_COMPUTED`` when one is computed per
+    call, which is left to ``construct_params``; a required one not given
+    raises SQLAlchemy's own error."""
+    constants: dict[str, Any] = {}
+    for bind, key in compiled.bind_names.items():
+        if key in values:
+            continue
+        if bind.callable is not None:
+            return _COMPUTED
+        if bind.required:
+            compiled.construct_params(values, escape_names=False)
+        constants[key] = bind.value
+    return constants
 
 
 async def _run_many(
