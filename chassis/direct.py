@@ -30,7 +30,8 @@ changes them fails there first.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
@@ -233,21 +234,11 @@ async def _bind(session: AsyncSession) -> _Bound | None:
 
 
 async def _run(session: AsyncSession, bound: _Bound, plan: _Plan, values: dict[str, Any]) -> Rows:
-    adapted, dialect = bound.adapted, bound.dialect
+    dialect = bound.dialect
     args = _arguments(plan, values)
-    try:
-        async with adapted._execute_mutex:
-            if adapted._transaction is None:
-                # The driver begins the session's transaction with its first
-                # statement; this may be that statement.
-                await adapted._start_transaction()
-            prepared, attributes = await adapted._prepare(
-                plan.sql, dialect._invalidate_schema_cache_asof
-            )
-            records = await prepared.fetch(*args)
-            status = prepared.get_statusmsg()
-    except Exception as error:
-        raise await _translated(session, bound, plan, args, error) from error
+    async with _prepared(session, bound, plan, args) as (prepared, attributes):
+        records = await prepared.fetch(*args)
+        status = prepared.get_statusmsg()
     matched = _ROWCOUNT.match(status or "")
     rowcount = int(matched.group(1)) if matched else -1
     if not attributes:
@@ -305,16 +296,26 @@ def _constants(compiled: Any, values: Mapping[str, Any]) -> dict[str, Any]:
 async def _run_many(
     session: AsyncSession, bound: _Bound, plan: _Plan, rows: Sequence[Mapping[str, Any]]
 ) -> None:
-    adapted, dialect = bound.adapted, bound.dialect
     args = [_arguments(plan, row) for row in rows]
+    async with _prepared(session, bound, plan, args) as (prepared, _attributes):
+        await prepared.executemany(args)
+
+
+@asynccontextmanager
+async def _prepared(
+    session: AsyncSession, bound: _Bound, plan: _Plan, args: Any
+) -> AsyncIterator[tuple[Any, Any]]:
+    """The plan's prepared statement and what it returns, on the session's
+    connection with its transaction begun, for the statements of the body
+    alone on that connection; an error of theirs comes out as SQLAlchemy's."""
+    adapted = bound.adapted
     try:
         async with adapted._execute_mutex:
             if adapted._transaction is None:
+                # The driver begins the session's transaction with its first
+                # statement; this may be that statement.
                 await adapted._start_transaction()
-            prepared, _attributes = await adapted._prepare(
-                plan.sql, dialect._invalidate_schema_cache_asof
-            )
-            await prepared.executemany(args)
+            yield await adapted._prepare(plan.sql, bound.dialect._invalidate_schema_cache_asof)
     except Exception as error:
         raise await _translated(session, bound, plan, args, error) from error
 
