@@ -10,8 +10,7 @@ import asyncio
 import collections
 import datetime as dt
 import time
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 import sqlalchemy as sa
@@ -22,31 +21,8 @@ from services.notify.channels import ChannelError, Needs, PermanentChannelError,
 from services.notify.domain import Category, Channel, MessageStatus
 from services.notify.domain.delivery import RetryPolicy
 from services.notify.store import MessageRecord, messages
-from tests.integration.infra import DatabaseFactory, migrated
 
 pytestmark = pytest.mark.integration
-
-MIGRATIONS = Path(__file__).resolve().parents[1] / "migrations"
-
-
-@pytest.fixture
-async def notify_url(database_url: DatabaseFactory) -> str:
-    """A fresh notify database at head; each replica opens its own engine."""
-    return await migrated(database_url, MIGRATIONS, "notify")
-
-
-@pytest.fixture
-async def replicas(notify_url: str) -> AsyncIterator[Callable[[], Database]]:
-    opened: list[Database] = []
-
-    def open_one() -> Database:
-        db = Database(notify_url)
-        opened.append(db)
-        return db
-
-    yield open_one
-    for db in opened:
-        await db.dispose()
 
 
 class Recorder:

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
@@ -18,27 +17,8 @@ from services.notify.domain import Channel
 from services.notify.domain.delivery import SendPace, next_tat, pace_wait
 from services.notify.store.pace import pace_of, reserve_send
 from services.notify.tests.test_delivery import most_in_a_window
-from tests.integration.infra import DatabaseFactory, migrated
 
 pytestmark = pytest.mark.integration
-
-MIGRATIONS = Path(__file__).resolve().parents[1] / "migrations"
-
-
-@pytest.fixture
-async def replicas(database_url: DatabaseFactory) -> AsyncIterator[Callable[[], Database]]:
-    """Engines on one fresh notify database at head, one per replica."""
-    url = await migrated(database_url, MIGRATIONS, "notify")
-    opened: list[Database] = []
-
-    def open_one() -> Database:
-        db = Database(url)
-        opened.append(db)
-        return db
-
-    yield open_one
-    for db in opened:
-        await db.dispose()
 
 
 async def test_the_statement_does_what_the_domain_says(
