@@ -322,6 +322,47 @@ async def test_a_failing_handler_is_retried_then_dead_lettered(
     assert info.num_pending == 0
 
 
+async def test_a_subject_added_to_a_subscription_reaches_its_existing_consumer(
+    db: Database, bus: Bus
+) -> None:
+    """An upgrade that adds a subject to a subscription (notify's card
+    events took the checkout's captures so) updates the durable consumer in
+    place: the new subject's events reach it, the old ones still do."""
+    widened = "cards.v1.card_widened"
+    seen: list[tuple[str, str]] = []
+
+    async def handler(session: AsyncSession, event: StringValue, envelope: Envelope) -> None:
+        seen.append((envelope.subject, event.value))
+
+    await Consumer(subscription("widening", handler), service=SERVICE, db=db, bus=bus).ensure()
+    wider = Subscription(
+        name="widening",
+        stream=STREAMS["cards"],
+        subjects=(SUBJECT, widened),
+        handlers={StringValue: handler},
+    )
+    consumer = Consumer(wider, service=SERVICE, db=db, bus=bus)
+    async with running(consumer.run()):
+        await publish_event(bus, StringValue(value="old").SerializeToString())
+        event_id = str(uuid.uuid4())
+        headers = cloudevent_headers(
+            event_id=event_id,
+            event_type=StringValue.DESCRIPTOR.full_name,
+            source=SOURCE,
+            time=dt.datetime.now(dt.UTC),
+            subject=widened,
+        )
+        await bus.publish(widened, StringValue(value="new").SerializeToString(), headers)
+
+        async def heard() -> list[tuple[str, str]]:
+            return list(seen)
+
+        await eventually(heard, lambda found: len(found) == 2)
+    assert sorted(seen) == sorted([(SUBJECT, "old"), (widened, "new")])
+    info = await bus.js.consumer_info("CARDS", "tests-widening")
+    assert set(info.config.filter_subjects or ()) == {SUBJECT, widened}
+
+
 EFFECTS = sa.Table(
     "test_effects",
     sa.MetaData(),

@@ -114,6 +114,13 @@ async def on_debited(
     await _stored_value(session, triggers.STORED_VALUE_DEBITED, event.movement, envelope)
 
 
+async def on_captured(
+    session: AsyncSession, event: card_events.StoredValueCaptured, envelope: Envelope
+) -> None:
+    """A checkout paid with the card: the same alert as a debit."""
+    await _stored_value(session, triggers.STORED_VALUE_DEBITED, event.movement, envelope)
+
+
 async def _card(
     session: AsyncSession,
     trigger: str,
@@ -262,13 +269,14 @@ def subscriptions() -> list[Subscription]:
             stream=STREAMS["cards"],
             subjects=(
                 triggers.trigger(triggers.STORED_VALUE_RECHARGED).subject,
-                triggers.trigger(triggers.STORED_VALUE_DEBITED).subject,
+                *triggers.trigger(triggers.STORED_VALUE_DEBITED).subjects,
                 triggers.trigger(triggers.CARD_REPORTED_LOST).subject,
                 triggers.trigger(triggers.CARD_FROZEN).subject,
             ),
             handlers={
                 card_events.StoredValueRecharged: on_recharged,
                 card_events.StoredValueDebited: on_debited,
+                card_events.StoredValueCaptured: on_captured,
                 card_events.CardReportedLost: on_reported_lost,
                 card_events.CardFrozen: on_frozen,
             },

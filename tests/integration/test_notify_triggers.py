@@ -260,6 +260,21 @@ async def test_every_trigger_speaks_the_members_language_at_the_right_time(
     got = await rig.message("stored_value_debited", member_id=zh)
     assert got["channel"] == "sms" and "¥50.00" in got["body"] and "¥485.50" in got["body"]
 
+    # A checkout pays by a hold and its capture: the capture is the spend.
+    capture = card_events.StoredValueCaptured(
+        movement=card_events.StoredValueMoved(
+            movement_id="MV3",
+            card_id="C4",
+            member_id=es,
+            amount=cny(-30000),
+            available_after=cny(23550),
+            hold_id="H1",
+        )
+    )
+    await publish(suite, "cards", "cards.v1.stored_value.captured", capture, "ev-capture")
+    got = await rig.message("stored_value_debited", member_id=es)
+    assert "300,00 ¥" in got["body"] and "235,50 ¥" in got["body"]
+
     for subject, event, template, text in (
         (
             "cards.v1.card.reported_lost",

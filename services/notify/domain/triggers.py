@@ -86,6 +86,13 @@ class Trigger:
     # A greeting: said on its day (the local day of its time) or not at all,
     # e.g. when notify was down past the day.
     on_its_day_only: bool = False
+    # Other subjects whose events it handles the same way.
+    also_subjects: tuple[str, ...] = ()
+
+    @property
+    def subjects(self) -> tuple[str, ...]:
+        """Every subject it consumes."""
+        return (self.subject, *self.also_subjects) if self.subject else self.also_subjects
 
     def allowed_variables(self) -> dict[str, Kind]:
         """Every variable a template of this trigger may use."""
@@ -110,6 +117,7 @@ def _trigger(  # noqa: PLR0917 - the catalogue below reads as a table
     samples: dict[str, str] | None = None,
     *,
     on_its_day_only: bool = False,
+    also_subjects: tuple[str, ...] = (),
 ) -> Trigger:
     return Trigger(
         name=name,
@@ -121,6 +129,7 @@ def _trigger(  # noqa: PLR0917 - the catalogue below reads as a table
         description=description,
         samples=MappingProxyType(samples or {}),
         on_its_day_only=on_its_day_only,
+        also_subjects=also_subjects,
     )
 
 
@@ -175,8 +184,11 @@ CATALOGUE: Mapping[str, Trigger] = MappingProxyType(
                 "cards.v1.stored_value.debited",
                 dict(_BALANCE),
                 _SERVICE_NOTICE,
-                "Money spent from a card (a consumption alert): the amount and the new balance.",
+                "Money spent from a card, by a debit or a checkout's capture (a consumption "
+                "alert): the amount and the new balance.",
                 _BALANCE_SAMPLES,
+                # A checkout pays with stored value by a hold and its capture.
+                also_subjects=("cards.v1.stored_value.captured",),
             ),
             _trigger(
                 POINTS_EXPIRING,
