@@ -19,7 +19,6 @@ from typing import Any
 import sqlalchemy as sa
 from google.protobuf.message import Message
 from opentelemetry import trace
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.bulk import insert_rows
@@ -45,19 +44,14 @@ def event_type(message: Message) -> str:
 # Built once: building a statement and its cache key on every call costs
 # more than executing it.
 _INSERT = Direct(sa.insert(outbox_table))
-_MARK_SENT = (
+# A batch is marked row by row, by key, in one round trip (``execute_many``).
+# Not ``seq = ANY(:seqs)``: PostgreSQL's generic plan for that, made while
+# the table is small and has no statistics yet (a new deployment), is a
+# sequential scan, and the prepared statement keeps it as the table grows
+# until it is analysed; a key's equality is found through the primary key.
+_MARK_SENT = Direct(
     sa.update(outbox_table)
-    .where(outbox_table.c.seq.in_(sa.bindparam("seqs", expanding=True)))
-    .values(sent_at=sa.bindparam("sent_now"), attempts=outbox_table.c.attempts + 1)
-)
-# On PostgreSQL a batch is marked with one array parameter: one statement,
-# prepared once, whatever the batch's size (an expanding IN is a statement
-# of its own for each size).
-_MARK_SENT_ARRAY = Direct(
-    sa.update(outbox_table)
-    .where(
-        outbox_table.c.seq == sa.any_(sa.bindparam("seqs", type_=postgresql.ARRAY(sa.BigInteger)))
-    )
+    .where(outbox_table.c.seq == sa.bindparam("sent_seq"))
     .values(sent_at=sa.bindparam("sent_now"), attempts=outbox_table.c.attempts + 1)
 )
 _MARK_FAILED = (
@@ -261,10 +255,8 @@ class OutboxRelay:
     async def _mark(
         self, session: AsyncSession, sent: list[int], failure: tuple[int, str] | None
     ) -> None:
-        if sent and self.db.dialect == "postgresql":
-            await _MARK_SENT_ARRAY.execute(session, {"seqs": sent, "sent_now": utcnow()})
-        elif sent:
-            await session.execute(_MARK_SENT, {"seqs": sent, "sent_now": utcnow()})
+        now = utcnow()
+        await _MARK_SENT.execute_many(session, [{"sent_seq": seq, "sent_now": now} for seq in sent])
         if failure is not None:
             seq, error = failure
             await session.execute(_MARK_FAILED, {"failed_seq": seq, "error": error})

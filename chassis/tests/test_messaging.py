@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import asyncpg
 import pytest
 import sqlalchemy as sa
 from google.protobuf import wrappers_pb2
 from nats.aio.msg import Msg
 from opentelemetry.sdk.trace import TracerProvider
+from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.bus import STREAMS, Bus, Heard, Listener, cloudevent_headers
@@ -26,8 +28,8 @@ from chassis.db import Database, outbox_table
 from chassis.deadletters import DeadLetter, list_dead_letters
 from chassis.inbox import Consumer, Envelope, Subscription, dead_letter_subject, inbox_contains
 from chassis.natsserver import NatsServer
-from chassis.outbox import OutboxRelay, enqueue
-from tests.integration.infra import DatabaseFactory, migrated
+from chassis.outbox import _MARK_SENT, OutboxRelay, enqueue
+from tests.integration.infra import DatabaseFactory, Postgres, migrated
 
 pytestmark = pytest.mark.integration
 
@@ -234,6 +236,45 @@ async def test_a_commit_with_outbox_rows_wakes_the_relay(db: Database, bus: Bus)
             await enqueue(session, source=SOURCE, subject=SUBJECT, message=StringValue(value="C9"))
         await eventually(relay.pending_count, lambda n: n == 0, timeout=5)
     assert await stream_messages(bus, "CARDS") == 1
+
+
+async def test_the_relays_mark_finds_rows_by_key_in_a_table_without_statistics(
+    postgres: Postgres,
+) -> None:
+    """PostgreSQL's alone: a new deployment's outbox has no statistics yet,
+    and a prepared statement keeps the generic plan it made then. Marking
+    a batch must not scan the whole table on every pass."""
+    name = await postgres.create_database("cornucopia_test_outbox_plan")
+    url = postgres.url_for(name)
+    try:
+        await migrated(
+            lambda _service: _as_async(url.replace("postgresql://", "postgresql+asyncpg://", 1)),
+            CARDS_MIGRATIONS,
+            "cards",
+        )
+        compiled = _MARK_SENT.statement.compile(dialect=asyncpg_dialect())
+        example = {"sent_now": "now()", "sent_seq": "7", "attempts_1": "1"}
+        args = ", ".join(example[name] for name in compiled.positiontup or ())
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(
+                "INSERT INTO outbox (event_id, subject, event_type, payload, headers,"
+                " created_at, sent_at) SELECT 'e' || g, 'cards.v1.card_issued', 't',"
+                " '\\x00', '{}', now(), now() FROM generate_series(1, 2000) g"
+            )
+            await conn.execute("SET plan_cache_mode = force_generic_plan")
+            await conn.execute(f"PREPARE mark AS {compiled.string}")
+            plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN EXECUTE mark({args})"))
+        finally:
+            await conn.close()
+        assert "outbox_pkey" in plan, plan
+        assert "Seq Scan" not in plan, plan
+    finally:
+        await postgres.drop_database(name)
+
+
+async def _as_async(url: str) -> str:
+    return url
 
 
 async def test_rows_wait_out_a_nats_outage_and_are_published_after_it(
