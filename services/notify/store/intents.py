@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import UTCDateTime
+from chassis.direct import Direct
 from services.notify.domain import Category, Channel
 from services.notify.store.base import metadata
 
@@ -110,6 +112,31 @@ def _notification(row: Any) -> Notification:
     )
 
 
+def _add(insert: Any) -> Direct:
+    """An INSERT that leaves a notification with the same ``dedup_key``
+    alone, and says whether it wrote one: one statement, where a read
+    first would be two (and a race between them an error)."""
+    return Direct(
+        insert(notifications)
+        .on_conflict_do_nothing(index_elements=[notifications.c.dedup_key])
+        .returning(notifications.c.notification_id)
+    )
+
+
+_ADD = {"postgresql": _add(postgresql.insert), "sqlite": _add(sqlite.insert)}
+_c = notifications.c
+_PENDING = Direct(
+    sa.select(notifications)
+    .where(
+        _c.planned_at.is_(None),
+        sa.or_(_c.next_attempt_at.is_(None), _c.next_attempt_at <= sa.bindparam("now")),
+        sa.or_(_c.not_before.is_(None), _c.not_before <= sa.bindparam("plan_until")),
+    )
+    .order_by(_c.created_at, _c.notification_id)
+    .limit(sa.bindparam("batch"))
+)
+
+
 async def add_notification(
     session: AsyncSession,
     *,
@@ -132,45 +159,36 @@ async def add_notification(
     True when added."""
     if (member_id is None) == (staff_id is None):
         raise ValueError("a notification goes to one member or one staff member")
-    c = notifications.c
-    existing = await session.execute(sa.select(c.notification_id).where(c.dedup_key == dedup_key))
-    if existing.first() is not None:
-        return False
-    await session.execute(
-        sa.insert(notifications).values(
-            notification_id=notification_id,
-            dedup_key=dedup_key,
-            trigger=trigger,
-            member_id=member_id,
-            staff_id=staff_id,
-            category=category.value,
-            variables=json.dumps(dict(variables), ensure_ascii=False, sort_keys=True),
-            channel=channel.value if channel else None,
-            template=template,
-            send_id=send_id,
-            not_before=not_before,
-            trigger_event_id=trigger_event_id,
-            trace_headers=trace_headers,
-            created_at=created_at,
-            attempts=0,
-        )
+    added = await _ADD[session.get_bind().dialect.name].execute(
+        session,
+        {
+            "notification_id": notification_id,
+            "dedup_key": dedup_key,
+            "trigger": trigger,
+            "member_id": member_id,
+            "staff_id": staff_id,
+            "category": category.value,
+            "variables": json.dumps(dict(variables), ensure_ascii=False, sort_keys=True),
+            "channel": channel.value if channel else None,
+            "template": template,
+            "send_id": send_id,
+            "not_before": not_before,
+            "trigger_event_id": trigger_event_id,
+            "trace_headers": trace_headers,
+            "created_at": created_at,
+            "attempts": 0,
+        },
     )
+    if added.first() is None:
+        return False
     session.info[NOTIFICATIONS_ADDED] = True
     return True
 
 
 async def pending(session: AsyncSession, *, now: dt.datetime, limit: int) -> list[Notification]:
     """Notifications due for planning (see ``PLAN_AHEAD``), oldest first."""
-    c = notifications.c
-    rows = await session.execute(
-        sa.select(notifications)
-        .where(
-            c.planned_at.is_(None),
-            sa.or_(c.next_attempt_at.is_(None), c.next_attempt_at <= now),
-            sa.or_(c.not_before.is_(None), c.not_before <= now + PLAN_AHEAD),
-        )
-        .order_by(c.created_at, c.notification_id)
-        .limit(limit)
+    rows = await _PENDING.execute(
+        session, {"now": now, "plan_until": now + PLAN_AHEAD, "batch": limit}
     )
     return [_notification(r) for r in rows]
 

@@ -4,15 +4,17 @@ from queued to sent, delivered, failed or suppressed."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 from google.protobuf.timestamp_pb2 import Timestamp
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import UTCDateTime
+from chassis.direct import Direct
 from chassis.outbox import enqueue
 from chassis.paging import newest_first
 from cornucopia.notify.v1 import events_pb2, notify_pb2
@@ -173,6 +175,29 @@ def _record(row: Any) -> MessageRecord:
     )
 
 
+def _queue(insert: Any) -> Direct:
+    """An INSERT that leaves alone a message the same trigger already
+    queued (or suppressed) on the same template and channel, and says
+    whether it wrote one (``uq_messages_trigger``; a message without a
+    trigger never conflicts)."""
+    c = messages.c
+    return Direct(
+        insert(messages)
+        .on_conflict_do_nothing(index_elements=[c.trigger_event_id, c.template, c.channel])
+        .returning(c.message_id)
+    )
+
+
+_QUEUE = {"postgresql": _queue(postgresql.insert), "sqlite": _queue(sqlite.insert)}
+
+
+async def insert_once(session: AsyncSession, values: Mapping[str, Any]) -> bool:
+    """Writes a message row (queued or suppressed) unless its trigger
+    already has one on its template and channel; True when written."""
+    written = await _QUEUE[session.get_bind().dialect.name].execute(session, values)
+    return written.first() is not None
+
+
 async def queue_message(
     session: AsyncSession,
     *,
@@ -214,18 +239,8 @@ async def queue_message(
         "time_zone": time_zone,
         "not_before": not_before,
     }
-    if trigger_event_id is not None:
-        c = messages.c
-        exists = await session.execute(
-            sa.select(c.message_id).where(
-                c.trigger_event_id == trigger_event_id,
-                c.template == template,
-                c.channel == channel.value,
-            )
-        )
-        if exists.first() is not None:
-            return False
-    await session.execute(sa.insert(messages).values(**values))
+    if not await insert_once(session, values):
+        return False
     await _message_queued(
         session,
         message_id=message_id,
@@ -240,7 +255,7 @@ async def queue_message(
     return True
 
 
-def _claimable(now: dt.datetime) -> sa.ColumnElement[bool]:
+def _claimable(now: Any) -> sa.ColumnElement[bool]:
     c = messages.c
     return sa.and_(
         c.status == MessageStatus.QUEUED.value,
@@ -248,6 +263,36 @@ def _claimable(now: dt.datetime) -> sa.ColumnElement[bool]:
         sa.or_(c.not_before.is_(None), c.not_before <= now),
         sa.or_(c.next_attempt_at.is_(None), c.next_attempt_at <= now),
     )
+
+
+def _claim_statement() -> Direct:
+    """PostgreSQL's claim in one statement: the candidates are picked and
+    locked with ``FOR UPDATE SKIP LOCKED`` (concurrent passes take different
+    rows instead of waiting on the same ones) in a materialised CTE, which
+    runs once, then written and returned. Not ``UPDATE ... IN (SELECT ...
+    LIMIT ... SKIP LOCKED)``: PostgreSQL may run such a subquery again for
+    every row it updates, each run skipping the rows the previous ones
+    locked, and claim far more than the limit."""
+    c = messages.c
+    now = sa.bindparam("now", type_=UTCDateTime)
+    picked = (
+        sa.select(c.message_id)
+        .where(_claimable(now))
+        .order_by(c.created_at, c.message_id)
+        .limit(sa.bindparam("batch"))
+        .with_for_update(skip_locked=True)
+        .cte("picked")
+        .prefix_with("MATERIALIZED")
+    )
+    return Direct(
+        sa.update(messages)
+        .where(c.message_id == picked.c.message_id, _claimable(now))
+        .values(claim_token=sa.bindparam("token"), claim_expires_at=sa.bindparam("until"))
+        .returning(*messages.c)
+    )
+
+
+_CLAIM = _claim_statement()
 
 
 async def claim_queued(
@@ -263,25 +308,28 @@ async def claim_queued(
     the dispatcher pass ``token`` until ``now + lease``, and return them.
     Call it in a unit of work of its own, committed before sending.
 
-    Two passes never hold the same message: on PostgreSQL the candidates are
-    picked and locked with ``FOR UPDATE SKIP LOCKED`` (concurrent passes take
-    different rows instead of waiting on the same ones), on SQLite the unit
-    of work holds the file's write lock; and the claim itself checks the
-    row is still claimable as it writes it."""
-    c = messages.c
-    candidates = (
-        sa.select(c.message_id)
-        .where(_claimable(now))
-        .order_by(c.created_at, c.message_id)
-        .limit(limit)
-    )
+    Two passes never hold the same message: on PostgreSQL (``skip_locked``)
+    the candidates are locked as they are picked (``_claim_statement``), on
+    SQLite the unit of work holds the file's write lock; and the claim
+    itself checks the row is still claimable as it writes it."""
     if skip_locked:
-        candidates = candidates.with_for_update(skip_locked=True)
-    # Two statements, not UPDATE ... IN (SELECT ... LIMIT ... SKIP LOCKED):
-    # PostgreSQL may run such a subquery again for every row it updates,
-    # each run skipping the rows the previous ones locked, and claim far
-    # more than ``limit``.
-    picked = list((await session.execute(candidates)).scalars())
+        rows = await _CLAIM.execute(
+            session, {"now": now, "batch": limit, "token": token, "until": now + lease}
+        )
+        claimed = [_record(r) for r in rows]
+        claimed.sort(key=lambda m: (m.created_at, m.message_id))
+        return claimed
+    c = messages.c
+    picked = list(
+        (
+            await session.execute(
+                sa.select(c.message_id)
+                .where(_claimable(now))
+                .order_by(c.created_at, c.message_id)
+                .limit(limit)
+            )
+        ).scalars()
+    )
     if not picked:
         return []
     await session.execute(
@@ -289,12 +337,12 @@ async def claim_queued(
         .where(c.message_id.in_(picked), _claimable(now))
         .values(claim_token=token, claim_expires_at=now + lease)
     )
-    rows = await session.execute(
+    held = await session.execute(
         sa.select(messages)
         .where(c.claim_token == token, c.status == MessageStatus.QUEUED.value)
         .order_by(c.created_at, c.message_id)
     )
-    return [_record(r) for r in rows]
+    return [_record(r) for r in held]
 
 
 def _held(message_id: str, token: str) -> sa.ColumnElement[bool]:
@@ -304,6 +352,26 @@ def _held(message_id: str, token: str) -> sa.ColumnElement[bool]:
         c.claim_token == token,
         c.status == MessageStatus.QUEUED.value,
     )
+
+
+_MARK_SENT = Direct(
+    sa.update(messages)
+    .where(
+        messages.c.message_id == sa.bindparam("key_message_id"),
+        messages.c.claim_token == sa.bindparam("key_token"),
+        messages.c.status == MessageStatus.QUEUED.value,
+    )
+    .values(
+        status=MessageStatus.SENT.value,
+        sent_at=sa.bindparam("sent_at"),
+        attempts=messages.c.attempts + 1,
+        claim_token=None,
+        claim_expires_at=None,
+        next_attempt_at=None,
+        provider=sa.bindparam("provider"),
+        provider_message_id=sa.bindparam("provider_message_id"),
+    )
+)
 
 
 async def mark_sent(
@@ -318,21 +386,17 @@ async def mark_sent(
     """Mark a claimed message sent, with the provider's name and its id of
     the message (delivery receipts name it); False when the pass ``token``
     no longer holds it (its claim expired and another pass took it over)."""
-    result = await session.execute(
-        sa.update(messages)
-        .where(_held(message_id, token))
-        .values(
-            status=MessageStatus.SENT.value,
-            sent_at=now,
-            attempts=messages.c.attempts + 1,
-            claim_token=None,
-            claim_expires_at=None,
-            next_attempt_at=None,
-            provider=provider,
-            provider_message_id=(provider_message_id or "")[:100] or None,
-        )
+    result = await _MARK_SENT.execute(
+        session,
+        {
+            "key_message_id": message_id,
+            "key_token": token,
+            "sent_at": now,
+            "provider": provider,
+            "provider_message_id": (provider_message_id or "")[:100] or None,
+        },
     )
-    return bool(getattr(result, "rowcount", 0) == 1)
+    return result.rowcount == 1
 
 
 async def mark_attempt_failed(

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import UTCDateTime
+from chassis.direct import Direct
 from services.notify.domain.messages import Channel
 from services.notify.domain.optouts import Scope, Source
 from services.notify.store.base import metadata
@@ -100,12 +101,13 @@ async def record(
     return added, True
 
 
+_OF_MEMBER = Direct(
+    sa.select(optouts)
+    .where(optouts.c.member_id == sa.bindparam("key_member_id"))
+    .order_by(optouts.c.created_at.desc(), optouts.c.optout_id.desc())
+)
+
+
 async def of_member(session: AsyncSession, member_id: str) -> list[OptOutRecord]:
     """Newest first."""
-    c = optouts.c
-    rows = await session.execute(
-        sa.select(optouts)
-        .where(c.member_id == member_id)
-        .order_by(c.created_at.desc(), c.optout_id.desc())
-    )
-    return [_record(r) for r in rows]
+    return [_record(r) for r in await _OF_MEMBER.execute(session, {"key_member_id": member_id})]

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from chassis.direct import Direct
 from services.notify.store.base import metadata
 
 send_pace = sa.Table(
@@ -28,8 +29,21 @@ send_pace = sa.Table(
 )
 
 
-def _insert(session: AsyncSession) -> Any:
-    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+def _reservation(insert: Any) -> Direct:
+    now = sa.bindparam("now", type_=sa.Double)
+    interval = sa.bindparam("interval", type_=sa.Double)
+    return Direct(
+        insert(send_pace)
+        .values(channel=sa.bindparam("channel"), tat=now + interval)
+        .on_conflict_do_update(
+            index_elements=[send_pace.c.channel],
+            set_={"tat": sa.case((send_pace.c.tat > now, send_pace.c.tat), else_=now) + interval},
+        )
+        .returning(send_pace.c.tat)
+    )
+
+
+_RESERVE = {"postgresql": _reservation(postgresql.insert), "sqlite": _reservation(sqlite.insert)}
 
 
 async def reserve_send(
@@ -39,20 +53,10 @@ async def reserve_send(
     (``domain.delivery.next_tat``), from which ``pace_wait`` tells how long
     to wait. Run it in a transaction of its own and commit at once: the row
     stays locked until then, and every replica's sends queue behind it."""
-    now_value = sa.literal(now, sa.Double)
-    statement = (
-        _insert(session)(send_pace)
-        .values(channel=channel, tat=now + interval)
-        .on_conflict_do_update(
-            index_elements=[send_pace.c.channel],
-            set_={
-                "tat": sa.case((send_pace.c.tat > now_value, send_pace.c.tat), else_=now_value)
-                + sa.literal(interval, sa.Double)
-            },
-        )
-        .returning(send_pace.c.tat)
+    reserved = await _RESERVE[session.get_bind().dialect.name].execute(
+        session, {"channel": channel, "now": now, "interval": interval}
     )
-    return float((await session.execute(statement)).scalar_one())
+    return float(reserved.scalar_one())
 
 
 async def pace_of(session: AsyncSession, channel: str) -> float | None:

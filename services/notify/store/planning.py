@@ -9,9 +9,10 @@ import datetime as dt
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from chassis.direct import Direct
 from services.notify.domain.messages import Category, Channel, MessageStatus
 from services.notify.store.intents import notifications
-from services.notify.store.messages import messages
+from services.notify.store.messages import insert_once, messages
 
 # Marketing that counts against the weekly cap: on its way or gone out.
 _COUNTED = (
@@ -21,18 +22,25 @@ _COUNTED = (
 )
 
 
+_TAKE = Direct(
+    sa.update(notifications)
+    .where(
+        notifications.c.notification_id == sa.bindparam("key_notification_id"),
+        notifications.c.planned_at.is_(None),
+    )
+    .values(planned_at=sa.bindparam("planned_at"))
+)
+
+
 async def take(session: AsyncSession, notification_id: str, now: dt.datetime) -> bool:
     """Marks the notification planned unless another pass did: True when
     this transaction has it (and writes its messages). On PostgreSQL the
     update locks the row, so a second replica waits and then finds it
     planned."""
-    c = notifications.c
-    result = await session.execute(
-        sa.update(notifications)
-        .where(c.notification_id == notification_id, c.planned_at.is_(None))
-        .values(planned_at=now)
+    result = await _TAKE.execute(
+        session, {"key_notification_id": notification_id, "planned_at": now}
     )
-    return bool(getattr(result, "rowcount", 0) == 1)
+    return result.rowcount == 1
 
 
 async def marketing_since(session: AsyncSession, member_id: str, since: dt.datetime) -> int:
@@ -69,34 +77,23 @@ async def record_suppressed(
     """Keeps a message that was not sent on purpose, with why, so that "why
     did this member not hear from us" has an answer. Its body is left
     empty: nothing was said. Once per trigger, template and channel."""
-    c = messages.c
-    if trigger_event_id is not None:
-        exists = await session.execute(
-            sa.select(c.message_id).where(
-                c.trigger_event_id == trigger_event_id,
-                c.template == template,
-                c.channel == channel.value,
-            )
-        )
-        if exists.first() is not None:
-            return False
-    await session.execute(
-        sa.insert(messages).values(
-            message_id=message_id,
-            member_id=member_id,
-            staff_id=staff_id,
-            template=template,
-            channel=channel.value,
-            locale=locale,
-            body="",
-            status=MessageStatus.SUPPRESSED.value,
-            status_reason=reason[:500],
-            trigger_event_id=trigger_event_id,
-            trace_headers=trace_headers,
-            created_at=created_at,
-            attempts=0,
-            category=category.value,
-            time_zone=time_zone,
-        )
+    return await insert_once(
+        session,
+        {
+            "message_id": message_id,
+            "member_id": member_id,
+            "staff_id": staff_id,
+            "template": template,
+            "channel": channel.value,
+            "locale": locale,
+            "body": "",
+            "status": MessageStatus.SUPPRESSED.value,
+            "status_reason": reason[:500],
+            "trigger_event_id": trigger_event_id,
+            "trace_headers": trace_headers,
+            "created_at": created_at,
+            "attempts": 0,
+            "category": category.value,
+            "time_zone": time_zone,
+        },
     )
-    return True

@@ -16,7 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chassis.db import UTCDateTime
+from chassis.db import Memo, UTCDateTime
 from services.notify.domain.messages import Channel
 from services.notify.domain.templates import DEFAULTS, MessageTemplate
 from services.notify.store.base import metadata
@@ -87,16 +87,45 @@ async def get_version(
     return None if row is None else _stored(row)
 
 
+# The newest saved version of each template by name and channel, read once
+# for every message planned within ``ttl``: a save through this process is
+# seen at once, another replica's within the ttl.
+_in_use: Memo[dict[tuple[str, str], StoredTemplate]] = Memo(ttl=5.0)
+
+
+def _newest_saved() -> sa.Select[Any]:
+    c = templates.c
+    newest = (
+        sa.select(c.name, c.channel, sa.func.max(c.version).label("version"))
+        .group_by(c.name, c.channel)
+        .subquery()
+    )
+    return sa.select(templates).join(
+        newest,
+        sa.and_(
+            c.name == newest.c.name,
+            c.channel == newest.c.channel,
+            c.version == newest.c.version,
+        ),
+    )
+
+
 async def in_use(
     session: AsyncSession, name: str, channel: Channel | None
 ) -> StoredTemplate | None:
     """The template a message of ``name`` on ``channel`` is written with:
     the channel's own, else the one for every channel, else built in."""
+
+    async def load() -> dict[tuple[str, str], StoredTemplate]:
+        rows = await session.execute(_newest_saved())
+        return {(r._mapping["name"], r._mapping["channel"]): _stored(r) for r in rows}
+
+    saved = await _in_use.get(session, load)
     if channel is not None:
-        found = await get_version(session, name, channel)
+        found = saved.get((name, channel.value))
         if found is not None:
             return found
-    found = await get_version(session, name, None)
+    found = saved.get((name, ""))
     return found if found is not None else built_in(name)
 
 
@@ -127,6 +156,7 @@ async def save_version(
             created_at=now,
         )
     )
+    _in_use.forget(session)
     saved = await get_version(session, template.name, template.channel, version)
     assert saved is not None
     return saved
@@ -136,19 +166,7 @@ async def list_in_use(session: AsyncSession, trigger: str | None = None) -> list
     """The newest version of every saved template, then the built-in ones
     no saved every-channel template replaces, by name and channel."""
     c = templates.c
-    newest = (
-        sa.select(c.name, c.channel, sa.func.max(c.version).label("version"))
-        .group_by(c.name, c.channel)
-        .subquery()
-    )
-    query = sa.select(templates).join(
-        newest,
-        sa.and_(
-            c.name == newest.c.name,
-            c.channel == newest.c.channel,
-            c.version == newest.c.version,
-        ),
-    )
+    query = _newest_saved()
     if trigger:
         query = query.where(c.trigger == trigger)
     saved = [_stored(r) for r in await session.execute(query)]

@@ -181,6 +181,33 @@ async def test_a_dead_replicas_messages_are_taken_over_after_its_lease(
     assert await sent_events(db) == 3
 
 
+async def test_concurrent_claims_take_at_most_their_batch_and_never_the_same_message(
+    replicas: Callable[[], Database],
+) -> None:
+    dbs = [replicas() for _ in range(4)]
+    ids = await queue(dbs[0], 30)
+    now = utcnow()
+
+    async def claim(db: Database, n: int) -> list[str]:
+        async with db.transaction() as session:
+            held = await store.claim_queued(
+                session,
+                limit=3,
+                token=f"pass-{n}",
+                now=now,
+                lease=dt.timedelta(minutes=5),
+                skip_locked=db.dialect == "postgresql",
+            )
+        return [m.message_id for m in held]
+
+    claims = await asyncio.gather(*(claim(dbs[n % 4], n) for n in range(12)))
+    assert all(len(held) <= 3 for held in claims)
+    # Each in the order it was queued, none held twice, all held once.
+    assert all(held == sorted(held, key=ids.index) for held in claims)
+    taken = [message_id for held in claims for message_id in held]
+    assert sorted(taken) == sorted(ids)
+
+
 async def test_a_pass_gives_back_what_it_could_not_start_in_its_lease(
     replicas: Callable[[], Database], monkeypatch: pytest.MonkeyPatch
 ) -> None:
