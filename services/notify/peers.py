@@ -55,7 +55,8 @@ from services.notify.store.messages import timestamp
 SUBJECT = "notify"
 # Members and staff read a page at a time.
 PAGE = 100
-# How long, and for how many members, the dispatcher's contacts are kept.
+# How long, and for how many members, member files are kept for the
+# dispatcher's contact lookups.
 CACHE_SECONDS = 60.0
 CACHE_ENTRIES = 10_000
 
@@ -162,8 +163,8 @@ class MembersPeer:
         )
         self.contact_ttl = contact_ttl_seconds
         self._clock = clock
-        self._contacts: OrderedDict[str, tuple[float, Contact | None]] = OrderedDict()
-        self._inflight: dict[str, asyncio.Future[Contact | None]] = {}
+        self._files: OrderedDict[str, tuple[float, members_pb2.Member | None]] = OrderedDict()
+        self._inflight: dict[str, asyncio.Future[members_pb2.Member | None]] = {}
 
     @property
     def _members(self) -> members_pb2_grpc.MembersServiceAsyncStub:
@@ -176,6 +177,13 @@ class MembersPeer:
     # -- member files -------------------------------------------------------------------
 
     async def member(self, member_id: str) -> members_pb2.Member | None:
+        """The member's file as members has it now (planning decides on its
+        consents), None when there is no such member. The answer is kept
+        for the dispatcher: the message planned from it is sent a moment
+        later, to the address it had, without asking again."""
+        return await self._file(member_id, fresh=True)
+
+    async def _get_member(self, member_id: str) -> members_pb2.Member | None:
         return await self.peer.call(
             self._members.GetMember,
             members_pb2.GetMemberRequest(member_id=member_id),
@@ -229,20 +237,35 @@ class MembersPeer:
     async def contact(self, member_id: str, *, fresh: bool = False) -> Contact | None:
         """The member's contact, None when members knows no such member (or
         they were erased or merged); ``fresh`` asks members even when a
-        recent answer is cached. Raises ContactsUnavailable when members
+        recent answer is kept. Raises ContactsUnavailable when members
         does not answer."""
+        try:
+            member = await self._file(member_id, fresh=fresh)
+        except ServiceError as error:
+            raise ContactsUnavailable(error.message) from None
+        if member is None or member.state in (
+            members_pb2.MEMBER_STATE_ERASED,
+            members_pb2.MEMBER_STATE_MERGED,
+        ):
+            return None
+        return contact_of(member)
+
+    async def _file(self, member_id: str, *, fresh: bool) -> members_pb2.Member | None:
+        """The member's file: kept, unless ``fresh`` or too old, else asked
+        of members (concurrent askers ask once) and kept."""
         now = self._clock()
-        cached = self._contacts.get(member_id)
-        if not fresh and cached is not None and now - cached[0] < self.contact_ttl:
-            return cached[1]
-        # Concurrent sends to one member ask once.
+        kept = self._files.get(member_id)
+        if not fresh and kept is not None and now - kept[0] < self.contact_ttl:
+            return kept[1]
         waiting = self._inflight.get(member_id)
         if waiting is not None:
             return await asyncio.shield(waiting)
-        future: asyncio.Future[Contact | None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[members_pb2.Member | None] = (
+            asyncio.get_running_loop().create_future()
+        )
         self._inflight[member_id] = future
         try:
-            found = await self._ask_contact(member_id)
+            found = await self._get_member(member_id)
         except BaseException as exc:
             self._done_asking(member_id, future)
             # Those waiting on this lookup try again later; a cancelled
@@ -259,13 +282,15 @@ class MembersPeer:
             # answer may predate the change. Those who asked before the
             # change have it; the next lookup asks again.
             return found
-        self._contacts[member_id] = (self._clock(), found)
-        self._contacts.move_to_end(member_id)
-        while len(self._contacts) > CACHE_ENTRIES:
-            self._contacts.popitem(last=False)
+        self._files[member_id] = (self._clock(), found)
+        self._files.move_to_end(member_id)
+        while len(self._files) > CACHE_ENTRIES:
+            self._files.popitem(last=False)
         return found
 
-    def _done_asking(self, member_id: str, future: asyncio.Future[Contact | None]) -> bool:
+    def _done_asking(
+        self, member_id: str, future: asyncio.Future[members_pb2.Member | None]
+    ) -> bool:
         """The lookup ``future`` is over: whether it is still the member's
         current one (no eviction came while it was asked)."""
         if self._inflight.get(member_id) is not future:
@@ -274,35 +299,23 @@ class MembersPeer:
         return True
 
     def evict(self, *member_ids: str) -> None:
-        """Forget what is cached about these members, and what lookups of
-        them already under way will answer: the next ``contact`` asks
-        members again."""
+        """Forget what is kept about these members, and what lookups of
+        them already under way will answer: the next lookup asks members
+        again."""
         for member_id in member_ids:
             if not member_id:
                 continue
-            self._contacts.pop(member_id, None)
+            self._files.pop(member_id, None)
             # Later callers must not join a lookup that started before the
             # change; the lookup itself sees it is no longer current and
-            # does not cache its answer.
+            # does not keep its answer.
             self._inflight.pop(member_id, None)
 
     def forget_contacts(self) -> None:
-        """Forget every cached contact and every lookup under way (the
-        changes of member files may have been missed)."""
-        self._contacts.clear()
+        """Forget every kept file and every lookup under way (the changes
+        of member files may have been missed)."""
+        self._files.clear()
         self._inflight.clear()
-
-    async def _ask_contact(self, member_id: str) -> Contact | None:
-        try:
-            member = await self.member(member_id)
-        except ServiceError as error:
-            raise ContactsUnavailable(error.message) from None
-        if member is None or member.state in (
-            members_pb2.MEMBER_STATE_ERASED,
-            members_pb2.MEMBER_STATE_MERGED,
-        ):
-            return None
-        return contact_of(member)
 
     # -- stores and staff ----------------------------------------------------------------
 

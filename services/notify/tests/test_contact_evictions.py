@@ -1,6 +1,6 @@
 """The dispatcher's contact cache forgets a member as soon as members says
 their file changed, and a lookup that was under way when it changed does
-not put the old answer back. Members is a stand-in here (``_ask_contact``);
+not put the old answer back. Members is a stand-in here (``_get_member``);
 the events go through the listener's handlers and its decoding of the
 suite's envelope. The same on real NATS and a real members service:
 ``test_contact_evictions_live``."""
@@ -16,9 +16,10 @@ from nats.aio.msg import Msg
 from chassis.bus import Bus, Listener, cloudevent_headers
 from chassis.config import Settings
 from chassis.db import utcnow
+from chassis.errors import Unavailable
 from chassis.service import ServiceContext
-from cornucopia.members.v1 import events_pb2
-from services.notify.contacts import Contact, ContactsUnavailable
+from cornucopia.members.v1 import events_pb2, members_pb2
+from services.notify.contacts import ContactsUnavailable
 from services.notify.peers import (
     MEMBER_CHANGE_SUBJECTS,
     MembersPeer,
@@ -42,15 +43,15 @@ class Members(MembersPeer):
         self.asked: Counter[str] = Counter()
         self.failing: set[str] = set()
 
-    async def _ask_contact(self, member_id: str) -> Contact | None:
+    async def _get_member(self, member_id: str) -> members_pb2.Member | None:
         self.asked[member_id] += 1
         mobile = self.mobiles.get(member_id)
         gate = self.gates.get(member_id)
         if gate is not None:
             await gate.wait()
         if member_id in self.failing:
-            raise ContactsUnavailable("members is away")
-        return None if mobile is None else Contact(member_id=member_id, mobile=mobile)
+            raise Unavailable("members is away", reason="UNAVAILABLE")
+        return None if mobile is None else members_pb2.Member(member_id=member_id, mobile=mobile)
 
 
 async def mobile(members: MembersPeer, member_id: str) -> str | None:
@@ -249,3 +250,22 @@ async def test_a_gap_in_hearing_forgets_every_contact_and_lookup() -> None:
     assert (await under_way).mobile == "old-2"  # type: ignore[union-attr]
     assert await mobile(members, "M1") == "new-1"
     assert await mobile(members, "M2") == "new-2"
+
+
+async def test_the_dispatcher_sends_to_the_file_planning_read_without_asking_again() -> None:
+    members = Members()
+    members.mobiles["M1"] = "+8613800138001"
+    # Planning reads the file as it is now, every time: consent is decided on it.
+    planned = await members.member("M1")
+    assert planned is not None and planned.mobile == "+8613800138001"
+    members.mobiles["M1"] = "+8613900139001"
+    again = await members.member("M1")
+    assert again is not None and again.mobile == "+8613900139001"
+    assert members.asked["M1"] == 2
+    # The send a moment later uses what planning read last.
+    assert await mobile(members, "M1") == "+8613900139001"
+    assert members.asked["M1"] == 2
+    # An unknown member is kept as unknown too.
+    assert await members.member("M9") is None
+    assert await members.contact("M9") is None
+    assert members.asked["M9"] == 1

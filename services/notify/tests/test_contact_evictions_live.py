@@ -64,7 +64,7 @@ async def test_a_changed_mobile_reaches_notify_without_waiting_for_the_cache(
 
     created = await enroll(stub, "+86 138 0013 8801")
     assert await mobile_of(contacts, created.member_id) == created.mobile
-    assert created.member_id in contacts._contacts  # cached for the next minute
+    assert created.member_id in contacts._files  # cached for the next minute
 
     started = time.monotonic()
     updated = await stub.UpdateMember(
@@ -93,7 +93,7 @@ async def test_a_changed_mobile_reaches_notify_without_waiting_for_the_cache(
     duplicate = await enroll(stub, "+86 138 0013 8803")
     assert await mobile_of(contacts, survivor.member_id) == survivor.mobile
     assert await mobile_of(contacts, duplicate.member_id) == duplicate.mobile
-    asked_before = dict(contacts._contacts)
+    asked_before = dict(contacts._files)
     await stub.MergeMembers(
         M.MergeMembersRequest(
             request_id=str(uuid.uuid4()),
@@ -110,7 +110,7 @@ async def test_a_changed_mobile_reaches_notify_without_waiting_for_the_cache(
     )
 
     async def survivor_cached_at() -> float | None:
-        entry = contacts._contacts.get(survivor.member_id)
+        entry = contacts._files.get(survivor.member_id)
         return None if entry is None else entry[0]
 
     # The survivor's entry was dropped too (and perhaps asked again since).
