@@ -59,6 +59,10 @@ PAGE = 100
 # dispatcher's contact lookups.
 CACHE_SECONDS = 60.0
 CACHE_ENTRIES = 10_000
+# How long a store's name and time zone are kept: members publishes no event
+# when they change, and a message a minute late to see a new store name, or
+# its quiet hours in the old zone for that minute, is the worst of it.
+STORE_CACHE_SECONDS = 60.0
 
 CONTACT_CHANNELS: dict[int, Channel] = {
     members_pb2.CONTACT_CHANNEL_SMS: Channel.SMS,
@@ -165,6 +169,7 @@ class MembersPeer:
         self._clock = clock
         self._files: OrderedDict[str, tuple[float, members_pb2.Member | None]] = OrderedDict()
         self._inflight: dict[str, asyncio.Future[members_pb2.Member | None]] = {}
+        self._stores: dict[str, tuple[float, StoreFacts]] = {}
 
     @property
     def _members(self) -> members_pb2_grpc.MembersServiceAsyncStub:
@@ -320,12 +325,21 @@ class MembersPeer:
     # -- stores and staff ----------------------------------------------------------------
 
     async def store(self, store_id: str) -> StoreFacts | None:
+        """The store's name and zone, kept for ``STORE_CACHE_SECONDS``."""
+        kept = self._stores.get(store_id)
+        if kept is not None and self._clock() - kept[0] < STORE_CACHE_SECONDS:
+            return kept[1]
         found = await self.peer.call(
             self._organisation.GetStore,
             organisation_pb2.GetStoreRequest(store_id=store_id),
             missing_ok=True,
         )
-        return store_facts(found) if found is not None else None
+        if found is None:
+            return None
+        facts = store_facts(found)
+        # A chain has hundreds of stores, not millions: no bound needed.
+        self._stores[store_id] = (self._clock(), facts)
+        return facts
 
     async def open_stores(self) -> list[StoreFacts]:
         listing = pages(
