@@ -4,12 +4,13 @@ and campaigns (follow-up tasks for the weekly digest, segments for direct
 sends). One ``Peers`` per process, made by the server wiring and closed when
 the service stops.
 
-Members answers notify in clear. Nothing personal is kept but the contacts
-of the dispatcher's short cache (a burst of messages to one member asks
-once), in memory only; nothing of them is logged. Each process drops a
-member's cached contact as soon as it hears that members changed the
-member's file (``contact_evictions``), so the cache's time to live only
-matters when such an event is lost.
+Members answers notify in clear. Nothing personal is kept but the member
+files of a short cache (planning reads a file, and the dispatcher sends to
+its address a moment later without asking again; a burst of messages to
+one member asks once), in memory only; nothing of them is logged. Each
+process drops a member's file as soon as it hears that members changed it
+(``contact_evictions``), so the cache's time to live only matters when
+such an event is lost.
 
 A refusal a peer meant for notify is passed on as it is; a peer that does
 not answer is UNAVAILABLE (``chassis.grpcclient.Peer.call``)."""
