@@ -27,6 +27,7 @@ from chassis.bus import STREAMS, Bus, Heard, Listener, cloudevent_headers
 from chassis.db import Database, outbox_table
 from chassis.deadletters import DeadLetter, list_dead_letters
 from chassis.inbox import Consumer, Envelope, Subscription, dead_letter_subject, inbox_contains
+from chassis.migrations import upgrade_to_head
 from chassis.natsserver import NatsServer
 from chassis.outbox import _MARK_SENT, OutboxRelay, enqueue
 from tests.integration.infra import DatabaseFactory, Postgres, migrated
@@ -247,11 +248,11 @@ async def test_the_relays_mark_finds_rows_by_key_in_a_table_without_statistics(
     name = await postgres.create_database("cornucopia_test_outbox_plan")
     url = postgres.url_for(name)
     try:
-        await migrated(
-            lambda _service: _as_async(url.replace("postgresql://", "postgresql+asyncpg://", 1)),
-            CARDS_MIGRATIONS,
-            "cards",
-        )
+        migrating = Database(url.replace("postgresql://", "postgresql+asyncpg://", 1))
+        try:
+            await upgrade_to_head(migrating, CARDS_MIGRATIONS, "cards")
+        finally:
+            await migrating.dispose()
         compiled = _MARK_SENT.statement.compile(dialect=asyncpg_dialect())
         example = {"sent_now": "now()", "sent_seq": "7", "attempts_1": "1"}
         args = ", ".join(example[name] for name in compiled.positiontup or ())
@@ -271,10 +272,6 @@ async def test_the_relays_mark_finds_rows_by_key_in_a_table_without_statistics(
         assert "Seq Scan" not in plan, plan
     finally:
         await postgres.drop_database(name)
-
-
-async def _as_async(url: str) -> str:
-    return url
 
 
 async def test_rows_wait_out_a_nats_outage_and_are_published_after_it(
