@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, overload
 
@@ -52,6 +52,7 @@ CALL_TIMEOUT_SECONDS = 5.0
 
 Q = TypeVar("Q")
 R = TypeVar("R")
+S = TypeVar("S")
 
 # Retries of UNAVAILABLE: a few quick attempts with jittered exponential
 # backoff, bounded in any case by the call's deadline; the throttle stops
@@ -261,12 +262,24 @@ class Peer:
         self.name = name or peer_name(target, self.services)
         self.timeout = timeout
         self._channel: grpc.aio.Channel | None = None
+        self._stubs: dict[Callable[[grpc.aio.Channel], Any], Any] = {}
 
     @property
     def channel(self) -> grpc.aio.Channel:
         if self._channel is None:
             self._channel = open_channel(self.target, services=self.services)
+            self._stubs = {}
         return self._channel
+
+    def stub(self, stub_class: Callable[[grpc.aio.Channel], S]) -> S:
+        """The stub of ``stub_class`` on this peer's channel, made once:
+        making one builds a callable for every method of its service, which
+        costs more than the call it is made for."""
+        channel = self.channel
+        made = self._stubs.get(stub_class)
+        if made is None:
+            made = self._stubs[stub_class] = stub_class(channel)
+        return made  # type: ignore[no-any-return]
 
     def metadata(self) -> tuple[tuple[str, str]]:
         return bearer(service_token(self.token_secret, self.subject))
@@ -319,6 +332,7 @@ class Peer:
         if self._channel is not None:
             await self._channel.close(None)
             self._channel = None
+            self._stubs = {}
 
 
 # What a peer refused because of what the caller asked: passed on as it is.

@@ -25,7 +25,12 @@ from chassis.grpcclient import (
     rich_error,
 )
 from chassis.grpcserver import GrpcServer, GrpcService
-from cornucopia.members.v1 import members_pb2, members_pb2_grpc, organisation_pb2
+from cornucopia.members.v1 import (
+    members_pb2,
+    members_pb2_grpc,
+    organisation_pb2,
+    organisation_pb2_grpc,
+)
 from cornucopia.notify.v1 import notify_pb2
 
 
@@ -247,7 +252,25 @@ async def members_peer() -> AsyncIterator[tuple[Peer, FakeMembers]]:
 
 
 def _members(peer: Peer) -> members_pb2_grpc.MembersServiceAsyncStub:
-    return members_pb2_grpc.MembersServiceStub(peer.channel)  # type: ignore[return-value]
+    return peer.stub(members_pb2_grpc.MembersServiceStub)  # type: ignore[return-value]
+
+
+async def test_a_peers_stub_is_made_once_per_channel(
+    members_peer: tuple[Peer, FakeMembers],
+) -> None:
+    peer, _ = members_peer
+    first = peer.stub(members_pb2_grpc.MembersServiceStub)
+
+    assert peer.stub(members_pb2_grpc.MembersServiceStub) is first
+    assert peer.stub(organisation_pb2_grpc.OrganisationServiceStub) is not first
+
+    # A closed channel takes its stubs with it: the next call opens a new
+    # channel and makes its stubs on that one.
+    await peer.close()
+    again = peer.stub(members_pb2_grpc.MembersServiceStub)
+    assert again is not first
+    member = await peer.call(again.GetMember, members_pb2.GetMemberRequest(member_id="M1"))
+    assert member.given_name == "Ana"
 
 
 async def test_a_peer_call_answers_with_the_reply_on_the_services_own_token(

@@ -99,11 +99,11 @@ class MembersClient:
 
     @property
     def _members(self) -> members_pb2_grpc.MembersServiceAsyncStub:
-        return members_pb2_grpc.MembersServiceStub(self.peer.channel)  # type: ignore[return-value]
+        return self.peer.stub(members_pb2_grpc.MembersServiceStub)  # type: ignore[return-value]
 
     @property
     def _organisation(self) -> organisation_pb2_grpc.OrganisationServiceAsyncStub:
-        return organisation_pb2_grpc.OrganisationServiceStub(self.peer.channel)  # type: ignore[return-value]
+        return self.peer.stub(organisation_pb2_grpc.OrganisationServiceStub)  # type: ignore[return-value]
 
     async def member(self, member_id: str) -> MemberFacts | None:
         found = await self.peer.call(

@@ -100,7 +100,7 @@ class LoyaltyClient:
 
     @property
     def _points(self) -> points_pb2_grpc.PointsServiceAsyncStub:
-        return points_pb2_grpc.PointsServiceStub(self.peer.channel)  # type: ignore[return-value]
+        return self.peer.stub(points_pb2_grpc.PointsServiceStub)  # type: ignore[return-value]
 
     async def charge(
         self, *, request_id: str, member_id: str, points: int, reason: str, reference: str

@@ -85,8 +85,8 @@ class MembersReferrers:
         self.client = client
 
     async def referrer_of(self, member_id: str) -> str | None:
-        stub: members_pb2_grpc.MembersServiceAsyncStub = members_pb2_grpc.MembersServiceStub(  # type: ignore[assignment]
-            self.client.peer.channel
+        stub: members_pb2_grpc.MembersServiceAsyncStub = self.client.peer.stub(  # type: ignore[assignment]
+            members_pb2_grpc.MembersServiceStub
         )
         found = await self.client.peer.call(
             stub.GetMember, members_pb2.GetMemberRequest(member_id=member_id), missing_ok=True
@@ -131,8 +131,8 @@ class LoyaltyPoints:
     async def award(
         self, *, request_id: str, member_id: str, points: int, reason: str, reference: str
     ) -> None:
-        stub: points_pb2_grpc.PointsServiceAsyncStub = points_pb2_grpc.PointsServiceStub(  # type: ignore[assignment]
-            self.peer.channel
+        stub: points_pb2_grpc.PointsServiceAsyncStub = self.peer.stub(  # type: ignore[assignment]
+            points_pb2_grpc.PointsServiceStub
         )
         # By status code, not by passed_on: a refusal without ErrorInfo is
         # for good too, where Peer.call would make it LOYALTY_UNAVAILABLE.

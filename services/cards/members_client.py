@@ -56,7 +56,7 @@ class MembersClient:
 
     @property
     def _members(self) -> MembersServiceAsyncStub:
-        return members_pb2_grpc.MembersServiceStub(self.peer.channel)  # type: ignore[return-value]
+        return self.peer.stub(members_pb2_grpc.MembersServiceStub)  # type: ignore[return-value]
 
     async def member_id_by_mobile(self, mobile: str) -> str:
         """The member whose mobile (their e-card) this is; a merged

@@ -117,15 +117,15 @@ class CardsClient:
 
     @property
     def _cards(self) -> cards_pb2_grpc.CardsServiceAsyncStub:
-        return cards_pb2_grpc.CardsServiceStub(self.peer.channel)  # type: ignore[return-value]
+        return self.peer.stub(cards_pb2_grpc.CardsServiceStub)  # type: ignore[return-value]
 
     @property
     def _sv(self) -> stored_value_pb2_grpc.StoredValueServiceAsyncStub:
-        return stored_value_pb2_grpc.StoredValueServiceStub(self.peer.channel)  # type: ignore[return-value]
+        return self.peer.stub(stored_value_pb2_grpc.StoredValueServiceStub)  # type: ignore[return-value]
 
     @property
     def _partners(self) -> partners_pb2_grpc.PartnersServiceAsyncStub:
-        return partners_pb2_grpc.PartnersServiceStub(self.peer.channel)  # type: ignore[return-value]
+        return self.peer.stub(partners_pb2_grpc.PartnersServiceStub)  # type: ignore[return-value]
 
     async def certificate_partner(self, sha256_fingerprint: str) -> RegisteredPartner | None:
         """The partner a client certificate is bound to; None when it is not
@@ -277,7 +277,7 @@ class MembersClient:
 
     @property
     def _organisation(self) -> organisation_pb2_grpc.OrganisationServiceAsyncStub:
-        return organisation_pb2_grpc.OrganisationServiceStub(self.peer.channel)  # type: ignore[return-value]
+        return self.peer.stub(organisation_pb2_grpc.OrganisationServiceStub)  # type: ignore[return-value]
 
     async def store(self, store_id: str) -> StoreFacts:
         found = await self.peer.call(
@@ -294,7 +294,7 @@ class MembersClient:
 
     @property
     def _members(self) -> members_pb2_grpc.MembersServiceAsyncStub:
-        return members_pb2_grpc.MembersServiceStub(self.peer.channel)  # type: ignore[return-value]
+        return self.peer.stub(members_pb2_grpc.MembersServiceStub)  # type: ignore[return-value]
 
     async def member_id_by_mobile(self, mobile: str) -> str:
         """The member whose mobile this is (a merged duplicate's mobile
@@ -362,11 +362,11 @@ class CampaignsClient:
 
     @property
     def _coupons(self) -> pricing_pb2_grpc.CouponsServiceAsyncStub:
-        return pricing_pb2_grpc.CouponsServiceStub(self.peer.channel)  # type: ignore[return-value]
+        return self.peer.stub(pricing_pb2_grpc.CouponsServiceStub)  # type: ignore[return-value]
 
     async def price(self, request: pricing_pb2.PriceBasketRequest) -> pricing_pb2.PricedBasket:
         stub: pricing_pb2_grpc.PricingServiceAsyncStub
-        stub = pricing_pb2_grpc.PricingServiceStub(self.peer.channel)  # type: ignore[assignment]
+        stub = self.peer.stub(pricing_pb2_grpc.PricingServiceStub)  # type: ignore[assignment]
         return await self.peer.call(stub.PriceBasket, request)
 
     async def commit(self, *, reservation_id: str, sale_id: str, total: money_pb2.Money) -> None:

@@ -174,11 +174,11 @@ class MembersPeer:
 
     @property
     def _members(self) -> members_pb2_grpc.MembersServiceAsyncStub:
-        return members_pb2_grpc.MembersServiceStub(self.peer.channel)  # type: ignore[return-value]
+        return self.peer.stub(members_pb2_grpc.MembersServiceStub)  # type: ignore[return-value]
 
     @property
     def _organisation(self) -> organisation_pb2_grpc.OrganisationServiceAsyncStub:
-        return organisation_pb2_grpc.OrganisationServiceStub(self.peer.channel)  # type: ignore[return-value]
+        return self.peer.stub(organisation_pb2_grpc.OrganisationServiceStub)  # type: ignore[return-value]
 
     # -- member files -------------------------------------------------------------------
 
@@ -397,7 +397,7 @@ class CampaignsPeer:
         """The store's open tasks due before ``due_before`` (overdue ones
         included), at most ``limit``; and whether there were more."""
         stub: followups_pb2_grpc.FollowUpServiceAsyncStub = (
-            followups_pb2_grpc.FollowUpServiceStub(self.peer.channel)  # type: ignore[assignment]
+            self.peer.stub(followups_pb2_grpc.FollowUpServiceStub)  # type: ignore[assignment]
         )
         tasks: list[followups_pb2.FollowUpTask] = []
         listing = pages(
@@ -419,7 +419,7 @@ class CampaignsPeer:
 
     async def segment(self, segment_id: str) -> segments_pb2.Segment | None:
         stub: segments_pb2_grpc.SegmentsServiceAsyncStub = (
-            segments_pb2_grpc.SegmentsServiceStub(self.peer.channel)  # type: ignore[assignment]
+            self.peer.stub(segments_pb2_grpc.SegmentsServiceStub)  # type: ignore[assignment]
         )
         return await self.peer.call(
             stub.GetSegment, segments_pb2.GetSegmentRequest(segment_id=segment_id), missing_ok=True

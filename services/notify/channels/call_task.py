@@ -52,7 +52,7 @@ class CallTaskChannel:
         )
         if message.not_before is not None:
             request.not_before_time.CopyFrom(timestamp(message.not_before))
-        stub = followups_pb2_grpc.FollowUpServiceStub(self.peer.channel)
+        stub = self.peer.stub(followups_pb2_grpc.FollowUpServiceStub)
         try:
             task = await stub.CreateFollowUpTask(
                 request, metadata=self.peer.metadata(), timeout=CALL_TIMEOUT_SECONDS
