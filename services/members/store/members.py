@@ -36,6 +36,7 @@ from chassis.crypto import (
     WrappedKey,
 )
 from chassis.db import BigIntKey, UTCDateTime, is_unique_violation
+from chassis.direct import Direct
 from chassis.errors import FailedPrecondition
 from chassis.paging import newest_first
 from services.members.domain.members import (
@@ -533,6 +534,17 @@ _SELECT = sa.select(members, member_keys.c.master_key_id, member_keys.c.wrapped_
 )
 
 
+def _consent(row: Any) -> ConsentRecord:
+    return ConsentRecord(
+        ContactChannel(row.channel),
+        row.granted,
+        row.source,
+        row.changed_at,
+        row.changed_by,
+        row.store_id,
+    )
+
+
 async def _consents(
     session: AsyncSession, member_ids: Sequence[str]
 ) -> dict[str, list[ConsentRecord]]:
@@ -544,16 +556,7 @@ async def _consents(
         sa.select(member_consents).where(c.member_id.in_(member_ids)).order_by(c.channel)
     )
     for row in rows:
-        out[row.member_id].append(
-            ConsentRecord(
-                ContactChannel(row.channel),
-                row.granted,
-                row.source,
-                row.changed_at,
-                row.changed_by,
-                row.store_id,
-            )
-        )
+        out[row.member_id].append(_consent(row))
     return out
 
 
@@ -757,10 +760,24 @@ async def _write_tags(session: AsyncSession, member_id: str, tags: Iterable[str]
         await session.execute(sa.insert(member_tags), rows)
 
 
+# One member's file, the hot read (every GetMember): built once, run
+# straight on the driver.
+_ONE_MEMBER = Direct(_SELECT.where(members.c.member_id == sa.bindparam("member_id")))
+_CONSENTS_OF_ONE = Direct(
+    sa.select(member_consents)
+    .where(member_consents.c.member_id == sa.bindparam("member_id"))
+    .order_by(member_consents.c.channel)
+)
+
+
 async def get_member(session: AsyncSession, keys: Keys, member_id: str) -> MemberRecord | None:
-    rows = (await session.execute(_SELECT.where(members.c.member_id == member_id))).all()
-    found = await _records(session, keys, rows)
-    return found[0] if found else None
+    row = (await _ONE_MEMBER.execute(session, {"member_id": member_id})).first()
+    if row is None:
+        return None
+    consents = await _CONSENTS_OF_ONE.execute(session, {"member_id": member_id})
+    m = row._mapping
+    cipher = _cipher_of(keys, member_id, m["master_key_id"], m["wrapped_key"])
+    return _record(m, cipher, [_consent(c) for c in consents])
 
 
 async def member_id_by_mobile(session: AsyncSession, keys: Keys, mobile: str) -> str | None:
