@@ -5,8 +5,9 @@ that every router can use them without importing the app that includes it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import grpc
 import structlog
@@ -62,6 +63,8 @@ if TYPE_CHECKING:
     from cornucopia.loyalty.v1.rules_pb2_grpc import TiersServiceAsyncStub
     from cornucopia.members.v1.members_pb2_grpc import MembersServiceAsyncStub
 
+S = TypeVar("S")
+
 MEMBERS_SERVICE = members_pb2.DESCRIPTOR.services_by_name["MembersService"]
 CARDS_SERVICE = cards_pb2.DESCRIPTOR.services_by_name["CardsService"]
 CARD_PROGRAMS_SERVICE = programs_pb2.DESCRIPTOR.services_by_name["CardProgramsService"]
@@ -102,19 +105,8 @@ class Peers:
         self._loyalty_channel = loyalty_channel
         self._campaigns_channel = campaigns_channel
         self._owned: list[grpc.aio.Channel] = []
-        self._members_stub: MembersServiceAsyncStub | None = None
-        self._cards_stub: CardsServiceAsyncStub | None = None
-        self._card_programs_stub: CardProgramsServiceAsyncStub | None = None
-        self._stored_value_stub: StoredValueServiceAsyncStub | None = None
-        self._checkout_stub: CheckoutServiceAsyncStub | None = None
-        self._points_stub: PointsServiceAsyncStub | None = None
-        self._gifts_stub: GiftsServiceAsyncStub | None = None
-        self._tiers_stub: TiersServiceAsyncStub | None = None
-        self._coupons_stub: CouponsServiceAsyncStub | None = None
-        self._followups_stub: FollowUpServiceAsyncStub | None = None
-        self._member_events_stub: MemberEventsServiceAsyncStub | None = None
-        self._pricing_stub: PricingServiceAsyncStub | None = None
-        self._segments_stub: SegmentsServiceAsyncStub | None = None
+        # Made once: a stub builds a callable for every method of its service.
+        self._stubs: dict[Callable[[grpc.aio.Channel], Any], Any] = {}
 
     @property
     def members_channel(self) -> grpc.aio.Channel:
@@ -125,9 +117,7 @@ class Peers:
 
     @property
     def members(self) -> MembersServiceAsyncStub:
-        if self._members_stub is None:
-            self._members_stub = members_pb2_grpc.MembersServiceStub(self.members_channel)
-        return self._members_stub
+        return self.stub(members_pb2_grpc.MembersServiceStub, self.members_channel)
 
     @property
     def cards_channel(self) -> grpc.aio.Channel:
@@ -142,23 +132,15 @@ class Peers:
 
     @property
     def cards(self) -> CardsServiceAsyncStub:
-        if self._cards_stub is None:
-            self._cards_stub = cards_pb2_grpc.CardsServiceStub(self.cards_channel)
-        return self._cards_stub
+        return self.stub(cards_pb2_grpc.CardsServiceStub, self.cards_channel)
 
     @property
     def card_programs(self) -> CardProgramsServiceAsyncStub:
-        if self._card_programs_stub is None:
-            self._card_programs_stub = programs_pb2_grpc.CardProgramsServiceStub(self.cards_channel)
-        return self._card_programs_stub
+        return self.stub(programs_pb2_grpc.CardProgramsServiceStub, self.cards_channel)
 
     @property
     def stored_value(self) -> StoredValueServiceAsyncStub:
-        if self._stored_value_stub is None:
-            self._stored_value_stub = stored_value_pb2_grpc.StoredValueServiceStub(
-                self.cards_channel
-            )
-        return self._stored_value_stub
+        return self.stub(stored_value_pb2_grpc.StoredValueServiceStub, self.cards_channel)
 
     @property
     def loyalty_channel(self) -> grpc.aio.Channel:
@@ -173,27 +155,19 @@ class Peers:
 
     @property
     def checkout(self) -> CheckoutServiceAsyncStub:
-        if self._checkout_stub is None:
-            self._checkout_stub = checkout_pb2_grpc.CheckoutServiceStub(self.loyalty_channel)
-        return self._checkout_stub
+        return self.stub(checkout_pb2_grpc.CheckoutServiceStub, self.loyalty_channel)
 
     @property
     def points(self) -> PointsServiceAsyncStub:
-        if self._points_stub is None:
-            self._points_stub = points_pb2_grpc.PointsServiceStub(self.loyalty_channel)
-        return self._points_stub
+        return self.stub(points_pb2_grpc.PointsServiceStub, self.loyalty_channel)
 
     @property
     def gifts(self) -> GiftsServiceAsyncStub:
-        if self._gifts_stub is None:
-            self._gifts_stub = points_pb2_grpc.GiftsServiceStub(self.loyalty_channel)
-        return self._gifts_stub
+        return self.stub(points_pb2_grpc.GiftsServiceStub, self.loyalty_channel)
 
     @property
     def tiers(self) -> TiersServiceAsyncStub:
-        if self._tiers_stub is None:
-            self._tiers_stub = rules_pb2_grpc.TiersServiceStub(self.loyalty_channel)
-        return self._tiers_stub
+        return self.stub(rules_pb2_grpc.TiersServiceStub, self.loyalty_channel)
 
     @property
     def campaigns_channel(self) -> grpc.aio.Channel:
@@ -214,58 +188,42 @@ class Peers:
 
     @property
     def coupons(self) -> CouponsServiceAsyncStub:
-        if self._coupons_stub is None:
-            self._coupons_stub = pricing_pb2_grpc.CouponsServiceStub(self.campaigns_channel)
-        return self._coupons_stub
+        return self.stub(pricing_pb2_grpc.CouponsServiceStub, self.campaigns_channel)
 
     @property
     def followups(self) -> FollowUpServiceAsyncStub:
-        if self._followups_stub is None:
-            self._followups_stub = followups_pb2_grpc.FollowUpServiceStub(self.campaigns_channel)
-        return self._followups_stub
+        return self.stub(followups_pb2_grpc.FollowUpServiceStub, self.campaigns_channel)
 
     @property
     def member_events(self) -> MemberEventsServiceAsyncStub:
-        if self._member_events_stub is None:
-            self._member_events_stub = member_events_pb2_grpc.MemberEventsServiceStub(
-                self.campaigns_channel
-            )
-        return self._member_events_stub
+        return self.stub(member_events_pb2_grpc.MemberEventsServiceStub, self.campaigns_channel)
 
     @property
     def pricing(self) -> PricingServiceAsyncStub:
         """The campaigns service's promotions (and basket pricing)."""
-        if self._pricing_stub is None:
-            self._pricing_stub = pricing_pb2_grpc.PricingServiceStub(self.campaigns_channel)
-        return self._pricing_stub
+        return self.stub(pricing_pb2_grpc.PricingServiceStub, self.campaigns_channel)
 
     @property
     def segments(self) -> SegmentsServiceAsyncStub:
-        if self._segments_stub is None:
-            self._segments_stub = segments_pb2_grpc.SegmentsServiceStub(self.campaigns_channel)
-        return self._segments_stub
+        return self.stub(segments_pb2_grpc.SegmentsServiceStub, self.campaigns_channel)
+
+    def stub(self, stub_class: Callable[[grpc.aio.Channel], S], channel: grpc.aio.Channel) -> S:
+        """The stub of ``stub_class`` on ``channel`` (the channel of the
+        process serving it), made on first use."""
+        made = self._stubs.get(stub_class)
+        if made is None:
+            made = self._stubs[stub_class] = stub_class(channel)
+        return made  # type: ignore[no-any-return]
 
     async def close(self, grace: float | None = None) -> None:
         for channel in self._owned:
             await channel.close(grace)
         self._owned.clear()
+        self._stubs.clear()
         self._members_channel = None
-        self._members_stub = None
         self._cards_channel = None
-        self._cards_stub = None
-        self._card_programs_stub = None
-        self._stored_value_stub = None
         self._loyalty_channel = None
-        self._checkout_stub = None
-        self._points_stub = None
-        self._gifts_stub = None
-        self._tiers_stub = None
         self._campaigns_channel = None
-        self._coupons_stub = None
-        self._followups_stub = None
-        self._member_events_stub = None
-        self._pricing_stub = None
-        self._segments_stub = None
 
 
 def peers_of(request: Request) -> Peers:

@@ -62,7 +62,7 @@ class TokenResponse(BaseModel):
 
 def _organisation(request: Request) -> organisation_pb2_grpc.OrganisationServiceAsyncStub:
     peers: Peers = request.app.state.peers
-    return organisation_pb2_grpc.OrganisationServiceStub(peers.members_channel)
+    return peers.stub(organisation_pb2_grpc.OrganisationServiceStub, peers.members_channel)
 
 
 def service_token(settings: Settings) -> str:

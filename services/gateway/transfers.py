@@ -101,7 +101,7 @@ def job_from_proto(job: transfers_pb2.ImportJob) -> ImportJob:
 
 def _stub(request: Request) -> transfers_pb2_grpc.MemberTransfersServiceAsyncStub:
     peers: Peers = request.app.state.peers
-    return transfers_pb2_grpc.MemberTransfersServiceStub(peers.members_channel)  # type: ignore[return-value]
+    return peers.stub(transfers_pb2_grpc.MemberTransfersServiceStub, peers.members_channel)  # type: ignore[return-value]
 
 
 def _token(request: Request) -> str:
