@@ -20,7 +20,12 @@ of a shared machine changes the wall clock more than these:
   bare grpc.aio channel (the baseline) and from a channel with the
   OpenTelemetry client interceptor every service channel has, with the
   process's tracer provider installed as a service installs it; the
-  server's CPU (from /proc) too.
+  server's CPU (from /proc) too;
+- a served call: a members ``GetMember`` answered at once from memory, by
+  the bare server and by the services' own server
+  (``chassis.grpcserver.GrpcServer``, with its tracing, access log, error
+  mapping and token check, logging as under ``make up``), called with a
+  service's token: what that stack adds to each call a service serves.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import resource
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -42,11 +48,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
 from bench.harness import ThrowawayDatabases, cpu_seconds, spawn
+from chassis.auth import service_token
 from chassis.config import normalise_database_url
 from chassis.db import Database
 from chassis.direct import Direct
+from chassis.grpcclient import bearer
 from chassis.natsserver import free_port
 from chassis.telemetry import configure_tracing
+from cornucopia.members.v1 import members_pb2, members_pb2_grpc
 
 READS_A_TRANSACTION = 10
 # What a service's call carries besides the request: its token.
@@ -203,8 +212,8 @@ async def call_costs(operations: int, work: Path) -> list[Cost]:
     configure_tracing("bench")
     address = f"127.0.0.1:{free_port()}"
     server = spawn(["-m", "bench.baseline_server", address], {}, work / "baseline.log")
+    costs: list[Cost] = []
     try:
-        costs: list[Cost] = []
         for name, interceptors in (
             ("gRPC call, bare channel (baseline)", None),
             ("gRPC call, OpenTelemetry interceptor", aio_client_interceptors()),
@@ -219,10 +228,42 @@ async def call_costs(operations: int, work: Path) -> list[Cost]:
                     )
 
                 costs.append(await measure(name, operations, check, peer=server.pid))
-        return costs
+        costs.append(await _get_member_cost("GetMember, bare server", address, operations, server))
     finally:
         server.terminate()
         server.wait(10)
+    # The same call served by the services' own server: what its
+    # interceptors (tracing, access log, errors, token check) add.
+    address = f"127.0.0.1:{free_port()}"
+    secret = "bench-" + "s" * 32
+    server = spawn(
+        ["-m", "bench.baseline_server", address, "--chassis", secret], {}, work / "chassis.log"
+    )
+    try:
+        costs.append(
+            await _get_member_cost(
+                "GetMember, the services' server", address, operations, server, secret
+            )
+        )
+    finally:
+        server.terminate()
+        server.wait(10)
+    return costs
+
+
+async def _get_member_cost(
+    name: str, address: str, operations: int, server: subprocess.Popen[bytes], secret: str = ""
+) -> Cost:
+    metadata = bearer(service_token(secret, "loyalty")) if secret else CALL_METADATA
+    async with grpc.aio.insecure_channel(address) as channel:
+        await asyncio.wait_for(channel.channel_ready(), 30)
+        members = members_pb2_grpc.MembersServiceStub(channel)
+        request = members_pb2.GetMemberRequest(member_id="M0000000001")
+
+        async def get(_i: int) -> None:
+            await members.GetMember(request, metadata=metadata, timeout=5)
+
+        return await measure(name, operations, get, peer=server.pid)
 
 
 def report(title: str, costs: list[Cost]) -> None:
