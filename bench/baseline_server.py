@@ -3,8 +3,8 @@ the health service (the floor for one gRPC round trip between two
 processes on this machine) and a members ``GetMember`` that answers at
 once; with ``--chassis`` the services' own server
 (``chassis.grpcserver.GrpcServer``: tracing, the access log, the mapping of
-errors and the token check around every call) serving a members
-``GetMember`` that answers at once, to price that stack by itself.
+errors and the token check around every call) serving the same
+``GetMember``, to price that stack by itself.
 
     python -m bench.baseline_server 127.0.0.1:50999 [--chassis SECRET]
 """

@@ -235,6 +235,24 @@ def peer_name(target: str, services: Iterable[ServiceDescriptor] = ()) -> str:
     return host or "peer"
 
 
+class Stubs:
+    """Stubs made once each, by their class: making one builds a callable
+    for every method of its service, which costs more than the call it is
+    made for. ``clear`` when their channel closes."""
+
+    def __init__(self) -> None:
+        self._made: dict[Callable[[grpc.aio.Channel], Any], Any] = {}
+
+    def on(self, channel: grpc.aio.Channel, stub_class: Callable[[grpc.aio.Channel], S]) -> S:
+        made = self._made.get(stub_class)
+        if made is None:
+            made = self._made[stub_class] = stub_class(channel)
+        return made  # type: ignore[no-any-return]
+
+    def clear(self) -> None:
+        self._made.clear()
+
+
 class Peer:
     """A service's channel to a peer service, opened on first use inside
     the running loop and closed when the service stops, and the metadata of
@@ -262,24 +280,20 @@ class Peer:
         self.name = name or peer_name(target, self.services)
         self.timeout = timeout
         self._channel: grpc.aio.Channel | None = None
-        self._stubs: dict[Callable[[grpc.aio.Channel], Any], Any] = {}
+        self._stubs = Stubs()
 
     @property
     def channel(self) -> grpc.aio.Channel:
         if self._channel is None:
             self._channel = open_channel(self.target, services=self.services)
-            self._stubs = {}
+            self._stubs.clear()
         return self._channel
 
     def stub(self, stub_class: Callable[[grpc.aio.Channel], S]) -> S:
         """The stub of ``stub_class`` on this peer's channel, made once:
         making one builds a callable for every method of its service, which
         costs more than the call it is made for."""
-        channel = self.channel
-        made = self._stubs.get(stub_class)
-        if made is None:
-            made = self._stubs[stub_class] = stub_class(channel)
-        return made  # type: ignore[no-any-return]
+        return self._stubs.on(self.channel, stub_class)
 
     def metadata(self) -> tuple[tuple[str, str]]:
         return bearer(service_token(self.token_secret, self.subject))
@@ -332,7 +346,7 @@ class Peer:
         if self._channel is not None:
             await self._channel.close(None)
             self._channel = None
-            self._stubs = {}
+            self._stubs.clear()
 
 
 # What a peer refused because of what the caller asked: passed on as it is.

@@ -17,7 +17,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from chassis.auth import verify_token
 from chassis.config import Settings
-from chassis.grpcclient import open_channel
+from chassis.grpcclient import Stubs, open_channel
 from cornucopia.campaigns.v1 import (
     followups_pb2,
     followups_pb2_grpc,
@@ -105,8 +105,7 @@ class Peers:
         self._loyalty_channel = loyalty_channel
         self._campaigns_channel = campaigns_channel
         self._owned: list[grpc.aio.Channel] = []
-        # Made once: a stub builds a callable for every method of its service.
-        self._stubs: dict[Callable[[grpc.aio.Channel], Any], Any] = {}
+        self._stubs = Stubs()
 
     @property
     def members_channel(self) -> grpc.aio.Channel:
@@ -210,10 +209,7 @@ class Peers:
     def stub(self, stub_class: Callable[[grpc.aio.Channel], S], channel: grpc.aio.Channel) -> S:
         """The stub of ``stub_class`` on ``channel`` (the channel of the
         process serving it), made on first use."""
-        made = self._stubs.get(stub_class)
-        if made is None:
-            made = self._stubs[stub_class] = stub_class(channel)
-        return made  # type: ignore[no-any-return]
+        return self._stubs.on(channel, stub_class)
 
     async def close(self, grace: float | None = None) -> None:
         for channel in self._owned:
