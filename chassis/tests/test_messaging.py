@@ -239,6 +239,32 @@ async def test_a_commit_with_outbox_rows_wakes_the_relay(db: Database, bus: Bus)
     assert await stream_messages(bus, "CARDS") == 1
 
 
+async def test_commits_close_together_are_published_in_one_pass(db: Database, bus: Bus) -> None:
+    passes: list[int] = []
+
+    class CountingRelay(OutboxRelay):
+        async def publish_pending(self) -> tuple[int, bool]:
+            sent, failed = await super().publish_pending()
+            passes.append(sent)
+            return sent, failed
+
+    relay = CountingRelay(db, bus, poll_interval=60, retry_delay=60, linger=0.3)
+    async with running(relay.run()):
+        await eventually(reading(lambda: len(passes)), lambda n: n == 1, timeout=5)
+        for card in ("C1", "C2", "C3"):
+            # Three requests, each committing its own event, 50 ms apart.
+            async with db.transaction() as session:
+                await enqueue(
+                    session, source=SOURCE, subject=SUBJECT, message=StringValue(value=card)
+                )
+            await asyncio.sleep(0.05)
+        await eventually(relay.pending_count, lambda n: n == 0, timeout=5)
+    # The first pass found nothing; the first commit woke the relay, and the
+    # pass after its linger took all three.
+    assert passes == [0, 3]
+    assert await stream_messages(bus, "CARDS") == 3
+
+
 async def test_the_relays_mark_finds_rows_by_key_in_a_table_without_statistics(
     postgres: Postgres,
 ) -> None:
