@@ -662,13 +662,17 @@ class Sagas:
         ``stored_value_left``: the card's stored value, for the receipt, as
         cards last said it (asked again at the commit when unknown)."""
         try:
+            if pin is None:
+                # Taken over from a driver that went away: the hold it asked
+                # for may exist, captured or not (cards says).
+                log_ = await self._hold_of(log_)
             if log_.step not in rules.PAST_NO_RETURN:
                 log_, stored_value_left = await self._take(log_, pin, stored_value_left)
             return await self._commit(log_, stored_value_left=stored_value_left)
         except SimulatedCrash:
             raise
         except ServiceError as error:
-            current = await self._reload(log_.checkout_id)
+            current = await self._hold_of(await self._reload(log_.checkout_id), log_.sv_hold_id)
             if current.step in rules.PAST_NO_RETURN or await self._captured(current):
                 log.warning(
                     "checkout past its point of no return could not finish yet",
@@ -684,13 +688,27 @@ class Sagas:
             raise
 
     async def _captured(self, log_: CheckoutLog) -> bool:
-        """Whether a checkout at SV_HELD is in fact past its point of no
-        return: its capture is recorded with the sale, so a crash (or a
-        failed commit) between the two leaves the log at SV_HELD with the
-        hold captured. Cards says which."""
+        """Whether a checkout holding stored value is in fact past its point
+        of no return: its capture is recorded with the sale, so a crash (or
+        a failed commit) between the two leaves the log before SV_CAPTURED
+        with the hold captured. Cards says which."""
         if log_.step != SagaStep.SV_HELD or not log_.sv_hold_id:
             return False
         return await self.cards.hold_captured(log_.sv_hold_id)
+
+    async def _hold_of(self, log_: CheckoutLog, known_hold_id: str = "") -> CheckoutLog:
+        """A log at SV_HOLDING as it stands at cards: the hold and the
+        capture are not written down (each is recorded by cards under the
+        checkout's request ids, and the capture again with the sale), so a
+        checkout whose log says SV_HOLDING may hold stored value, captured
+        or not. With the hold found (or known to the driver), the log at
+        SV_HELD; as it was otherwise."""
+        if log_.step != SagaStep.SV_HOLDING:
+            return log_
+        hold_id = known_hold_id or await self._find_hold(log_)
+        if not hold_id:
+            return log_
+        return dataclasses.replace(log_, step=SagaStep.SV_HELD, sv_hold_id=hold_id)
 
     async def _reload(self, checkout_id: str) -> CheckoutLog:
         async with self.db.sessions() as session:
@@ -746,23 +764,32 @@ class Sagas:
                 reference=log_.checkout_id,
                 ttl=HOLD_TTL,
             )
-            log_ = await self._advance(log_, SagaStep.SV_HELD, sv_hold_id=held.hold_id)
+            # Not written down: the hold is cards' record under this
+            # checkout's request id, which whoever finds the log at
+            # SV_HOLDING asks for (``_hold_of``).
+            log_ = dataclasses.replace(log_, step=SagaStep.SV_HELD, sv_hold_id=held.hold_id)
+            self._crash_point(SagaStep.SV_HELD)
         if log_.step == SagaStep.SV_HELD:
             # Asked again after a crash, cards returns the capture it made.
             captured = await self.cards.capture(
                 request_id=_cards_request(log_, "capture"), hold_id=log_.sv_hold_id
             )
             stored_value_left = captured.available_after
-            values = {"sv_movement_id": captured.movement_id, "sale_id": rules.new_sale_id()}
+            values = {
+                "sv_hold_id": log_.sv_hold_id,
+                "sv_movement_id": captured.movement_id,
+                "sale_id": rules.new_sale_id(),
+            }
             if plan.get("coupon_ids"):
                 # The coupons are redeemed under the sale's id before the sale
                 # is recorded: the id is written down first, as SV_CAPTURED.
                 log_ = await self._advance(log_, SagaStep.SV_CAPTURED, **values)
             else:
                 # The capture is recorded with the sale, in the commit's one
-                # transaction. Until then the log says SV_HELD, and whoever
-                # finds it so asks cards whether the hold was captured
-                # (``_captured``) before undoing anything.
+                # transaction. Until then the log says SV_HOLDING, and whoever
+                # finds it so asks cards for the hold and whether it was
+                # captured (``_hold_of``, ``_captured``) before undoing
+                # anything.
                 log_ = dataclasses.replace(log_, step=SagaStep.SV_CAPTURED, **values)
                 self._crash_point(SagaStep.SV_CAPTURED)
         return log_, stored_value_left
@@ -930,6 +957,7 @@ class Sagas:
                 SagaStep.COMMITTED,
                 now,
                 sale_id=sale_id,
+                sv_hold_id=log_.sv_hold_id or current.sv_hold_id,
                 sv_movement_id=log_.sv_movement_id or current.sv_movement_id,
                 receipt=receipt.SerializeToString(),
                 lease_until=now,
@@ -1025,8 +1053,8 @@ class Sagas:
                 )
             if not claimed:
                 continue
-            found = await self._reload(checkout_id)
             try:
+                found = await self._hold_of(await self._reload(checkout_id))
                 if found.step in rules.PAST_NO_RETURN:
                     await self._commit(found)
                 elif await self._captured(found):
