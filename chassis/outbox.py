@@ -11,7 +11,6 @@ duplicate window or, later, by the consumers' inbox.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -27,6 +26,7 @@ from chassis.db import Database, outbox_table, utcnow
 from chassis.direct import Direct
 from chassis.logs import get_logger
 from chassis.telemetry import current_traceparent, extract_trace_context, inject_trace_headers
+from chassis.wakeup import COMMIT_LINGER_SECONDS, Wakeup
 
 log = get_logger(__name__)
 _tracer = trace.get_tracer(__name__)
@@ -34,11 +34,6 @@ _tracer = trace.get_tracer(__name__)
 # Marks a session whose transaction wrote outbox rows, so the relay can be
 # woken right after the commit instead of waiting for its next poll.
 OUTBOX_WRITTEN = "cornucopia.outbox_written"
-
-
-# How long the relay waits, once woken by a commit, before its pass: a few
-# milliseconds more on an event's way, a pass for several commits under load.
-LINGER_SECONDS = 0.01
 
 
 def event_type(message: Message) -> str:
@@ -156,35 +151,26 @@ class OutboxRelay:
         batch_size: int = 100,
         poll_interval: float = 0.5,
         retry_delay: float = 1.0,
-        linger: float = LINGER_SECONDS,
+        linger: float = COMMIT_LINGER_SECONDS,
     ) -> None:
         self.db = db
         self.bus = bus
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self.retry_delay = retry_delay
-        self.linger = linger
-        self._wake = asyncio.Event()
+        self._wakeup = Wakeup(db, OUTBOX_WRITTEN, linger=linger)
         self._stopping = False
         self._unsent_claimed = Direct(self._unsent().with_for_update(skip_locked=True))
-        db.on_commit(self._on_commit)
-
-    def _on_commit(self, info: dict[str, Any]) -> None:
-        if info.pop(OUTBOX_WRITTEN, False):
-            self._wake.set()
 
     def wake(self) -> None:
-        self._wake.set()
+        self._wakeup.ring()
 
     def stop(self) -> None:
         self._stopping = True
-        self._wake.set()
+        self._wakeup.ring()
 
     async def run(self) -> None:
         while not self._stopping:
-            # A pass sees every row committed before it starts: the wake-ups
-            # of those commits are spent.
-            self._wake.clear()
             try:
                 sent, failed = await self.publish_pending()
             except asyncio.CancelledError:
@@ -193,20 +179,9 @@ class OutboxRelay:
                 log.exception("outbox relay pass failed")
                 sent, failed = 0, True
             if failed:
-                await self._sleep(self.retry_delay)
+                await self._wakeup.wait(self.retry_delay)
             elif sent < self.batch_size:
-                woken = await self._sleep(self.poll_interval)
-                if woken and self.linger > 0 and not self._stopping:
-                    # Under load commits come close together: a moment's
-                    # wait after the first lets one pass (one transaction,
-                    # one round trip to JetStream) take the others too.
-                    await asyncio.sleep(self.linger)
-
-    async def _sleep(self, seconds: float) -> bool:
-        """Waits ``seconds`` or until woken; whether it was woken."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
-        return self._wake.is_set()
+                await self._wakeup.wait(self.poll_interval)
 
     async def publish_pending(self) -> tuple[int, bool]:
         """One pass: publish up to a batch. Returns (published, failed)."""

@@ -41,7 +41,6 @@ import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
 
 from opentelemetry import trace
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -49,6 +48,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from chassis.db import Database, utcnow
 from chassis.logs import get_logger, redact_text
 from chassis.telemetry import extract_trace_context
+from chassis.wakeup import COMMIT_LINGER_SECONDS, Wakeup
 from services.notify import events, store
 from services.notify.channels import Channel, ChannelError, Needs, PermanentChannelError, Sent
 from services.notify.contacts import ContactsUnavailable, Directory
@@ -147,12 +147,7 @@ class Dispatcher:
         self.poll_interval = poll_interval
         self.lease_seconds = lease_seconds
         self.send_timeout = send_timeout
-        self._wake = asyncio.Event()
-        db.on_commit(self._on_commit)
-
-    def _on_commit(self, info: dict[str, Any]) -> None:
-        if info.pop(store.MESSAGES_QUEUED, False):
-            self._wake.set()
+        self._wakeup = Wakeup(db, store.MESSAGES_QUEUED, linger=COMMIT_LINGER_SECONDS)
 
     async def run(self) -> None:
         while True:
@@ -164,9 +159,7 @@ class Dispatcher:
                 log.exception("dispatch pass failed")
                 handled = 0
             if handled < self.batch_size:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval)
-                self._wake.clear()
+                await self._wakeup.wait(self.poll_interval)
 
     async def dispatch_queued(self) -> int:
         """One pass: claim a batch, send it, give back what was not started.

@@ -20,14 +20,13 @@ member's messages go to the file they were merged into.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import datetime as dt
 import random
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import grpc
 from opentelemetry import trace
@@ -37,6 +36,7 @@ from chassis.db import Database, utcnow
 from chassis.errors import ServiceError
 from chassis.logs import get_logger
 from chassis.telemetry import extract_trace_context
+from chassis.wakeup import COMMIT_LINGER_SECONDS, Wakeup
 from cornucopia.members.v1 import members_pb2
 from services.notify import store
 from services.notify.domain import choice, templates, triggers
@@ -224,12 +224,7 @@ class Planner:
         self.poll_interval = poll_interval
         # Tests set it to plan at a local time of their choosing.
         self.clock = clock
-        self._wake = asyncio.Event()
-        db.on_commit(self._on_commit)
-
-    def _on_commit(self, info: dict[str, Any]) -> None:
-        if info.get(intents.NOTIFICATIONS_ADDED):
-            self._wake.set()
+        self._wakeup = Wakeup(db, intents.NOTIFICATIONS_ADDED, linger=COMMIT_LINGER_SECONDS)
 
     async def run(self) -> None:
         while True:
@@ -241,9 +236,7 @@ class Planner:
                 log.exception("planning pass failed")
                 handled = 0
             if handled < self.batch_size:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval)
-                self._wake.clear()
+                await self._wakeup.wait(self.poll_interval)
 
     async def plan_pending(self, now: dt.datetime | None = None) -> int:
         """One pass over the notifications due; returns how many it took up

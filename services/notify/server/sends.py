@@ -6,12 +6,10 @@ weekly digest; see services/notify/schedules.py)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import os
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
 
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -33,6 +31,7 @@ from chassis.logs import get_logger
 from chassis.paging import newest_first_after, newest_first_token, page_size
 from chassis.service import ServiceContext
 from chassis.telemetry import current_traceparent
+from chassis.wakeup import Wakeup
 from cornucopia.common.v1 import org_pb2
 from cornucopia.members.v1 import members_pb2
 from cornucopia.notify.v1 import notify_pb2, sends_pb2_grpc
@@ -467,12 +466,7 @@ class SendsWorker:
         )
         self.batch = batch
         self.select_page = select_page
-        self._wake = asyncio.Event()
-        db.on_commit(self._on_commit)
-
-    def _on_commit(self, info: dict[str, Any]) -> None:
-        if info.pop(store.SENDS_READY, False):
-            self._wake.set()
+        self._wakeup = Wakeup(db, store.SENDS_READY)
 
     async def run(self) -> None:
         while True:
@@ -482,9 +476,7 @@ class SendsWorker:
                 raise
             except Exception:
                 log.exception("sends pass failed; will retry")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval)
-            self._wake.clear()
+            await self._wakeup.wait(self.poll_interval)
 
     async def run_pass(self, now: dt.datetime | None = None) -> int:
         """Starts what is due and expands every running send nobody holds;
