@@ -16,6 +16,10 @@ of a shared machine changes the wall clock more than these:
   (on PostgreSQL the session's driver connection; elsewhere the session),
   and the baseline: the same read straight through asyncpg, in a
   transaction of ten;
+- a unit of work of one UPDATE by key through ``chassis.direct``, against
+  the same transaction straight through asyncpg: what a transaction costs
+  beyond its statements (the session, the pooled connection, BEGIN and
+  COMMIT), which a checkout pays some twenty times across the services;
 - a gRPC call: a health check against ``bench.baseline_server`` from a
   bare grpc.aio channel (the baseline) and from a channel with the
   OpenTelemetry client interceptor every service channel has, with the
@@ -155,6 +159,18 @@ async def statement_costs(url: str, operations: int) -> list[Cost]:
                 for key in keys(i):
                     (await direct.execute(session, {"key_row_id": key})).first()
 
+        update = Direct(
+            sa.update(shelf)
+            .where(shelf.c.row_id == sa.bindparam("key_row_id"))
+            .values(balance=shelf.c.balance + 1)
+        )
+
+        async def one_update_unit_of_work(i: int) -> None:
+            # What a unit of work costs beyond its statements: the session,
+            # the pooled connection, BEGIN and COMMIT.
+            async with db.transaction() as session:
+                await update.execute(session, {"key_row_id": f"r{i % ROWS}"})
+
         async def core(i: int) -> None:
             async with db.engine.begin() as conn:
                 for key in keys(i):
@@ -182,6 +198,9 @@ async def statement_costs(url: str, operations: int) -> list[Cost]:
                 direct_unit_of_work,
                 per_batch=READS_A_TRANSACTION,
             ),
+            await measure(
+                "unit of work of one UPDATE, chassis.direct", operations, one_update_unit_of_work
+            ),
         ]
         if db.dialect == "postgresql":
             raw = await asyncpg.connect(url)
@@ -193,12 +212,26 @@ async def statement_costs(url: str, operations: int) -> list[Cost]:
                         for key in keys(i):
                             await raw.fetchrow(text, key)
 
+                async def bare_update(i: int) -> None:
+                    async with raw.transaction():
+                        await raw.execute(
+                            "UPDATE unit_cost_rows SET balance = balance + 1 WHERE row_id = $1",
+                            f"r{i % ROWS}",
+                        )
+
                 costs.append(
                     await measure(
                         "read, bare asyncpg (baseline)",
                         operations,
                         bare,
                         per_batch=READS_A_TRANSACTION,
+                    )
+                )
+                costs.append(
+                    await measure(
+                        "unit of work of one UPDATE, bare asyncpg (baseline)",
+                        operations,
+                        bare_update,
                     )
                 )
             finally:
@@ -268,12 +301,16 @@ async def _get_member_cost(
 
 def report(title: str, costs: list[Cost]) -> None:
     print(title)
-    baseline = next((c for c in costs if "baseline" in c.name), None)
+    # Each operation against the baseline of its kind (the name before the
+    # comma), else the first baseline.
+    baselines = {c.name.split(",")[0]: c for c in costs if "baseline" in c.name}
+    first = next(iter(baselines.values()), None)
     for cost in costs:
+        baseline = baselines.get(cost.name.split(",")[0], first)
         ratio = f"  {cost.cpu_us / baseline.cpu_us:4.1f}x the baseline" if baseline else ""
         peer = "" if cost.peer_cpu_us is None else f"; the server's CPU {cost.peer_cpu_us:6.1f} us"
         print(
-            f"  {cost.name:<40} CPU {cost.cpu_us:7.1f} us  wall {cost.wall_us:7.1f} us{ratio}{peer}"
+            f"  {cost.name:<52} CPU {cost.cpu_us:7.1f} us  wall {cost.wall_us:7.1f} us{ratio}{peer}"
         )
 
 
@@ -285,13 +322,13 @@ async def run(postgres: str | None, operations: int) -> None:
             try:
                 url = await databases.create()
                 report(
-                    "a primary-key read (PostgreSQL), CPU a statement:",
+                    "a primary-key read and a unit of work (PostgreSQL), CPU each:",
                     await statement_costs(url, operations),
                 )
             finally:
                 await databases.drop_all()
         report(
-            "a primary-key read (SQLite), CPU a statement:",
+            "a primary-key read and a unit of work (SQLite), CPU each:",
             await statement_costs(f"sqlite:///{work / 'units.db'}", operations),
         )
         report(
