@@ -1,7 +1,7 @@
-"""What a background worker (the outbox relay, notify's planner and
-dispatcher) waits on between its passes: a commit of this process that left
-it work wakes it at once; otherwise it looks again after its poll interval
-(for work written by other replicas, or due later)."""
+"""What a background worker (the outbox relay, notify's planner, dispatcher
+and sends worker) waits on between its passes: a commit of this process
+that left it work wakes it at once; otherwise it looks again after its poll
+interval (for work written by other replicas, or due later)."""
 
 from __future__ import annotations
 
