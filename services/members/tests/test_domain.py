@@ -8,7 +8,7 @@ import re
 
 import phonenumbers
 import pytest
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from chassis.errors import InvalidArgument
@@ -310,6 +310,9 @@ def test_anything_typed_is_e164_or_refused(raw: str, region: str) -> None:
         assert normalise_mobile(result, region) == result
 
 
+# phonenumbers reads a region's metadata on its first use: a first example
+# may take longer than hypothesis's deadline on a busy machine.
+@settings(deadline=None)
 @given(region=regions, other_region=regions)
 def test_a_local_example_number_normalises_once_and_for_all(region: str, other_region: str) -> None:
     example = phonenumbers.example_number_for_type(region, phonenumbers.PhoneNumberType.MOBILE)
