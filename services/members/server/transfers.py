@@ -58,6 +58,7 @@ from chassis.logs import get_logger
 from chassis.outbox import enqueue_rows
 from chassis.paging import decode_token, encode_token, page_size
 from chassis.service import ServiceContext
+from chassis.wakeup import Wakeup
 from cornucopia.common.v1 import org_pb2
 from cornucopia.members.v1 import members_pb2, transfers_pb2, transfers_pb2_grpc
 from services.members import events, importing
@@ -79,7 +80,9 @@ DEFAULT_BATCH_ROWS = 500
 MAX_IMPORT_BYTES = 256 * 1024 * 1024
 EXPORT_CHUNK_BYTES = 64 * 1024
 EXPORT_PAGE = 500
-POLL_SECONDS = 0.3
+# A job queued through this process starts at its commit (``Wakeup``); the
+# poll finds those queued through other replicas and jobs whose runner died.
+POLL_SECONDS = 2.0
 # How long a runner's claim on a job holds without a batch renewing it:
 # how long a job whose replica died waits before another takes it over.
 LEASE = dt.timedelta(seconds=60)
@@ -644,6 +647,7 @@ class ImportRunner:
         self.runner_id = runner_id or default_runner_id()
         self.lease = lease
         self._renewed_at = utcnow()
+        self._wakeup = Wakeup(self.db, store.IMPORT_QUEUED)
 
     async def run(self) -> None:
         while True:
@@ -658,7 +662,7 @@ class ImportRunner:
                 log.warning("import runner: database unavailable; retrying")
             except Exception:
                 log.exception("import runner failed")
-            await asyncio.sleep(POLL_SECONDS)
+            await self._wakeup.wait(POLL_SECONDS)
 
     async def process(self, import_job_id: str) -> None:
         """Work the job if this runner can claim it; return when it is done,

@@ -28,6 +28,9 @@ from services.members.domain.transfers import RowProblem
 from services.members.store import metadata
 
 RUNNING = "running"
+# Marks a session whose transaction queued an import job, so that this
+# process's runner starts it when the transaction commits.
+IMPORT_QUEUED = "cornucopia.members.import_queued"
 SUCCEEDED = "succeeded"
 FAILED = "failed"
 
@@ -212,6 +215,7 @@ async def insert_job(
             file_key=file_key.ciphertext if file_key else None,
         )
     )
+    session.info[IMPORT_QUEUED] = True
     job = await get_job(session, import_job_id)
     assert job is not None  # just inserted in this transaction
     return job
