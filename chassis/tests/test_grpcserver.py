@@ -15,6 +15,8 @@ import grpc
 import pytest
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from chassis import grpcserver
 from chassis.auth import Role, Scope, ScopeLevel, current_principal, mint_token
@@ -22,6 +24,7 @@ from chassis.config import ConfigError, GrpcConnections, Settings
 from chassis.errors import FieldViolation, InvalidArgument, NotFound
 from chassis.grpcclient import bearer, rich_error
 from chassis.grpcserver import GrpcServer, GrpcService, server_options
+from chassis.telemetry import configure_tracing
 
 SECRET = "test-secret-of-a-reasonable-length-0123456789"
 SERVICE = "test.streams.v1.StreamsService"
@@ -386,6 +389,18 @@ async def test_a_unary_call_still_writes_its_access_log_line(edge: Edge) -> None
     assert error.reason == "THING_NOT_FOUND"
     await edge.log.wait_for_calls(UNARY, 2)
     assert [line["code"] for line in edge.log.calls(UNARY)] == ["OK", "NOT_FOUND"]
+
+
+async def test_calls_are_traced_and_health_probes_are_not(edge: Edge) -> None:
+    spans = InMemorySpanExporter()
+    configure_tracing("tests", extra_processors=(SimpleSpanProcessor(spans),))
+    health = health_pb2_grpc.HealthStub(edge.channel)
+    assert (await health.Check(health_pb2.HealthCheckRequest())).status == (
+        health_pb2.HealthCheckResponse.SERVING
+    )
+    assert await edge.unary(UNARY)(b"hello", metadata=token()) == b"hello"
+    traced = [span.name for span in spans.get_finished_spans()]
+    assert traced == [UNARY]
 
 
 async def test_a_stream_the_caller_abandons_is_closed_as_that_principal_and_logged(
