@@ -451,6 +451,51 @@ async def test_a_crash_after_any_step_is_finished_or_undone(
     assert (await shop.balance(card.card_id)).available.minor_units == 70_000
 
 
+async def test_a_checkout_whose_driver_died_holding_is_finished_when_sent_again(
+    suite: Suite, database_url: DatabaseFactory
+) -> None:
+    """The hold is not written in the log: the log says SV_HOLDING, cards
+    has the hold. The same checkout sent again once the lease has run out
+    finds the hold, captures it and records the sale, charged once."""
+    shop = await open_shop(suite, database_url)
+    _, card = await enroll(shop, "13800138009", recharge=100_000)
+    request = checkout_request(
+        card_number=card.card_number, tenders=[stored_value(30_000), cash(TOTAL - 30_000)]
+    )
+
+    def crash(at: SagaStep) -> None:
+        if at == SagaStep.SV_HELD:
+            raise SimulatedCrash(at.value)
+
+    shop.sagas.crash_after = crash
+    anonymous = P.CheckoutRequest.FromString(request.SerializeToString())
+    with pytest.raises(SimulatedCrash):
+        await shop.sagas.checkout(request, request_fingerprint(anonymous), Caller("op-1", "S001"))
+    shop.sagas.crash_after = None
+    async with shop.loyalty.db.sessions() as session:
+        log_ = await sales_store.get_checkout(session, request.checkout_id)
+    assert log_ is not None
+    assert (log_.step, log_.sv_hold_id) == (SagaStep.SV_HOLDING, "")
+    assert (await shop.balance(card.card_id)).held.minor_units == 30_000
+    # Its driver is gone: once its lease has run out, the till sends it again.
+    async with shop.loyalty.db.transaction() as session:
+        await session.execute(
+            sa.update(sales_store.checkouts).values(
+                lease_until=dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+            )
+        )
+    receipt = await shop.checkout.Checkout(request, metadata=CASHIER)
+    assert receipt.checkout_id == request.checkout_id
+    balance = await shop.balance(card.card_id)
+    assert (balance.available.minor_units, balance.held.minor_units) == (70_000, 0)
+    async with shop.loyalty.db.sessions() as session:
+        log_ = await sales_store.get_checkout(session, request.checkout_id)
+    assert log_ is not None
+    assert log_.step == SagaStep.COMMITTED
+    assert log_.sv_hold_id and log_.sv_movement_id
+    assert await shop.checkout.Checkout(request, metadata=CASHIER) == receipt
+
+
 async def test_the_same_checkout_at_once_is_one_sale(
     suite: Suite, database_url: DatabaseFactory
 ) -> None:
