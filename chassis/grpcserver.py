@@ -66,6 +66,11 @@ _RPC_CODES = {
 # and Kubernetes probes work without a token).
 _HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 _HEALTH_PREFIX = f"/{_HEALTH_SERVICE}/"
+PUBLIC_METHOD_PREFIXES = (
+    _HEALTH_PREFIX,
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
 
 
 def _not_health(details: grpc.HandlerCallDetails) -> bool:
@@ -73,13 +78,6 @@ def _not_health(details: grpc.HandlerCallDetails) -> bool:
     instrumentation's own filters do the same through a generic method-name
     parser that costs some tens of microseconds on every call.)"""
     return not details.method.startswith(_HEALTH_PREFIX)
-
-
-PUBLIC_METHOD_PREFIXES = (
-    "/grpc.health.v1.Health/",
-    "/grpc.reflection.v1alpha.ServerReflection/",
-    "/grpc.reflection.v1.ServerReflection/",
-)
 
 
 def error_domain(service: str) -> str:
