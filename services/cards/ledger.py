@@ -291,6 +291,51 @@ async def hold(
     ttl: dt.timedelta,
     reference: str = "",
 ) -> HoldRecord:
+    held, _ = await _hold(
+        session, card, program, policy, request, amount=amount, ttl=ttl, reference=reference
+    )
+    return held
+
+
+async def hold_and_capture(
+    session: AsyncSession,
+    card: CardRecord,
+    program: ProgramRecord,
+    policy: Policy,
+    request: Request,
+    *,
+    amount: int,
+    ttl: dt.timedelta,
+    reference: str = "",
+) -> Captured:
+    """A hold captured as it is made, in the caller's one unit of work: for
+    a till that takes the funds at once (the checkout records its sale
+    afterwards, and needs nothing between the two). Both movements carry
+    the request's id, so the hold is found, and refunded, like any other.
+    A replay returns the hold the request made as it now stands: captured,
+    or, when that request made it without the capture, as it was left."""
+    held, replayed = await _hold(
+        session, card, program, policy, request, amount=amount, ttl=ttl, reference=reference
+    )
+    if replayed:
+        account = await store.get_account(session, held.account_id)
+        assert account is not None  # a hold's account is never deleted
+        return Captured(held, account.currency, account.balances.available)
+    return await _capture(session, held, card, held.currency, request, amount=None)
+
+
+async def _hold(
+    session: AsyncSession,
+    card: CardRecord,
+    program: ProgramRecord,
+    policy: Policy,
+    request: Request,
+    *,
+    amount: int,
+    ttl: dt.timedelta,
+    reference: str,
+) -> tuple[HoldRecord, bool]:
+    """The hold, and whether the request was carried out before."""
     movement, day, replayed = await _spend(
         session,
         card,
@@ -305,7 +350,7 @@ async def hold(
     if replayed:
         found = await store.get_hold(session, movement.hold_id)
         assert found is not None  # written with its movement
-        return found
+        return found, True
     now = request.stamp.at
     held = HoldRecord(
         hold_id=movement.hold_id,
@@ -327,7 +372,7 @@ async def hold(
     )
     await store.insert_hold(session, held)
     await events.stored_value_moved(session, movement, card, request.stamp, expire_time=now + ttl)
-    return held
+    return held, False
 
 
 @dataclass(frozen=True)
@@ -425,6 +470,20 @@ async def capture(
         return Captured(held, account.currency, account.balances.available)
     if held.state != HoldState.HELD:
         raise _hold_refusal(held)
+    return await _capture(session, held, card, account.currency, request, amount=amount)
+
+
+async def _capture(
+    session: AsyncSession,
+    held: HoldRecord,
+    card: CardRecord,
+    currency: str,
+    request: Request,
+    *,
+    amount: int | None,
+) -> Captured:
+    """Takes the funds of a hold found HELD, its account locked."""
+    hold_id = held.hold_id
     take_total = held.funds.total if amount is None else amount
     if take_total > held.funds.total:
         raise FailedPrecondition(
@@ -443,7 +502,7 @@ async def capture(
             request_hash=request.request_hash,
             account_id=held.account_id,
             card_id=held.card_id,
-            currency=account.currency,
+            currency=currency,
             amount=take.total,
             change=Funds(),
             entries=rules.capture_entries(take),
@@ -481,7 +540,7 @@ async def capture(
         capture_movement_id=movement.movement_id,
         finished_at=request.stamp.at,
     )
-    return Captured(captured, account.currency, after.available)
+    return Captured(captured, currency, after.available)
 
 
 async def void(

@@ -65,6 +65,14 @@ class ResolvedCard:
 class HeldValue:
     hold_id: str
     state: str
+    # Once captured: the capture's movement and, from a hold captured as it
+    # was made, the card's available stored value after it.
+    capture_movement_id: str = ""
+    available_after: int | None = None
+
+    @property
+    def captured(self) -> bool:
+        return self.state == "HOLD_STATE_CAPTURED"
 
 
 @dataclass(frozen=True)
@@ -198,7 +206,10 @@ class CardsClient:
         pin: str,
         reference: str,
         ttl: dt.timedelta,
+        capture: bool = False,
     ) -> HeldValue:
+        """The hold this request id names (made now, or as an earlier ask
+        made it); with ``capture``, captured as it is made."""
         duration = Duration()
         duration.FromTimedelta(ttl)
         held = await self.peer.call(
@@ -210,9 +221,17 @@ class CardsClient:
                 pin=pin,
                 reference=reference,
                 ttl=duration,
+                capture=capture,
             ),
         )
-        return HeldValue(held.hold_id, stored_value_pb2.HoldState.Name(held.state))
+        return HeldValue(
+            held.hold_id,
+            stored_value_pb2.HoldState.Name(held.state),
+            capture_movement_id=held.capture_movement_id,
+            available_after=(
+                int(held.available_after.minor_units) if held.HasField("available_after") else None
+            ),
+        )
 
     async def capture(self, *, request_id: str, hold_id: str) -> Captured:
         """Captures the whole hold; returns the capture's movement id and

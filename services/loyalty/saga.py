@@ -74,6 +74,7 @@ from services.loyalty.domain.earn_rules import EarnContext, EarnLine, evaluate
 from services.loyalty.peers import (
     CampaignsClient,
     CardsClient,
+    HeldValue,
     MembersClient,
     ResolvedCard,
     StoreFacts,
@@ -694,6 +695,8 @@ class Sagas:
         with the hold captured. Cards says which."""
         if log_.step != SagaStep.SV_HELD or not log_.sv_hold_id:
             return False
+        if log_.sv_movement_id:
+            return True  # cards said so with the hold
         return await self.cards.hold_captured(log_.sv_hold_id)
 
     async def _hold_of(self, log_: CheckoutLog, known_hold_id: str = "") -> CheckoutLog:
@@ -705,10 +708,18 @@ class Sagas:
         SV_HELD; as it was otherwise."""
         if log_.step != SagaStep.SV_HOLDING:
             return log_
-        hold_id = known_hold_id or await self._find_hold(log_)
-        if not hold_id:
+        if known_hold_id:
+            return dataclasses.replace(log_, step=SagaStep.SV_HELD, sv_hold_id=known_hold_id)
+        held = await self._find_hold(log_)
+        if held is None:
             return log_
-        return dataclasses.replace(log_, step=SagaStep.SV_HELD, sv_hold_id=hold_id)
+        # A hold captured as it was made comes back with its capture.
+        return dataclasses.replace(
+            log_,
+            step=SagaStep.SV_HELD,
+            sv_hold_id=held.hold_id,
+            sv_movement_id=held.capture_movement_id,
+        )
 
     async def _reload(self, checkout_id: str) -> CheckoutLog:
         async with self.db.sessions() as session:
@@ -756,6 +767,7 @@ class Sagas:
             if pin is None:
                 # Recovering: whether the hold was made is for undo to find out.
                 raise Unavailable("the checkout's driver went away", reason="CHECKOUT_INTERRUPTED")
+            # Held and captured in one call: nothing is done between the two.
             held = await self.cards.hold(
                 request_id=_cards_request(log_, "hold"),
                 card_id=log_.card_id,
@@ -763,35 +775,52 @@ class Sagas:
                 pin=pin,
                 reference=log_.checkout_id,
                 ttl=HOLD_TTL,
+                capture=True,
             )
-            # Not written down: the hold is cards' record under this
-            # checkout's request id, which whoever finds the log at
-            # SV_HOLDING asks for (``_hold_of``).
+            # Not written down: the hold and its capture are cards' records
+            # under this checkout's request id, which whoever finds the log
+            # at SV_HOLDING asks for (``_hold_of``).
             log_ = dataclasses.replace(log_, step=SagaStep.SV_HELD, sv_hold_id=held.hold_id)
+            if held.captured:
+                return await self._past_capture(
+                    log_, held.capture_movement_id, held.available_after
+                )
+            # A hold this request id made without its capture (asked for by a
+            # recovery that raced this driver): captured below.
             self._crash_point(SagaStep.SV_HELD)
         if log_.step == SagaStep.SV_HELD:
-            # Asked again after a crash, cards returns the capture it made.
+            if log_.sv_movement_id:
+                # Found captured by a driver that took the checkout over.
+                return await self._past_capture(log_, log_.sv_movement_id, stored_value_left)
+            # A hold made before and not captured. Asked again after a
+            # crash, cards returns the capture it made.
             captured = await self.cards.capture(
                 request_id=_cards_request(log_, "capture"), hold_id=log_.sv_hold_id
             )
-            stored_value_left = captured.available_after
-            values = {
-                "sv_hold_id": log_.sv_hold_id,
-                "sv_movement_id": captured.movement_id,
-                "sale_id": rules.new_sale_id(),
-            }
-            if plan.get("coupon_ids"):
-                # The coupons are redeemed under the sale's id before the sale
-                # is recorded: the id is written down first, as SV_CAPTURED.
-                log_ = await self._advance(log_, SagaStep.SV_CAPTURED, **values)
-            else:
-                # The capture is recorded with the sale, in the commit's one
-                # transaction. Until then the log says SV_HOLDING, and whoever
-                # finds it so asks cards for the hold and whether it was
-                # captured (``_hold_of``, ``_captured``) before undoing
-                # anything.
-                log_ = dataclasses.replace(log_, step=SagaStep.SV_CAPTURED, **values)
-                self._crash_point(SagaStep.SV_CAPTURED)
+            return await self._past_capture(log_, captured.movement_id, captured.available_after)
+        return log_, stored_value_left
+
+    async def _past_capture(
+        self, log_: CheckoutLog, movement_id: str, stored_value_left: int | None
+    ) -> tuple[CheckoutLog, int | None]:
+        """The log past its point of no return once cards captured its hold
+        (``movement_id``), and the stored value left as cards said it."""
+        values: dict[str, Any] = {
+            "sv_hold_id": log_.sv_hold_id,
+            "sv_movement_id": movement_id,
+            "sale_id": rules.new_sale_id(),
+        }
+        if log_.plan.get("coupon_ids"):
+            # The coupons are redeemed under the sale's id before the sale is
+            # recorded: the id is written down first, as SV_CAPTURED.
+            log_ = await self._advance(log_, SagaStep.SV_CAPTURED, **values)
+        else:
+            # The capture is recorded with the sale, in the commit's one
+            # transaction. Until then the log says SV_HOLDING, and whoever
+            # finds it so asks cards for the hold and whether it was captured
+            # (``_hold_of``, ``_captured``) before undoing anything.
+            log_ = dataclasses.replace(log_, step=SagaStep.SV_CAPTURED, **values)
+            self._crash_point(SagaStep.SV_CAPTURED)
         return log_, stored_value_left
 
     async def _undo(self, log_: CheckoutLog, error: ServiceError) -> None:
@@ -802,7 +831,8 @@ class Sagas:
         stamp = Stamp(log_.principal, log_.store_id, utcnow())
         hold_id = log_.sv_hold_id
         if log_.step == SagaStep.SV_HOLDING and not hold_id:
-            hold_id = await self._find_hold(log_)
+            found = await self._find_hold(log_)
+            hold_id = found.hold_id if found is not None else ""
         if hold_id:
             await self.cards.void(
                 request_id=_cards_request(log_, "void"), hold_id=hold_id, reason="checkout undone"
@@ -824,11 +854,12 @@ class Sagas:
             )
         log.info("checkout undone", checkout_id=log_.checkout_id, reason=error.reason)
 
-    async def _find_hold(self, log_: CheckoutLog) -> str:
+    async def _find_hold(self, log_: CheckoutLog) -> HeldValue | None:
         """Whether cards made the hold this checkout asked for: asked again
-        with the same request id and no PIN, cards returns the hold it made;
-        a card with a PIN refuses when there is none; a card without one
-        makes it now (undo voids it at once)."""
+        with the same request id and no PIN, cards returns the hold it made,
+        as it stands (captured, when it was captured as it was made); a card
+        with a PIN refuses when there is none; a card without one makes it
+        now, not captured (undo voids it at once)."""
         try:
             held = await self.cards.hold(
                 request_id=_cards_request(log_, "hold"),
@@ -839,8 +870,8 @@ class Sagas:
                 ttl=HOLD_TTL,
             )
         except (FailedPrecondition, InvalidArgument, NotFound):
-            return ""
-        return held.hold_id
+            return None
+        return held
 
     async def _commit(
         self, log_: CheckoutLog, *, stored_value_left: int | None = None

@@ -458,6 +458,80 @@ async def test_hold_capture_void_debit_and_refund(
     assert await ledger_problems(c) == []
 
 
+async def test_a_hold_captured_as_it_is_made(suite: Suite, database_url: DatabaseFactory) -> None:
+    """HoldStoredValue with ``capture``: the hold and its capture in one
+    call, both under the request's id, found again by the same id with or
+    without the capture and without the PIN, refunded like any capture."""
+    c, w = await setup(suite, database_url)
+    card = await issue(c, "M-ANN")
+    await w.recharge(card.card_id, 10_000)
+    await c.cards.SetCardPin(
+        C.SetCardPinRequest(request_id=rid(), card_id=card.card_id, new_pin="246813"),
+        metadata=OP_S001,
+    )
+    details = await refused(
+        w.hold(card.card_id, 3_000, pin="111111", capture=True), grpc.StatusCode.FAILED_PRECONDITION
+    )
+    assert details["reason"] == "PIN_INCORRECT"
+    details = await refused(
+        w.hold(card.card_id, 10_001, pin="246813", capture=True),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert details["reason"] == "INSUFFICIENT_BALANCE"
+    balance = await w.balance(card.card_id)
+    assert (balance.available.minor_units, balance.held.minor_units) == (10_000, 0)
+
+    taken = await w.hold(
+        card.card_id, 3_000, pin="246813", capture=True, request_id="sale-1", reference="sale-1"
+    )
+    assert taken.state == S.HOLD_STATE_CAPTURED
+    assert taken.captured.minor_units == 3_000 and taken.capture_movement_id
+    balance = await w.balance(card.card_id)
+    assert (balance.available.minor_units, balance.held.minor_units) == (7_000, 0)
+    assert taken.available_after == balance.available
+    # Asked again, with the capture or without it, and without the PIN: the
+    # same hold, nothing taken twice.
+    again = await w.hold(card.card_id, 3_000, capture=True, request_id="sale-1", reference="sale-1")
+    found = await w.hold(card.card_id, 3_000, request_id="sale-1", reference="sale-1")
+    for reply in (again, found):
+        assert (reply.hold_id, reply.state, reply.capture_movement_id) == (
+            taken.hold_id,
+            S.HOLD_STATE_CAPTURED,
+            taken.capture_movement_id,
+        )
+    assert (await w.balance(card.card_id)).available.minor_units == 7_000
+    # Another amount under the same id is another request.
+    details = await refused(
+        w.hold(card.card_id, 2_000, pin="246813", request_id="sale-1", reference="sale-1"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert details["reason"] == "IDEMPOTENCY_KEY_REUSED"
+    # A hold made without the capture stays so when asked again with it.
+    held = await w.hold(card.card_id, 1_000, pin="246813", request_id="sale-2")
+    kept = await w.hold(card.card_id, 1_000, capture=True, request_id="sale-2")
+    assert (kept.hold_id, kept.state) == (held.hold_id, S.HOLD_STATE_HELD)
+    assert (await w.balance(card.card_id)).held.minor_units == 1_000
+
+    refund = await w.sv.Refund(
+        S.RefundRequest(request_id=rid(), movement_id=taken.capture_movement_id),
+        metadata=CHECKOUT,
+    )
+    assert refund.movement.amount.minor_units == 3_000
+    assert (await w.balance(card.card_id)).available.minor_units == 9_000
+    kinds = [m.kind for m in reversed(await movements(w, card_id=card.card_id))]
+    assert kinds == [
+        S.MOVEMENT_KIND_RECHARGE,
+        S.MOVEMENT_KIND_HOLD,
+        S.MOVEMENT_KIND_CAPTURE,
+        S.MOVEMENT_KIND_HOLD,
+        S.MOVEMENT_KIND_REFUND,
+    ]
+    subjects = [s for s, _ in await outbox(c) if s.startswith("cards.v1.stored_value.")]
+    assert subjects.count("cards.v1.stored_value.held") == 2
+    assert subjects.count("cards.v1.stored_value.captured") == 1
+    assert await ledger_problems(c) == []
+
+
 async def test_limits_supplementary_cards_and_hold_expiry(
     suite: Suite, database_url: DatabaseFactory
 ) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import pytest
 import sqlalchemy as sa
+from google.protobuf.duration_pb2 import Duration
 from openpyxl import load_workbook
 
 from chassis.auth import Role, Scope, ScopeLevel
@@ -35,7 +36,7 @@ from services.campaigns.server import definition as campaigns_definition
 from services.loyalty import points_ledger
 from services.loyalty.domain.checkout import SagaStep
 from services.loyalty.points_ledger import Stamp
-from services.loyalty.saga import Caller, Sagas, SimulatedCrash
+from services.loyalty.saga import HOLD_TTL, Caller, Sagas, SimulatedCrash
 from services.loyalty.server import definition as loyalty_definition
 from services.loyalty.server.checkout import sagas_of
 from services.loyalty.store import sales as sales_store
@@ -367,10 +368,42 @@ async def test_refusals_leave_nothing_taken(suite: Suite, database_url: Database
     assert await shop.points(member_id) == before - 10_000 + paid.points.earned
 
 
+async def _lapse_leases(shop: Shop) -> None:
+    """Time passes: a crashed driver's lease runs out."""
+    async with shop.loyalty.db.transaction() as session:
+        await session.execute(
+            sa.update(sales_store.checkouts).values(
+                lease_until=dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+            )
+        )
+
+
+async def _crash_at(
+    shop: Shop, request: P.CheckoutRequest, step: SagaStep
+) -> sales_store.CheckoutLog:
+    """Sends the checkout through a driver that dies after ``step``; the
+    log as it left it."""
+
+    def crash(at: SagaStep) -> None:
+        if at == step:
+            raise SimulatedCrash(at.value)
+
+    shop.sagas.crash_after = crash
+    anonymous = P.CheckoutRequest.FromString(request.SerializeToString())
+    with pytest.raises(SimulatedCrash):
+        await shop.sagas.checkout(request, request_fingerprint(anonymous), Caller("op-1", "S001"))
+    shop.sagas.crash_after = None
+    async with shop.loyalty.db.sessions() as session:
+        log_ = await sales_store.get_checkout(session, request.checkout_id)
+    assert log_ is not None
+    return log_
+
+
+# Cards holds and captures in one call, so a checkout paid with stored value
+# passes SV_HELD only when it finds a hold made without its capture (below).
 CRASH_STEPS = [
     SagaStep.POINTS_HELD,
     SagaStep.SV_HOLDING,
-    SagaStep.SV_HELD,
     SagaStep.SV_CAPTURED,
     SagaStep.COMMITTED,
 ]
@@ -411,13 +444,7 @@ async def test_a_crash_after_any_step_is_finished_or_undone(
     with pytest.raises(SimulatedCrash):
         await shop.sagas.checkout(request, request_fingerprint(anonymous), Caller("op-1", "S001"))
     await shop.restart_loyalty()
-    # Time passes: the crashed driver's lease runs out.
-    async with shop.loyalty.db.transaction() as session:
-        await session.execute(
-            sa.update(sales_store.checkouts).values(
-                lease_until=dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
-            )
-        )
+    await _lapse_leases(shop)
     # The new process's recovery pass (its worker's, or this one) takes it.
     log_ = None
     for _ in range(100):
@@ -451,48 +478,70 @@ async def test_a_crash_after_any_step_is_finished_or_undone(
     assert (await shop.balance(card.card_id)).available.minor_units == 70_000
 
 
-async def test_a_checkout_whose_driver_died_holding_is_finished_when_sent_again(
+async def test_a_checkout_whose_driver_died_after_the_capture_is_finished_when_sent_again(
     suite: Suite, database_url: DatabaseFactory
 ) -> None:
-    """The hold is not written in the log: the log says SV_HOLDING, cards
-    has the hold. The same checkout sent again once the lease has run out
-    finds the hold, captures it and records the sale, charged once."""
+    """The hold and its capture are not written in the log: the log says
+    SV_HOLDING, cards has the captured hold. The same checkout sent again
+    once the lease has run out finds it and records the sale with that
+    capture, charged once."""
     shop = await open_shop(suite, database_url)
     _, card = await enroll(shop, "13800138009", recharge=100_000)
     request = checkout_request(
         card_number=card.card_number, tenders=[stored_value(30_000), cash(TOTAL - 30_000)]
     )
-
-    def crash(at: SagaStep) -> None:
-        if at == SagaStep.SV_HELD:
-            raise SimulatedCrash(at.value)
-
-    shop.sagas.crash_after = crash
-    anonymous = P.CheckoutRequest.FromString(request.SerializeToString())
-    with pytest.raises(SimulatedCrash):
-        await shop.sagas.checkout(request, request_fingerprint(anonymous), Caller("op-1", "S001"))
-    shop.sagas.crash_after = None
-    async with shop.loyalty.db.sessions() as session:
-        log_ = await sales_store.get_checkout(session, request.checkout_id)
-    assert log_ is not None
+    log_ = await _crash_at(shop, request, SagaStep.SV_CAPTURED)
     assert (log_.step, log_.sv_hold_id) == (SagaStep.SV_HOLDING, "")
-    assert (await shop.balance(card.card_id)).held.minor_units == 30_000
-    # Its driver is gone: once its lease has run out, the till sends it again.
-    async with shop.loyalty.db.transaction() as session:
-        await session.execute(
-            sa.update(sales_store.checkouts).values(
-                lease_until=dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
-            )
-        )
+    balance = await shop.balance(card.card_id)
+    assert (balance.available.minor_units, balance.held.minor_units) == (70_000, 0)
+    await _lapse_leases(shop)
     receipt = await shop.checkout.Checkout(request, metadata=CASHIER)
     assert receipt.checkout_id == request.checkout_id
     balance = await shop.balance(card.card_id)
     assert (balance.available.minor_units, balance.held.minor_units) == (70_000, 0)
     async with shop.loyalty.db.sessions() as session:
         log_ = await sales_store.get_checkout(session, request.checkout_id)
-    assert log_ is not None
-    assert log_.step == SagaStep.COMMITTED
-    assert log_.sv_hold_id and log_.sv_movement_id
+    assert log_ is not None and log_.step == SagaStep.COMMITTED
+    hold = await shop.sv.GetHold(S.GetHoldRequest(hold_id=log_.sv_hold_id), metadata=HQ)
+    assert hold.state == S.HOLD_STATE_CAPTURED
+    assert log_.sv_movement_id == hold.capture_movement_id
+    assert await shop.checkout.Checkout(request, metadata=CASHIER) == receipt
+
+
+async def test_a_hold_made_without_its_capture_is_captured_when_the_checkout_is_sent_again(
+    suite: Suite, database_url: DatabaseFactory
+) -> None:
+    """A log at SV_HOLDING whose hold cards made and did not capture (an
+    earlier version's driver held and captured in two calls, and died
+    between them): sent again, the checkout captures it once and records
+    the sale."""
+    shop = await open_shop(suite, database_url)
+    _, card = await enroll(shop, "13800138010", recharge=100_000)
+    request = checkout_request(
+        card_number=card.card_number, tenders=[stored_value(30_000), cash(TOTAL - 30_000)]
+    )
+    log_ = await _crash_at(shop, request, SagaStep.SV_HOLDING)
+    assert (await shop.balance(card.card_id)).held.minor_units == 0
+    held = await shop.sv.HoldStoredValue(
+        S.HoldStoredValueRequest(
+            request_id=f"checkout:{request.checkout_id}:{log_.attempt}:hold",
+            card_id=card.card_id,
+            amount=money_pb2.Money(currency_code="CNY", minor_units=30_000),
+            reference=request.checkout_id,
+            ttl=Duration(seconds=int(HOLD_TTL.total_seconds())),
+        ),
+        metadata=HQ,
+    )
+    assert held.state == S.HOLD_STATE_HELD
+    await _lapse_leases(shop)
+    receipt = await shop.checkout.Checkout(request, metadata=CASHIER)
+    assert receipt.checkout_id == request.checkout_id
+    balance = await shop.balance(card.card_id)
+    assert (balance.available.minor_units, balance.held.minor_units) == (70_000, 0)
+    async with shop.loyalty.db.sessions() as session:
+        log_ = await sales_store.get_checkout(session, request.checkout_id)
+    assert log_ is not None and log_.step == SagaStep.COMMITTED
+    assert log_.sv_hold_id == held.hold_id and log_.sv_movement_id
     assert await shop.checkout.Checkout(request, metadata=CASHIER) == receipt
 
 

@@ -82,10 +82,14 @@ def _amount(message: money_pb2.Money, policy: Policy, field: str = "amount") -> 
 
 
 def _fingerprint(request: pb.HoldStoredValueRequest | pb.DebitRequest) -> str:
-    """The request's identity without its PIN: a stored hash of a six-digit
-    PIN would be a cheap way back to it."""
+    """The request's identity without its PIN (a stored hash of a six-digit
+    PIN would be a cheap way back to it) and, for a hold, without whether it
+    is captured at once: the hold a request id made is found by asking for
+    it again either way."""
     copy = type(request).FromString(request.SerializeToString())
     copy.pin = ""
+    if isinstance(copy, pb.HoldStoredValueRequest):
+        copy.capture = False
     return request_fingerprint(copy)
 
 
@@ -254,25 +258,44 @@ class StoredValueServicer(stored_value_pb2_grpc.StoredValueServiceServicer):
         ttl = rules.hold_ttl(policy, request.ttl.ToTimedelta() if request.HasField("ttl") else None)
         now = utcnow()
         command = ledger.Request(request.request_id, _fingerprint(request), _stamp(principal, now))
-        # One unit of work: the replay check, the PIN and the hold. A wrong
-        # PIN's try is committed without the hold, then refused.
+        # One unit of work: the replay check, the PIN and the hold (and its
+        # capture). A wrong PIN's try is committed without the hold, then
+        # refused.
         async with self.db.transaction() as session:
             card = await self._card(session, card_id)
             refused = await self._check_pin(session, MovementKind.HOLD, command, card, request.pin)
             if refused is None:
-                held = await ledger.hold(
-                    session,
-                    card,
-                    await self._program(session, card.program_id),
-                    policy,
-                    command,
-                    amount=amount,
-                    ttl=ttl,
-                    reference=reference,
-                )
+                program = await self._program(session, card.program_id)
+                if request.capture:
+                    done = await ledger.hold_and_capture(
+                        session,
+                        card,
+                        program,
+                        policy,
+                        command,
+                        amount=amount,
+                        ttl=ttl,
+                        reference=reference,
+                    )
+                    held, available = done.hold, money(done.currency, done.available)
+                else:
+                    held = await ledger.hold(
+                        session,
+                        card,
+                        program,
+                        policy,
+                        command,
+                        amount=amount,
+                        ttl=ttl,
+                        reference=reference,
+                    )
+                    available = None
         if refused is not None:
             raise refused
-        return hold_to_proto(held)
+        reply = hold_to_proto(held)
+        if available is not None:
+            reply.available_after.CopyFrom(available)
+        return reply
 
     @staticmethod
     async def _check_pin(
