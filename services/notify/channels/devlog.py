@@ -4,9 +4,9 @@ configuration fall back to it, so development needs no credentials."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
+from typing import TextIO
 
 from chassis.logs import get_logger
 from services.notify.channels import ChannelError, Needs, Sent
@@ -22,7 +22,10 @@ class DevLogChannel:
         self.path = path
         # The channel this one replaces, written with each line.
         self.standing_in_for = standing_in_for
-        self._lock = asyncio.Lock()
+        # Opened at the first message and kept: a line is one write to the
+        # end of the file (appending, so channels sharing it never overlap),
+        # as a log line is, not an open, a write and a close in a thread.
+        self._file: TextIO | None = None
 
     async def send(self, message: MessageRecord, address: str = "") -> Sent:
         line = json.dumps(
@@ -38,11 +41,10 @@ class DevLogChannel:
             },
             ensure_ascii=False,
         )
-        async with self._lock:
-            try:
-                await asyncio.to_thread(self._append, line)
-            except OSError as exc:
-                raise ChannelError(str(exc)) from exc
+        try:
+            self._append(line)
+        except OSError as exc:
+            raise ChannelError(str(exc)) from exc
         log.info(
             "message written to the development channel",
             channel=self.standing_in_for,
@@ -53,6 +55,13 @@ class DevLogChannel:
         return Sent("dev_log", message.message_id)
 
     def _append(self, line: str) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(line + "\n")
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a", encoding="utf-8")
+        self._file.write(line + "\n")
+        self._file.flush()
+
+    async def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -336,8 +336,10 @@ def channels(ctx: ServiceContext, config: ChannelSettings) -> dict[domain.Channe
     directory = shared_peers(ctx).members
     call_tasks = CallTaskChannel(ctx.settings)
     ctx.on_close(call_tasks.close)
+    dev_log = DevLogChannel(dev_path)
+    ctx.on_close(dev_log.close)
     made: dict[domain.Channel, Channel] = {
-        domain.Channel.DEV_LOG: DevLogChannel(dev_path),
+        domain.Channel.DEV_LOG: dev_log,
         domain.Channel.POST: PostChannel(ctx.db, directory),
         domain.Channel.CALL_TASK: call_tasks,
     }
@@ -363,7 +365,8 @@ def channels(ctx: ServiceContext, config: ChannelSettings) -> dict[domain.Channe
                 setting=setting,
                 path=str(dev_path),
             )
-            made[name] = DevLogChannel(dev_path, standing_in_for=name.value)
+            made[name] = standing_in = DevLogChannel(dev_path, standing_in_for=name.value)
+            ctx.on_close(standing_in.close)
     return made
 
 
