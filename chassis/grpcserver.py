@@ -34,6 +34,7 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from chassis.auth import Principal, reset_current_principal, set_current_principal, verify_token
 from chassis.config import GrpcConnections
 from chassis.errors import Code, ServiceError, Unauthenticated
+from chassis.grpcclient import HEALTH_METHOD_PREFIX, HEALTH_SERVICE, traced
 from chassis.logs import get_logger
 
 log = get_logger(__name__)
@@ -64,20 +65,11 @@ _RPC_CODES = {
 
 # Methods anyone may call: health checks and reflection (so that `buf curl`
 # and Kubernetes probes work without a token).
-_HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-_HEALTH_PREFIX = f"/{_HEALTH_SERVICE}/"
 PUBLIC_METHOD_PREFIXES = (
-    _HEALTH_PREFIX,
+    HEALTH_METHOD_PREFIX,
     "/grpc.reflection.v1alpha.ServerReflection/",
     "/grpc.reflection.v1.ServerReflection/",
 )
-
-
-def _not_health(details: grpc.HandlerCallDetails) -> bool:
-    """Whether a call is traced: all but health probes. (The
-    instrumentation's own filters do the same through a generic method-name
-    parser that costs some tens of microseconds on every call.)"""
-    return not details.method.startswith(_HEALTH_PREFIX)
 
 
 def error_domain(service: str) -> str:
@@ -399,7 +391,7 @@ class GrpcServer:
             # Health probes (every few seconds from each kubelet and
             # balancer) are not traced: they would bury the real traces.
             aio_server_interceptor(  # type: ignore[no-untyped-call]
-                filter_=_not_health
+                filter_=traced
             ),
             AccessLogInterceptor(service),
             ErrorInterceptor(service),
@@ -419,7 +411,7 @@ class GrpcServer:
         reflection.enable_server_reflection(
             [
                 *names,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                HEALTH_SERVICE.full_name,
                 reflection.SERVICE_NAME,
             ],
             self.server,

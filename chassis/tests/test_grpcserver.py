@@ -17,12 +17,13 @@ import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 from chassis import grpcserver
 from chassis.auth import Role, Scope, ScopeLevel, current_principal, mint_token
 from chassis.config import ConfigError, GrpcConnections, Settings
 from chassis.errors import FieldViolation, InvalidArgument, NotFound
-from chassis.grpcclient import bearer, rich_error
+from chassis.grpcclient import bearer, open_channel, rich_error
 from chassis.grpcserver import GrpcServer, GrpcService, server_options
 from chassis.telemetry import configure_tracing
 
@@ -392,6 +393,7 @@ async def test_a_unary_call_still_writes_its_access_log_line(edge: Edge) -> None
 
 
 async def test_calls_are_traced_and_health_probes_are_not(edge: Edge) -> None:
+    """By the server and by a service's channel (``open_channel``) alike."""
     spans = InMemorySpanExporter()
     configure_tracing("tests", extra_processors=(SimpleSpanProcessor(spans),))
     health = health_pb2_grpc.HealthStub(edge.channel)
@@ -399,8 +401,18 @@ async def test_calls_are_traced_and_health_probes_are_not(edge: Edge) -> None:
         health_pb2.HealthCheckResponse.SERVING
     )
     assert await edge.unary(UNARY)(b"hello", metadata=token()) == b"hello"
-    traced = [span.name for span in spans.get_finished_spans()]
-    assert traced == [UNARY]
+    traced = [(span.name, span.kind) for span in spans.get_finished_spans()]
+    assert traced == [(UNARY, SpanKind.SERVER)]
+    spans.clear()
+    service_channel = open_channel(f"127.0.0.1:{edge.server.port}")
+    try:
+        probe = health_pb2_grpc.HealthStub(service_channel)
+        await probe.Check(health_pb2.HealthCheckRequest())
+        assert await service_channel.unary_unary(UNARY)(b"hello", metadata=token()) == b"hello"
+    finally:
+        await service_channel.close()
+    traced = sorted((span.name, span.kind.name) for span in spans.get_finished_spans())
+    assert traced == [(UNARY, "CLIENT"), (UNARY, "SERVER")]
 
 
 async def test_a_stream_the_caller_abandons_is_closed_as_that_principal_and_logged(
