@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-import secrets
 from dataclasses import dataclass
 
 from chassis.errors import Violations
+from chassis.ids import random_id
 from services.campaigns.domain.pricing import (
     MAX_AMOUNT,
     CouponKind,
@@ -29,7 +29,6 @@ from services.campaigns.domain.pricing import (
     check_currency,
 )
 
-_ID_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 # 16 characters of a 32-letter alphabet: 80 bits from the system's CSPRNG.
 CODE_LENGTH = 16
 MAX_ISSUE_MEMBERS = 100_000
@@ -40,7 +39,7 @@ MAX_RESERVATION_TTL = dt.timedelta(hours=24)
 
 
 def _new_id(letter: str) -> str:
-    return letter + "".join(secrets.choice(_ID_ALPHABET) for _ in range(15))
+    return random_id(letter, 15)
 
 
 def new_template_id() -> str:
@@ -58,7 +57,7 @@ def new_job_id() -> str:
 def new_code() -> str:
     """A coupon code: not guessable (80 random bits), unambiguous to read
     aloud (no I, L, O, U). Uniqueness is the database's UNIQUE index."""
-    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(CODE_LENGTH))
+    return random_id("", CODE_LENGTH)
 
 
 def normalise_code(code: str) -> str:

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from chassis.errors import Violations
+from chassis.ids import random_id
 
 ALGORITHM = "hmac-sha256-v1"
 SEED_BYTES = 32
@@ -36,11 +37,10 @@ MAX_PRIZES = 50
 MAX_AMOUNT = 1_000_000_000
 MAX_NAME_LENGTH = 100
 PRIZE_ID = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
-_ID_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
 def _new_id(letter: str) -> str:
-    return letter + "".join(secrets.choice(_ID_ALPHABET) for _ in range(15))
+    return random_id(letter, 15)
 
 
 def new_lottery_id() -> str:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import re
-import secrets
 from dataclasses import dataclass
 
 from chassis.errors import FailedPrecondition, Violations
+from chassis.ids import random_id
 
 
 class EventKind(enum.StrEnum):
@@ -41,17 +41,16 @@ STOPPED_RSVP_CLOSED = "RSVP_CLOSED"
 MAX_DURATION = dt.timedelta(days=31)
 # The door opens this long before the start.
 CHECK_IN_OPENS = dt.timedelta(hours=2)
-_ID_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _MEMBER_ID = re.compile(r"^[A-Z0-9]{1,16}$")
 _STORE_ID = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 
 
 def new_event_id() -> str:
-    return "EV" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(14))
+    return random_id("EV", 14)
 
 
 def new_invite_job_id() -> str:
-    return "IJ" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(14))
+    return random_id("IJ", 14)
 
 
 class InviteJobState(enum.StrEnum):

@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-import secrets
 import zoneinfo
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 from chassis.errors import Violations
+from chassis.ids import random_id
 
-_ID_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 MAX_LINES = 200
 MAX_QUANTITY = 9_999
 MAX_UNIT_PRICE = 10**10
@@ -44,7 +43,7 @@ MAX_MULTIPLIER_BPS = 100_000
 
 
 def new_promotion_id() -> str:
-    return "P" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(15))
+    return random_id("P", 15)
 
 
 class Source(enum.StrEnum):

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from chassis import ids
 from chassis.errors import InvalidArgument
 from services.campaigns.domain import coupons as c
 from services.campaigns.domain.coupons import CouponFacts, CouponState, RestorePolicy, Template
@@ -70,6 +71,6 @@ def test_restore_policies() -> None:
 @given(st.integers(0, 1000))
 def test_codes_are_long_and_read_back(_: int) -> None:
     code = c.new_code()
-    assert len(code) >= 12 and set(code) <= set(c._ID_ALPHABET)
+    assert len(code) >= 12 and set(code) <= set(ids.ALPHABET)
     spaced = "-".join(code[i : i + 4] for i in range(0, len(code), 4)).lower()
     assert c.normalise_code(spaced) == code

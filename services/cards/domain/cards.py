@@ -6,19 +6,17 @@ from __future__ import annotations
 import calendar
 import datetime as dt
 import enum
-import secrets
 from dataclasses import dataclass
 
 from chassis.errors import FailedPrecondition, FieldViolation, InvalidArgument
+from chassis.ids import random_id
 from services.cards.domain.programs import Holding
 
-# Crockford's base32 without I, L, O, U, as members' ids: read over the phone.
-_ID_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 MAX_REASON_LENGTH = 200
 
 
 def _new_id(letter: str) -> str:
-    return letter + "".join(secrets.choice(_ID_ALPHABET) for _ in range(11))
+    return random_id(letter, 11)
 
 
 def new_card_id() -> str:

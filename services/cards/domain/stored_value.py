@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-import secrets
 import zoneinfo
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from chassis.errors import FailedPrecondition, FieldViolation, InvalidArgument, Violations
+from chassis.ids import random_id
 
-# Crockford's base32 without I, L, O, U, as the cards' own ids.
-_ID_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 MAX_REFERENCE_LENGTH = 100
 MAX_NOTE_LENGTH = 200
 DEFAULT_HOLD_TTL = dt.timedelta(minutes=15)
@@ -34,7 +32,7 @@ MAX_AMOUNT = 10**12
 
 
 def _new_id(letter: str) -> str:
-    return letter + "".join(secrets.choice(_ID_ALPHABET) for _ in range(15))
+    return random_id(letter, 15)
 
 
 def new_movement_id() -> str:

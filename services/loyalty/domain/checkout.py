@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-import secrets
 import zoneinfo
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from chassis.errors import FailedPrecondition, FieldViolation, InvalidArgument, Violations
+from chassis.ids import random_id
 
-# Crockford's base32 without I, L, O, U, as the other services' ids.
-_ID_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 MAX_LINES = 200
 MAX_QUANTITY = 9_999
 MAX_UNIT_PRICE = 10**10
@@ -24,7 +22,7 @@ MAX_REASON_LENGTH = 200
 
 
 def _new_id(letter: str) -> str:
-    return letter + "".join(secrets.choice(_ID_ALPHABET) for _ in range(15))
+    return random_id(letter, 15)
 
 
 def new_sale_id() -> str:

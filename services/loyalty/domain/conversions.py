@@ -14,20 +14,18 @@ fraction the rounding leaves: it stays where it was.
 from __future__ import annotations
 
 import enum
-import secrets
 from dataclasses import dataclass
 
 from chassis.errors import FailedPrecondition, Violations
+from chassis.ids import random_id
 from services.loyalty.domain.points import MAX_POINTS, MAX_RATE
 
-# Crockford's base32 without I, L, O, U, as the ledger's own ids.
-_ID_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 MAX_PARTNER_ID_LENGTH = 64
 MAX_REFERENCE_LENGTH = 100
 
 
 def new_conversion_id() -> str:
-    return "V" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(15))
+    return random_id("V", 15)
 
 
 class Direction(enum.StrEnum):

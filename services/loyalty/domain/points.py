@@ -16,15 +16,13 @@ from __future__ import annotations
 import calendar
 import datetime as dt
 import enum
-import secrets
 import zoneinfo
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from chassis.errors import FailedPrecondition, FieldViolation, InvalidArgument, Violations
+from chassis.ids import random_id
 
-# Crockford's base32 without I, L, O, U, as the cards' own ids.
-_ID_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 # More than any member will hold; sums of many stay well inside 64 bits.
 MAX_POINTS = 10**9
 MAX_REASON_LENGTH = 200
@@ -36,7 +34,7 @@ FULL_SHARE_BPS = 10_000
 
 
 def _new_id(letter: str) -> str:
-    return letter + "".join(secrets.choice(_ID_ALPHABET) for _ in range(15))
+    return random_id(letter, 15)
 
 
 def new_lot_id() -> str:

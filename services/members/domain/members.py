@@ -7,7 +7,6 @@ import datetime as dt
 import enum
 import math
 import re
-import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -16,6 +15,7 @@ import phonenumbers
 
 from chassis.auth import Principal, Role, ScopeLevel
 from chassis.errors import Aborted, FailedPrecondition, Violations
+from chassis.ids import random_id
 
 LANGUAGES = ("zh-CN", "en", "es")
 _STORE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,31}$")
@@ -24,9 +24,6 @@ _STORE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,31}$")
 _EMAIL = re.compile(
     r"^[^@\s]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9\-]{1,63})+$"
 )
-# Crockford's base32 without I, L, O, U: no look-alike characters for staff
-# reading a member number over the phone.
-_ID_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 MAX_NAME_LENGTH = 100
 MAX_WORD_LENGTH = 60
 MAX_LIST_LENGTH = 50
@@ -223,9 +220,8 @@ class NewMember:
 
 
 def new_member_id() -> str:
-    # Ten characters of a 32-letter alphabet: 50 random bits, 5 a letter.
-    bits = secrets.randbits(50)
-    return "M" + "".join(_ID_ALPHABET[(bits >> shift) & 31] for shift in range(0, 50, 5))
+    # Ten characters of a 32-letter alphabet: 50 random bits.
+    return random_id("M", 10)
 
 
 def normalise_mobile(raw: str, default_region: str) -> str | None:

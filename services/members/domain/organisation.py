@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import re
-import secrets
 import zoneinfo
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from chassis import passwords
 from chassis.auth import STAFF_ROLES, Principal, Role, Scope, ScopeLevel
 from chassis.errors import FailedPrecondition, PermissionDenied, Violations
+from chassis.ids import random_id
 from chassis.passwords import MAX_SECRET_LENGTH
 
 # Region and store codes are what the signs and the tills already show:
@@ -27,8 +27,6 @@ _CODE = re.compile(r"^[A-Z0-9][A-Z0-9_\-]{0,31}$")
 _LOGIN_ID = re.compile(r"^[a-z0-9][a-z0-9._\-]{2,63}$")
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 _POSTCODE = re.compile(r"^[A-Za-z0-9 \-]{0,12}$")
-# Crockford's base32 without I, L, O, U (read over the phone).
-_ID_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 MAX_NAME_LENGTH = 100
 MAX_ADDRESS_PART = 200
 
@@ -96,7 +94,7 @@ GRANTABLE: dict[Role, frozenset[Role]] = {
 
 
 def new_staff_id() -> str:
-    return "ST" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(10))
+    return random_id("ST", 10)
 
 
 def is_code(text: str) -> bool:

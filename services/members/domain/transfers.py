@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from chassis import spreadsheets
 from chassis.errors import FieldViolation, InvalidArgument
+from chassis.ids import random_id
 from chassis.spreadsheets import normalise_header
 from services.members.domain.members import Birthday, Enrollment, EnrollmentChannel, Gender
 
@@ -69,7 +69,6 @@ _GENDERS: Mapping[str, Gender] = {
 _DATE = re.compile(r"^(\d{4})\s*[-/.年]\s*(\d{1,2})\s*[-/.月]\s*(\d{1,2})\s*日?$")
 _MONTH_DAY = re.compile(r"^(\d{1,2})\s*[-/.月]\s*(\d{1,2})\s*日?$")
 _COMPACT_DATE = re.compile(r"^(\d{4})(\d{2})(\d{2})$")
-_ID_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 # Cells as text, as every service reads spreadsheets.
 cell_text = spreadsheets.cell_text
@@ -232,7 +231,7 @@ def home_store_problem(row_number: int, *, exists: bool, closed: bool) -> RowPro
 
 
 def new_import_job_id() -> str:
-    return "J" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(11))
+    return random_id("J", 11)
 
 
 # -- export --------------------------------------------------------------------
