@@ -290,52 +290,14 @@ async def hold(
     amount: int,
     ttl: dt.timedelta,
     reference: str = "",
-) -> HoldRecord:
-    held, _ = await _hold(
-        session, card, program, policy, request, amount=amount, ttl=ttl, reference=reference
-    )
-    return held
-
-
-async def hold_and_capture(
-    session: AsyncSession,
-    card: CardRecord,
-    program: ProgramRecord,
-    policy: Policy,
-    request: Request,
-    *,
-    amount: int,
-    ttl: dt.timedelta,
-    reference: str = "",
-) -> Captured:
-    """A hold captured as it is made, in the caller's one unit of work: for
-    a till that takes the funds at once (the checkout records its sale
-    afterwards, and needs nothing between the two). Both movements carry
-    the request's id, so the hold is found, and refunded, like any other.
-    A replay returns the hold the request made as it now stands: captured,
-    or, when that request made it without the capture, as it was left."""
-    held, replayed = await _hold(
-        session, card, program, policy, request, amount=amount, ttl=ttl, reference=reference
-    )
-    if replayed:
-        account = await store.get_account(session, held.account_id)
-        assert account is not None  # a hold's account is never deleted
-        return Captured(held, account.currency, account.balances.available)
-    return await _capture(session, held, card, held.currency, request, amount=None)
-
-
-async def _hold(
-    session: AsyncSession,
-    card: CardRecord,
-    program: ProgramRecord,
-    policy: Policy,
-    request: Request,
-    *,
-    amount: int,
-    ttl: dt.timedelta,
-    reference: str,
-) -> tuple[HoldRecord, bool]:
-    """The hold, and whether the request was carried out before."""
+    capture: bool = False,
+) -> HoldStanding:
+    """Sets funds aside; with ``capture``, takes them at once, in the
+    caller's one unit of work: for a till that has nothing to do between
+    the two (the checkout records its sale afterwards). Both movements
+    carry the request's id, so the hold is found, and refunded, like any
+    other. A replay returns the hold the request made as it now stands,
+    whether or not it asks for the capture."""
     movement, day, replayed = await _spend(
         session,
         card,
@@ -349,8 +311,9 @@ async def _hold(
     )
     if replayed:
         found = await store.get_hold(session, movement.hold_id)
-        assert found is not None  # written with its movement
-        return found, True
+        account = await store.get_account(session, movement.account_id)
+        assert found is not None and account is not None  # written with the movement
+        return HoldStanding(found, account.currency, account.balances.available)
     now = request.stamp.at
     held = HoldRecord(
         hold_id=movement.hold_id,
@@ -372,7 +335,9 @@ async def _hold(
     )
     await store.insert_hold(session, held)
     await events.stored_value_moved(session, movement, card, request.stamp, expire_time=now + ttl)
-    return held, False
+    if capture:
+        return await _capture(session, held, card, held.currency, request, amount=None)
+    return HoldStanding(held, movement.currency, movement.after.available)
 
 
 @dataclass(frozen=True)
@@ -447,9 +412,9 @@ async def _release(
 
 
 @dataclass(frozen=True)
-class Captured:
-    """A capture's hold, and what its account has available after it (for
-    the till's receipt)."""
+class HoldStanding:
+    """A hold as a call left it (held, or captured), and what its account
+    has available after it (for the till's receipt)."""
 
     hold: HoldRecord
     currency: str
@@ -462,12 +427,12 @@ async def capture(
     request: Request,
     *,
     amount: int | None,
-) -> Captured:
+) -> HoldStanding:
     locked = await _locked_hold(session, hold_id, MovementKind.CAPTURE, request)
     account, held, card = locked.account, locked.hold, locked.card
     if locked.replayed:
         # The account as locked: nothing moved it since.
-        return Captured(held, account.currency, account.balances.available)
+        return HoldStanding(held, account.currency, account.balances.available)
     if held.state != HoldState.HELD:
         raise _hold_refusal(held)
     return await _capture(session, held, card, account.currency, request, amount=amount)
@@ -481,7 +446,7 @@ async def _capture(
     request: Request,
     *,
     amount: int | None,
-) -> Captured:
+) -> HoldStanding:
     """Takes the funds of a hold found HELD, its account locked."""
     hold_id = held.hold_id
     take_total = held.funds.total if amount is None else amount
@@ -540,7 +505,7 @@ async def _capture(
         capture_movement_id=movement.movement_id,
         finished_at=request.stamp.at,
     )
-    return Captured(captured, currency, after.available)
+    return HoldStanding(captured, currency, after.available)
 
 
 async def void(

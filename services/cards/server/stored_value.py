@@ -265,36 +265,22 @@ class StoredValueServicer(stored_value_pb2_grpc.StoredValueServiceServicer):
             card = await self._card(session, card_id)
             refused = await self._check_pin(session, MovementKind.HOLD, command, card, request.pin)
             if refused is None:
-                program = await self._program(session, card.program_id)
-                if request.capture:
-                    done = await ledger.hold_and_capture(
-                        session,
-                        card,
-                        program,
-                        policy,
-                        command,
-                        amount=amount,
-                        ttl=ttl,
-                        reference=reference,
-                    )
-                    held, available = done.hold, money(done.currency, done.available)
-                else:
-                    held = await ledger.hold(
-                        session,
-                        card,
-                        program,
-                        policy,
-                        command,
-                        amount=amount,
-                        ttl=ttl,
-                        reference=reference,
-                    )
-                    available = None
+                done = await ledger.hold(
+                    session,
+                    card,
+                    await self._program(session, card.program_id),
+                    policy,
+                    command,
+                    amount=amount,
+                    ttl=ttl,
+                    reference=reference,
+                    capture=request.capture,
+                )
         if refused is not None:
             raise refused
-        reply = hold_to_proto(held)
-        if available is not None:
-            reply.available_after.CopyFrom(available)
+        reply = hold_to_proto(done.hold)
+        if request.capture:
+            reply.available_after.CopyFrom(money(done.currency, done.available))
         return reply
 
     @staticmethod
