@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import uuid
+import zoneinfo
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,7 @@ from cornucopia.notify.v1 import preferences_pb2, preferences_pb2_grpc, template
 from cornucopia.notify.v1 import templates_pb2 as T
 from services.gateway.server import create_app
 from services.members.server import definition as members_definition
+from services.notify.domain.templates import format_date
 from services.notify.server import definition as notify_definition
 from services.notify.server import templates as templates_server
 from services.notify.store.intents import notifications as notifications_table
@@ -59,9 +61,14 @@ def as_service() -> tuple[tuple[str, str], ...]:
     return auth(service_token(DEVELOPMENT_TOKEN_SECRET, "tests"))
 
 
-# 22:00 in Shanghai, the stores' zone: quiet hours for marketing SMS.
-NOW = dt.datetime(2026, 12, 1, 14, 0, tzinfo=dt.UTC)
-NINE_NEXT_MORNING = dt.datetime(2026, 12, 2, 1, 0, tzinfo=dt.UTC)
+# 22:00 in Shanghai, the stores' zone: quiet hours for marketing SMS. A
+# day ahead of the real clock, which the triggers also read (an early
+# warning is told later only when its time is still ahead).
+NOW = dt.datetime.now(dt.UTC).replace(hour=14, minute=0, second=0, microsecond=0) + dt.timedelta(
+    days=1
+)
+NINE_NEXT_MORNING = NOW + dt.timedelta(hours=11)
+SHANGHAI = zoneinfo.ZoneInfo("Asia/Shanghai")
 SECRET = "provider-shared-secret-for-tests"
 
 
@@ -328,17 +335,20 @@ async def test_every_trigger_speaks_the_members_language_at_the_right_time(
     assert (refused["status"], refused["status_reason"]) == ("suppressed", "no_consent")
     assert refused["body"] == ""
 
+    starts = NOW + dt.timedelta(days=18, hours=21)
     invited = campaign_events.EventInvited(
         event_id="EV1",
         member_id=en,
         store_id="S001",
         kind="vip_evening",
-        start_time=ts(dt.datetime(2026, 12, 20, 11, 0, tzinfo=dt.UTC)),
-        rsvp_deadline=ts(dt.datetime(2026, 12, 18, 15, 0, tzinfo=dt.UTC)),
+        start_time=ts(starts),
+        rsvp_deadline=ts(NOW + dt.timedelta(days=17, hours=1)),
     )
     await publish(suite, "campaigns", "campaigns.v1.event.invited", invited, "ev-invite")
     got = await rig.message("event_invitation", member_id=en)
-    assert "20 Dec 2026, 19:00" in got["body"] and got["not_before"] == NINE_NEXT_MORNING
+    # In English, at the store's time: 19:00 in Shanghai.
+    when = f"{format_date(starts.astimezone(SHANGHAI).date(), 'en')}, 19:00"
+    assert when in got["body"] and got["not_before"] == NINE_NEXT_MORNING
 
     # A third marketing message in the week: over the cap of two.
     again = campaign_events.CouponIssued(
@@ -352,13 +362,14 @@ async def test_every_trigger_speaks_the_members_language_at_the_right_time(
     assert sum(r["template"] == "coupon_issued" for r in capped) == 2
 
     # Follow-up tasks: to the consultant; an unassigned one to the managers.
+    due = NOW + dt.timedelta(days=1, hours=12)
     for event_id, assignee in (("ev-task-1", rig.consultant), ("ev-task-2", "")):
         task = campaign_events.FollowUpTaskCreated(
             task_id=f"T-{event_id}",
             member_id=zh,
             store_id="S001",
             assignee_staff_id=assignee,
-            due_time=ts(dt.datetime(2026, 12, 3, 2, 0, tzinfo=dt.UTC)),
+            due_time=ts(due),
             reason="birthday",
         )
         await publish(suite, "campaigns", "campaigns.v1.followup.task_created", task, event_id)
@@ -366,7 +377,9 @@ async def test_every_trigger_speaks_the_members_language_at_the_right_time(
     to_manager = await rig.message("followup_task_created", staff_id=rig.manager)
     for got in (to_consultant, to_manager):
         assert (got["channel"], got["locale"], got["member_id"]) == ("push", "es", None)
-        assert zh in got["body"] and "3 dic 2026, 10:00" in got["body"]
+        # In the staff's Spanish, at the store's time: 10:00 in Shanghai.
+        due_text = f"{format_date(due.astimezone(SHANGHAI).date(), 'es')}, 10:00"
+        assert zh in got["body"] and due_text in got["body"]
     assert to_manager["trigger_event_id"].startswith("ev-task-2")
 
     # Every event once, whatever the redeliveries.

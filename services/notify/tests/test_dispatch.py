@@ -393,11 +393,13 @@ async def test_two_dispatchers_keep_one_rate_limit_between_them(
     )
     assert sorted(m for _, m in sent) == ids
     assert {who for who, _ in sent} == {"one", "two"}
-    # 16 sends, bursts of one: 15 intervals from the first planned start to
-    # the last (each replica alone would have taken about half of that). A
-    # send starts a little after its slot on a busy machine, the first one
-    # included, so one interval of the span is allowed for that.
-    assert max(sent_at) - min(sent_at) >= 14 / rate
+    # 16 sends, bursts of one: 15 intervals from the first slot to the last;
+    # each replica at the whole rate alone would have taken about half of
+    # that (7.5). A send never starts before its slot but may start after it
+    # on a busy machine, the first one included (once by 27 ms, over one
+    # interval), so four intervals of the span are allowed for that: still
+    # far above what two rates would give.
+    assert max(sent_at) - min(sent_at) >= 11 / rate
 
 
 async def test_a_rate_limit_the_database_cannot_reserve_sends_nothing(
