@@ -186,14 +186,16 @@ async def test_follow_up_plans_from_sales_to_completed_calls(
 
     # Reschedule: snapped into the next window.
     three_days = next(t for t in created if t.occasion == "3d")
-    wanted = dt.datetime(2026, 12, 4, 13, 5, tzinfo=SHANGHAI)
+    # Days ahead of the real clock: a time in the past is refused.
+    ahead = (dt.datetime.now(SHANGHAI) + dt.timedelta(days=3)).date()
+    wanted = dt.datetime.combine(ahead, dt.time(13, 5), SHANGHAI)
     moved = await followups.RescheduleFollowUpTask(
         F.RescheduleFollowUpTaskRequest(
             request_id="move-1", task_id=three_days.task_id, due_time=ts(wanted)
         ),
         metadata=advisor_md,
     )
-    assert moved.due_time.ToDatetime(dt.UTC) == dt.datetime(2026, 12, 4, 16, tzinfo=SHANGHAI)
+    assert moved.due_time.ToDatetime(dt.UTC) == dt.datetime.combine(ahead, dt.time(16), SHANGHAI)
     assert moved.reschedule_count == 1
 
     # Complete: a follow-up record on the member's file, as the advisor.
