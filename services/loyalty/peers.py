@@ -83,6 +83,14 @@ class Captured:
     available_after: int | None
 
 
+def _available_after(held: stored_value_pb2.Hold) -> int | None:
+    """The card's stored value left after a capture, as cards' reply says
+    it; None when it does not."""
+    if not held.HasField("available_after"):
+        return None
+    return int(held.available_after.minor_units)
+
+
 @dataclass(frozen=True)
 class RegisteredPartner:
     """The partner a client certificate is bound to, as cards' registry says."""
@@ -228,9 +236,7 @@ class CardsClient:
             held.hold_id,
             stored_value_pb2.HoldState.Name(held.state),
             capture_movement_id=held.capture_movement_id,
-            available_after=(
-                int(held.available_after.minor_units) if held.HasField("available_after") else None
-            ),
+            available_after=_available_after(held),
         )
 
     async def capture(self, *, request_id: str, hold_id: str) -> Captured:
@@ -240,10 +246,7 @@ class CardsClient:
             self._sv.CaptureHold,
             stored_value_pb2.CaptureHoldRequest(request_id=request_id, hold_id=hold_id),
         )
-        available = (
-            int(held.available_after.minor_units) if held.HasField("available_after") else None
-        )
-        return Captured(str(held.capture_movement_id), available)
+        return Captured(str(held.capture_movement_id), _available_after(held))
 
     async def hold_captured(self, hold_id: str) -> bool:
         """Whether cards captured the hold."""
