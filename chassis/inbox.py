@@ -1,9 +1,10 @@
 """Consumers: durable JetStream pull consumers with explicit ack, and the
 inbox that makes a redelivery change nothing.
 
-For each message the consumer opens one transaction, records the event id in
-``inbox`` and applies the handler's effect; a message whose id is already
-there is acknowledged without running the handler again. A handler that
+For each message the consumer records the event id in ``inbox`` and applies
+the handler's effect in one transaction; a message whose id is already there
+is acknowledged without running the handler again. The messages of one fetch
+share a transaction (see ``Consumer.handle_batch``). A handler that
 fails is ``nak``ed with a growing delay; after ``max_deliver`` attempts the
 message is copied to ``deadletter.<consumer>.<subject>`` and terminated. A
 message is never acknowledged when its handling failed.
@@ -71,6 +72,28 @@ class PoisonMessage(Exception):
 
 def dead_letter_subject(consumer: str, subject: str) -> str:
     return f"deadletter.{consumer}.{subject}"
+
+
+def _envelope(msg: Any) -> Envelope:
+    headers = header_map(msg)
+    return Envelope(
+        event_id=headers.get("ce-id") or headers.get("Nats-Msg-Id", ""),
+        subject=msg.subject,
+        event_type=headers.get("ce-type", ""),
+        source=headers.get("ce-source", ""),
+        time=headers.get("ce-time", ""),
+        delivery=int(msg.metadata.num_delivered),
+    )
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    """A delivery ready for its handler."""
+
+    msg: Any
+    envelope: Envelope
+    handler: Handler
+    event: Message
 
 
 # The inbox row of a handled event, built once per dialect (not per event).
@@ -146,35 +169,59 @@ class Consumer:
                 log.debug("fetch failed; retrying", consumer=self.durable, error=type(exc).__name__)
                 await asyncio.sleep(0.5)
                 continue
-            for msg in messages:
-                await self.handle(msg)
+            await self.handle_batch(messages)
 
-    async def handle(self, msg: Any) -> None:
-        headers = header_map(msg)
-        meta = msg.metadata
-        envelope = Envelope(
-            event_id=headers.get("ce-id") or headers.get("Nats-Msg-Id", ""),
-            subject=msg.subject,
-            event_type=headers.get("ce-type", ""),
-            source=headers.get("ce-source", ""),
-            time=headers.get("ce-time", ""),
-            delivery=int(meta.num_delivered),
-        )
-        with _tracer.start_as_current_span(
-            f"{msg.subject} process",
-            context=extract_trace_context(headers),
-            kind=trace.SpanKind.CONSUMER,
-            attributes={
-                "messaging.system": "nats",
-                "messaging.destination.name": msg.subject,
-                "messaging.message.id": envelope.event_id,
-                "messaging.consumer.group.name": self.durable,
-                "messaging.operation.type": "process",
-                "cornucopia.service": self.service,
-            },
-        ) as span:
+    async def handle_batch(self, messages: Sequence[Any]) -> None:
+        """A fetched batch, its events applied in one transaction and then
+        acknowledged: one BEGIN and COMMIT for all of them. A consumer that
+        keeps up fetches one event at a time; one that falls behind fetches
+        what waits, so the saving grows with the load. When any handler of
+        the batch fails, nothing of the batch is kept and each event is
+        handled again on its own, so that only the failing one is retried or
+        dead-lettered. Events that are not this consumer's, or cannot be
+        decoded, are settled on their own first."""
+        together: list[_Decoded] = []
+        for msg in messages:
+            envelope = _envelope(msg)
             try:
-                await self._apply(msg, envelope)
+                decoded = self._decode(msg, envelope)
+            except PoisonMessage:
+                decoded = None
+            if decoded is None:
+                await self.handle(msg, envelope)
+            else:
+                together.append(decoded)
+        if len(together) == 1:
+            await self.handle(together[0].msg, together[0].envelope)
+        elif together:
+            try:
+                await self._apply_together(together)
+            except Exception as exc:
+                log.info(
+                    "a batch failed; its events are handled one by one",
+                    consumer=self.durable,
+                    events=len(together),
+                    error=type(exc).__name__,
+                )
+                for one in together:
+                    await self.handle(one.msg, one.envelope)
+                return
+            for one in together:
+                await self._ack(one.msg)
+
+    async def handle(self, msg: Any, envelope: Envelope | None = None) -> None:
+        """One event in a transaction of its own."""
+        envelope = envelope or _envelope(msg)
+        with trace.use_span(self._span(msg, envelope), end_on_exit=True) as span:
+            try:
+                decoded = self._decode(msg, envelope)
+                if decoded is None:
+                    log.info(
+                        "event type not handled", consumer=self.durable, type=envelope.event_type
+                    )
+                else:
+                    async with self.db.transaction() as session:
+                        await self._apply(session, decoded)
             except Exception as exc:
                 span.record_exception(exc)
                 span.set_status(trace.StatusCode.ERROR)
@@ -182,27 +229,69 @@ class Consumer:
                 return
             await self._ack(msg)
 
-    async def _apply(self, msg: Any, envelope: Envelope) -> None:
+    async def _apply_together(self, batch: Sequence[_Decoded]) -> None:
+        # Each event keeps a span of its own, parented by its producer's
+        # trace; all of them end once the batch is committed or given up.
+        spans: list[trace.Span] = []
+        try:
+            async with self.db.transaction() as session:
+                for one in batch:
+                    span = self._span(one.msg, one.envelope, batch=len(batch))
+                    spans.append(span)
+                    with trace.use_span(span):
+                        await self._apply(session, one)
+        except BaseException:
+            for span in spans:
+                span.add_event("rolled back with its batch")
+            raise
+        finally:
+            for span in spans:
+                span.end()
+
+    def _span(self, msg: Any, envelope: Envelope, batch: int = 1) -> trace.Span:
+        attributes: dict[str, str | int] = {
+            "messaging.system": "nats",
+            "messaging.destination.name": msg.subject,
+            "messaging.message.id": envelope.event_id,
+            "messaging.consumer.group.name": self.durable,
+            "messaging.operation.type": "process",
+            "cornucopia.service": self.service,
+        }
+        if batch > 1:
+            attributes["messaging.batch.message_count"] = batch
+        return _tracer.start_span(
+            f"{msg.subject} process",
+            context=extract_trace_context(header_map(msg)),
+            kind=trace.SpanKind.CONSUMER,
+            attributes=attributes,
+        )
+
+    def _decode(self, msg: Any, envelope: Envelope) -> _Decoded | None:
+        """The event and its handler; None when the type is not this
+        consumer's. Raises PoisonMessage for what no retry can handle."""
         if not envelope.event_id:
             raise PoisonMessage("the message has no event id")
         known = self._types.get(envelope.event_type)
         if known is None:
             # Not an event this consumer acts on (a newer type on a subject
             # it filters); acknowledging is right, there is nothing to do.
-            log.info("event type not handled", consumer=self.durable, type=envelope.event_type)
-            return
+            return None
         cls, handler = known
         try:
             event = cls.FromString(msg.data)
         except DecodeError as exc:
             raise PoisonMessage(f"cannot decode {envelope.event_type}") from exc
-        async with self.db.transaction() as session:
-            if not await self._record(session, envelope):
-                log.info(
-                    "duplicate event ignored", consumer=self.durable, event_id=envelope.event_id
-                )
-                return
-            await handler(session, event, envelope)
+        return _Decoded(msg, envelope, handler, event)
+
+    async def _apply(self, session: AsyncSession, decoded: _Decoded) -> None:
+        if not await self._record(session, decoded.envelope):
+            log.info(
+                "duplicate event ignored",
+                consumer=self.durable,
+                event_id=decoded.envelope.event_id,
+            )
+            return
+        await decoded.handler(session, decoded.event, decoded.envelope)
 
     async def _record(self, session: AsyncSession, envelope: Envelope) -> bool:
         result = await _RECORD[self.db.dialect].execute(

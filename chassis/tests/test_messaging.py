@@ -20,6 +20,8 @@ import sqlalchemy as sa
 from google.protobuf import wrappers_pb2
 from nats.aio.msg import Msg
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -30,6 +32,7 @@ from chassis.inbox import Consumer, Envelope, Subscription, dead_letter_subject,
 from chassis.migrations import upgrade_to_head
 from chassis.natsserver import NatsServer
 from chassis.outbox import _MARK_SENT, OutboxRelay, enqueue
+from chassis.telemetry import configure_tracing, inject_trace_headers
 from tests.integration.infra import DatabaseFactory, Postgres, migrated
 
 pytestmark = pytest.mark.integration
@@ -148,6 +151,7 @@ async def publish_event(
     event_id: str | None = None,
     event_type: str = StringValue.DESCRIPTOR.full_name,
     msg_id: str | None = None,
+    extra_headers: dict[str, str] | None = None,
 ) -> str:
     eid = event_id or str(uuid.uuid4())
     headers = cloudevent_headers(
@@ -159,6 +163,7 @@ async def publish_event(
     )
     if msg_id is not None:
         headers["Nats-Msg-Id"] = msg_id
+    headers.update(extra_headers or {})
     await bus.publish(SUBJECT, payload, headers)
     return eid
 
@@ -483,6 +488,124 @@ async def test_a_handler_that_fails_once_has_its_effect_exactly_once(
         ("ack", 2, 1),
     ]
     assert await dead_letters(bus) == []
+
+
+async def test_the_events_of_one_fetch_share_a_transaction_and_a_failure_retries_only_its_own(
+    db: Database, bus: Bus, settled: list[Settled]
+) -> None:
+    """Events waiting when the consumer fetches are applied in one
+    transaction and acknowledged after it. One handler failing undoes the
+    whole batch; each event is then handled on its own, so the others are
+    applied once and only the failing one is retried. Each event keeps its
+    own span, in its producer's trace."""
+    async with db.engine.begin() as conn:
+        await conn.run_sync(EFFECTS.metadata.create_all)
+    spans = InMemorySpanExporter()
+    tracer = configure_tracing("tests", extra_processors=(SimpleSpanProcessor(spans),)).get_tracer(
+        "tests"
+    )
+    # (card, the session it was applied in); sessions are kept, so ids stay theirs.
+    applied: list[tuple[str, int]] = []
+    sessions: list[AsyncSession] = []
+    c3_failures: list[int] = []
+
+    async def handler(session: AsyncSession, event: StringValue, envelope: Envelope) -> None:
+        sessions.append(session)
+        applied.append((event.value, id(session)))
+        await session.execute(
+            sa.insert(EFFECTS).values(event_id=envelope.event_id, card=event.value)
+        )
+        # In the batch, then alone; its redelivery succeeds.
+        if event.value == "C3" and len(c3_failures) < 2:
+            c3_failures.append(envelope.delivery)
+            raise ConnectionError("the printer did not answer")
+
+    producers: dict[str, int] = {}
+    ids: dict[str, str] = {}
+    for n in range(1, 6):
+        card = f"C{n}"
+        with tracer.start_as_current_span(f"IssueCard {card}") as producer:
+            headers: dict[str, str] = {}
+            inject_trace_headers(headers)
+            ids[card] = await publish_event(
+                bus, StringValue(value=card).SerializeToString(), extra_headers=headers
+            )
+            producers[card] = producer.get_span_context().trace_id
+    consumer = Consumer(subscription("batches", handler), service=SERVICE, db=db, bus=bus)
+    async with running(consumer.run()):
+        await eventually(
+            reading(lambda: [s for s in settled if s.how == "ack"]), lambda acks: len(acks) == 5
+        )
+        await asyncio.sleep(0.3)  # time for a wrong extra delivery to show up
+
+    first_pass = applied[:3]
+    assert [card for card, _ in first_pass] == ["C1", "C2", "C3"]
+    assert len({session for _, session in first_pass}) == 1  # one transaction
+    # Then one transaction each; C3 fails alone and its retry succeeds.
+    one_by_one = applied[3:]
+    cards = [card for card, _ in one_by_one]
+    assert cards[:5] == ["C1", "C2", "C3", "C4", "C5"]
+    assert cards[5:] == ["C3"]
+    assert len({session for _, session in one_by_one}) == len(one_by_one)
+    assert sorted(await effects(db)) == sorted((ids[c], c) for c in ids)
+    hows = {card: [(s.how, s.delivery) for s in settled if s.event_id == ids[card]] for card in ids}
+    assert hows == {
+        "C1": [("ack", 1)],
+        "C2": [("ack", 1)],
+        "C3": [("nak", 1), ("ack", 2)],
+        "C4": [("ack", 1)],
+        "C5": [("ack", 1)],
+    }
+    assert c3_failures == [1, 1]
+    for event_id in ids.values():
+        assert await inbox_contains(db, "tests-batches", event_id)
+    processed = [
+        span
+        for span in spans.get_finished_spans()
+        if span.name == f"{SUBJECT} process"
+        and span.attributes is not None
+        and span.attributes["messaging.consumer.group.name"] == "tests-batches"
+    ]
+    by_card = {
+        card: [s for s in processed if s.attributes["messaging.message.id"] == ids[card]]
+        for card in ids
+    }
+    for card, found in by_card.items():
+        assert {s.context.trace_id for s in found} == {producers[card]}
+    # The batch's spans say so, and that it was rolled back.
+    batched = [s for s in processed if s.attributes.get("messaging.batch.message_count") == 5]
+    assert len(batched) == 3
+    assert all(e.name == "rolled back with its batch" for s in batched for e in s.events[-1:])
+    assert await dead_letters(bus) == []
+
+
+async def test_a_batch_that_succeeds_is_one_transaction_and_each_event_is_acknowledged(
+    db: Database, bus: Bus, settled: list[Settled]
+) -> None:
+    seen: list[tuple[str, int]] = []
+    sessions: list[AsyncSession] = []
+
+    async def handler(session: AsyncSession, event: StringValue, envelope: Envelope) -> None:
+        sessions.append(session)
+        seen.append((event.value, id(session)))
+
+    ids = [
+        await publish_event(bus, StringValue(value=f"C{n}").SerializeToString()) for n in range(4)
+    ]
+    # The same event again in the same fetch: the inbox row written earlier
+    # in the batch keeps it from running twice.
+    await publish_event(
+        bus, StringValue(value="C0").SerializeToString(), event_id=ids[0], msg_id="again"
+    )
+    consumer = Consumer(subscription("quiet", handler), service=SERVICE, db=db, bus=bus)
+    async with running(consumer.run()):
+        await eventually(reading(lambda: len(settled)), lambda n: n == 5)
+        await asyncio.sleep(0.3)
+    assert [card for card, _ in seen] == ["C0", "C1", "C2", "C3"]
+    assert len({session for _, session in seen}) == 1
+    assert sorted((s.how, s.stream_seq, s.delivery) for s in settled) == [
+        ("ack", seq, 1) for seq in range(1, 6)
+    ]
 
 
 async def test_an_undecodable_payload_goes_straight_to_the_dead_letters(
