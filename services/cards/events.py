@@ -5,12 +5,13 @@ carries a personal value or a card number."""
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from typing import Any
 
 from google.protobuf.message import Message
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chassis.outbox import enqueue
+from chassis.outbox import enqueue, enqueue_many
 from cornucopia.cards.v1 import events_pb2
 from services.cards.convert import FORMS_PROTO, ROLES_PROTO, audit_stamp, timestamp
 from services.cards.convert_stored_value import channel_to_proto, money
@@ -115,6 +116,28 @@ async def stored_value_moved(
 ) -> str:
     """The event of one movement, on the subject of its kind. The card is
     the one that made it (for a refund, the card that paid)."""
+    subject, message = stored_value_event(
+        movement, card, stamp, expire_time=expire_time, expired=expired
+    )
+    return await publish(session, subject, message)
+
+
+async def stored_values_moved(
+    session: AsyncSession, events: Sequence[tuple[str, Message]]
+) -> list[str]:
+    """Events of ``stored_value_event`` written in one insert."""
+    return await enqueue_many(session, source=SOURCE, events=events)
+
+
+def stored_value_event(
+    movement: MovementRecord,
+    card: CardRecord,
+    stamp: Stamp,
+    *,
+    expire_time: dt.datetime | None = None,
+    expired: bool = False,
+) -> tuple[str, Message]:
+    """The subject and event of one movement (see ``stored_value_moved``)."""
     currency = movement.currency
     moved = events_pb2.StoredValueMoved(
         movement_id=movement.movement_id,
@@ -152,7 +175,7 @@ async def stored_value_moved(
         message = events_pb2.StoredValueRefunded(movement=moved)
     else:
         raise ValueError(f"{movement.kind} has no event of its own")
-    return await publish(session, STORED_VALUE_SUBJECTS[movement.kind], message)
+    return STORED_VALUE_SUBJECTS[movement.kind], message
 
 
 async def stored_value_settled(

@@ -333,11 +333,20 @@ async def hold(
         held_at=now,
         finished_at=None,
     )
-    await store.insert_hold(session, held)
-    await events.stored_value_moved(session, movement, card, request.stamp, expire_time=now + ttl)
-    if capture:
-        return await _capture(session, held, card, held.currency, request, amount=None)
-    return HoldStanding(held, movement.currency, movement.after.available)
+    held_event = events.stored_value_event(movement, card, request.stamp, expire_time=now + ttl)
+    if not capture:
+        await store.insert_hold(session, held)
+        await events.stored_values_moved(session, [held_event])
+        return HoldStanding(held, movement.currency, movement.after.available)
+    # All of it taken at once: the hold is written captured, and both
+    # movements' events go out in one insert.
+    taken, take, _ = await _write_capture(session, held, movement.currency, request, amount=None)
+    captured = _captured(held, take, taken, now)
+    await store.insert_hold(session, captured)
+    await events.stored_values_moved(
+        session, [held_event, events.stored_value_event(taken, card, request.stamp)]
+    )
+    return HoldStanding(captured, movement.currency, taken.after.available)
 
 
 @dataclass(frozen=True)
@@ -448,35 +457,7 @@ async def _capture(
     amount: int | None,
 ) -> HoldStanding:
     """Takes the funds of a hold found HELD, its account locked."""
-    hold_id = held.hold_id
-    take_total = held.funds.total if amount is None else amount
-    if take_total > held.funds.total:
-        raise FailedPrecondition(
-            "more than the hold set aside",
-            reason="HOLD_AMOUNT_EXCEEDED",
-            metadata={"hold_id": hold_id, "held_minor_units": str(held.funds.total)},
-        )
-    take = rules.split_capture(held.funds, take_total)
-    rest = held.funds - take
-    movement = await _write(
-        session,
-        NewMovement(
-            movement_id=rules.new_movement_id(),
-            kind=MovementKind.CAPTURE,
-            request_id=request.request_id,
-            request_hash=request.request_hash,
-            account_id=held.account_id,
-            card_id=held.card_id,
-            currency=currency,
-            amount=take.total,
-            change=Funds(),
-            entries=rules.capture_entries(take),
-            taken=take,
-            reference=held.reference,
-            hold_id=held.hold_id,
-        ),
-        request.stamp,
-    )
+    movement, take, rest = await _write_capture(session, held, currency, request, amount=amount)
     await events.stored_value_moved(session, movement, card, request.stamp)
     # The balances the account's last write returned are its balances now.
     after = movement.after
@@ -498,14 +479,61 @@ async def _capture(
         captured=take,
         capture_movement_id=movement.movement_id,
     )
-    captured = dataclasses.replace(
+    return HoldStanding(
+        _captured(held, take, movement, request.stamp.at), currency, after.available
+    )
+
+
+async def _write_capture(
+    session: AsyncSession,
+    held: HoldRecord,
+    currency: str,
+    request: Request,
+    *,
+    amount: int | None,
+) -> tuple[MovementRecord, Funds, Funds]:
+    """The capture movement of ``amount`` of a HELD hold (all of it when
+    None); returns it, the funds taken and the funds left held."""
+    take_total = held.funds.total if amount is None else amount
+    if take_total > held.funds.total:
+        raise FailedPrecondition(
+            "more than the hold set aside",
+            reason="HOLD_AMOUNT_EXCEEDED",
+            metadata={"hold_id": held.hold_id, "held_minor_units": str(held.funds.total)},
+        )
+    take = rules.split_capture(held.funds, take_total)
+    movement = await _write(
+        session,
+        NewMovement(
+            movement_id=rules.new_movement_id(),
+            kind=MovementKind.CAPTURE,
+            request_id=request.request_id,
+            request_hash=request.request_hash,
+            account_id=held.account_id,
+            card_id=held.card_id,
+            currency=currency,
+            amount=take.total,
+            change=Funds(),
+            entries=rules.capture_entries(take),
+            taken=take,
+            reference=held.reference,
+            hold_id=held.hold_id,
+        ),
+        request.stamp,
+    )
+    return movement, take, held.funds - take
+
+
+def _captured(
+    held: HoldRecord, take: Funds, movement: MovementRecord, at: dt.datetime
+) -> HoldRecord:
+    return dataclasses.replace(
         held,
         state=HoldState.CAPTURED,
         captured=take,
         capture_movement_id=movement.movement_id,
-        finished_at=request.stamp.at,
+        finished_at=at,
     )
-    return HoldStanding(captured, currency, after.available)
 
 
 async def void(

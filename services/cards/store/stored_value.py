@@ -592,6 +592,11 @@ async def insert_hold(session: AsyncSession, hold: HoldRecord) -> None:
             principal=hold.principal,
             store_id=hold.store_id,
             held_at=hold.held_at,
+            # A hold captured as it is made is written finished.
+            captured_paid=hold.captured.paid,
+            captured_bonus=hold.captured.bonus,
+            capture_movement_id=hold.capture_movement_id,
+            finished_at=hold.finished_at,
         ),
     )
 
