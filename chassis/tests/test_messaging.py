@@ -31,7 +31,7 @@ from chassis.deadletters import DeadLetter, list_dead_letters
 from chassis.inbox import Consumer, Envelope, Subscription, dead_letter_subject, inbox_contains
 from chassis.migrations import upgrade_to_head
 from chassis.natsserver import NatsServer
-from chassis.outbox import _MARK_SENT, OutboxRelay, enqueue
+from chassis.outbox import _MARK_SENT, OutboxRelay, enqueue, enqueue_many, together
 from chassis.telemetry import configure_tracing, inject_trace_headers
 from tests.integration.infra import DatabaseFactory, Postgres, migrated
 
@@ -231,6 +231,59 @@ async def test_the_relay_publishes_outbox_rows_as_cloudevents(db: Database, bus:
     # Nothing left: the next pass publishes nothing and nothing twice.
     assert await relay.publish_pending() == (0, False)
     assert await stream_messages(bus, "CARDS") == 3
+
+
+async def test_events_enqueued_together_are_written_at_the_end_of_the_block_in_order(
+    db: Database, bus: Bus
+) -> None:
+    async with db.transaction() as session:
+        first = await enqueue(
+            session, source=SOURCE, subject=SUBJECT, message=StringValue(value="C0")
+        )
+        async with together(session):
+            inside = [
+                await enqueue(
+                    session, source=SOURCE, subject=SUBJECT, message=StringValue(value="C1")
+                ),
+                *await enqueue_many(
+                    session,
+                    source=SOURCE,
+                    events=[(SUBJECT, StringValue(value=c)) for c in ("C2", "C3")],
+                ),
+            ]
+            async with together(session):  # a block inside a block: the outer one writes
+                inside.append(
+                    await enqueue(
+                        session, source=SOURCE, subject=SUBJECT, message=StringValue(value="C4")
+                    )
+                )
+            written = await session.execute(sa.select(outbox_table.c.event_id))
+            assert [r.event_id for r in written] == [first]  # not yet
+        written = await session.execute(
+            sa.select(outbox_table.c.event_id).order_by(outbox_table.c.seq)
+        )
+        assert [r.event_id for r in written] == [first, *inside]
+        # A block that fails writes nothing of its own.
+        with contextlib.suppress(LookupError):
+            async with together(session):
+                await enqueue(
+                    session, source=SOURCE, subject=SUBJECT, message=StringValue(value="lost")
+                )
+                raise LookupError("the sale could not be recorded")
+        # No savepoint inside a block: a rolled back one could not take its
+        # rows back.
+        with pytest.raises(RuntimeError, match="savepoint"):
+            async with together(session), session.begin_nested():
+                await enqueue(
+                    session, source=SOURCE, subject=SUBJECT, message=StringValue(value="X")
+                )
+    relay = OutboxRelay(db, bus)
+    assert await relay.publish_pending() == (5, False)
+    published = [
+        StringValue.FromString((await bus.js.get_msg("CARDS", seq)).data or b"").value
+        for seq in range(1, 6)
+    ]
+    assert published == ["C0", "C1", "C2", "C3", "C4"]
 
 
 async def test_a_commit_with_outbox_rows_wakes_the_relay(db: Database, bus: Bus) -> None:
