@@ -7,9 +7,10 @@ language, home store, consents and preferred channel (and, for staff, the
 staff member or the store's managers), the store's name and time zone.
 Nothing personal is kept: the file says which channels the member has an
 address for; the addresses themselves are fetched again by the dispatcher
-at send time. Then, in one transaction with the notification marked
-planned: the opt-outs, the channel (``domain.choice``), the weekly cap,
-the template in use, quiet hours, and the message.
+at send time. Then, with the notification marked planned: the opt-outs,
+the channel (``domain.choice``), the weekly cap, the template in use, quiet
+hours, and the message. A pass writes all its notifications' messages in
+one transaction; when one of them fails, each is written in its own.
 
 A notification whose recipient cannot be looked up (members unreachable)
 stays pending and is retried with a growing delay: an outage delays
@@ -34,7 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import Database, utcnow
 from chassis.errors import ServiceError
-from chassis.logs import get_logger
+from chassis.logs import get_logger, redact_text
 from chassis.telemetry import extract_trace_context
 from chassis.wakeup import COMMIT_LINGER_SECONDS, Wakeup
 from cornucopia.members.v1 import members_pb2
@@ -126,6 +127,16 @@ class Addressee:
     suppressed: str = ""
     # One of several recipients of one event.
     fanned_out: bool = False
+
+
+@dataclass(frozen=True)
+class _LookedUp:
+    """A notification of a pass with whom it is for, and its span, ended
+    once the pass is written."""
+
+    notification: intents.Notification
+    addressees: list[Addressee]
+    span: trace.Span
 
 
 class PassCache:
@@ -248,55 +259,113 @@ class Planner:
                 return 0
             policy = await policy_store.load_policy(session)
         cache = PassCache(self.directory)
-        for notification in batch:
-            await self._plan(notification, policy, cache, at)
+        looked_up: list[_LookedUp] = []
+        try:
+            for notification in batch:
+                found = await self._look_up(notification, cache, at)
+                if found is not None:
+                    looked_up.append(found)
+            await self._write_pass(looked_up, policy, at)
+        finally:
+            for one in looked_up:
+                one.span.end()
         return len(batch)
 
-    async def _plan(
-        self,
-        notification: intents.Notification,
-        policy: NotifyPolicy,
-        cache: PassCache,
-        now: dt.datetime,
-    ) -> None:
-        with _tracer.start_as_current_span(
+    async def _look_up(
+        self, notification: intents.Notification, cache: PassCache, now: dt.datetime
+    ) -> _LookedUp | None:
+        """Whom the notification is for; None when they could not be looked
+        up (it is put off, to be planned later)."""
+        span = _tracer.start_span(
             f"notify plan {notification.trigger}",
             context=extract_trace_context(notification.trace_headers),
             attributes={
                 "cornucopia.service": "notify",
                 "cornucopia.notification_id": notification.notification_id,
             },
-        ) as span:
+        )
+        with trace.use_span(span):
             try:
                 addressees = await self._addressees(notification, cache)
             except (ServiceError, grpc.aio.AioRpcError) as exc:
                 span.set_status(trace.StatusCode.ERROR)
-                retry_at = now + retry_delay(notification.attempts)
-                async with self.db.transaction() as session:
-                    await intents.mark_planning_failed(
-                        session,
-                        notification.notification_id,
-                        f"{type(exc).__name__}: {getattr(exc, 'message', '') or exc}",
-                        retry_at,
-                    )
+                span.end()
+                await self._put_off(notification, exc, now)
                 log.warning(
                     "recipient lookup failed; planning later",
                     notification_id=notification.notification_id,
                     trigger=notification.trigger,
                     attempts=notification.attempts + 1,
                 )
+                return None
+            except BaseException:
+                span.end()
+                raise
+        return _LookedUp(notification, addressees, span)
+
+    async def _put_off(
+        self, notification: intents.Notification, exc: BaseException, now: dt.datetime
+    ) -> None:
+        """Leaves the notification pending until a growing delay has passed."""
+        async with self.db.transaction() as session:
+            await intents.mark_planning_failed(
+                session,
+                notification.notification_id,
+                redact_text(f"{type(exc).__name__}: {getattr(exc, 'message', '') or exc}")[:500],
+                now + retry_delay(notification.attempts),
+            )
+
+    async def _write_pass(
+        self, looked_up: list[_LookedUp], policy: NotifyPolicy, now: dt.datetime
+    ) -> None:
+        """The pass's messages in one transaction. If any of them fails,
+        nothing of it is kept and each notification is planned in a
+        transaction of its own: the one that fails again is put off like
+        one whose recipient could not be looked up, and holds back no
+        other."""
+        if len(looked_up) > 1:
+            try:
+                async with self.db.transaction() as session:
+                    for one in looked_up:
+                        with trace.use_span(one.span):
+                            await self._take_and_write(session, one, policy, now)
                 return
-            async with self.db.transaction() as session:
-                if not await planning.take(session, notification.notification_id, now):
-                    return
-                for addressee in addressees:
-                    await self._write(session, notification, addressee, policy, now)
-            if not addressees:
-                log.warning(
-                    "nobody to tell",
-                    notification_id=notification.notification_id,
-                    trigger=notification.trigger,
+            except Exception as exc:
+                log.info(
+                    "a planning pass failed; planning its notifications one by one",
+                    notifications=len(looked_up),
+                    error=type(exc).__name__,
                 )
+        for one in looked_up:
+            with trace.use_span(one.span):
+                try:
+                    async with self.db.transaction() as session:
+                        await self._take_and_write(session, one, policy, now)
+                except Exception as exc:
+                    one.span.record_exception(exc)
+                    one.span.set_status(trace.StatusCode.ERROR)
+                    log.exception(
+                        "planning a notification failed; planning it later",
+                        notification_id=one.notification.notification_id,
+                        trigger=one.notification.trigger,
+                        attempts=one.notification.attempts + 1,
+                    )
+                    await self._put_off(one.notification, exc, now)
+
+    async def _take_and_write(
+        self, session: AsyncSession, one: _LookedUp, policy: NotifyPolicy, now: dt.datetime
+    ) -> None:
+        notification = one.notification
+        if not await planning.take(session, notification.notification_id, now):
+            return
+        for addressee in one.addressees:
+            await self._write(session, notification, addressee, policy, now)
+        if not one.addressees:
+            log.warning(
+                "nobody to tell",
+                notification_id=notification.notification_id,
+                trigger=notification.trigger,
+            )
 
     # -- whom -------------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ from cornucopia.members.v1 import members_pb2_grpc, organisation_pb2, organisati
 from cornucopia.notify.v1 import notify_pb2, sends_pb2_grpc
 from cornucopia.notify.v1 import sends_pb2 as N
 from services.members.server import definition as members_definition
+from services.notify import store as notify_store
 from services.notify.domain import Category
 from services.notify.domain.policy import NotifyPolicy
 from services.notify.peers import Peers
@@ -303,6 +304,46 @@ async def test_birthdays_and_anniversaries_at_nine_local_once_each(
     planned = {m["member_id"]: m for m in await chain.messages()}
     assert (planned[bob]["locale"], planned[bob]["not_before"]) == ("es", utc(2027, 3, 15, 15))
     assert planned[bob]["template"] == "birthday" and planned[bob]["category"] == "marketing"
+    await chain.directory.close()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
+async def test_a_notification_that_fails_to_plan_holds_back_no_other(
+    suite: Suite, database_url: DatabaseFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A planning pass writes its messages in one transaction. When one of
+    them fails, the others are planned all the same and the failing one is
+    put off like one whose member could not be looked up, then planned."""
+    chain = await open_chain(suite, database_url)
+    alice = await enroll(suite, "S001", birthday=(1990, 3, 15))
+    bob = await enroll(suite, "S001", birthday=(1985, 3, 15))
+    carol = await enroll(suite, "S001", birthday=(1992, 3, 15))
+    today = utc(2027, 3, 15, 0, 30)
+    await chain.schedules().birthdays(today)
+    queue_message = notify_store.queue_message
+    failures: list[str] = []
+
+    async def full_disk_for_bob(session: Any, **message: Any) -> None:
+        if message.get("member_id") == bob and len(failures) < 2:  # in the pass, then alone
+            failures.append(message["message_id"])
+            raise OSError("no space left on device")
+        await queue_message(session, **message)
+
+    monkeypatch.setattr(notify_store, "queue_message", full_disk_for_bob)
+    planner = templates_server.planner(chain.notify.context)
+    assert await planner.plan_pending(now=today) == 3
+    assert len(failures) == 2
+    assert {m["member_id"] for m in await chain.messages()} == {alice, carol}
+    [held_back] = [n for n in await chain.notifications("birthday") if n["member_id"] == bob]
+    assert held_back["planned_at"] is None and held_back["attempts"] == 1
+    assert held_back["last_error"] == "OSError: no space left on device"
+    retry_at = held_back["next_attempt_at"]
+    assert retry_at > today
+    assert await planner.plan_pending(now=today) == 0  # not before its delay
+    assert await planner.plan_pending(now=retry_at) == 1
+    planned = await chain.messages()
+    assert sorted(m["member_id"] for m in planned) == sorted([alice, bob, carol])
+    assert {m["status"] for m in planned} == {"queued"}
     await chain.directory.close()
 
 
