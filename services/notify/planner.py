@@ -25,7 +25,7 @@ import dataclasses
 import datetime as dt
 import random
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -33,6 +33,7 @@ import grpc
 from opentelemetry import trace
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from chassis import outbox
 from chassis.db import Database, utcnow
 from chassis.errors import ServiceError
 from chassis.logs import get_logger, redact_text
@@ -326,9 +327,7 @@ class Planner:
         if len(looked_up) > 1:
             try:
                 async with self.db.transaction() as session:
-                    for one in looked_up:
-                        with trace.use_span(one.span):
-                            await self._take_and_write(session, one, policy, now)
+                    await self._write_together(session, looked_up, policy, now)
                 return
             except Exception as exc:
                 log.info(
@@ -352,14 +351,47 @@ class Planner:
                     )
                     await self._put_off(one.notification, exc, now)
 
+    async def _write_together(
+        self,
+        session: AsyncSession,
+        looked_up: list[_LookedUp],
+        policy: NotifyPolicy,
+        now: dt.datetime,
+    ) -> None:
+        """The pass's notifications taken, their members' opt-outs read and
+        their messages' events written each in one statement."""
+        taken = await planning.take_all(
+            session, [one.notification.notification_id for one in looked_up], now
+        )
+        mine = [one for one in looked_up if one.notification.notification_id in taken]
+        opted_out = await optouts.of_members(
+            session,
+            {a.member_id for one in mine for a in one.addressees if a.member_id is not None},
+        )
+        async with outbox.together(session):
+            for one in mine:
+                with trace.use_span(one.span):
+                    await self._write_all(session, one, policy, now, opted_out)
+
     async def _take_and_write(
         self, session: AsyncSession, one: _LookedUp, policy: NotifyPolicy, now: dt.datetime
     ) -> None:
+        if await planning.take(session, one.notification.notification_id, now):
+            await self._write_all(session, one, policy, now)
+
+    async def _write_all(
+        self,
+        session: AsyncSession,
+        one: _LookedUp,
+        policy: NotifyPolicy,
+        now: dt.datetime,
+        opted_out: Mapping[str, list[optouts.OptOutRecord]] | None = None,
+    ) -> None:
+        """The messages of a notification this transaction has taken;
+        ``opted_out``: its members' opt-outs, when read already."""
         notification = one.notification
-        if not await planning.take(session, notification.notification_id, now):
-            return
         for addressee in one.addressees:
-            await self._write(session, notification, addressee, policy, now)
+            await self._write(session, notification, addressee, policy, now, opted_out=opted_out)
         if not one.addressees:
             log.warning(
                 "nobody to tell",
@@ -416,6 +448,8 @@ class Planner:
         addressee: Addressee,
         policy: NotifyPolicy,
         now: dt.datetime,
+        *,
+        opted_out: Mapping[str, list[optouts.OptOutRecord]] | None = None,
     ) -> None:
         trigger = triggers.CATALOGUE.get(notification.trigger)
         category = notification.category
@@ -458,12 +492,14 @@ class Planner:
             return
         values = {**notification.variables, **addressee.values}
         if addressee.member_id is not None and addressee.reach is not None:
+            theirs = (
+                await optouts.of_member(session, addressee.member_id)
+                if opted_out is None
+                else opted_out.get(addressee.member_id, [])
+            )
             reach = dataclasses.replace(
                 addressee.reach,
-                optouts=[
-                    choice.OptOut(o.channel, o.scope, o.created_at)
-                    for o in await optouts.of_member(session, addressee.member_id)
-                ],
+                optouts=[choice.OptOut(o.channel, o.scope, o.created_at) for o in theirs],
             )
             chosen = choice.choose_channel(category, order, reach, notification.channel)
             if chosen.channel is None:

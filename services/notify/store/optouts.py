@@ -5,6 +5,7 @@ the channel). Kept as a history; the same opt-out twice is one row."""
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,3 +112,21 @@ _OF_MEMBER = Direct(
 async def of_member(session: AsyncSession, member_id: str) -> list[OptOutRecord]:
     """Newest first."""
     return [_record(r) for r in await _OF_MEMBER.execute(session, {"key_member_id": member_id})]
+
+
+async def of_members(
+    session: AsyncSession, member_ids: Collection[str]
+) -> dict[str, list[OptOutRecord]]:
+    """``of_member`` for many members in one statement; a member without
+    opt-outs is left out."""
+    found: dict[str, list[OptOutRecord]] = {}
+    if not member_ids:
+        return found
+    rows = await session.execute(
+        sa.select(optouts)
+        .where(optouts.c.member_id.in_(sorted(member_ids)))
+        .order_by(optouts.c.created_at.desc(), optouts.c.optout_id.desc())
+    )
+    for row in rows:
+        found.setdefault(row.member_id, []).append(_record(row))
+    return found

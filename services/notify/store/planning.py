@@ -5,6 +5,7 @@ opt-outs: taking a notification for planning, the member's recent marketing
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -30,6 +31,21 @@ _TAKE = Direct(
     )
     .values(planned_at=sa.bindparam("planned_at"))
 )
+
+
+async def take_all(
+    session: AsyncSession, notification_ids: Sequence[str], now: dt.datetime
+) -> set[str]:
+    """``take`` for a pass's notifications in one statement: the ids this
+    transaction has."""
+    c = notifications.c
+    result = await session.execute(
+        sa.update(notifications)
+        .where(c.notification_id.in_(notification_ids), c.planned_at.is_(None))
+        .values(planned_at=now)
+        .returning(c.notification_id)
+    )
+    return {row.notification_id for row in result}
 
 
 async def take(session: AsyncSession, notification_id: str, now: dt.datetime) -> bool:
