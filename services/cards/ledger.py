@@ -336,7 +336,7 @@ async def hold(
     held_event = events.stored_value_event(movement, card, request.stamp, expire_time=now + ttl)
     if not capture:
         await store.insert_hold(session, held)
-        await events.stored_values_moved(session, [held_event])
+        await events.publish(session, *held_event)
         return HoldStanding(held, movement.currency, movement.after.available)
     # All of it taken at once: the hold is written captured, and both
     # movements' events go out in one insert.

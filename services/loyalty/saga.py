@@ -906,8 +906,8 @@ class Sagas:
             assert current is not None
             if current.step == SagaStep.COMMITTED and current.receipt is not None:
                 return pb.Receipt.FromString(current.receipt)
-            # The sale's events (points accrued, tier changed, sale recorded)
-            # are written together, in one round trip.
+            # The sale's events (points spent and accrued, tier changed, sale
+            # recorded) are written together, in one round trip.
             async with outbox.together(session):
                 # The accrual and the tier's activity keyed by this sale are
                 # written only here, with COMMITTED, and the log's row is
