@@ -901,92 +901,90 @@ class Sagas:
         now = utcnow()
         stamp = Stamp(log_.principal, log_.store_id, now)
         member_id = log_.member_id
-        async with self.db.transaction() as session:
+        # The sale's events (points spent and accrued, tier changed, sale
+        # recorded) are written together, in one round trip.
+        async with self.db.transaction() as session, outbox.together(session):
             current = await store.get_checkout(session, log_.checkout_id, for_update=True)
             assert current is not None
             if current.step == SagaStep.COMMITTED and current.receipt is not None:
                 return pb.Receipt.FromString(current.receipt)
-            # The sale's events (points spent and accrued, tier changed, sale
-            # recorded) are written together, in one round trip.
-            async with outbox.together(session):
-                # The accrual and the tier's activity keyed by this sale are
-                # written only here, with COMMITTED, and the log's row is
-                # locked: a log not yet committed means neither exists, so
-                # their replay checks need not be read (their unique keys
-                # stay the backstop).
-                unseen = current.step != SagaStep.COMMITTED
-                spent = 0
-                settled = None
-                if current.points_hold_id:
-                    spent, settled = await points_ledger.spend_hold_settled(
-                        session, current.points_hold_id, reference=sale_id, stamp=stamp
-                    )
-                earned = int(plan["earn"]["points"])
-                progress = None
-                balance = 0
-                if member_id:
-                    after_accrual: int | None = None
-                    if earned:
-                        # What the member can spend afterwards comes with the
-                        # accrual: the account is not read again for the receipt.
-                        _, after_accrual = await points_ledger.accrue_with_available(
-                            session,
-                            member_id,
-                            earned,
-                            source=points_ledger.LotSource.PURCHASE,
-                            reference=sale_id,
-                            stamp=stamp,
-                            request_id=f"sale:{sale_id}",
-                            unseen_request=unseen,
-                            settled=settled,
-                        )
-                    progress = await tiers.after_sale(
+            # The accrual and the tier's activity keyed by this sale are
+            # written only here, with COMMITTED, and the log's row is locked:
+            # a log not yet committed means neither exists, so their replay
+            # checks need not be read (their unique keys stay the backstop).
+            unseen = current.step != SagaStep.COMMITTED
+            spent = 0
+            settled = None
+            if current.points_hold_id:
+                spent, settled = await points_ledger.spend_hold_settled(
+                    session, current.points_hold_id, reference=sale_id, stamp=stamp
+                )
+            earned = int(plan["earn"]["points"])
+            progress = None
+            balance = 0
+            if member_id:
+                after_accrual: int | None = None
+                if earned:
+                    # What the member can spend afterwards comes with the
+                    # accrual: the account is not read again for the receipt.
+                    _, after_accrual = await points_ledger.accrue_with_available(
                         session,
                         member_id,
-                        sale_id=sale_id,
-                        spend_minor_units=int(plan["total"]) - int(tenders.get("points_value", 0)),
-                        business_day=dt.date.fromisoformat(plan["business_day"]),
+                        earned,
+                        source=points_ledger.LotSource.PURCHASE,
+                        reference=sale_id,
                         stamp=stamp,
-                        unseen_sale=unseen,
+                        request_id=f"sale:{sale_id}",
+                        unseen_request=unseen,
+                        settled=settled,
                     )
-                    if after_accrual is not None:
-                        balance = after_accrual
-                    else:
-                        balance = await points_ledger.available(session, member_id, at=stamp.at)
-                receipt = receipt_to_proto(
-                    plan,
-                    sale_id=sale_id,
-                    checkout_id=log_.checkout_id,
-                    sv_movement_id=log_.sv_movement_id or current.sv_movement_id,
-                    points_spent=spent,
-                    points_balance=balance,
-                    stored_value_left=stored_value_left,
-                    progress=progress,
-                    stamp=stamp,
-                )
-                await self._record_sale(session, plan, receipt, stamp, spent)
-                await events.publish(
+                progress = await tiers.after_sale(
                     session,
-                    events.SALE_RECORDED,
-                    events_pb2.SaleRecorded(
-                        sale_id=sale_id,
-                        member_id=member_id,
-                        card_id=log_.card_id,
-                        store_id=plan["store_id"],
-                        terminal_id=plan["terminal_id"],
-                        gross=money(currency, int(plan["gross"])),
-                        discount=money(currency, int(plan["discount"])),
-                        total=money(currency, int(plan["total"])),
-                        points_earned=earned,
-                        points_spent=spent,
-                        categories=sorted(
-                            {line["category"] for line in plan["lines"] if line["category"]}
-                        ),
-                        line_count=len(plan["lines"]),
-                        business_day=business_day_proto(plan["business_day"]),
-                        stamp=stamp_proto(stamp),
-                    ),
+                    member_id,
+                    sale_id=sale_id,
+                    spend_minor_units=int(plan["total"]) - int(tenders.get("points_value", 0)),
+                    business_day=dt.date.fromisoformat(plan["business_day"]),
+                    stamp=stamp,
+                    unseen_sale=unseen,
                 )
+                if after_accrual is not None:
+                    balance = after_accrual
+                else:
+                    balance = await points_ledger.available(session, member_id, at=stamp.at)
+            receipt = receipt_to_proto(
+                plan,
+                sale_id=sale_id,
+                checkout_id=log_.checkout_id,
+                sv_movement_id=log_.sv_movement_id or current.sv_movement_id,
+                points_spent=spent,
+                points_balance=balance,
+                stored_value_left=stored_value_left,
+                progress=progress,
+                stamp=stamp,
+            )
+            await self._record_sale(session, plan, receipt, stamp, spent)
+            await events.publish(
+                session,
+                events.SALE_RECORDED,
+                events_pb2.SaleRecorded(
+                    sale_id=sale_id,
+                    member_id=member_id,
+                    card_id=log_.card_id,
+                    store_id=plan["store_id"],
+                    terminal_id=plan["terminal_id"],
+                    gross=money(currency, int(plan["gross"])),
+                    discount=money(currency, int(plan["discount"])),
+                    total=money(currency, int(plan["total"])),
+                    points_earned=earned,
+                    points_spent=spent,
+                    categories=sorted(
+                        {line["category"] for line in plan["lines"] if line["category"]}
+                    ),
+                    line_count=len(plan["lines"]),
+                    business_day=business_day_proto(plan["business_day"]),
+                    stamp=stamp_proto(stamp),
+                ),
+            )
             await store.advance_checkout(
                 session,
                 log_.checkout_id,
