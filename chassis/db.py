@@ -9,8 +9,8 @@ import asyncio
 import datetime as dt
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import ConnectionPoolEntry, Pool, PoolProxiedConnection
 
-from chassis.direct import Direct
+from chassis.direct import Direct, single_statement
 from chassis.errors import Unavailable
 
 T = TypeVar("T")
@@ -218,15 +218,28 @@ class Database:
         """One unit of work: everything written through the session, state
         and outbox rows alike, commits together or not at all. A database
         that cannot be reached becomes UNAVAILABLE for the caller."""
-        try:
+        with _unavailable_as_status():
             async with self._writer(), self._write_sessions() as session, session.begin():
                 yield session
-        except (OperationalError, DBAPIError) as exc:
-            if _is_unavailable(exc):
-                raise Unavailable(
-                    "the database is unavailable; try again", reason="DATABASE_UNAVAILABLE"
-                ) from exc
-            raise
+
+    @asynccontextmanager
+    async def single_statement(self) -> AsyncIterator[AsyncSession]:
+        """A unit of work of one statement (a ``chassis.direct.Direct``; a
+        second one through the session is refused, as it would commit
+        apart from the first). On PostgreSQL it is sent without BEGIN and
+        COMMIT: one statement is a transaction by itself, so the two round
+        trips around it buy nothing. On SQLite, an ordinary unit of work.
+        For a write that is the whole of its unit (a log's step, a claim);
+        one that comes with events needs ``transaction``."""
+        if self.dialect == "sqlite":
+            async with self.transaction() as session:
+                single_statement(session)
+                yield session
+            return
+        with _unavailable_as_status():
+            async with self._read_sessions() as session:
+                single_statement(session)
+                yield session
 
     @asynccontextmanager
     async def _writer(self) -> AsyncIterator[None]:
@@ -341,6 +354,19 @@ class RowByKey:
         statement = self._locked if for_update else self._plain
         result = await statement.execute(session, dict(zip(self._names, values, strict=True)))
         return result.first()
+
+
+@contextmanager
+def _unavailable_as_status() -> Iterator[None]:
+    """A database that cannot be reached: UNAVAILABLE for the caller."""
+    try:
+        yield
+    except (OperationalError, DBAPIError) as exc:
+        if _is_unavailable(exc):
+            raise Unavailable(
+                "the database is unavailable; try again", reason="DATABASE_UNAVAILABLE"
+            ) from exc
+        raise
 
 
 def _is_unavailable(exc: DBAPIError) -> bool:

@@ -47,6 +47,24 @@ _COMPUTED: dict[str, Any] = {}
 _ROWCOUNT = re.compile(r"(?:SELECT|UPDATE|DELETE|INSERT \d+|MERGE) (\d+)")
 
 
+# Set in a session that is a unit of work of one statement
+# (``chassis.db.Database.single_statement``): whether it has run.
+_SINGLE = "chassis.direct.single_statement"
+
+
+def single_statement(session: AsyncSession) -> None:
+    """Marks ``session`` as a unit of work of one statement: a second
+    statement run through ``Direct`` raises instead of committing apart
+    from the first."""
+    session.info[_SINGLE] = False
+
+
+def _count_single(session: AsyncSession) -> None:
+    if session.info[_SINGLE]:
+        raise RuntimeError("a unit of work of one statement was given a second one")
+    session.info[_SINGLE] = True
+
+
 class Rows:
     """A statement's result, read at once: its rows (with attribute, index
     and ``_mapping`` access, as SQLAlchemy's) and the rows it changed."""
@@ -145,6 +163,8 @@ class Direct:
         self._plans: dict[tuple[str, ...], _Plan | None] = {}
 
     async def execute(self, session: AsyncSession, params: Mapping[str, Any] | None = None) -> Rows:
+        if _SINGLE in session.info:
+            _count_single(session)
         values = dict(params or {})
         bound = session.info.get(_CONNECTION)
         if bound is None or bound.transaction is not session.sync_session.get_transaction():
@@ -161,6 +181,8 @@ class Direct:
         in one round trip on PostgreSQL; no result."""
         if not rows:
             return
+        if _SINGLE in session.info:
+            _count_single(session)
         bound = session.info.get(_CONNECTION)
         if bound is None or bound.transaction is not session.sync_session.get_transaction():
             bound = await _bind(session)

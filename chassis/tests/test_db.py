@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import Database, Memo
+from chassis.direct import Direct
 from tests.integration.infra import DatabaseFactory
 
 pytestmark = pytest.mark.asyncio
@@ -171,5 +174,60 @@ async def test_a_read_session_on_postgresql_sends_no_begin(database_url: Databas
             await asyncio.sleep(0.02)
             second = (await session.execute(sa.text("SELECT now()"))).scalar_one()
         assert second == first
+    finally:
+        await db.dispose()
+
+
+_INSERT_THING = Direct(sa.insert(things))
+
+
+async def _commands_sent(
+    session: AsyncSession, statement: Direct, params: dict[str, str]
+) -> list[str]:
+    """The transaction commands the driver sends for ``statement`` (and,
+    with it, the BEGIN the session's first statement brings)."""
+    raw = await (await session.connection()).get_raw_connection()
+    driver = raw.driver_connection
+    sent: list[str] = []
+
+    def note(query: Any) -> None:
+        sent.append(query.query.split()[0].upper())
+
+    driver.add_query_logger(note)
+    try:
+        await statement.execute(session, params)
+    finally:
+        driver.remove_query_logger(note)
+    return sent
+
+
+@pytest.mark.integration
+async def test_a_unit_of_one_statement_commits_it_without_begin_and_refuses_a_second(
+    database_url: DatabaseFactory,
+) -> None:
+    """``single_statement``: the statement is kept (on PostgreSQL sent as
+    a transaction of its own, no BEGIN or COMMIT around it); a second one
+    through the same unit is refused rather than committed apart."""
+    db = Database(await database_url("single"))
+    try:
+        async with db.engine.begin() as conn:
+            await conn.run_sync(things.metadata.create_all)
+        async with db.single_statement() as session:
+            await _INSERT_THING.execute(session, {"name": "kept"})
+        assert await _names(db) == ["kept"]
+        with pytest.raises(RuntimeError, match="second"):
+            async with db.single_statement() as session:
+                await _INSERT_THING.execute(session, {"name": "first"})
+                await _INSERT_THING.execute_many(session, [{"name": "second"}])
+        # The refused statement is not run; on PostgreSQL the first one was
+        # its own transaction, on SQLite it rolls back with the unit.
+        first = ["first"] if db.dialect == "postgresql" else []
+        assert sorted(await _names(db)) == [*first, "kept"]
+        if db.dialect == "postgresql":
+            async with db.single_statement() as session:
+                assert "BEGIN" not in await _commands_sent(session, _INSERT_THING, {"name": "a"})
+            async with db.transaction() as session:
+                assert "BEGIN" in await _commands_sent(session, _INSERT_THING, {"name": "b"})
+            assert sorted(await _names(db)) == ["a", "b", "first", "kept"]
     finally:
         await db.dispose()
