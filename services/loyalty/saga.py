@@ -569,7 +569,11 @@ class Sagas:
         (``_TakeRefused``)."""
         values: dict[str, Any] = {}
         step = SagaStep.STARTED
-        async with self.db.transaction() as session:
+        # Without points to hold, the log's insert (or update) is the whole
+        # of this unit of work.
+        holds_points = take and bool(log_.plan["tenders"].get("points"))
+        unit = self.db.transaction() if holds_points else self.db.single_statement()
+        async with unit as session:
             if take:
                 try:
                     # The log's insert (unique checkout id) or its move to
@@ -648,7 +652,7 @@ class Sagas:
         """The same checkout while it is under way: take it over if its
         driver is gone, else ask the caller to come back."""
         now = utcnow()
-        async with self.db.transaction() as session:
+        async with self.db.single_statement() as session:
             claimed = await store.claim_checkout(
                 session, found.checkout_id, now=now, until=now + LEASE
             )
@@ -733,7 +737,7 @@ class Sagas:
         writes this log meanwhile) and returns the log as it now stands."""
         now = utcnow()
         lease = now + LEASE
-        async with self.db.transaction() as session:
+        async with self.db.single_statement() as session:
             await store.advance_checkout(
                 session, log_.checkout_id, step, now, lease_until=lease, **values
             )
@@ -1081,7 +1085,7 @@ class Sagas:
             lapsed = await store.lapsed_checkouts(session, now, RECOVERY_BATCH)
             lapsed_refunds = await store.lapsed_refunds(session, now, RECOVERY_BATCH)
         for checkout_id in lapsed:
-            async with self.db.transaction() as session:
+            async with self.db.single_statement() as session:
                 claimed = await store.claim_checkout(
                     session, checkout_id, now=utcnow(), until=utcnow() + LEASE
                 )
