@@ -51,6 +51,7 @@ from services.loyalty.domain.points import (
 from services.loyalty.store import gifts as gift_store
 from services.loyalty.store import members
 from services.loyalty.store import points as store
+from services.loyalty.store.buyers import BuyerRecord
 from services.loyalty.store.gifts import RedemptionRecord
 from services.loyalty.store.members import KnownMember, MemberStatus
 from services.loyalty.store.points import AccountRecord, HoldRecord, MovementRecord, NewMovement
@@ -458,6 +459,23 @@ async def available(session: AsyncSession, member_id: str, *, at: dt.datetime | 
     target = await members.survivor_of(session, member_id)
     account = await store.get_account(session, target)
     return await _available(session, account, at or utcnow())
+
+
+async def available_to_buyer(
+    session: AsyncSession, member_id: str, buyer: BuyerRecord, *, at: dt.datetime
+) -> int:
+    """``available`` at ``at`` from what the checkout read of the member
+    (``store.buyers.buyer``, due lots counted at ``at``), reading more only
+    when that is not enough: a merged member's survivor, or lots past their
+    expiry that the daily job has not expired yet."""
+    known = buyer.known
+    if known is not None and known.status == MemberStatus.MERGED and known.merged_into:
+        return await available(session, member_id, at=at)
+    if buyer.lots_due:
+        return await _available(session, buyer.account, at)
+    if buyer.account is None or buyer.account.closed_at is not None:
+        return 0
+    return max(0, _spendable(buyer.account))
 
 
 async def _available(session: AsyncSession, account: AccountRecord | None, now: dt.datetime) -> int:

@@ -82,6 +82,7 @@ from services.loyalty.peers import (
 )
 from services.loyalty.points_ledger import Stamp
 from services.loyalty.pricing import Priced, price_request, priced_from_proto
+from services.loyalty.store import buyers
 from services.loyalty.store import earn_rules as rule_store
 from services.loyalty.store import sales as store
 from services.loyalty.store.sales import CheckoutLog, RefundLog, SaleRecord, SaleState
@@ -276,13 +277,19 @@ class Sagas:
             facts.currency,
         )
         member_id = card.member_id if card else ""
+        day = rules.business_day(now, facts.time_zone)
+        tier = None
+        points_available = earned_today = 0
         async with self.db.sessions() as session:
-            tier = await tiers.tier_of(session, member_id) if member_id else None
-            points_available = await points_ledger.available(session, member_id) if member_id else 0
+            if member_id:
+                member = await buyers.buyer(session, member_id, at=now, business_day=day)
+                tier = await tiers.tier_of_record(session, member.tier)
+                points_available = await points_ledger.available_to_buyer(
+                    session, member_id, member, at=now
+                )
+                earned_today = member.earned_on_day
             policy = await points_ledger.policy(session)
             rule_set = await rule_store.rule_set_in_force(session, now)
-            day = rules.business_day(now, facts.time_zone)
-            earned_today = await store.points_earned_on(session, member_id, day) if member_id else 0
         buyer = rules.Buyer(
             member_id=member_id,
             program_id=card.program_id if card else "",

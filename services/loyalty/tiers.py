@@ -110,8 +110,12 @@ async def _ladder(session: AsyncSession) -> Ladder:
 async def tier_of(session: AsyncSession, member_id: str) -> MemberTier:
     """The member's tier and its benefits (for pricing and earning); the
     lowest tier for a member not seen yet."""
+    return await tier_of_record(session, await store.get_member(session, member_id))
+
+
+async def tier_of_record(session: AsyncSession, record: MemberTierRecord | None) -> MemberTier:
+    """``tier_of`` for the member's tier row as read (None: not seen yet)."""
     ladder = await _ladder(session)
-    record = await store.get_member(session, member_id)
     if record is None:
         return member_tier(ladder.lowest, None)
     return member_tier(ladder.tier_or_lowest(record.tier_id), record.since)

@@ -30,7 +30,7 @@ from cornucopia.cards.v1 import (
     stored_value_pb2_grpc,
 )
 from cornucopia.common.v1 import money_pb2
-from cornucopia.loyalty.v1 import checkout_pb2, checkout_pb2_grpc
+from cornucopia.loyalty.v1 import checkout_pb2, checkout_pb2_grpc, rules_pb2, rules_pb2_grpc
 from cornucopia.members.v1 import members_pb2, members_pb2_grpc
 from services.campaigns.server import definition as campaigns_definition
 from services.loyalty import points_ledger
@@ -275,6 +275,45 @@ async def test_a_checkout_and_its_receipt(suite: Suite, database_url: DatabaseFa
         checkout_request(lines=basket()[:1], tenders=[cash(39_800)]), metadata=CASHIER
     )
     assert not guest.member_id and guest.points.earned == 0 and guest.total.minor_units == 39_800
+
+
+async def test_the_daily_cap_counts_what_the_member_earned_earlier_that_day(
+    suite: Suite, database_url: DatabaseFactory
+) -> None:
+    """A cap per day is read against the member's sales of the business
+    day: a second sale earns what is left of it, a third nothing; another
+    member's day starts afresh."""
+    shop = await open_shop(suite, database_url)
+    rules = rules_pb2_grpc.EarnRulesServiceStub(suite.channels["loyalty"])
+    await rules.PublishEarnRuleSet(
+        rules_pb2.PublishEarnRuleSetRequest(
+            request_id=str(uuid.uuid4()),
+            rules=[
+                rules_pb2.EarnRule(
+                    rule_id="BASE",
+                    kind=rules_pb2.EARN_RULE_KIND_BASE_RATE,
+                    millipoints_per_unit=1000,
+                ),
+                rules_pb2.EarnRule(
+                    rule_id="DAY", kind=rules_pb2.EARN_RULE_KIND_CAP_PER_DAY, cap_points=600
+                ),
+            ],
+        ),
+        metadata=HQ,
+    )
+    _, card = await enroll(shop, "13800138011")
+    _, other = await enroll(shop, "13800138012")
+
+    async def earned(number: str) -> int:
+        request = checkout_request(card_number=number, tenders=[cash(TOTAL)])
+        receipt = await shop.checkout.Checkout(request, metadata=CASHIER)
+        return receipt.points.earned
+
+    first = await earned(card.card_number)
+    assert 0 < first < 600
+    assert await earned(card.card_number) == 600 - first
+    assert await earned(card.card_number) == 0
+    assert await earned(other.card_number) == first
 
 
 async def test_refusals_leave_nothing_taken(suite: Suite, database_url: DatabaseFactory) -> None:

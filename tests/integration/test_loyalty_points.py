@@ -28,6 +28,7 @@ from services.loyalty import points_ledger
 from services.loyalty.domain.points import add_months
 from services.loyalty.points_ledger import LotSource, Stamp
 from services.loyalty.server import definition as loyalty_definition
+from services.loyalty.store import buyers
 from services.loyalty.store import members as member_store
 from services.loyalty.store import points as points_store
 from tests.integration.conftest import Suite, auth, eventually, token
@@ -373,15 +374,26 @@ async def test_the_policy(loyalty: Loyalty) -> None:
 # -- the checkout's ledger API ------------------------------------------------------------
 
 
+async def spendable(db: Any, member_id: str, at: dt.datetime | None = None) -> int:
+    """What the member can spend at ``at``, as ``available`` reads it; the
+    checkout's one read of its buyer must give the same."""
+    at = at or utcnow()
+    async with db.sessions() as session:
+        plain = await points_ledger.available(session, member_id, at=at)
+        member = await buyers.buyer(session, member_id, at=at, business_day=at.date())
+        assert await points_ledger.available_to_buyer(session, member_id, member, at=at) == plain
+    return plain
+
+
 async def test_holds_spending_and_refunds_in_the_checkouts_transaction(loyalty: Loyalty) -> None:
     lo = loyalty
     await enroll(lo, "M-ANN")
     now = utcnow()
     stamp = Stamp("checkout", "S001", now)
     await lo.accrue("M-ANN", 400, reference="sale-0")
+    assert await spendable(lo.db, "M-ANN") == 400
+    assert await spendable(lo.db, "M-NOBODY") == 0
     async with lo.db.transaction() as session:
-        assert await points_ledger.available(session, "M-ANN") == 400
-        assert await points_ledger.available(session, "M-NOBODY") == 0
         await points_ledger.hold(
             session,
             "M-ANN",
@@ -748,8 +760,7 @@ async def test_expiry_and_warnings_with_an_explicit_clock(loyalty: Loyalty) -> N
     ann = await lo.account("M-ANN")
     assert (ann.balance, ann.held) == (240, 40)
     assert (await lo.account("M-BOB")).balance == 0
-    async with db.sessions() as session:
-        assert await points_ledger.available(session, "M-ANN", at=early.expires_at) == 200
+    assert await spendable(db, "M-ANN", at=early.expires_at) == 200
 
     # The hold is not spent in time: the hold expiry releases it, and the
     # next pass expires the 40 it kept.
@@ -769,8 +780,7 @@ async def test_expiry_and_warnings_with_an_explicit_clock(loyalty: Loyalty) -> N
     # Past a lot's expiry, its points count as gone before the job passes,
     # and a change to the account expires them first: a sale cannot hold them.
     after_late = late.expires_at + dt.timedelta(minutes=1)
-    async with db.sessions() as session:
-        assert await points_ledger.available(session, "M-ANN", at=after_late) == 0
+    assert await spendable(db, "M-ANN", at=after_late) == 0
     async with db.transaction() as session:
         with pytest.raises(FailedPrecondition) as caught:
             await points_ledger.hold(
@@ -846,8 +856,7 @@ async def test_merges_and_erasures(loyalty: Loyalty) -> None:
         "M-KEEP",
     )
     # The checkout's calls for the duplicate's id reach the survivor.
-    async with lo.db.sessions() as session:
-        assert await points_ledger.available(session, "M-DUP") == 400
+    assert await spendable(lo.db, "M-DUP") == 400
     later = await lo.accrue("M-DUP", 10)
     assert later is not None and later.member_id == "M-KEEP"
 

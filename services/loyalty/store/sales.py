@@ -519,22 +519,6 @@ async def add_tender_refund(
     )
 
 
-_EARNED_ON = Direct(
-    sa.select(
-        sa.func.coalesce(sa.func.sum(sales.c.points_earned - sales.c.points_reversed), 0)
-    ).where(
-        sales.c.member_id == sa.bindparam("member_id"),
-        sales.c.business_day == sa.bindparam("day", type_=sa.Date),
-    )
-)
-
-
-async def points_earned_on(session: AsyncSession, member_id: str, day: dt.date) -> int:
-    """What a member earned on sales of a business day (for daily caps)."""
-    result = await _EARNED_ON.execute(session, {"member_id": member_id, "day": day})
-    return int(result.scalar_one())
-
-
 # --- refunds -------------------------------------------------------------------------
 
 
