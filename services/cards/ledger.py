@@ -132,6 +132,25 @@ async def _write(session: AsyncSession, movement: NewMovement, stamp: Stamp) -> 
     )
 
 
+async def _write_together(
+    session: AsyncSession, movements: list[NewMovement], stamp: Stamp
+) -> list[MovementRecord]:
+    """Movements of one account, one after the other, in three statements
+    whatever their number: their balances in one update, the movements in
+    one insert, their entries in another. The account's checks apply to
+    its balances after the last: for movements whose balances in between
+    are no lower (a hold and its capture)."""
+    account_id = movements[0].account_id
+    afters = await store.apply_movements(session, account_id, [m.entries for m in movements])
+    return await store.record_movements(
+        session,
+        list(zip(movements, afters, strict=True)),
+        principal=stamp.principal,
+        store_id=stamp.store_id,
+        now=stamp.at,
+    )
+
+
 async def _card(session: AsyncSession, card_id: str) -> CardRecord:
     card = await card_store.get_card(session, card_id)
     assert card is not None  # a movement's card is never deleted
@@ -228,6 +247,60 @@ async def _check_spend(
     return day
 
 
+@dataclass(frozen=True)
+class _PlannedSpend:
+    """A hold or a debit checked and worked out, not yet written."""
+
+    movement: NewMovement
+    day: dt.date
+
+
+async def _plan_spend(
+    session: AsyncSession,
+    card: CardRecord,
+    program: ProgramRecord,
+    policy: Policy,
+    request: Request,
+    *,
+    kind: MovementKind,
+    amount: int,
+    reference: str,
+    hold_id: str = "",
+) -> _PlannedSpend | MovementRecord:
+    """Locks the account and checks a hold or a debit (funds out of what
+    the card can spend, in the chain's order, within the card's limits);
+    returns the movement to write and the day it counts on, or the
+    movement of an earlier request when this one is its replay."""
+    now = request.stamp.at
+    account = await _locked_account(session, card.account_id, policy, now, create=False)
+    if account is not None and (done := await _replayed(session, kind, request)):
+        return done
+    _require_can_pay(card, program, now)
+    if account is None:
+        raise rules.insufficient(0, amount)
+    _require_open(account)
+    funds = rules.split_spend(account.balances.spendable, amount, policy.spend_order)
+    day = await _check_spend(session, card, policy, amount, now)
+    movement = NewMovement(
+        movement_id=rules.new_movement_id(),
+        kind=kind,
+        request_id=request.request_id,
+        request_hash=request.request_hash,
+        account_id=card.account_id,
+        card_id=card.card_id,
+        currency=account.currency,
+        amount=amount,
+        change=-funds,
+        entries=(
+            rules.hold_entries(funds) if kind == MovementKind.HOLD else rules.debit_entries(funds)
+        ),
+        taken=funds if kind == MovementKind.DEBIT else Funds(),
+        reference=reference,
+        hold_id=hold_id,
+    )
+    return _PlannedSpend(movement, day)
+
+
 async def _spend(
     session: AsyncSession,
     card: CardRecord,
@@ -240,44 +313,25 @@ async def _spend(
     reference: str,
     hold_id: str = "",
 ) -> tuple[MovementRecord, dt.date, bool]:
-    """A hold or a debit: funds out of what the card can spend, in the
-    chain's order, within the card's limits. Returns the movement, the day
-    it counted on, and whether it is a replay of an earlier request."""
-    now = request.stamp.at
-    account = await _locked_account(session, card.account_id, policy, now, create=False)
-    if account is not None and (done := await _replayed(session, kind, request)):
-        return done, policy.local_day(done.at), True
-    _require_can_pay(card, program, now)
-    if account is None:
-        raise rules.insufficient(0, amount)
-    _require_open(account)
-    funds = rules.split_spend(account.balances.spendable, amount, policy.spend_order)
-    day = await _check_spend(session, card, policy, amount, now)
-    movement = await _write(
+    """A hold or a debit (``_plan_spend``), written. Returns the movement,
+    the day it counted on, and whether it is a replay of an earlier
+    request."""
+    planned = await _plan_spend(
         session,
-        NewMovement(
-            movement_id=rules.new_movement_id(),
-            kind=kind,
-            request_id=request.request_id,
-            request_hash=request.request_hash,
-            account_id=card.account_id,
-            card_id=card.card_id,
-            currency=account.currency,
-            amount=amount,
-            change=-funds,
-            entries=(
-                rules.hold_entries(funds)
-                if kind == MovementKind.HOLD
-                else rules.debit_entries(funds)
-            ),
-            taken=funds if kind == MovementKind.DEBIT else Funds(),
-            reference=reference,
-            hold_id=hold_id,
-        ),
-        request.stamp,
+        card,
+        program,
+        policy,
+        request,
+        kind=kind,
+        amount=amount,
+        reference=reference,
+        hold_id=hold_id,
     )
-    await store.add_to_card_day(session, card.card_id, day, spent=amount)
-    return movement, day, False
+    if isinstance(planned, MovementRecord):
+        return planned, policy.local_day(planned.at), True
+    movement = await _write(session, planned.movement, request.stamp)
+    await store.add_to_card_day(session, card.card_id, planned.day, spent=amount)
+    return movement, planned.day, False
 
 
 async def hold(
@@ -298,7 +352,7 @@ async def hold(
     carry the request's id, so the hold is found, and refunded, like any
     other. A replay returns the hold the request made as it now stands,
     whether or not it asks for the capture."""
-    movement, day, replayed = await _spend(
+    planned = await _plan_spend(
         session,
         card,
         program,
@@ -309,44 +363,54 @@ async def hold(
         reference=reference,
         hold_id=rules.new_hold_id(),
     )
-    if replayed:
-        found = await store.get_hold(session, movement.hold_id)
-        account = await store.get_account(session, movement.account_id)
+    if isinstance(planned, MovementRecord):
+        found = await store.get_hold(session, planned.hold_id)
+        account = await store.get_account(session, planned.account_id)
         assert found is not None and account is not None  # written with the movement
         return HoldStanding(found, account.currency, account.balances.available)
     now = request.stamp.at
+    new = planned.movement
     held = HoldRecord(
-        hold_id=movement.hold_id,
+        hold_id=new.hold_id,
         account_id=card.account_id,
         card_id=card.card_id,
         state=HoldState.HELD,
-        currency=movement.currency,
-        funds=-movement.change,
+        currency=new.currency,
+        funds=-new.change,
         captured=Funds(),
         reference=reference,
-        local_day=day,
+        local_day=planned.day,
         expires_at=now + ttl,
-        hold_movement_id=movement.movement_id,
+        hold_movement_id=new.movement_id,
         capture_movement_id="",
         principal=request.stamp.principal,
         store_id=request.stamp.store_id,
         held_at=now,
         finished_at=None,
     )
-    held_event = events.stored_value_event(movement, card, request.stamp, expire_time=now + ttl)
+    await store.add_to_card_day(session, card.card_id, planned.day, spent=amount)
     if not capture:
+        movement = await _write(session, new, request.stamp)
         await store.insert_hold(session, held)
-        await events.publish(session, *held_event)
+        await events.publish(
+            session,
+            *events.stored_value_event(movement, card, request.stamp, expire_time=now + ttl),
+        )
         return HoldStanding(held, movement.currency, movement.after.available)
-    # All of it taken at once: the hold is written captured, and both
-    # movements' events go out in one insert.
-    taken, take, _ = await _write_capture(session, held, movement.currency, request, amount=None)
-    captured = _captured(held, take, taken, now)
-    await store.insert_hold(session, captured)
+    # All of it taken at once: both movements are written together (their
+    # balances in one update, the movements in one insert), the hold is
+    # written captured, and both movements' events go out in one insert.
+    capture_of, take, _ = _capture_of(held, new.currency, request, amount=None)
+    movement, taken = await _write_together(session, [new, capture_of], request.stamp)
+    await store.insert_hold(session, _captured(held, take, taken, now))
     await events.stored_values_moved(
-        session, [held_event, events.stored_value_event(taken, card, request.stamp)]
+        session,
+        [
+            events.stored_value_event(movement, card, request.stamp, expire_time=now + ttl),
+            events.stored_value_event(taken, card, request.stamp),
+        ],
     )
-    return HoldStanding(captured, movement.currency, taken.after.available)
+    return HoldStanding(_captured(held, take, taken, now), new.currency, taken.after.available)
 
 
 @dataclass(frozen=True)
@@ -493,7 +557,16 @@ async def _write_capture(
     amount: int | None,
 ) -> tuple[MovementRecord, Funds, Funds]:
     """The capture movement of ``amount`` of a HELD hold (all of it when
-    None); returns it, the funds taken and the funds left held."""
+    None), written; returns it, the funds taken and the funds left held."""
+    new, take, rest = _capture_of(held, currency, request, amount=amount)
+    return await _write(session, new, request.stamp), take, rest
+
+
+def _capture_of(
+    held: HoldRecord, currency: str, request: Request, *, amount: int | None
+) -> tuple[NewMovement, Funds, Funds]:
+    """The capture movement of ``amount`` of a HELD hold (all of it when
+    None), to write; the funds it takes and those it leaves held."""
     take_total = held.funds.total if amount is None else amount
     if take_total > held.funds.total:
         raise FailedPrecondition(
@@ -502,24 +575,20 @@ async def _write_capture(
             metadata={"hold_id": held.hold_id, "held_minor_units": str(held.funds.total)},
         )
     take = rules.split_capture(held.funds, take_total)
-    movement = await _write(
-        session,
-        NewMovement(
-            movement_id=rules.new_movement_id(),
-            kind=MovementKind.CAPTURE,
-            request_id=request.request_id,
-            request_hash=request.request_hash,
-            account_id=held.account_id,
-            card_id=held.card_id,
-            currency=currency,
-            amount=take.total,
-            change=Funds(),
-            entries=rules.capture_entries(take),
-            taken=take,
-            reference=held.reference,
-            hold_id=held.hold_id,
-        ),
-        request.stamp,
+    movement = NewMovement(
+        movement_id=rules.new_movement_id(),
+        kind=MovementKind.CAPTURE,
+        request_id=request.request_id,
+        request_hash=request.request_hash,
+        account_id=held.account_id,
+        card_id=held.card_id,
+        currency=currency,
+        amount=take.total,
+        change=Funds(),
+        entries=rules.capture_entries(take),
+        taken=take,
+        reference=held.reference,
+        hold_id=held.hold_id,
     )
     return movement, take, held.funds - take
 

@@ -526,6 +526,13 @@ async def test_a_hold_captured_as_it_is_made(suite: Suite, database_url: Databas
         S.MOVEMENT_KIND_HOLD,
         S.MOVEMENT_KIND_REFUND,
     ]
+    # Written together, each movement keeps the balances after it.
+    held_then, captured_then = list(reversed(await movements(w, card_id=card.card_id)))[1:3]
+    assert (held_then.paid_after.minor_units, held_then.held_after.minor_units) == (7_000, 3_000)
+    assert (captured_then.paid_after.minor_units, captured_then.held_after.minor_units) == (
+        7_000,
+        0,
+    )
     subjects = [s for s, _ in await outbox(c) if s.startswith("cards.v1.stored_value.")]
     # In the order the movements were made, the capture right after its hold.
     assert [subject.rsplit(".", 1)[1] for subject in subjects] == [

@@ -17,6 +17,7 @@ from chassis.direct import Direct
 from services.cards.domain.stored_value import (
     ACCOUNT_BOOKS,
     Balances,
+    Book,
     Channel,
     Entry,
     Funds,
@@ -277,13 +278,39 @@ _BALANCES = Direct(
 )
 
 
-async def apply_entries(session: AsyncSession, account_id: str, entries: list[Entry]) -> Balances:
-    """Adds the account books' entries to its stored balances; returns them
-    as they are after."""
+def _account_changes(entries: list[Entry]) -> dict[Book, int]:
+    """What entries add to each of the account's own books."""
     delta = {book: 0 for book in ACCOUNT_BOOKS}
     for entry in entries:
         if entry.book in delta:
             delta[entry.book] += entry.amount
+    return delta
+
+
+async def apply_movements(
+    session: AsyncSession, account_id: str, entries_of: list[list[Entry]]
+) -> list[Balances]:
+    """``apply_entries`` for several movements of the account at once, in
+    one update; returns its balances after each (those before the last
+    worked back from the ones the update returns)."""
+    after = await apply_entries(session, account_id, [e for each in entries_of for e in each])
+    afters = [after]
+    for entries in reversed(entries_of[1:]):
+        change = _account_changes(entries)
+        after = Balances(
+            after.paid - change[Book.PAID],
+            after.bonus - change[Book.BONUS],
+            after.held_paid - change[Book.HELD_PAID],
+            after.held_bonus - change[Book.HELD_BONUS],
+        )
+        afters.append(after)
+    return afters[::-1]
+
+
+async def apply_entries(session: AsyncSession, account_id: str, entries: list[Entry]) -> Balances:
+    """Adds the account books' entries to its stored balances; returns them
+    as they are after."""
+    delta = _account_changes(entries)
     params: dict[str, Any] = {"key_account_id": account_id}
     query: Direct
     if any(delta.values()):
@@ -390,6 +417,73 @@ _INSERT_MOVEMENT = Direct(sa.insert(sv_movements).returning(*sv_movements.c))
 _INSERT_ENTRIES = Direct(sa.insert(sv_entries))
 
 
+def _movement_row(
+    movement: NewMovement, after: Balances, *, principal: str, store_id: str, now: dt.datetime
+) -> dict[str, Any]:
+    return dict(
+        movement_id=movement.movement_id,
+        kind=movement.kind.value,
+        request_id=movement.request_id,
+        request_hash=movement.request_hash,
+        account_id=movement.account_id,
+        card_id=movement.card_id,
+        currency=movement.currency,
+        amount=movement.amount,
+        paid=movement.change.paid,
+        bonus=movement.change.bonus,
+        taken_paid=movement.taken.paid,
+        taken_bonus=movement.taken.bonus,
+        paid_after=after.paid,
+        bonus_after=after.bonus,
+        held_paid_after=after.held_paid,
+        held_bonus_after=after.held_bonus,
+        channel=movement.channel.value if movement.channel else "",
+        reference=movement.reference,
+        note=movement.note,
+        bonus_rule_id=movement.bonus_rule_id,
+        hold_id=movement.hold_id,
+        refunds_movement_id=movement.refunds_movement_id,
+        principal=principal,
+        store_id=store_id,
+        at=now,
+    )
+
+
+def _entry_rows(movement: NewMovement, now: dt.datetime) -> list[dict[str, Any]]:
+    return [
+        {
+            "movement_id": movement.movement_id,
+            "account_id": movement.account_id,
+            "book": e.book.value,
+            "channel": e.channel.value if e.channel else "",
+            "amount": e.amount,
+            "at": now,
+        }
+        for e in movement.entries
+    ]
+
+
+# The columns a movement is written with (``_movement_row``); the others
+# take the table's defaults.
+_MOVEMENT_COLUMNS = tuple(
+    c.name for c in sv_movements.c if c.name not in {"seq", "refunded_paid", "refunded_bonus"}
+)
+# Two movements in one insert (a hold and its capture), built once.
+_INSERT_TWO_MOVEMENTS = Direct(
+    sa.insert(sv_movements)
+    .values(
+        [
+            {
+                name: sa.bindparam(f"m{i}_{name}", type_=sv_movements.c[name].type)
+                for name in _MOVEMENT_COLUMNS
+            }
+            for i in range(2)
+        ]
+    )
+    .returning(*sv_movements.c)
+)
+
+
 async def record_movement(
     session: AsyncSession,
     movement: NewMovement,
@@ -400,53 +494,44 @@ async def record_movement(
     now: dt.datetime,
 ) -> MovementRecord:
     inserted = await _INSERT_MOVEMENT.execute(
-        session,
-        dict(
-            movement_id=movement.movement_id,
-            kind=movement.kind.value,
-            request_id=movement.request_id,
-            request_hash=movement.request_hash,
-            account_id=movement.account_id,
-            card_id=movement.card_id,
-            currency=movement.currency,
-            amount=movement.amount,
-            paid=movement.change.paid,
-            bonus=movement.change.bonus,
-            taken_paid=movement.taken.paid,
-            taken_bonus=movement.taken.bonus,
-            paid_after=after.paid,
-            bonus_after=after.bonus,
-            held_paid_after=after.held_paid,
-            held_bonus_after=after.held_bonus,
-            channel=movement.channel.value if movement.channel else "",
-            reference=movement.reference,
-            note=movement.note,
-            bonus_rule_id=movement.bonus_rule_id,
-            hold_id=movement.hold_id,
-            refunds_movement_id=movement.refunds_movement_id,
-            principal=principal,
-            store_id=store_id,
-            at=now,
-        ),
+        session, _movement_row(movement, after, principal=principal, store_id=store_id, now=now)
     )
     # As written (its seq included), without reading it back.
     recorded = _movement(inserted.one())
     if movement.entries:
-        await _INSERT_ENTRIES.execute_many(
-            session,
-            [
-                {
-                    "movement_id": movement.movement_id,
-                    "account_id": movement.account_id,
-                    "book": e.book.value,
-                    "channel": e.channel.value if e.channel else "",
-                    "amount": e.amount,
-                    "at": now,
-                }
-                for e in movement.entries
-            ],
-        )
+        await _INSERT_ENTRIES.execute_many(session, _entry_rows(movement, now))
     return recorded
+
+
+async def record_movements(
+    session: AsyncSession,
+    written: list[tuple[NewMovement, Balances]],
+    *,
+    principal: str,
+    store_id: str,
+    now: dt.datetime,
+) -> list[MovementRecord]:
+    """``record_movement`` for several movements (each with its account's
+    balances after it), in order: two in one insert, their entries in
+    another."""
+    if len(written) != 2:
+        return [
+            await record_movement(
+                session, movement, after, principal=principal, store_id=store_id, now=now
+            )
+            for movement, after in written
+        ]
+    params: dict[str, Any] = {}
+    for i, (movement, after) in enumerate(written):
+        row = _movement_row(movement, after, principal=principal, store_id=store_id, now=now)
+        params.update({f"m{i}_{name}": value for name, value in row.items()})
+    inserted = await _INSERT_TWO_MOVEMENTS.execute(session, params)
+    # Matched by id: the order rows come back in is not the order given.
+    by_id = {row.movement_id: _movement(row) for row in inserted}
+    entries = [e for movement, _ in written for e in _entry_rows(movement, now)]
+    if entries:
+        await _INSERT_ENTRIES.execute_many(session, entries)
+    return [by_id[movement.movement_id] for movement, _ in written]
 
 
 async def get_movement(
