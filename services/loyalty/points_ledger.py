@@ -232,6 +232,15 @@ async def _locked(
     return account
 
 
+async def _locked_if_open(session: AsyncSession, member_id: str) -> AccountRecord | None:
+    """The member's account, locked, when it is open: a merge or an
+    erasure closes it in the transaction that records it, so an open
+    account is its member's own (``_target`` need not be read). None
+    otherwise (not opened yet, or closed)."""
+    account = await store.get_account(session, member_id, for_update=True)
+    return account if account is not None and account.closed_at is None else None
+
+
 async def _locked_pair(
     session: AsyncSession, first: str, second: str, now: dt.datetime
 ) -> dict[str, AccountRecord]:
@@ -762,13 +771,15 @@ async def _credit_new_lot(
     and loyalty.v1.points.accrued. Idempotent by (``kind``, request_id): a
     retry returns the lot (as it is now). Also returns what the member can
     spend at ``stamp.at`` afterwards (None for a retry)."""
-    target, erased = await _target(session, member_id)
     account: AccountRecord | None
     reuse = False
-    if settled is not None and settled.account.member_id == target and settled.at == stamp.at:
+    if settled is not None and settled.account.member_id == member_id and settled.at == stamp.at:
         # Locked by this transaction, and nothing due left to expire.
-        account, reuse = settled.account, True
+        target, account, reuse = member_id, settled.account, True
+    elif (open_ := await _locked_if_open(session, member_id)) is not None:
+        target, account = member_id, open_
     else:
+        target, erased = await _target(session, member_id)
         account = await _locked(session, target, stamp.at, create=not erased)
     if (
         not unseen_request
