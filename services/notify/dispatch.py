@@ -99,7 +99,7 @@ class RateLimiter:
         """Wait for the next slot; returns the time (``clock``) the send was
         allowed to start at. A database error propagates: nothing reserved,
         or a slot reserved that no send uses, which only slows the pace."""
-        async with self.db.transaction() as session:
+        async with self.db.single_statement() as session:
             # Read the clock as late as possible: a reservation made with an
             # older ``now`` lets the send start later than its slot.
             now = self.clock()
@@ -166,14 +166,17 @@ class Dispatcher:
         Returns how many messages were claimed."""
         token = uuid.uuid4().hex
         started = time.monotonic()
-        async with self.db.transaction() as session:
+        # On PostgreSQL the claim is one statement, a unit of work by itself.
+        postgresql = self.db.dialect == "postgresql"
+        unit = self.db.single_statement() if postgresql else self.db.transaction()
+        async with unit as session:
             batch = await store.claim_queued(
                 session,
                 limit=self.batch_size,
                 token=token,
                 now=self.clock(),
                 lease=dt.timedelta(seconds=self.lease_seconds),
-                skip_locked=self.db.dialect == "postgresql",
+                skip_locked=postgresql,
             )
         if not batch:
             return 0
@@ -229,7 +232,7 @@ class Dispatcher:
 
     async def _release(self, token: str, message_ids: list[str]) -> None:
         if message_ids:
-            async with self.db.transaction() as session:
+            async with self.db.single_statement() as session:
                 await store.release_claims(session, token, message_ids)
 
     async def _deliver_safely(

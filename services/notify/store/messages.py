@@ -306,7 +306,8 @@ async def claim_queued(
 ) -> list[MessageRecord]:
     """Claim up to ``limit`` queued messages nobody holds (oldest first) for
     the dispatcher pass ``token`` until ``now + lease``, and return them.
-    Call it in a unit of work of its own, committed before sending.
+    Call it in a unit of work of its own, committed before sending (on
+    PostgreSQL one statement: ``single_statement``).
 
     Two passes never hold the same message: on PostgreSQL (``skip_locked``)
     the candidates are locked as they are picked (``_claim_statement``), on

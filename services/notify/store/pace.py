@@ -51,8 +51,9 @@ async def reserve_send(
 ) -> float:
     """Reserve the channel's next slot at ``now``; returns the new ``tat``
     (``domain.delivery.next_tat``), from which ``pace_wait`` tells how long
-    to wait. Run it in a transaction of its own and commit at once: the row
-    stays locked until then, and every replica's sends queue behind it."""
+    to wait. Run it as a unit of work of its own (``single_statement``)
+    and commit at once: the row stays locked until then, and every
+    replica's sends queue behind it."""
     reserved = await _RESERVE[session.get_bind().dialect.name].execute(
         session, {"channel": channel, "now": now, "interval": interval}
     )
