@@ -224,22 +224,26 @@ class Database:
 
     @asynccontextmanager
     async def single_statement(self) -> AsyncIterator[AsyncSession]:
-        """A unit of work of one statement (a ``chassis.direct.Direct``; a
-        second one through the session is refused, as it would commit
-        apart from the first). On PostgreSQL it is sent without BEGIN and
-        COMMIT: one statement is a transaction by itself, so the two round
-        trips around it buy nothing. On SQLite, an ordinary unit of work.
-        For a write that is the whole of its unit (a log's step, a claim);
-        one that comes with events needs ``transaction``."""
+        """A unit of work that is one statement on PostgreSQL (a
+        ``chassis.direct.Direct`` or a ``chassis.outbox.ChangeWithEvent``),
+        sent there without BEGIN and COMMIT: one statement is a transaction
+        by itself, so the two round trips around it buy nothing. A second
+        statement through the session is refused there, as it would commit
+        apart from the first. On SQLite an ordinary unit of work (what is
+        one statement on PostgreSQL may take a few on SQLite). For a write
+        that is the whole of its unit: a log's step, a claim, a change with
+        its event."""
         if self.dialect == "sqlite":
             async with self.transaction() as session:
-                single_statement(session)
                 yield session
             return
         with _unavailable_as_status():
             async with self._read_sessions() as session:
                 single_statement(session)
                 yield session
+        # Committed as it ran: the commit hooks (a worker's wake-up) fire now.
+        for hook in self._commit_hooks:
+            hook(session.info)
 
     @asynccontextmanager
     async def _writer(self) -> AsyncIterator[None]:

@@ -205,9 +205,10 @@ async def _commands_sent(
 async def test_a_unit_of_one_statement_commits_it_without_begin_and_refuses_a_second(
     database_url: DatabaseFactory,
 ) -> None:
-    """``single_statement``: the statement is kept (on PostgreSQL sent as
-    a transaction of its own, no BEGIN or COMMIT around it); a second one
-    through the same unit is refused rather than committed apart."""
+    """``single_statement``: the statement is kept; on PostgreSQL it is sent
+    as a transaction of its own (no BEGIN or COMMIT around it), and a second
+    one through the same unit is refused rather than committed apart. On
+    SQLite it is an ordinary unit of work."""
     db = Database(await database_url("single"))
     try:
         async with db.engine.begin() as conn:
@@ -215,19 +216,24 @@ async def test_a_unit_of_one_statement_commits_it_without_begin_and_refuses_a_se
         async with db.single_statement() as session:
             await _INSERT_THING.execute(session, {"name": "kept"})
         assert await _names(db) == ["kept"]
+        if db.dialect == "sqlite":
+            # An ordinary unit of work there.
+            async with db.single_statement() as session:
+                await _INSERT_THING.execute(session, {"name": "first"})
+                await _INSERT_THING.execute_many(session, [{"name": "second"}])
+            assert sorted(await _names(db)) == ["first", "kept", "second"]
+            return
         with pytest.raises(RuntimeError, match="second"):
             async with db.single_statement() as session:
                 await _INSERT_THING.execute(session, {"name": "first"})
                 await _INSERT_THING.execute_many(session, [{"name": "second"}])
-        # The refused statement is not run; on PostgreSQL the first one was
-        # its own transaction, on SQLite it rolls back with the unit.
-        first = ["first"] if db.dialect == "postgresql" else []
-        assert sorted(await _names(db)) == [*first, "kept"]
-        if db.dialect == "postgresql":
-            async with db.single_statement() as session:
-                assert "BEGIN" not in await _commands_sent(session, _INSERT_THING, {"name": "a"})
-            async with db.transaction() as session:
-                assert "BEGIN" in await _commands_sent(session, _INSERT_THING, {"name": "b"})
-            assert sorted(await _names(db)) == ["a", "b", "first", "kept"]
+        # The refused statement is not run; the first one was its own
+        # transaction.
+        assert sorted(await _names(db)) == ["first", "kept"]
+        async with db.single_statement() as session:
+            assert "BEGIN" not in await _commands_sent(session, _INSERT_THING, {"name": "a"})
+        async with db.transaction() as session:
+            assert "BEGIN" in await _commands_sent(session, _INSERT_THING, {"name": "b"})
+        assert sorted(await _names(db)) == ["a", "b", "first", "kept"]
     finally:
         await db.dispose()

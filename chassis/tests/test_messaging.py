@@ -26,12 +26,19 @@ from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.bus import STREAMS, Bus, Heard, Listener, cloudevent_headers
-from chassis.db import Database, outbox_table
+from chassis.db import Database, idempotency_table, outbox_table
 from chassis.deadletters import DeadLetter, list_dead_letters
 from chassis.inbox import Consumer, Envelope, Subscription, dead_letter_subject, inbox_contains
 from chassis.migrations import upgrade_to_head
 from chassis.natsserver import NatsServer
-from chassis.outbox import _MARK_SENT, OutboxRelay, enqueue, enqueue_many, together
+from chassis.outbox import (
+    _MARK_SENT,
+    ChangeWithEvent,
+    OutboxRelay,
+    enqueue,
+    enqueue_many,
+    together,
+)
 from chassis.telemetry import configure_tracing, inject_trace_headers
 from tests.integration.infra import DatabaseFactory, Postgres, migrated
 
@@ -284,6 +291,78 @@ async def test_events_enqueued_together_are_written_at_the_end_of_the_block_in_o
         for seq in range(1, 6)
     ]
     assert published == ["C0", "C1", "C2", "C3", "C4"]
+
+
+# A claimed request's answer written, when the claim (its hash) still holds.
+_ANSWERED = ChangeWithEvent(
+    sa.update(idempotency_table)
+    .where(
+        idempotency_table.c.method == "Claim",
+        idempotency_table.c.request_id == sa.bindparam("key_request_id"),
+        idempotency_table.c.request_hash == sa.bindparam("key_hash"),
+    )
+    .values(response=sa.bindparam("answer"))
+)
+
+
+async def test_a_change_and_its_event_are_written_only_together(db: Database, bus: Bus) -> None:
+    """``ChangeWithEvent``: the event is written when the change matched and
+    not otherwise; on PostgreSQL the two are one statement, fit for a unit
+    of work of one statement, whose commit wakes the relay as any other."""
+    async with db.transaction() as session:
+        await session.execute(
+            sa.insert(idempotency_table),
+            [
+                {"method": "Claim", "request_id": r, "request_hash": "h1", "response": b""}
+                | {"created_at": dt.datetime.now(dt.UTC)}
+                for r in ("r1", "r2")
+            ],
+        )
+    relay = OutboxRelay(db, bus, poll_interval=60, retry_delay=60)
+    async with running(relay.run()):
+        await asyncio.sleep(0.2)  # the first pass found nothing and sleeps
+        async with db.single_statement() as session:
+            assert await _ANSWERED.execute(
+                session,
+                {"key_request_id": "r1", "key_hash": "h1", "answer": b"done"},
+                source=SOURCE,
+                subject=SUBJECT,
+                message=StringValue(value="answered r1"),
+            )
+        async with db.single_statement() as session:
+            assert not await _ANSWERED.execute(
+                session,
+                {"key_request_id": "r2", "key_hash": "another", "answer": b"lost"},
+                source=SOURCE,
+                subject=SUBJECT,
+                message=StringValue(value="never"),
+            )
+        await eventually(relay.pending_count, lambda n: n == 0, timeout=5)
+    async with db.transaction() as session, together(session):
+        # Inside a block of events written together: the change, then the
+        # event with the block's others.
+        assert await _ANSWERED.execute(
+            session,
+            {"key_request_id": "r2", "key_hash": "h1", "answer": b"done"},
+            source=SOURCE,
+            subject=SUBJECT,
+            message=StringValue(value="answered r2"),
+        )
+    async with db.sessions() as session:
+        answers = dict(
+            (
+                await session.execute(
+                    sa.select(idempotency_table.c.request_id, idempotency_table.c.response)
+                )
+            ).all()
+        )
+        events = (
+            await session.execute(sa.select(outbox_table.c.payload).order_by(outbox_table.c.seq))
+        ).scalars()
+        assert [StringValue.FromString(p).value for p in events] == ["answered r1", "answered r2"]
+    assert answers == {"r1": b"done", "r2": b"done"}
+    published = StringValue.FromString((await bus.js.get_msg("CARDS", 1)).data or b"")
+    assert published.value == "answered r1"
 
 
 async def test_a_commit_with_outbox_rows_wakes_the_relay(db: Database, bus: Bus) -> None:
