@@ -167,16 +167,14 @@ class Dispatcher:
         token = uuid.uuid4().hex
         started = time.monotonic()
         # On PostgreSQL the claim is one statement, a unit of work by itself.
-        postgresql = self.db.dialect == "postgresql"
-        unit = self.db.single_statement() if postgresql else self.db.transaction()
-        async with unit as session:
+        async with self.db.single_statement() as session:
             batch = await store.claim_queued(
                 session,
                 limit=self.batch_size,
                 token=token,
                 now=self.clock(),
                 lease=dt.timedelta(seconds=self.lease_seconds),
-                skip_locked=postgresql,
+                skip_locked=self.db.dialect == "postgresql",
             )
         if not batch:
             return 0
@@ -285,22 +283,23 @@ class Dispatcher:
             span.set_attribute("cornucopia.provider", sent.provider)
             span.set_attribute("cornucopia.outcome", "sent")
             sent_at = self.clock()
-            async with self.db.transaction() as session:
-                if not await store.mark_sent(
+            # The mark and its event: one statement on PostgreSQL.
+            async with self.db.single_statement() as session:
+                marked = await store.mark_sent_announced(
                     session,
                     message.message_id,
                     sent_at,
                     token,
                     provider=sent.provider,
                     provider_message_id=sent.provider_message_id,
-                ):
-                    # The lease ran out and another pass took the message
-                    # over: it records the send, not this one.
-                    log.warning("claim lost before the mark", message_id=message.message_id)
-                    return
-                await events.message_sent(
-                    session, message, sent_at, sent.provider, sent.provider_message_id
+                    event=events.message_sent(
+                        message, sent_at, sent.provider, sent.provider_message_id
+                    ),
                 )
+            if not marked:
+                # The lease ran out and another pass took the message over:
+                # it records the send, not this one.
+                log.warning("claim lost before the mark", message_id=message.message_id)
 
     async def _send(self, message: store.MessageRecord) -> Sent:
         channel = self.channels.get(message.channel)

@@ -51,15 +51,16 @@ def _about(record: store.MessageRecord) -> dict[str, Any]:
     }
 
 
-async def message_sent(
-    session: AsyncSession,
+def message_sent(
     record: store.MessageRecord,
     sent_at: dt.datetime,
     provider: str = "",
     provider_message_id: str = "",
-) -> str:
-    return await _publish(
-        session,
+) -> tuple[str, str, Message]:
+    """The ``notify.v1.message.sent`` event (source, subject, payload),
+    written with the mark (``store.mark_sent_announced``)."""
+    return (
+        SOURCE,
         MESSAGE_SENT,
         events_pb2.MessageSent(
             **_about(record),

@@ -9,13 +9,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import UTCDateTime
 from chassis.direct import Direct
-from chassis.outbox import enqueue
+from chassis.outbox import ChangeWithEvent, enqueue
 from chassis.paging import newest_first
 from cornucopia.notify.v1 import events_pb2, notify_pb2
 from services.notify.domain import Category, Channel, MessageStatus
@@ -355,7 +356,7 @@ def _held(message_id: str, token: str) -> sa.ColumnElement[bool]:
     )
 
 
-_MARK_SENT = Direct(
+_MARK_SENT_STATEMENT = (
     sa.update(messages)
     .where(
         messages.c.message_id == sa.bindparam("key_message_id"),
@@ -373,6 +374,24 @@ _MARK_SENT = Direct(
         provider_message_id=sa.bindparam("provider_message_id"),
     )
 )
+_MARK_SENT = Direct(_MARK_SENT_STATEMENT)
+_MARK_SENT_ANNOUNCED = ChangeWithEvent(_MARK_SENT_STATEMENT)
+
+
+def _sent_params(
+    message_id: str,
+    now: dt.datetime,
+    token: str,
+    provider: str | None,
+    provider_message_id: str | None,
+) -> dict[str, Any]:
+    return {
+        "key_message_id": message_id,
+        "key_token": token,
+        "sent_at": now,
+        "provider": provider,
+        "provider_message_id": (provider_message_id or "")[:100] or None,
+    }
 
 
 async def mark_sent(
@@ -387,17 +406,28 @@ async def mark_sent(
     """Mark a claimed message sent, with the provider's name and its id of
     the message (delivery receipts name it); False when the pass ``token``
     no longer holds it (its claim expired and another pass took it over)."""
-    result = await _MARK_SENT.execute(
-        session,
-        {
-            "key_message_id": message_id,
-            "key_token": token,
-            "sent_at": now,
-            "provider": provider,
-            "provider_message_id": (provider_message_id or "")[:100] or None,
-        },
+    params = _sent_params(message_id, now, token, provider, provider_message_id)
+    return (await _MARK_SENT.execute(session, params)).rowcount == 1
+
+
+async def mark_sent_announced(
+    session: AsyncSession,
+    message_id: str,
+    now: dt.datetime,
+    token: str,
+    *,
+    provider: str | None = None,
+    provider_message_id: str | None = None,
+    event: tuple[str, str, Message],
+) -> bool:
+    """``mark_sent`` with its event (source, subject, payload), written
+    only when the message was marked: on PostgreSQL one statement
+    (``chassis.outbox.ChangeWithEvent``)."""
+    source, subject, message = event
+    params = _sent_params(message_id, now, token, provider, provider_message_id)
+    return await _MARK_SENT_ANNOUNCED.execute(
+        session, params, source=source, subject=subject, message=message
     )
-    return result.rowcount == 1
 
 
 async def mark_attempt_failed(
