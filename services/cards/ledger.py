@@ -266,14 +266,22 @@ async def _plan_spend(
     amount: int,
     reference: str,
     hold_id: str = "",
+    unseen_request: bool = False,
 ) -> _PlannedSpend | MovementRecord:
     """Locks the account and checks a hold or a debit (funds out of what
     the card can spend, in the chain's order, within the card's limits);
     returns the movement to write and the day it counts on, or the
-    movement of an earlier request when this one is its replay."""
+    movement of an earlier request when this one is its replay.
+    ``unseen_request``: the replay is not looked for; a replay then fails
+    on the movement's unique request id, and the caller asks again
+    without it."""
     now = request.stamp.at
     account = await _locked_account(session, card.account_id, policy, now, create=False)
-    if account is not None and (done := await _replayed(session, kind, request)):
+    if (
+        account is not None
+        and not unseen_request
+        and (done := await _replayed(session, kind, request))
+    ):
         return done
     _require_can_pay(card, program, now)
     if account is None:
@@ -345,13 +353,15 @@ async def hold(
     ttl: dt.timedelta,
     reference: str = "",
     capture: bool = False,
+    unseen_request: bool = False,
 ) -> HoldStanding:
     """Sets funds aside; with ``capture``, takes them at once, in the
     caller's one unit of work: for a till that has nothing to do between
     the two (the checkout records its sale afterwards). Both movements
     carry the request's id, so the hold is found, and refunded, like any
     other. A replay returns the hold the request made as it now stands,
-    whether or not it asks for the capture."""
+    whether or not it asks for the capture. ``unseen_request``: see
+    ``_plan_spend`` (a replay raises ``IntegrityError``)."""
     planned = await _plan_spend(
         session,
         card,
@@ -362,6 +372,7 @@ async def hold(
         amount=amount,
         reference=reference,
         hold_id=rules.new_hold_id(),
+        unseen_request=unseen_request,
     )
     if isinstance(planned, MovementRecord):
         found = await store.get_hold(session, planned.hold_id)

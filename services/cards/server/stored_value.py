@@ -7,10 +7,11 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import AsyncIterator
 
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.auth import STAFF_ROLES, Principal, Role, current_principal
-from chassis.db import utcnow
+from chassis.db import is_unique_violation, utcnow
 from chassis.errors import Aborted, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from chassis.grpcserver import Context
 from chassis.idempotency import check_request_id, request_fingerprint, run_idempotent
@@ -258,26 +259,39 @@ class StoredValueServicer(stored_value_pb2_grpc.StoredValueServiceServicer):
         ttl = rules.hold_ttl(policy, request.ttl.ToTimedelta() if request.HasField("ttl") else None)
         now = utcnow()
         command = ledger.Request(request.request_id, _fingerprint(request), _stamp(principal, now))
-        # One unit of work: the replay check, the PIN and the hold (and its
-        # capture). A wrong PIN's try is committed without the hold, then
-        # refused.
-        async with self.db.transaction() as session:
-            card = await self._card(session, card_id)
-            refused = await self._check_pin(session, MovementKind.HOLD, command, card, request.pin)
-            if refused is None:
-                done = await ledger.hold(
-                    session,
-                    card,
-                    await self._program(session, card.program_id),
-                    policy,
-                    command,
-                    amount=amount,
-                    ttl=ttl,
-                    reference=reference,
-                    capture=request.capture,
+
+        async def hold(unseen_request: bool) -> ledger.HoldStanding:
+            # One unit of work: the replay check, the PIN and the hold (and
+            # its capture). A wrong PIN's try is committed without the
+            # hold, then refused.
+            async with self.db.transaction() as session:
+                card = await self._card(session, card_id)
+                refused = await self._check_pin(
+                    session, MovementKind.HOLD, command, card, request.pin
                 )
-        if refused is not None:
+                if refused is None:
+                    return await ledger.hold(
+                        session,
+                        card,
+                        await self._program(session, card.program_id),
+                        policy,
+                        command,
+                        amount=amount,
+                        ttl=ttl,
+                        reference=reference,
+                        capture=request.capture,
+                        unseen_request=unseen_request,
+                    )
             raise refused
+
+        try:
+            # A request is new far more often than it is sent again: its
+            # movement's unique request id stands in for the replay check.
+            done = await hold(unseen_request=True)
+        except IntegrityError as exc:
+            if not is_unique_violation(exc):
+                raise
+            done = await hold(unseen_request=False)
         reply = hold_to_proto(done.hold)
         if request.capture:
             reply.available_after.CopyFrom(money(done.currency, done.available))
