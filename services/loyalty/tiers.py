@@ -249,7 +249,8 @@ async def after_sale(
         changed_from = upgrade.from_tier_id if upgrade else ""
         return progress(ladder, current, member.since, standing, changed_from)
 
-    await store.insert_activity(
+    first_day, last_day = ladder.window(business_day)
+    standing = await store.insert_activity_with_standing(
         session,
         kind=SALE,
         reference=sale_id,
@@ -258,8 +259,9 @@ async def after_sale(
         business_day=business_day,
         spend_minor_units=spend_minor_units,
         now=stamp.at,
+        first_day=first_day,
+        last_day=last_day,
     )
-    standing = await store.standing(session, member_id, *ladder.window(business_day))
     decision = decide_after_sale(ladder, current, member.grace_until is not None, standing)
     if decision.upgrade_to is not None:
         await _changed(

@@ -380,6 +380,51 @@ async def insert_activity(
     )
 
 
+async def insert_activity_with_standing(
+    session: AsyncSession,
+    *,
+    kind: str,
+    reference: str,
+    sale_id: str,
+    member_id: str,
+    business_day: dt.date,
+    spend_minor_units: int,
+    now: dt.datetime,
+    first_day: dt.date,
+    last_day: dt.date,
+) -> Standing:
+    """``insert_activity``, then ``standing`` over the days from
+    ``first_day`` to ``last_day`` with it counted: one statement on
+    PostgreSQL, two on SQLite (whose statements cannot hold an insert)."""
+    if session.get_bind().dialect.name != "postgresql":
+        await insert_activity(
+            session,
+            kind=kind,
+            reference=reference,
+            sale_id=sale_id,
+            member_id=member_id,
+            business_day=business_day,
+            spend_minor_units=spend_minor_units,
+            now=now,
+        )
+        return await standing(session, member_id, first_day, last_day)
+    rows = await _RECORDED_STANDING.execute(
+        session,
+        dict(
+            kind=kind,
+            reference=reference,
+            sale_id=sale_id,
+            key_member_id=member_id,
+            business_day=business_day,
+            spend_minor_units=spend_minor_units,
+            recorded_at=now,
+            first_day=first_day,
+            last_day=last_day,
+        ),
+    )
+    return standing_of([int(row.total) for row in rows])
+
+
 async def standings(
     session: AsyncSession, member_ids: Sequence[str], first_day: dt.date, last_day: dt.date
 ) -> dict[str, Standing]:
@@ -418,6 +463,45 @@ def _standing_statement() -> Any:
 
 # One member's days, built once (the checkout asks it at every sale).
 _STANDING = Direct(_standing_statement())
+
+
+def _recorded_standing_statement() -> Any:
+    """On PostgreSQL, a sale's activity inserted and the member's days read
+    with it in one statement: the read does not see the row its own insert
+    writes (one snapshot), so the row comes in through ``RETURNING``."""
+    c = tier_activity.c
+    first_day = sa.bindparam("first_day", type_=c.business_day.type)
+    last_day = sa.bindparam("last_day", type_=c.business_day.type)
+    recorded = (
+        sa.insert(tier_activity)
+        .values(
+            kind=sa.bindparam("kind"),
+            reference=sa.bindparam("reference"),
+            sale_id=sa.bindparam("sale_id"),
+            member_id=sa.bindparam("key_member_id"),
+            business_day=sa.bindparam("business_day", type_=c.business_day.type),
+            spend_minor_units=sa.bindparam("spend_minor_units", type_=c.spend_minor_units.type),
+            recorded_at=sa.bindparam("recorded_at", type_=c.recorded_at.type),
+        )
+        .returning(c.business_day, c.spend_minor_units)
+        .cte("recorded")
+    )
+    days = sa.union_all(
+        sa.select(c.business_day, c.spend_minor_units).where(
+            c.member_id == sa.bindparam("key_member_id"),
+            c.business_day >= first_day,
+            c.business_day <= last_day,
+        ),
+        sa.select(recorded.c.business_day, recorded.c.spend_minor_units).where(
+            recorded.c.business_day >= first_day, recorded.c.business_day <= last_day
+        ),
+    ).subquery("days")
+    return sa.select(sa.func.sum(days.c.spend_minor_units).label("total")).group_by(
+        days.c.business_day
+    )
+
+
+_RECORDED_STANDING = Direct(_recorded_standing_statement())
 
 
 async def standing(
