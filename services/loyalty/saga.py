@@ -462,7 +462,10 @@ class Sagas:
                     codes=codes,
                     now=now,
                     birthday_month=birthday_month,
-                    reservation_id=reservation_id,
+                    # Only coupons are reserved: without codes there is
+                    # nothing to reserve, nor (the same checkout always
+                    # carries the same codes) anything reserved before.
+                    reservation_id=reservation_id if codes else "",
                 )
             )
         except Unavailable:
