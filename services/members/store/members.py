@@ -760,24 +760,44 @@ async def _write_tags(session: AsyncSession, member_id: str, tags: Iterable[str]
         await session.execute(sa.insert(member_tags), rows)
 
 
-# One member's file, the hot read (every GetMember): built once, run
+# One member's file with its consents, the hot read (every GetMember): one
+# statement (a row a consent, the file's columns on each), built once, run
 # straight on the driver.
-_ONE_MEMBER = Direct(_SELECT.where(members.c.member_id == sa.bindparam("member_id")))
-_CONSENTS_OF_ONE = Direct(
-    sa.select(member_consents)
-    .where(member_consents.c.member_id == sa.bindparam("member_id"))
+_CONSENT_COLUMNS = ("channel", "granted", "source", "changed_at", "changed_by", "store_id")
+_ONE_MEMBER = Direct(
+    sa.select(
+        *_SELECT.selected_columns,
+        *(member_consents.c[name].label(f"consent_{name}") for name in _CONSENT_COLUMNS),
+    )
+    .select_from(
+        members.outerjoin(member_keys, member_keys.c.member_id == members.c.member_id).outerjoin(
+            member_consents, member_consents.c.member_id == members.c.member_id
+        )
+    )
+    .where(members.c.member_id == sa.bindparam("member_id"))
     .order_by(member_consents.c.channel)
 )
 
 
 async def get_member(session: AsyncSession, keys: Keys, member_id: str) -> MemberRecord | None:
-    row = (await _ONE_MEMBER.execute(session, {"member_id": member_id})).first()
-    if row is None:
+    rows = (await _ONE_MEMBER.execute(session, {"member_id": member_id})).all()
+    if not rows:
         return None
-    consents = await _CONSENTS_OF_ONE.execute(session, {"member_id": member_id})
-    m = row._mapping
+    consents = [
+        ConsentRecord(
+            ContactChannel(row.consent_channel),
+            row.consent_granted,
+            row.consent_source,
+            row.consent_changed_at,
+            row.consent_changed_by,
+            row.consent_store_id,
+        )
+        for row in rows
+        if row.consent_channel is not None
+    ]
+    m = rows[0]._mapping
     cipher = _cipher_of(keys, member_id, m["master_key_id"], m["wrapped_key"])
-    return _record(m, cipher, [_consent(c) for c in consents])
+    return _record(m, cipher, consents)
 
 
 async def member_id_by_mobile(session: AsyncSession, keys: Keys, mobile: str) -> str | None:
