@@ -918,15 +918,26 @@ class Sagas:
         # The sale's events (points spent and accrued, tier changed, sale
         # recorded) are written together, in one round trip.
         async with self.db.transaction() as session, outbox.together(session):
-            current = await store.get_checkout(session, log_.checkout_id, for_update=True)
-            assert current is not None
-            if current.step == SagaStep.COMMITTED and current.receipt is not None:
-                return pb.Receipt.FromString(current.receipt)
+            # First, COMMITTED: the log's row is held to the end of the
+            # transaction, which records the sale or leaves the log as it was.
+            current = await store.commit_checkout(
+                session,
+                log_.checkout_id,
+                sale_id=sale_id,
+                sv_hold_id=log_.sv_hold_id,
+                sv_movement_id=log_.sv_movement_id,
+                now=now,
+            )
+            if current is None:
+                # Committed before (by a driver that took it over, say).
+                committed = await store.get_checkout(session, log_.checkout_id)
+                assert committed is not None and committed.receipt is not None
+                return pb.Receipt.FromString(committed.receipt)
             # The accrual and the tier's activity keyed by this sale are
-            # written only here, with COMMITTED, and the log's row is locked:
+            # written only here, with COMMITTED, and the log's row is held:
             # a log not yet committed means neither exists, so their replay
             # checks need not be read (their unique keys stay the backstop).
-            unseen = current.step != SagaStep.COMMITTED
+            unseen = True
             spent = 0
             settled = None
             if current.points_hold_id:
@@ -969,7 +980,7 @@ class Sagas:
                 plan,
                 sale_id=sale_id,
                 checkout_id=log_.checkout_id,
-                sv_movement_id=log_.sv_movement_id or current.sv_movement_id,
+                sv_movement_id=current.sv_movement_id,
                 points_spent=spent,
                 points_balance=balance,
                 stored_value_left=stored_value_left,
@@ -998,17 +1009,6 @@ class Sagas:
                     business_day=business_day_proto(plan["business_day"]),
                     stamp=stamp_proto(stamp),
                 ),
-            )
-            await store.advance_checkout(
-                session,
-                log_.checkout_id,
-                SagaStep.COMMITTED,
-                now,
-                sale_id=sale_id,
-                sv_hold_id=log_.sv_hold_id or current.sv_hold_id,
-                sv_movement_id=log_.sv_movement_id or current.sv_movement_id,
-                receipt=receipt.SerializeToString(),
-                lease_until=now,
             )
         self._crash_point(SagaStep.COMMITTED)
         return receipt

@@ -13,7 +13,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chassis.db import RowByKey, UTCDateTime, upsert
+from chassis.db import UTCDateTime, upsert
 from chassis.direct import Direct
 from chassis.paging import newest_first
 from services.loyalty.domain.checkout import SagaStep, TenderKind
@@ -39,6 +39,8 @@ checkouts = sa.Table(
     sa.Column("sale_id", sa.String(16), nullable=False, server_default=""),
     # The last refusal, for an aborted checkout (JSON).
     sa.Column("error", sa.Text, nullable=False, server_default=""),
+    # Written by earlier versions; a committed checkout's receipt is its
+    # sale's (``get_checkout`` reads either).
     sa.Column("receipt", sa.LargeBinary, nullable=True),
     sa.Column("principal", sa.String(100), nullable=False),
     # Who is driving it: the request, or the recovery after it lapsed.
@@ -189,14 +191,82 @@ def _log(row: Any) -> CheckoutLog:
     )
 
 
-_CHECKOUT = RowByKey(checkouts, "checkout_id")
+# The log with its receipt: a committed checkout's is the sale's (logs
+# committed by earlier versions kept a copy of their own).
+_CHECKOUT = Direct(
+    sa.select(
+        *(column for column in checkouts.c if column.name != "receipt"),
+        sa.func.coalesce(checkouts.c.receipt, sales.c.receipt).label("receipt"),
+    )
+    .select_from(checkouts.outerjoin(sales, sales.c.sale_id == checkouts.c.sale_id))
+    .where(checkouts.c.checkout_id == sa.bindparam("key_checkout_id"))
+)
 
 
-async def get_checkout(
-    session: AsyncSession, checkout_id: str, *, for_update: bool = False
-) -> CheckoutLog | None:
-    row = await _CHECKOUT.first(session, checkout_id, for_update=for_update)
+async def get_checkout(session: AsyncSession, checkout_id: str) -> CheckoutLog | None:
+    row = (await _CHECKOUT.execute(session, {"key_checkout_id": checkout_id})).first()
     return None if row is None else _log(row)
+
+
+@dataclass(frozen=True)
+class Committing:
+    """A log as the commit's first statement moved it to COMMITTED."""
+
+    points_hold_id: str
+    sv_hold_id: str
+    sv_movement_id: str
+
+
+def _known_or_kept(name: str) -> Any:
+    """The value the driver knows, or the log's when it knows none."""
+    given = sa.bindparam(name, type_=checkouts.c[name].type)
+    return sa.case((given != "", given), else_=checkouts.c[name])
+
+
+_COMMIT_CHECKOUT = Direct(
+    sa.update(checkouts)
+    .where(
+        checkouts.c.checkout_id == sa.bindparam("key_checkout_id"),
+        checkouts.c.step != SagaStep.COMMITTED.value,
+    )
+    .values(
+        step=SagaStep.COMMITTED.value,
+        sale_id=sa.bindparam("sale_id"),
+        sv_hold_id=_known_or_kept("sv_hold_id"),
+        sv_movement_id=_known_or_kept("sv_movement_id"),
+        lease_until=sa.bindparam("now", type_=UTCDateTime),
+        updated_at=sa.bindparam("now", type_=UTCDateTime),
+    )
+    .returning(checkouts.c.points_hold_id, checkouts.c.sv_hold_id, checkouts.c.sv_movement_id)
+)
+
+
+async def commit_checkout(
+    session: AsyncSession,
+    checkout_id: str,
+    *,
+    sale_id: str,
+    sv_hold_id: str,
+    sv_movement_id: str,
+    now: dt.datetime,
+) -> Committing | None:
+    """Moves the log to COMMITTED with its sale's id (and the hold and the
+    capture, when the driver knows them), as the first statement of the
+    commit's transaction, which so holds the log's row to its end; None
+    when it was committed already. The receipt is kept with the sale."""
+    row = (
+        await _COMMIT_CHECKOUT.execute(
+            session,
+            {
+                "key_checkout_id": checkout_id,
+                "sale_id": sale_id,
+                "sv_hold_id": sv_hold_id,
+                "sv_movement_id": sv_movement_id,
+                "now": now,
+            },
+        )
+    ).first()
+    return None if row is None else Committing(*row)
 
 
 # Built once (see chassis.db.RowByKey); the values go as parameters.
