@@ -309,39 +309,6 @@ async def _plan_spend(
     return _PlannedSpend(movement, day)
 
 
-async def _spend(
-    session: AsyncSession,
-    card: CardRecord,
-    program: ProgramRecord,
-    policy: Policy,
-    request: Request,
-    *,
-    kind: MovementKind,
-    amount: int,
-    reference: str,
-    hold_id: str = "",
-) -> tuple[MovementRecord, dt.date, bool]:
-    """A hold or a debit (``_plan_spend``), written. Returns the movement,
-    the day it counted on, and whether it is a replay of an earlier
-    request."""
-    planned = await _plan_spend(
-        session,
-        card,
-        program,
-        policy,
-        request,
-        kind=kind,
-        amount=amount,
-        reference=reference,
-        hold_id=hold_id,
-    )
-    if isinstance(planned, MovementRecord):
-        return planned, policy.local_day(planned.at), True
-    movement = await _write(session, planned.movement, request.stamp)
-    await store.add_to_card_day(session, card.card_id, planned.day, spent=amount)
-    return movement, planned.day, False
-
-
 async def hold(
     session: AsyncSession,
     card: CardRecord,
@@ -655,7 +622,7 @@ async def debit(
     amount: int,
     reference: str = "",
 ) -> MovementRecord:
-    movement, _, replayed = await _spend(
+    planned = await _plan_spend(
         session,
         card,
         program,
@@ -665,8 +632,11 @@ async def debit(
         amount=amount,
         reference=reference,
     )
-    if not replayed:
-        await events.stored_value_moved(session, movement, card, request.stamp)
+    if isinstance(planned, MovementRecord):
+        return planned  # a replay
+    movement = await _write(session, planned.movement, request.stamp)
+    await store.add_to_card_day(session, card.card_id, planned.day, spent=amount)
+    await events.stored_value_moved(session, movement, card, request.stamp)
     return movement
 
 

@@ -54,7 +54,7 @@ from services.loyalty.domain.tiers import (
     progress,
 )
 from services.loyalty.store import tiers as store
-from services.loyalty.store.tiers import REFUND, SALE, MemberTierRecord
+from services.loyalty.store.tiers import REFUND, SALE, Activity, MemberTierRecord
 
 log = get_logger(__name__)
 
@@ -252,13 +252,8 @@ async def after_sale(
     first_day, last_day = ladder.window(business_day)
     standing = await store.insert_activity_with_standing(
         session,
-        kind=SALE,
-        reference=sale_id,
-        sale_id=sale_id,
-        member_id=member_id,
-        business_day=business_day,
-        spend_minor_units=spend_minor_units,
-        now=stamp.at,
+        Activity(SALE, sale_id, sale_id, member_id, business_day, spend_minor_units),
+        stamp.at,
         first_day=first_day,
         last_day=last_day,
     )
@@ -321,13 +316,8 @@ async def after_refund(
         taken, day = min(spend_minor_units, max(0, left)), sale.business_day
     await store.insert_activity(
         session,
-        kind=REFUND,
-        reference=refund_id,
-        sale_id=sale_id,
-        member_id=member_id,
-        business_day=day,
-        spend_minor_units=-taken,
-        now=stamp.at,
+        Activity(REFUND, refund_id, sale_id, member_id, day, -taken),
+        stamp.at,
     )
 
 

@@ -4,6 +4,7 @@ refund), the history of changes and the review periods done."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -355,74 +356,43 @@ async def refunded_of_sale(session: AsyncSession, sale_id: str) -> int:
 _INSERT_ACTIVITY = Direct(sa.insert(tier_activity))
 
 
-async def insert_activity(
-    session: AsyncSession,
-    *,
-    kind: str,
-    reference: str,
-    sale_id: str,
-    member_id: str,
-    business_day: dt.date,
-    spend_minor_units: int,
-    now: dt.datetime,
-) -> None:
-    await _INSERT_ACTIVITY.execute(
-        session,
-        dict(
-            kind=kind,
-            reference=reference,
-            sale_id=sale_id,
-            member_id=member_id,
-            business_day=business_day,
-            spend_minor_units=spend_minor_units,
-            recorded_at=now,
-        ),
-    )
+@dataclass(frozen=True)
+class Activity:
+    """What a sale (or a refund, negative) counts towards a member's tier,
+    on the sale's business day; keyed by (kind, reference)."""
+
+    kind: str
+    reference: str
+    sale_id: str
+    member_id: str
+    business_day: dt.date
+    spend_minor_units: int
+
+    def row(self, now: dt.datetime) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"recorded_at": now}
+
+
+async def insert_activity(session: AsyncSession, activity: Activity, now: dt.datetime) -> None:
+    await _INSERT_ACTIVITY.execute(session, activity.row(now))
 
 
 async def insert_activity_with_standing(
     session: AsyncSession,
-    *,
-    kind: str,
-    reference: str,
-    sale_id: str,
-    member_id: str,
-    business_day: dt.date,
-    spend_minor_units: int,
+    activity: Activity,
     now: dt.datetime,
+    *,
     first_day: dt.date,
     last_day: dt.date,
 ) -> Standing:
-    """``insert_activity``, then ``standing`` over the days from
-    ``first_day`` to ``last_day`` with it counted: one statement on
+    """``insert_activity``, then the member's ``standing`` over the days
+    from ``first_day`` to ``last_day`` with it counted: one statement on
     PostgreSQL, two on SQLite (whose statements cannot hold an insert)."""
     if session.get_bind().dialect.name != "postgresql":
-        await insert_activity(
-            session,
-            kind=kind,
-            reference=reference,
-            sale_id=sale_id,
-            member_id=member_id,
-            business_day=business_day,
-            spend_minor_units=spend_minor_units,
-            now=now,
-        )
-        return await standing(session, member_id, first_day, last_day)
-    rows = await _RECORDED_STANDING.execute(
-        session,
-        dict(
-            kind=kind,
-            reference=reference,
-            sale_id=sale_id,
-            key_member_id=member_id,
-            business_day=business_day,
-            spend_minor_units=spend_minor_units,
-            recorded_at=now,
-            first_day=first_day,
-            last_day=last_day,
-        ),
-    )
-    return standing_of([int(row.total) for row in rows])
+        await insert_activity(session, activity, now)
+        return await standing(session, activity.member_id, first_day, last_day)
+    days = {"first_day": first_day, "last_day": last_day}
+    rows = await _RECORDED_STANDING.execute(session, activity.row(now) | days)
+    return standing_of([int(r.total) for r in rows])
 
 
 async def standings(
@@ -465,6 +435,17 @@ def _standing_statement() -> Any:
 _STANDING = Direct(_standing_statement())
 
 
+_ACTIVITY_COLUMNS = (
+    "kind",
+    "reference",
+    "sale_id",
+    "member_id",
+    "business_day",
+    "spend_minor_units",
+    "recorded_at",
+)
+
+
 def _recorded_standing_statement() -> Any:
     """On PostgreSQL, a sale's activity inserted and the member's days read
     with it in one statement: the read does not see the row its own insert
@@ -474,21 +455,13 @@ def _recorded_standing_statement() -> Any:
     last_day = sa.bindparam("last_day", type_=c.business_day.type)
     recorded = (
         sa.insert(tier_activity)
-        .values(
-            kind=sa.bindparam("kind"),
-            reference=sa.bindparam("reference"),
-            sale_id=sa.bindparam("sale_id"),
-            member_id=sa.bindparam("key_member_id"),
-            business_day=sa.bindparam("business_day", type_=c.business_day.type),
-            spend_minor_units=sa.bindparam("spend_minor_units", type_=c.spend_minor_units.type),
-            recorded_at=sa.bindparam("recorded_at", type_=c.recorded_at.type),
-        )
+        .values({name: sa.bindparam(name, type_=c[name].type) for name in _ACTIVITY_COLUMNS})
         .returning(c.business_day, c.spend_minor_units)
         .cte("recorded")
     )
     days = sa.union_all(
         sa.select(c.business_day, c.spend_minor_units).where(
-            c.member_id == sa.bindparam("key_member_id"),
+            c.member_id == sa.bindparam("member_id"),
             c.business_day >= first_day,
             c.business_day <= last_day,
         ),
