@@ -132,19 +132,21 @@ async def _write(session: AsyncSession, movement: NewMovement, stamp: Stamp) -> 
     )
 
 
-async def _write_together(
-    session: AsyncSession, movements: list[NewMovement], stamp: Stamp
-) -> list[MovementRecord]:
-    """Movements of one account, one after the other, in three statements
-    whatever their number: their balances in one update, the movements in
-    one insert, their entries in another. The account's checks apply to
-    its balances after the last: for movements whose balances in between
-    are no lower (a hold and its capture)."""
-    account_id = movements[0].account_id
-    afters = await store.apply_movements(session, account_id, [m.entries for m in movements])
-    return await store.record_movements(
+async def _write_pair(
+    session: AsyncSession, first: NewMovement, second: NewMovement, stamp: Stamp
+) -> tuple[MovementRecord, MovementRecord]:
+    """Two movements of one account, one after the other (a hold and its
+    capture), in three statements: their balances in one update, the
+    movements in one insert, their entries in another. The account's
+    checks apply to its balances after the second: for movements whose
+    balances in between are no lower."""
+    after_first, after_second = await store.apply_movements(
+        session, first.account_id, [first.entries, second.entries]
+    )
+    return await store.record_movement_pair(
         session,
-        list(zip(movements, afters, strict=True)),
+        (first, after_first),
+        (second, after_second),
         principal=stamp.principal,
         store_id=stamp.store_id,
         now=stamp.at,
@@ -379,7 +381,7 @@ async def hold(
     # balances in one update, the movements in one insert), the hold is
     # written captured, and both movements' events go out in one insert.
     capture_of, take, _ = _capture_of(held, new.currency, request, amount=None)
-    movement, taken = await _write_together(session, [new, capture_of], request.stamp)
+    movement, taken = await _write_pair(session, new, capture_of, request.stamp)
     await store.insert_hold(session, _captured(held, take, taken, now))
     await events.stored_values_moved(
         session,

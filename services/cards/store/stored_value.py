@@ -503,35 +503,29 @@ async def record_movement(
     return recorded
 
 
-async def record_movements(
+async def record_movement_pair(
     session: AsyncSession,
-    written: list[tuple[NewMovement, Balances]],
+    first: tuple[NewMovement, Balances],
+    second: tuple[NewMovement, Balances],
     *,
     principal: str,
     store_id: str,
     now: dt.datetime,
-) -> list[MovementRecord]:
-    """``record_movement`` for several movements (each with its account's
-    balances after it), in order: two in one insert, their entries in
-    another."""
-    if len(written) != 2:
-        return [
-            await record_movement(
-                session, movement, after, principal=principal, store_id=store_id, now=now
-            )
-            for movement, after in written
-        ]
+) -> tuple[MovementRecord, MovementRecord]:
+    """``record_movement`` for two movements (a hold and its capture), each
+    with its account's balances after it: both in one insert, their
+    entries in another."""
     params: dict[str, Any] = {}
-    for i, (movement, after) in enumerate(written):
+    for i, (movement, after) in enumerate((first, second)):
         row = _movement_row(movement, after, principal=principal, store_id=store_id, now=now)
         params.update({f"m{i}_{name}": value for name, value in row.items()})
     inserted = await _INSERT_TWO_MOVEMENTS.execute(session, params)
     # Matched by id: the order rows come back in is not the order given.
     by_id = {row.movement_id: _movement(row) for row in inserted}
-    entries = [e for movement, _ in written for e in _entry_rows(movement, now)]
+    entries = [e for movement, _ in (first, second) for e in _entry_rows(movement, now)]
     if entries:
         await _INSERT_ENTRIES.execute_many(session, entries)
-    return [by_id[movement.movement_id] for movement, _ in written]
+    return by_id[first[0].movement_id], by_id[second[0].movement_id]
 
 
 async def get_movement(
