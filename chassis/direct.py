@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
@@ -385,3 +386,130 @@ async def _translated(
         connection_invalidated=lost,
     )
     return translated
+
+
+# --- inserts written together ----------------------------------------------------------
+
+# Inside ``written_together``: the rows waiting, by the insert and the
+# names its rows give, in the order the parts were first used.
+_WAITING = "chassis.direct.inserts_waiting"
+
+
+class Insert:
+    """An INSERT into one table of rows nothing reads back before the
+    transaction commits (a sale's lines, a ledger's movement, an event).
+    Inside ``written_together`` the rows wait for the block's end and are
+    written with the other tables' rows; outside it, at once. Build it
+    once, like a statement."""
+
+    def __init__(self, table: sa.Table) -> None:
+        self.table = table
+        self.direct = Direct(sa.insert(table))
+
+    async def add(self, session: AsyncSession, rows: Sequence[Mapping[str, Any]]) -> None:
+        if not rows:
+            return
+        waiting = waiting_inserts(session)
+        if waiting is None:
+            await self._write(session, rows)
+            return
+        for row in rows:
+            waiting.setdefault((self, tuple(sorted(row))), []).append(row)
+
+    async def _write(self, session: AsyncSession, rows: Sequence[Mapping[str, Any]]) -> None:
+        if len(rows) == 1:
+            await self.direct.execute(session, rows[0])
+        else:
+            await self.direct.execute_many(session, rows)
+
+
+_Parts = dict[tuple[Insert, tuple[str, ...]], list[Mapping[str, Any]]]
+
+
+def waiting_inserts(session: AsyncSession) -> _Parts | None:
+    """The rows waiting in the session's ``written_together`` block, None
+    outside one."""
+    waiting: _Parts | None = session.info.get(_WAITING)
+    if waiting is not None and session.in_nested_transaction():
+        # A savepoint rolled back would have to take its rows out again;
+        # nothing in a block needs one, so none is allowed.
+        raise RuntimeError("a written_together block does not allow savepoints inside it")
+    return waiting
+
+
+@asynccontextmanager
+async def written_together(session: AsyncSession) -> AsyncIterator[None]:
+    """The rows added through ``Insert`` inside the block are written when
+    it ends: on PostgreSQL every table's in one statement (one round trip
+    instead of one a table), elsewhere a table at a time, in the order the
+    tables were first used. The block is part of the caller's transaction:
+    if it raises, nothing of it is written, as the transaction will not
+    commit. A block inside a block leaves the writing to the outer one;
+    no savepoint may be opened inside."""
+    if _WAITING in session.info:
+        yield
+        return
+    waiting: _Parts = {}
+    session.info[_WAITING] = waiting
+    try:
+        yield
+    finally:
+        del session.info[_WAITING]
+    await _write_waiting(session, waiting)
+
+
+# By dialect and parts (each an insert and its rows' names): the statement
+# writing them, each part's rows as an array a column unnested into its
+# table; None when a part cannot be written so (a column with a
+# Python-side default left out, which SQLAlchemy's execution computes).
+_TOGETHER: dict[tuple[Any, tuple[tuple[Insert, tuple[str, ...]], ...]], Direct | None] = {}
+
+
+async def _write_waiting(session: AsyncSession, waiting: _Parts) -> None:
+    if not waiting:
+        return
+    bound = session.info.get(_CONNECTION)
+    if bound is None or bound.transaction is not session.sync_session.get_transaction():
+        bound = await _bind(session)
+    together = None if bound is None else _together(bound.dialect, tuple(waiting))
+    if together is None:
+        for (insert, _), rows in waiting.items():
+            await insert._write(session, rows)
+        return
+    await together.execute(
+        session,
+        {
+            f"p{i}_{name}": [row[name] for row in rows]
+            for i, ((_, names), rows) in enumerate(waiting.items())
+            for name in names
+        },
+    )
+
+
+def _together(
+    dialect: sa.Dialect, parts: tuple[tuple[Insert, tuple[str, ...]], ...]
+) -> Direct | None:
+    key = (dialect, parts)
+    try:
+        return _TOGETHER[key]
+    except KeyError:
+        pass
+    inserts = []
+    for i, (insert, names) in enumerate(parts):
+        compiled: Any = sa.insert(insert.table).compile(dialect=dialect, column_keys=list(names))
+        if compiled.insert_prefetch:
+            _TOGETHER[key] = None
+            return None
+        arrays = sa.func.unnest(
+            *(
+                sa.bindparam(f"p{i}_{name}", type_=postgresql.ARRAY(insert.table.c[name].type))
+                for name in names
+            )
+        )
+        rows = arrays.table_valued(*names).render_derived()
+        inserts.append(sa.insert(insert.table).from_select(list(names), sa.select(*rows.c)))
+    # All but the last in a WITH of their own: each runs exactly once, and
+    # the constraints are checked when the whole statement is done.
+    statement = inserts[-1].add_cte(*(insert.cte(f"w{i}") for i, insert in enumerate(inserts[:-1])))
+    together = _TOGETHER[key] = Direct(statement)
+    return together

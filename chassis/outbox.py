@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any, cast
 
 import sqlalchemy as sa
@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from chassis.bulk import insert_rows
 from chassis.bus import Bus, cloudevent_headers
 from chassis.db import Database, outbox_table, utcnow
-from chassis.direct import Direct
+from chassis.direct import Direct, Insert, waiting_inserts, written_together
 from chassis.logs import get_logger
 from chassis.telemetry import current_traceparent, extract_trace_context, inject_trace_headers
 from chassis.wakeup import COMMIT_LINGER_SECONDS, Wakeup
@@ -45,7 +45,7 @@ def event_type(message: Message) -> str:
 
 # Built once: building a statement and its cache key on every call costs
 # more than executing it.
-_INSERT = Direct(sa.insert(outbox_table))
+_INSERT = Insert(outbox_table)
 # A batch is marked row by row, by key, in one round trip (``execute_many``).
 # Not ``seq = ANY(:seqs)``: PostgreSQL's generic plan for that, made while
 # the table is small and has no statistics yet (a new deployment), is a
@@ -81,11 +81,7 @@ async def enqueue(
     Inside ``together``, the row is written with the block's others."""
     row = _row(source, subject, message, event_id or new_event_id(), utcnow())
     row["headers"].update(current_traceparent())
-    waiting = _waiting(session)
-    if waiting is not None:
-        waiting.append(row)
-    else:
-        await _INSERT.execute(session, row)
+    await _INSERT.add(session, [row])
     session.info[OUTBOX_WRITTEN] = True
     return str(row["event_id"])
 
@@ -109,35 +105,14 @@ def _row(
     }
 
 
-# The rows a ``together`` block has enqueued so far, in order.
-_WAITING = "cornucopia.outbox_waiting"
-
-
-def _waiting(session: AsyncSession) -> list[dict[str, Any]] | None:
-    waiting: list[dict[str, Any]] | None = session.info.get(_WAITING)
-    if waiting is not None and session.in_nested_transaction():
-        # A savepoint rolled back would have to take its rows out of the
-        # list; nothing in a block needs one, so none is allowed.
-        raise RuntimeError("outbox.together does not allow savepoints inside it")
-    return waiting
-
-
-@contextlib.asynccontextmanager
-async def together(session: AsyncSession) -> AsyncIterator[None]:
+def together(session: AsyncSession) -> contextlib.AbstractAsyncContextManager[None]:
     """The events enqueued inside the block are written when it ends, in
-    their order, in one round trip instead of one each. The block is part
-    of the caller's transaction: if it raises, nothing is written, as the
-    transaction will not commit. No savepoint may be opened inside it."""
-    if _WAITING in session.info:
-        yield  # already inside a block: its end writes them
-        return
-    waiting: list[dict[str, Any]] = []
-    session.info[_WAITING] = waiting
-    try:
-        yield
-    finally:
-        del session.info[_WAITING]
-    await enqueue_rows(session, waiting)
+    their order, with the block's other waiting inserts
+    (``chassis.direct.written_together``): one round trip for them all
+    instead of one each. The block is part of the caller's transaction:
+    if it raises, nothing is written, as the transaction will not commit.
+    No savepoint may be opened inside it."""
+    return written_together(session)
 
 
 def outbox_rows(*, source: str, events: Sequence[tuple[str, Message]]) -> list[dict[str, Any]]:
@@ -164,11 +139,8 @@ async def enqueue_rows(session: AsyncSession, rows: Sequence[dict[str, Any]]) ->
     trip (inside ``together``, with the block's others)."""
     if not rows:
         return
-    waiting = _waiting(session)
-    if waiting is not None:
-        waiting.extend(rows)
-    elif len(rows) < COPY_FROM_ROWS:
-        await _INSERT.execute_many(session, rows)
+    if waiting_inserts(session) is not None or len(rows) < COPY_FROM_ROWS:
+        await _INSERT.add(session, rows)
     else:
         await insert_rows(session, outbox_table, rows)
     session.info[OUTBOX_WRITTEN] = True
@@ -221,7 +193,7 @@ class ChangeWithEvent:
         """The change with ``params``; when it changed a row, the event
         (``enqueue``'s row). Whether it changed one."""
         dialect = session.get_bind().dialect.name
-        if dialect != "postgresql" or _waiting(session) is not None:
+        if dialect != "postgresql" or waiting_inserts(session) is not None:
             if (await self._change.execute(session, params)).rowcount != 1:
                 return False
             await enqueue(session, source=source, subject=subject, message=message)

@@ -13,7 +13,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
 from chassis.db import Database, UTCDateTime, is_unique_violation
-from chassis.direct import Direct, _Bound
+from chassis.direct import Direct, Insert, _Bound, written_together
 from chassis.errors import Unavailable
 from tests.integration.infra import DatabaseFactory, Postgres
 
@@ -29,6 +29,15 @@ shelf = sa.Table(
     sa.Column("blob", sa.LargeBinary, nullable=True),
     sa.Column("doc", sa.JSON, nullable=True),
     sa.Column("flag", sa.Boolean, nullable=False),
+)
+# A child of the shelf's rows, for inserts written together.
+label = sa.Table(
+    "direct_label",
+    metadata,
+    sa.Column("label_id", sa.Integer, primary_key=True),
+    sa.Column("item_id", sa.String(20), sa.ForeignKey(shelf.c.item_id), nullable=False),
+    sa.Column("text", sa.String(40), nullable=False),
+    sa.Column("doc", sa.JSON, nullable=True),
 )
 # A Python-side default: SQLAlchemy's execution context fills it in.
 stamped = sa.Table(
@@ -286,5 +295,108 @@ async def test_many_rows_in_one_call_inside_the_transaction(
         async with db.sessions() as session:
             for key in ("before", "new"):
                 assert (await BY_ID.execute(session, {"key": key})).first() is None
+    finally:
+        await db.dispose()
+
+
+SHELF_ROWS = Insert(shelf)
+LABELS = Insert(label)
+STAMPS = Insert(stamped)
+LABELS_IN_ORDER = Direct(
+    sa.select(label.c.item_id, label.c.text, label.c.doc).order_by(label.c.label_id)
+)
+
+
+async def test_inserts_written_together_wait_for_the_block_and_go_in_one_statement(
+    database_url: DatabaseFactory,
+) -> None:
+    """Rows of several tables added inside ``written_together`` are written
+    when it ends (on PostgreSQL in one statement), as written one by one:
+    every type, the order within a table, a child beside its parent."""
+    db = await open_db(database_url)
+    sent: list[str] = []
+    try:
+        async with db.transaction() as session:
+            await SHELF_ROWS.add(session, [{**ROW, "item_id": "before"}])  # outside: at once
+            async with written_together(session):
+                await SHELF_ROWS.add(session, [ROW])
+                await LABELS.add(
+                    session,
+                    [{"item_id": "a", "text": f"t{i}", "doc": {"i": i}} for i in range(3)],
+                )
+                await SHELF_ROWS.add(session, [{**ROW, "item_id": "b", "small": 4}])
+                async with written_together(session):  # the outer block writes
+                    await LABELS.add(session, [{"item_id": "b", "text": "t3", "doc": None}])
+                assert (await BY_ID.execute(session, {"key": "a"})).first() is None  # not yet
+                assert (await BY_ID.execute(session, {"key": "before"})).one().count == ROW["count"]
+                if db.dialect == "postgresql":
+                    bound = session.info["chassis.direct.connection"]
+                    bound.adapted._connection.add_query_logger(lambda q: sent.append(q.query))
+            # Read back as written, in the transaction that wrote them.
+            assert plain((await BY_ID.execute(session, {"key": "a"})).one()) == ROW
+        async with db.sessions() as session:
+            assert plain((await BY_ID.execute(session, {"key": "b"})).one()) == {
+                **ROW,
+                "item_id": "b",
+                "small": 4,
+            }
+            labels = [tuple(r) for r in await LABELS_IN_ORDER.execute(session)]
+        assert labels == [
+            ("a", "t0", {"i": 0}),
+            ("a", "t1", {"i": 1}),
+            ("a", "t2", {"i": 2}),
+            ("b", "t3", None),
+        ]
+        if db.dialect == "postgresql":
+            # One statement for both tables, then the commit (besides the
+            # driver's lookup of the array types, once a connection).
+            ours = [q for q in sent if "'jit'" not in q]
+            assert len(ours) == 2 and ours[0].startswith("WITH") and ours[1] == "COMMIT;"
+    finally:
+        await db.dispose()
+
+
+async def test_inserts_written_together_keep_nothing_of_a_failed_block(
+    database_url: DatabaseFactory,
+) -> None:
+    db = await open_db(database_url)
+    try:
+
+        class Stop(Exception):
+            pass
+
+        with pytest.raises(Stop):
+            async with db.transaction() as session, written_together(session):
+                await SHELF_ROWS.add(session, [ROW])
+                raise Stop
+        # A duplicate key among the rows fails the statement at the block's end,
+        # and the transaction with it.
+        async with db.transaction() as session:
+            await SHELF_ROWS.add(session, [ROW])
+        with pytest.raises(IntegrityError) as raised:
+            async with db.transaction() as session, written_together(session):
+                await SHELF_ROWS.add(session, [{**ROW, "item_id": "new"}])
+                await LABELS.add(session, [{"item_id": "new", "text": "x", "doc": None}])
+                await SHELF_ROWS.add(session, [ROW])
+        assert is_unique_violation(raised.value)
+        # A Python-side default is SQLAlchemy's to fill in: such a table is
+        # written on its own, still at the block's end.
+        async with db.transaction() as session, written_together(session):
+            await STAMPS.add(session, [{"item_id": "s"}])
+            await LABELS.add(session, [{"item_id": "a", "text": "y", "doc": None}])
+        # No savepoint inside a block.
+        with pytest.raises(RuntimeError, match="savepoint"):
+            async with (
+                db.transaction() as session,
+                written_together(session),
+                session.begin_nested(),
+            ):
+                await SHELF_ROWS.add(session, [{**ROW, "item_id": "x"}])
+        async with db.sessions() as session:
+            assert (await BY_ID.execute(session, {"key": "new"})).first() is None
+            assert (await session.execute(sa.select(stamped.c.note))).scalar_one() == "none"
+            labels = [tuple(r) for r in await LABELS_IN_ORDER.execute(session)]
+            assert labels == [("a", "y", None)]
+            assert (await BY_ID.execute(session, {"key": "x"})).first() is None
     finally:
         await db.dispose()
