@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from chassis.direct import written_together
 from chassis.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from services.cards import events
 from services.cards.domain import cards as card_rules
@@ -368,29 +369,32 @@ async def hold(
         held_at=now,
         finished_at=None,
     )
-    await store.add_to_card_day(session, card.card_id, planned.day, spent=amount)
-    if not capture:
-        movement = await _write(session, new, request.stamp)
-        await store.insert_hold(session, held)
-        await events.publish(
+    # Nothing below is read back before the commit: the hold, the entries
+    # and the events go in one statement at the block's end.
+    async with written_together(session):
+        await store.add_to_card_day(session, card.card_id, planned.day, spent=amount)
+        if not capture:
+            movement = await _write(session, new, request.stamp)
+            await store.insert_hold(session, held)
+            await events.publish(
+                session,
+                *events.stored_value_event(movement, card, request.stamp, expire_time=now + ttl),
+            )
+            return HoldStanding(held, movement.currency, movement.after.available)
+        # All of it taken at once: both movements are written together (their
+        # balances in one update, the movements in one insert), and the hold,
+        # written captured, goes with their entries and events.
+        capture_of, take, _ = _capture_of(held, new.currency, request, amount=None)
+        movement, taken = await _write_pair(session, new, capture_of, request.stamp)
+        await store.insert_hold(session, _captured(held, take, taken, now))
+        await events.stored_values_moved(
             session,
-            *events.stored_value_event(movement, card, request.stamp, expire_time=now + ttl),
+            [
+                events.stored_value_event(movement, card, request.stamp, expire_time=now + ttl),
+                events.stored_value_event(taken, card, request.stamp),
+            ],
         )
-        return HoldStanding(held, movement.currency, movement.after.available)
-    # All of it taken at once: both movements are written together (their
-    # balances in one update, the movements in one insert), the hold is
-    # written captured, and both movements' events go out in one insert.
-    capture_of, take, _ = _capture_of(held, new.currency, request, amount=None)
-    movement, taken = await _write_pair(session, new, capture_of, request.stamp)
-    await store.insert_hold(session, _captured(held, take, taken, now))
-    await events.stored_values_moved(
-        session,
-        [
-            events.stored_value_event(movement, card, request.stamp, expire_time=now + ttl),
-            events.stored_value_event(taken, card, request.stamp),
-        ],
-    )
-    return HoldStanding(_captured(held, take, taken, now), new.currency, taken.after.available)
+        return HoldStanding(_captured(held, take, taken, now), new.currency, taken.after.available)
 
 
 @dataclass(frozen=True)
@@ -636,9 +640,10 @@ async def debit(
     )
     if isinstance(planned, MovementRecord):
         return planned  # a replay
-    movement = await _write(session, planned.movement, request.stamp)
-    await store.add_to_card_day(session, card.card_id, planned.day, spent=amount)
-    await events.stored_value_moved(session, movement, card, request.stamp)
+    async with written_together(session):  # the entries with the event
+        movement = await _write(session, planned.movement, request.stamp)
+        await store.add_to_card_day(session, card.card_id, planned.day, spent=amount)
+        await events.stored_value_moved(session, movement, card, request.stamp)
     return movement
 
 

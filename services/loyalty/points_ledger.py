@@ -275,7 +275,7 @@ async def _expire_lot(
     await store.take_from_lot(session, lot.lot_id, points, expired_at=stamp.at)
     after = await store.change_account(session, lot.member_id, balance=-points)
     movement_id = rules.new_movement_id()
-    await store.record_movement(
+    await store.add_movement(
         session,
         NewMovement(
             movement_id=movement_id,
@@ -804,7 +804,7 @@ async def _credit_new_lot(
         expires_at=rules.expiry_of(current, stamp.at),
     )
     after = await store.change_account(session, target, balance=points, lifetime=lifetime)
-    await store.record_movement(
+    await store.add_movement(
         session,
         NewMovement(
             movement_id=rules.new_movement_id(),
@@ -870,7 +870,7 @@ async def reverse_earned(
     for part in takes:
         await store.take_from_lot(session, part.lot_id, part.points)
     after = await store.change_account(session, target, balance=-reversed_points, lifetime=-points)
-    await store.record_movement(
+    await store.add_movement(
         session,
         NewMovement(
             movement_id=rules.new_movement_id(),
@@ -1463,7 +1463,7 @@ async def merge(session: AsyncSession, duplicate: str, survivor: str, stamp: Sta
             (duplicate, MovementKind.MERGE_OUT, -moved, dup_after, survivor),
             (survivor, MovementKind.MERGE_IN, moved, survivor_after, duplicate),
         ):
-            await store.record_movement(
+            await store.add_movement(
                 session,
                 NewMovement(
                     movement_id=rules.new_movement_id(),

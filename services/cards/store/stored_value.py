@@ -13,7 +13,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import BigIntKey, RowByKey, UTCDateTime
-from chassis.direct import Direct
+from chassis.direct import Direct, Insert
 from services.cards.domain.stored_value import (
     ACCOUNT_BOOKS,
     Balances,
@@ -414,7 +414,7 @@ class NewMovement:
 
 # Built once (see chassis.db.RowByKey); the values go as parameters.
 _INSERT_MOVEMENT = Direct(sa.insert(sv_movements).returning(*sv_movements.c))
-_INSERT_ENTRIES = Direct(sa.insert(sv_entries))
+_INSERT_ENTRIES = Insert(sv_entries)
 
 
 def _movement_row(
@@ -499,7 +499,7 @@ async def record_movement(
     # As written (its seq included), without reading it back.
     recorded = _movement(inserted.one())
     if movement.entries:
-        await _INSERT_ENTRIES.execute_many(session, _entry_rows(movement, now))
+        await _INSERT_ENTRIES.add(session, _entry_rows(movement, now))
     return recorded
 
 
@@ -524,7 +524,7 @@ async def record_movement_pair(
     by_id = {row.movement_id: _movement(row) for row in inserted}
     entries = [e for movement, _ in (first, second) for e in _entry_rows(movement, now)]
     if entries:
-        await _INSERT_ENTRIES.execute_many(session, entries)
+        await _INSERT_ENTRIES.add(session, entries)
     return by_id[first[0].movement_id], by_id[second[0].movement_id]
 
 
@@ -650,33 +650,35 @@ def _hold(row: Any, prefix: str = "") -> HoldRecord:
     )
 
 
-_INSERT_HOLD = Direct(sa.insert(sv_holds))
+_INSERT_HOLD = Insert(sv_holds)
 
 
 async def insert_hold(session: AsyncSession, hold: HoldRecord) -> None:
-    await _INSERT_HOLD.execute(
+    await _INSERT_HOLD.add(
         session,
-        dict(
-            hold_id=hold.hold_id,
-            account_id=hold.account_id,
-            card_id=hold.card_id,
-            state=hold.state.value,
-            currency=hold.currency,
-            paid=hold.funds.paid,
-            bonus=hold.funds.bonus,
-            reference=hold.reference,
-            local_day=hold.local_day,
-            expires_at=hold.expires_at,
-            hold_movement_id=hold.hold_movement_id,
-            principal=hold.principal,
-            store_id=hold.store_id,
-            held_at=hold.held_at,
-            # A hold captured as it is made is written finished.
-            captured_paid=hold.captured.paid,
-            captured_bonus=hold.captured.bonus,
-            capture_movement_id=hold.capture_movement_id,
-            finished_at=hold.finished_at,
-        ),
+        [
+            dict(
+                hold_id=hold.hold_id,
+                account_id=hold.account_id,
+                card_id=hold.card_id,
+                state=hold.state.value,
+                currency=hold.currency,
+                paid=hold.funds.paid,
+                bonus=hold.funds.bonus,
+                reference=hold.reference,
+                local_day=hold.local_day,
+                expires_at=hold.expires_at,
+                hold_movement_id=hold.hold_movement_id,
+                principal=hold.principal,
+                store_id=hold.store_id,
+                held_at=hold.held_at,
+                # A hold captured as it is made is written finished.
+                captured_paid=hold.captured.paid,
+                captured_bonus=hold.captured.bonus,
+                capture_movement_id=hold.capture_movement_id,
+                finished_at=hold.finished_at,
+            )
+        ],
     )
 
 

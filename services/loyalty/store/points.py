@@ -20,7 +20,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import BigIntKey, Memo, RowByKey, UTCDateTime
-from chassis.direct import Direct
+from chassis.direct import Direct, Insert
 from chassis.documents import default_etag, document_table, read_document, write_document
 from services.loyalty.domain.points import (
     DEFAULT_POLICY,
@@ -351,25 +351,27 @@ def open_lot(lot: Lot) -> OpenLot:
     return OpenLot(lot.lot_id, lot.remaining, lot.expires_at, lot.earned_at)
 
 
-_INSERT_LOT = Direct(sa.insert(points_lots))
+_INSERT_LOT = Insert(points_lots)
 
 
 async def insert_lot(session: AsyncSession, lot: Lot, *, origin_lot_id: str = "") -> None:
-    await _INSERT_LOT.execute(
+    await _INSERT_LOT.add(
         session,
-        dict(
-            lot_id=lot.lot_id,
-            member_id=lot.member_id,
-            source=lot.source.value,
-            reference=lot.reference,
-            points=lot.points,
-            remaining=lot.remaining,
-            earned_at=lot.earned_at,
-            expires_at=lot.expires_at,
-            warned_at=lot.warned_at,
-            expired_at=lot.expired_at,
-            origin_lot_id=origin_lot_id,
-        ),
+        [
+            dict(
+                lot_id=lot.lot_id,
+                member_id=lot.member_id,
+                source=lot.source.value,
+                reference=lot.reference,
+                points=lot.points,
+                remaining=lot.remaining,
+                earned_at=lot.earned_at,
+                expires_at=lot.expires_at,
+                warned_at=lot.warned_at,
+                expired_at=lot.expired_at,
+                origin_lot_id=origin_lot_id,
+            )
+        ],
     )
 
 
@@ -662,36 +664,49 @@ class NewMovement:
 
 
 _INSERT_MOVEMENT = Direct(sa.insert(points_movements).returning(*points_movements.c))
+# The same row when nothing reads it back: inside ``written_together``, it
+# goes with the transaction's other rows.
+_ADD_MOVEMENT = Insert(points_movements)
+
+
+def _movement_values(
+    movement: NewMovement, *, principal: str, store_id: str, at: dt.datetime
+) -> dict[str, Any]:
+    return dict(
+        movement_id=movement.movement_id,
+        member_id=movement.member_id,
+        kind=movement.kind.value,
+        points=movement.points,
+        balance_after=movement.balance_after,
+        requested=movement.requested,
+        source=movement.source,
+        reference=movement.reference,
+        reason=movement.reason,
+        related_member_id=movement.related_member_id,
+        lot_id=movement.lot_id,
+        principal=principal,
+        store_id=store_id,
+        at=at,
+        request_id=movement.request_id,
+        request_hash=movement.request_hash,
+    )
 
 
 async def record_movement(
     session: AsyncSession, movement: NewMovement, *, principal: str, store_id: str, at: dt.datetime
 ) -> MovementRecord:
-    row = (
-        await _INSERT_MOVEMENT.execute(
-            session,
-            dict(
-                movement_id=movement.movement_id,
-                member_id=movement.member_id,
-                kind=movement.kind.value,
-                points=movement.points,
-                balance_after=movement.balance_after,
-                requested=movement.requested,
-                source=movement.source,
-                reference=movement.reference,
-                reason=movement.reason,
-                related_member_id=movement.related_member_id,
-                lot_id=movement.lot_id,
-                principal=principal,
-                store_id=store_id,
-                at=at,
-                request_id=movement.request_id,
-                request_hash=movement.request_hash,
-            ),
-        )
-    ).first()
+    values = _movement_values(movement, principal=principal, store_id=store_id, at=at)
+    row = (await _INSERT_MOVEMENT.execute(session, values)).first()
     assert row is not None
     return _movement(row)
+
+
+async def add_movement(
+    session: AsyncSession, movement: NewMovement, *, principal: str, store_id: str, at: dt.datetime
+) -> None:
+    """``record_movement`` for a caller that does not need the row back."""
+    values = _movement_values(movement, principal=principal, store_id=store_id, at=at)
+    await _ADD_MOVEMENT.add(session, [values])
 
 
 _MOVEMENT_BY_REQUEST = RowByKey(points_movements, "kind", "request_id")

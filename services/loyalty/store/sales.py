@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import UTCDateTime, upsert
-from chassis.direct import Direct
+from chassis.direct import Direct, Insert
 from chassis.paging import newest_first
 from services.loyalty.domain.checkout import SagaStep, TenderKind
 from services.loyalty.store import metadata
@@ -432,11 +432,13 @@ def _sale(row: Any) -> SaleRecord:
     return SaleRecord(**{name: getattr(row, name) for name in SaleRecord.__dataclass_fields__})
 
 
-_INSERT_SALE = Direct(sa.insert(sales))
+# Written with every sale; inside ``written_together`` (the checkout's
+# commit), with the sale's other rows in one statement.
+_INSERT_SALE = Insert(sales)
 
 
 async def insert_sale(session: AsyncSession, sale: SaleRecord) -> None:
-    await _INSERT_SALE.execute(session, dict(sale.__dict__))
+    await _INSERT_SALE.add(session, [dict(sale.__dict__)])
 
 
 async def get_sale(
@@ -489,15 +491,12 @@ class LineRecord:
     quantity_refunded: int
 
 
-# Built once: written with every sale.
-_INSERT_LINES = Direct(sa.insert(sale_lines))
-_INSERT_TENDERS = Direct(sa.insert(sale_tenders))
+_INSERT_LINES = Insert(sale_lines)
+_INSERT_TENDERS = Insert(sale_tenders)
 
 
 async def insert_lines(session: AsyncSession, sale_id: str, lines: list[LineRecord]) -> None:
-    await _INSERT_LINES.execute_many(
-        session, [{"sale_id": sale_id, **line.__dict__} for line in lines]
-    )
+    await _INSERT_LINES.add(session, [{"sale_id": sale_id, **line.__dict__} for line in lines])
 
 
 async def lines_of(
@@ -546,7 +545,7 @@ class TenderRecord:
 
 async def insert_tenders(session: AsyncSession, sale_id: str, tenders: list[TenderRecord]) -> None:
     if tenders:
-        await _INSERT_TENDERS.execute_many(
+        await _INSERT_TENDERS.add(
             session,
             [
                 {
