@@ -94,6 +94,8 @@ outbox_table = sa.Table(
     sa.Column("sent_at", UTCDateTime, nullable=True),
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
     sa.Column("last_error", sa.String(500), nullable=True),
+    # A relay's claim on a row it is publishing (chassis.outbox.OutboxRelay).
+    sa.Column("lease_until", UTCDateTime, nullable=True),
     sa.Index("ix_outbox_unsent", "sent_at", "seq"),
 )
 

@@ -104,6 +104,19 @@ def create_chassis_tables() -> None:
     op.create_index("ix_idempotency_created_at", "idempotency_keys", ["created_at"])
 
 
+def add_outbox_lease() -> None:
+    """The outbox's second version: ``lease_until``, the relay's claim on the
+    rows it is publishing, in place of a transaction held open across the
+    publish."""
+    with op.batch_alter_table("outbox") as batch:
+        batch.add_column(sa.Column("lease_until", UTCDateTime, nullable=True))
+
+
+def drop_outbox_lease() -> None:
+    with op.batch_alter_table("outbox") as batch:
+        batch.drop_column("lease_until")
+
+
 def drop_chassis_tables() -> None:
     for table in ("idempotency_keys", "inbox", "outbox"):
         op.drop_table(table)

@@ -59,8 +59,21 @@ _MARK_SENT = Direct(
 _MARK_FAILED = (
     sa.update(outbox_table)
     .where(outbox_table.c.seq == sa.bindparam("failed_seq"))
-    .values(attempts=outbox_table.c.attempts + 1, last_error=sa.bindparam("error"))
+    .values(
+        attempts=outbox_table.c.attempts + 1, last_error=sa.bindparam("error"), lease_until=None
+    )
 )
+# The rows of a batch left unpublished after a failed publish, given back
+# for the next pass.
+_RELEASE = Direct(
+    sa.update(outbox_table)
+    .where(outbox_table.c.seq == sa.bindparam("released_seq"))
+    .values(lease_until=None)
+)
+# How long a relay's claim on the rows it publishes lasts: past it (the
+# relay died mid-batch), another pass takes them, and JetStream's duplicate
+# window or the consumers' inbox drops what had gone out.
+LEASE = dt.timedelta(seconds=30)
 
 
 def new_event_id() -> str:
@@ -232,7 +245,23 @@ class OutboxRelay:
         self.retry_delay = retry_delay
         self._wakeup = Wakeup(db, OUTBOX_WRITTEN, linger=linger)
         self._stopping = False
-        self._unsent_claimed = Direct(self._unsent().with_for_update(skip_locked=True))
+        c = outbox_table.c
+        unclaimed = (
+            sa.select(c.seq)
+            .where(
+                c.sent_at.is_(None),
+                sa.or_(c.lease_until.is_(None), c.lease_until <= sa.bindparam("claim_now")),
+            )
+            .order_by(c.seq)
+            .limit(batch_size)
+            .with_for_update(skip_locked=True)
+        )
+        self._claim = Direct(
+            sa.update(outbox_table)
+            .where(c.seq.in_(unclaimed.scalar_subquery()))
+            .values(lease_until=sa.bindparam("claim_until"))
+            .returning(c.seq, c.event_id, c.subject, c.payload, c.headers)
+        )
 
     def wake(self) -> None:
         self._wakeup.ring()
@@ -270,13 +299,31 @@ class OutboxRelay:
         )
 
     async def _publish_locked(self) -> tuple[int, bool]:
-        # Replicas share the work: each claims rows no one else holds, and
-        # holds them until they are marked.
+        # Replicas share the work: each claims, in one statement, rows no
+        # one else has claimed, for a lease. No transaction stays open while
+        # the batch is published (a publish can wait seconds in an outage),
+        # and a pass is two round trips: the claim and the mark.
+        now = utcnow()
+        async with self.db.single_statement() as session:
+            claimed = await self._claim.execute(
+                session, {"claim_now": now, "claim_until": now + LEASE}
+            )
+        if not claimed:
+            return 0, False
+        rows = sorted(claimed, key=lambda row: row.seq)  # RETURNING keeps no order
+        sent, failure = await self._publish_rows(rows)
+        if failure is None:
+            async with self.db.single_statement() as session:
+                await _MARK_SENT.execute_many(
+                    session, [{"sent_seq": seq, "sent_now": utcnow()} for seq in sent]
+                )
+            return len(sent), False
         async with self.db.transaction() as session:
-            rows = (await self._unsent_claimed.execute(session)).all()
-            sent, failure = await self._publish_rows(rows)
             await self._mark(session, sent, failure)
-        return len(sent), failure is not None
+            await _RELEASE.execute_many(
+                session, [{"released_seq": row.seq} for row in rows if row.seq > failure[0]]
+            )
+        return len(sent), True
 
     async def _publish_single_writer(self) -> tuple[int, bool]:
         # SQLite: one process owns the file, so no claim is needed, and the

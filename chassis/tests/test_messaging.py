@@ -832,3 +832,80 @@ async def test_every_replica_hears_each_event_and_hears_again_after_a_reconnect(
         assert bus._reconnect_hooks == []
     finally:
         await other.close()
+
+
+class _GatedBus:
+    """The bus, with its publishes held until the gate opens."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self.gate = asyncio.Event()
+        self.waiting = 0
+
+    async def publish(self, subject: str, payload: bytes, headers: dict[str, str]) -> None:
+        self.waiting += 1
+        await self.gate.wait()
+        await self.bus.publish(subject, payload, headers)
+
+
+async def test_a_relay_claims_its_batch_for_a_lease_and_holds_no_lock_while_it_publishes(
+    postgres: Postgres, bus: Bus
+) -> None:
+    """PostgreSQL's alone (SQLite has one writer, which claims nothing): a
+    pass claims its rows in one statement and publishes them with no
+    transaction open, so nothing waits on a slow publish; another relay
+    leaves the claimed rows alone until the claim lapses."""
+    name = await postgres.create_database("cornucopia_test_outbox_lease")
+    url = postgres.url_for(name)
+    db = Database(url.replace("postgresql://", "postgresql+asyncpg://", 1))
+    try:
+        await upgrade_to_head(db, CARDS_MIGRATIONS, "cards")
+        async with db.transaction() as session:
+            await enqueue_many(
+                session,
+                source=SOURCE,
+                events=[(SUBJECT, StringValue(value=c)) for c in ("C1", "C2", "C3")],
+            )
+        gated = _GatedBus(bus)
+        slow = OutboxRelay(db, gated)  # type: ignore[arg-type]
+        other = OutboxRelay(db, bus)
+        passing = asyncio.create_task(slow.publish_pending())
+        await eventually(reading(lambda: gated.waiting), lambda n: n == 3)
+        conn = await asyncpg.connect(url)
+        try:
+            # Not locked: a transaction of its own takes the rows at once.
+            async with conn.transaction():
+                locked = await conn.fetch("SELECT seq FROM outbox FOR UPDATE NOWAIT")
+            assert len(locked) == 3
+            leases = await conn.fetch("SELECT lease_until FROM outbox")
+            assert all(row["lease_until"] is not None for row in leases)
+            # Claimed: another relay leaves them to the pass that claimed them.
+            assert await other.publish_pending() == (0, False)
+            gated.gate.set()
+            assert await passing == (3, False)
+            assert await stream_messages(bus, "CARDS") == 3
+
+            # A relay that claimed a row and died: the row waits out the lease.
+            async with db.transaction() as session:
+                await enqueue(
+                    session, source=SOURCE, subject=SUBJECT, message=StringValue(value="C4")
+                )
+            await conn.execute(
+                "UPDATE outbox SET lease_until = now() + interval '1 hour' WHERE sent_at IS NULL"
+            )
+            assert await other.publish_pending() == (0, False)
+            await conn.execute(
+                "UPDATE outbox SET lease_until = now() - interval '1 second' WHERE sent_at IS NULL"
+            )
+            assert await other.publish_pending() == (1, False)
+        finally:
+            await conn.close()
+        published = [
+            StringValue.FromString((await bus.js.get_msg("CARDS", seq)).data or b"").value
+            for seq in range(1, 5)
+        ]
+        assert published == ["C1", "C2", "C3", "C4"]
+        assert await other.pending_count() == 0
+    finally:
+        await db.dispose()
+        await postgres.drop_database(name)

@@ -1,0 +1,21 @@
+"""The outbox's relay claims the rows it publishes for a lease.
+
+Revision ID: 0009
+Revises: 0008
+Create Date: 2026-12-01
+"""
+
+from chassis.migrations import add_outbox_lease, drop_outbox_lease
+
+revision = "0009"
+down_revision = "0008"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    add_outbox_lease()
+
+
+def downgrade() -> None:
+    drop_outbox_lease()
