@@ -54,13 +54,20 @@ _INSERT = Insert(outbox_table)
 _MARK_SENT = Direct(
     sa.update(outbox_table)
     .where(outbox_table.c.seq == sa.bindparam("sent_seq"))
-    .values(sent_at=sa.bindparam("sent_now"), attempts=outbox_table.c.attempts + 1)
+    .values(
+        sent_at=sa.bindparam("sent_now"),
+        attempts=outbox_table.c.attempts + 1,
+        # A row carries a lease only while a relay is publishing it.
+        lease_until=sa.null(),
+    )
 )
 _MARK_FAILED = (
     sa.update(outbox_table)
     .where(outbox_table.c.seq == sa.bindparam("failed_seq"))
     .values(
-        attempts=outbox_table.c.attempts + 1, last_error=sa.bindparam("error"), lease_until=None
+        attempts=outbox_table.c.attempts + 1,
+        last_error=sa.bindparam("error"),
+        lease_until=sa.null(),
     )
 )
 # The rows of a batch left unpublished after a failed publish, given back
@@ -68,7 +75,7 @@ _MARK_FAILED = (
 _RELEASE = Direct(
     sa.update(outbox_table)
     .where(outbox_table.c.seq == sa.bindparam("released_seq"))
-    .values(lease_until=None)
+    .values(lease_until=sa.null())
 )
 # How long a relay's claim on the rows it publishes lasts: past it (the
 # relay died mid-batch), another pass takes them, and JetStream's duplicate

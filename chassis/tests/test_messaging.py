@@ -12,7 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import asyncpg
 import pytest
@@ -402,18 +402,19 @@ async def test_commits_close_together_are_published_in_one_pass(db: Database, bu
     assert await stream_messages(bus, "CARDS") == 3
 
 
-async def test_the_relays_mark_finds_rows_by_key_in_a_table_without_statistics(
+async def test_the_relays_claim_and_mark_find_rows_by_index_in_a_table_without_statistics(
     postgres: Postgres,
 ) -> None:
     """PostgreSQL's alone: a new deployment's outbox has no statistics yet,
-    and a prepared statement keeps the generic plan it made then. Marking
-    a batch must not scan the whole table on every pass."""
+    and a prepared statement keeps the generic plan it made then. Claiming
+    and marking a batch must not scan the whole table on every pass."""
     name = await postgres.create_database("cornucopia_test_outbox_plan")
     url = postgres.url_for(name)
     try:
         migrating = Database(url.replace("postgresql://", "postgresql+asyncpg://", 1))
         try:
             await upgrade_to_head(migrating, CARDS_MIGRATIONS, "cards")
+            claim = OutboxRelay(migrating, cast(Bus, None))._claim.statement
         finally:
             await migrating.dispose()
         compiled = _MARK_SENT.statement.compile(dialect=asyncpg_dialect())
@@ -429,10 +430,20 @@ async def test_the_relays_mark_finds_rows_by_key_in_a_table_without_statistics(
             await conn.execute("SET plan_cache_mode = force_generic_plan")
             await conn.execute(f"PREPARE mark AS {compiled.string}")
             plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN EXECUTE mark({args})"))
+            # The claim too: the unsent rows through their index, the
+            # claimed ones by key.
+            compiled = claim.compile(dialect=asyncpg_dialect())
+            example = {"claim_until": "now()", "claim_now": "now()", "param_1": "100"}
+            args = ", ".join(example[name] for name in compiled.positiontup or ())
+            await conn.execute(f"PREPARE claim AS {compiled.string}")
+            claim_plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN EXECUTE claim({args})"))
         finally:
             await conn.close()
         assert "outbox_pkey" in plan, plan
         assert "Seq Scan" not in plan, plan
+        assert "ix_outbox_unsent" in claim_plan, claim_plan
+        assert "outbox_pkey" in claim_plan, claim_plan
+        assert "Seq Scan" not in claim_plan, claim_plan
     finally:
         await postgres.drop_database(name)
 
@@ -884,6 +895,11 @@ async def test_a_relay_claims_its_batch_for_a_lease_and_holds_no_lock_while_it_p
             gated.gate.set()
             assert await passing == (3, False)
             assert await stream_messages(bus, "CARDS") == 3
+            # Marked sent, a row keeps no lease.
+            assert (
+                await conn.fetchval("SELECT count(*) FROM outbox WHERE lease_until IS NOT NULL")
+                == 0
+            )
 
             # A relay that claimed a row and died: the row waits out the lease.
             async with db.transaction() as session:
