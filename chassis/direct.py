@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
@@ -458,6 +457,25 @@ async def written_together(session: AsyncSession) -> AsyncIterator[None]:
     await _write_waiting(session, waiting)
 
 
+class _Items(sa.types.UserDefinedType[list[Any]]):
+    """An array of a column's values, bound by the column's own type
+    already (``_write_waiting``): cast to the column's type's array, and
+    passed to the driver as it is, not item by item through ``ARRAY``."""
+
+    cache_ok = True
+    render_bind_cast = True
+
+    def __init__(self, spec: str = "") -> None:
+        # The array's type as the server names it: the item's, with ``[]``.
+        self.spec = spec
+
+    def get_col_spec(self, **_kw: Any) -> str:
+        return self.spec
+
+    def bind_processor(self, dialect: sa.Dialect) -> None:
+        return None
+
+
 # By dialect and parts (each an insert and its rows' names): the statement
 # writing them, each part's rows as an array a column unnested into its
 # table; None when a part cannot be written so (a column with a
@@ -472,18 +490,17 @@ async def _write_waiting(session: AsyncSession, waiting: _Parts) -> None:
     if bound is None or bound.transaction is not session.sync_session.get_transaction():
         bound = await _bind(session)
     together = None if bound is None else _together(bound.dialect, tuple(waiting))
-    if together is None:
+    if bound is None or together is None:
         for (insert, _), rows in waiting.items():
             await insert._write(session, rows)
         return
-    await together.execute(
-        session,
-        {
-            f"p{i}_{name}": [row[name] for row in rows]
-            for i, ((_, names), rows) in enumerate(waiting.items())
-            for name in names
-        },
-    )
+    params: dict[str, list[Any]] = {}
+    for i, ((insert, names), rows) in enumerate(waiting.items()):
+        for name in names:
+            values = [row[name] for row in rows]
+            process = insert.table.c[name].type._cached_bind_processor(bound.dialect)
+            params[f"p{i}_{name}"] = values if process is None else [process(v) for v in values]
+    await together.execute(session, params)
 
 
 def _together(
@@ -502,7 +519,10 @@ def _together(
             return None
         arrays = sa.func.unnest(
             *(
-                sa.bindparam(f"p{i}_{name}", type_=postgresql.ARRAY(insert.table.c[name].type))
+                sa.bindparam(
+                    f"p{i}_{name}",
+                    type_=_Items(f"{insert.table.c[name].type.compile(dialect=dialect)}[]"),
+                )
                 for name in names
             )
         )

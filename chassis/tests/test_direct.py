@@ -98,6 +98,10 @@ def upsert(dialect: str) -> Direct:
     )
 
 
+class Stop(Exception):
+    """What a test raises to leave a transaction."""
+
+
 async def open_db(database_url: DatabaseFactory) -> Database:
     db = Database(await database_url("direct"))
     async with db.engine.begin() as conn:
@@ -169,10 +173,6 @@ async def test_the_statements_are_part_of_the_sessions_transaction(
 ) -> None:
     db = await open_db(database_url)
     try:
-
-        class Stop(Exception):
-            pass
-
         # The first statement of the transaction is a direct one: it must
         # not run outside the transaction that is then rolled back.
         with pytest.raises(Stop):
@@ -361,10 +361,6 @@ async def test_inserts_written_together_keep_nothing_of_a_failed_block(
 ) -> None:
     db = await open_db(database_url)
     try:
-
-        class Stop(Exception):
-            pass
-
         with pytest.raises(Stop):
             async with db.transaction() as session, written_together(session):
                 await SHELF_ROWS.add(session, [ROW])
