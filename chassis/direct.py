@@ -20,6 +20,12 @@ SQLite, or for a statement this path cannot run (Python-side column
 defaults, expanding ``IN`` parameters), it is an ordinary
 ``session.execute``. Either way the caller gets the same ``Rows``.
 
+``Insert`` and ``written_together`` take this one step further for rows
+nothing reads back before the commit (a sale's lines, a ledger's entries,
+the events): inside the block they wait, and at its end every table's
+rows go in one statement on PostgreSQL, each table's as arrays unnested
+into it.
+
 It relies on a few internals of SQLAlchemy's asyncpg adapter (its
 transaction, statement cache and mutex), pinned with SQLAlchemy's version
 in ``pyproject.toml``; ``chassis/tests/test_direct.py`` runs every kind of
@@ -476,6 +482,18 @@ class _Items(sa.types.UserDefinedType[list[Any]]):
         return None
 
 
+def _items_of(column_type: sa.types.TypeEngine[Any], dialect: sa.Dialect) -> _Items:
+    """The array type a column's values are sent as: its type's, as
+    SQLAlchemy casts a value of it, except that a string goes as VARCHAR
+    without its length, as SQLAlchemy sends it too: a cast to VARCHAR(n)
+    would cut a longer value short where the column's own check must
+    refuse it."""
+    item = column_type._unwrapped_dialect_impl(dialect)
+    if item._type_affinity is sa.String and getattr(item, "length", None):
+        item = sa.String()
+    return _Items(f"{dialect.type_compiler_instance.process(item)}[]")
+
+
 # By dialect and parts (each an insert and its rows' names): the statement
 # writing them, each part's rows as an array a column unnested into its
 # table; None when a part cannot be written so (a column with a
@@ -519,10 +537,7 @@ def _together(
             return None
         arrays = sa.func.unnest(
             *(
-                sa.bindparam(
-                    f"p{i}_{name}",
-                    type_=_Items(f"{insert.table.c[name].type.compile(dialect=dialect)}[]"),
-                )
+                sa.bindparam(f"p{i}_{name}", type_=_items_of(insert.table.c[name].type, dialect))
                 for name in names
             )
         )

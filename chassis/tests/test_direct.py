@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from chassis.db import Database, UTCDateTime, is_unique_violation
 from chassis.direct import Direct, Insert, _Bound, written_together
@@ -375,6 +375,26 @@ async def test_inserts_written_together_keep_nothing_of_a_failed_block(
                 await LABELS.add(session, [{"item_id": "new", "text": "x", "doc": None}])
                 await SHELF_ROWS.add(session, [ROW])
         assert is_unique_violation(raised.value)
+        # A value longer than its column allows is refused, as a statement
+        # of its own would refuse it, never cut short to fit (SQLite keeps
+        # no lengths: there it is kept whole).
+        long_text = "x" * 41
+        if db.dialect == "postgresql":
+            with pytest.raises(DBAPIError, match="too long"):
+                async with db.transaction() as session, written_together(session):
+                    await SHELF_ROWS.add(session, [{**ROW, "item_id": "long"}])
+                    await LABELS.add(session, [{"item_id": "long", "text": long_text, "doc": None}])
+        else:
+            async with db.transaction() as session, written_together(session):
+                await SHELF_ROWS.add(session, [{**ROW, "item_id": "long"}])
+                await LABELS.add(session, [{"item_id": "long", "text": long_text, "doc": None}])
+            async with db.transaction() as session:
+                kept = await session.execute(
+                    sa.select(label.c.text).where(label.c.item_id == "long")
+                )
+                assert kept.scalar_one() == long_text
+                await session.execute(sa.delete(label).where(label.c.item_id == "long"))
+                await session.execute(sa.delete(shelf).where(shelf.c.item_id == "long"))
         # A Python-side default is SQLAlchemy's to fill in: such a table is
         # written on its own, still at the block's end.
         async with db.transaction() as session, written_together(session):
