@@ -10,8 +10,16 @@ from pathlib import Path
 
 import pytest
 import structlog
+from hypothesis import settings
 
 from tests.integration.infra import DatabaseFactory, Postgres, start_postgres
+
+# Property tests check what a rule gives, not how fast: on a shared machine
+# one example can take longer than Hypothesis's default deadline of 200 ms
+# for reasons of its own, which would fail a test that is right. Speed is
+# measured by the benchmarks in bench/.
+settings.register_profile("cornucopia", deadline=None)
+settings.load_profile("cornucopia")
 
 
 @pytest.fixture(autouse=True)
