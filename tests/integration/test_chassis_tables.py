@@ -8,6 +8,7 @@ import pytest
 import sqlalchemy as sa
 
 from chassis.db import Database, chassis_metadata
+from chassis.service import ServiceDefinition
 from services.campaigns.server import definition as campaigns
 from services.cards.server import definition as cards
 from services.loyalty.server import definition as loyalty
@@ -35,10 +36,10 @@ def _has_lease(connection: sa.Connection) -> bool:
     "service", [members, cards, loyalty, campaigns, notify], ids=lambda s: s.name
 )
 async def test_every_service_migrates_the_chassis_tables_to_what_the_code_declares(
-    database_url: DatabaseFactory, service: object
+    database_url: DatabaseFactory, service: ServiceDefinition
 ) -> None:
-    name = service.name  # type: ignore[attr-defined]
-    migrations = service.migrations_dir  # type: ignore[attr-defined]
+    name = service.name
+    migrations = service.migrations_dir
     db = Database(await database_url(name))
     tables = set(chassis_metadata.tables)
     try:
