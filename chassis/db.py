@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import ConnectionPoolEntry, Pool, PoolProxiedConnection
 
-from chassis.direct import Direct, single_statement
+from chassis.direct import Direct, Executor, Unit, single_statement, unit_of_work
 from chassis.errors import Unavailable
 
 T = TypeVar("T")
@@ -208,8 +208,11 @@ class Database:
         self._commit_hooks.append(hook)
 
     def _after_commit(self, session: Session) -> None:
+        self._after_commit_of(session.info)
+
+    def _after_commit_of(self, info: dict[str, Any]) -> None:
         for hook in self._commit_hooks:
-            hook(session.info)
+            hook(info)
 
     @property
     def dialect(self) -> str:
@@ -225,27 +228,57 @@ class Database:
                 yield session
 
     @asynccontextmanager
-    async def single_statement(self) -> AsyncIterator[AsyncSession]:
-        """A unit of work that is one statement on PostgreSQL (a
-        ``chassis.direct.Direct`` or a ``chassis.outbox.ChangeWithEvent``),
-        sent there without BEGIN and COMMIT: one statement is a transaction
-        by itself, so the two round trips around it buy nothing. A second
-        statement through the session is refused there, as it would commit
-        apart from the first. On SQLite an ordinary unit of work (what is
-        one statement on PostgreSQL may take a few on SQLite). For a write
-        that is the whole of its unit: a log's step, a claim, a change with
-        its event."""
-        if self.dialect == "sqlite":
+    async def direct_reads(self) -> AsyncIterator[Executor]:
+        """Reads of ``chassis.direct`` statements alone, as ``sessions`` is
+        for any statement: on PostgreSQL a ``chassis.direct.Unit`` without
+        a transaction (each statement its own snapshot, as a read session's
+        there), on SQLite a read session. For the reads every request
+        makes (a card resolved, a member looked up)."""
+        if self.dialect != "postgresql":
+            async with self.sessions() as session:
+                yield session
+            return
+        with _unavailable_as_status():
+            async with unit_of_work(self.engine, begins=False) as unit:
+                yield unit
+
+    @asynccontextmanager
+    async def direct_transaction(self) -> AsyncIterator[Executor]:
+        """A unit of work of ``chassis.direct`` statements alone (``Direct``,
+        ``Insert``, ``RowByKey``, ``ChangeWithEvent``), as ``transaction``
+        is for any statement. On PostgreSQL it is a ``chassis.direct.Unit``
+        on a pooled connection, without a session: for the short
+        transactions on the checkout's path the session cost more than the
+        statements. On SQLite it is ``transaction``'s session."""
+        if self.dialect != "postgresql":
             async with self.transaction() as session:
                 yield session
             return
         with _unavailable_as_status():
-            async with self._read_sessions() as session:
-                single_statement(session)
+            async with unit_of_work(self.engine) as unit:
+                yield unit
+        self._after_commit_of(unit.info)
+
+    @asynccontextmanager
+    async def single_statement(self) -> AsyncIterator[Executor]:
+        """A unit of work that is one statement on PostgreSQL (a
+        ``chassis.direct.Direct`` or a ``chassis.outbox.ChangeWithEvent``),
+        sent there without BEGIN and COMMIT: one statement is a transaction
+        by itself, so the two round trips around it buy nothing. A second
+        statement is refused there, as it would commit apart from the
+        first. On SQLite an ordinary unit of work (what is one statement on
+        PostgreSQL may take a few on SQLite). For a write that is the whole
+        of its unit: a log's step, a claim, a change with its event."""
+        if self.dialect != "postgresql":
+            async with self.transaction() as session:
                 yield session
+            return
+        with _unavailable_as_status():
+            async with unit_of_work(self.engine, begins=False) as unit:
+                single_statement(unit)
+                yield unit
         # Committed as it ran: the commit hooks (a worker's wake-up) fire now.
-        for hook in self._commit_hooks:
-            hook(session.info)
+        self._after_commit_of(unit.info)
 
     @asynccontextmanager
     async def _writer(self) -> AsyncIterator[None]:
@@ -313,8 +346,8 @@ class Memo(Generic[T]):
         # what it read, which may be the value just replaced.
         self._generation = 0
 
-    async def get(self, session: AsyncSession, load: Callable[[], Awaitable[T]]) -> T:
-        pool = session.get_bind().pool  # type: ignore[union-attr]
+    async def get(self, session: Executor, load: Callable[[], Awaitable[T]]) -> T:
+        pool = session.pool if isinstance(session, Unit) else session.get_bind().pool  # type: ignore[union-attr]
         kept = self._values.get(pool)
         now = time.monotonic()
         if kept is not None and kept[0] > now:
@@ -355,7 +388,7 @@ class RowByKey:
         self._plain = Direct(plain)
         self._locked = Direct(plain.with_for_update())
 
-    async def first(self, session: AsyncSession, *values: Any, for_update: bool = False) -> Any:
+    async def first(self, session: Executor, *values: Any, for_update: bool = False) -> Any:
         """The row with these key values (in the columns' order), or None."""
         statement = self._locked if for_update else self._plain
         result = await statement.execute(session, dict(zip(self._names, values, strict=True)))

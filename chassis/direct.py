@@ -36,14 +36,15 @@ changes them fails there first.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.pool import PoolProxiedConnection
 
 # The session's driver connection, kept in ``session.info`` for the rest of
 # the session's transaction.
@@ -58,14 +59,14 @@ _ROWCOUNT = re.compile(r"(?:SELECT|UPDATE|DELETE|INSERT \d+|MERGE) (\d+)")
 _SINGLE = "chassis.direct.single_statement"
 
 
-def single_statement(session: AsyncSession) -> None:
+def single_statement(session: Executor) -> None:
     """Marks ``session`` as a unit of work of one statement: a second
     statement run through ``Direct`` raises instead of committing apart
     from the first."""
     session.info[_SINGLE] = False
 
 
-def _count_single(session: AsyncSession) -> None:
+def _count_single(session: Executor) -> None:
     if session.info[_SINGLE]:
         raise RuntimeError("a unit of work of one statement was given a second one")
     session.info[_SINGLE] = True
@@ -168,33 +169,27 @@ class Direct:
         # explicit values renders the columns it is given.
         self._plans: dict[tuple[str, ...], _Plan | None] = {}
 
-    async def execute(self, session: AsyncSession, params: Mapping[str, Any] | None = None) -> Rows:
+    async def execute(self, session: Executor, params: Mapping[str, Any] | None = None) -> Rows:
         if _SINGLE in session.info:
             _count_single(session)
         values = dict(params or {})
-        bound = session.info.get(_CONNECTION)
-        if bound is None or bound.transaction is not session.sync_session.get_transaction():
-            bound = await _bind(session)
-        if bound is None:
-            return await self._through_sqlalchemy(session, values)
-        plan = self._plan(bound.dialect, tuple(sorted(values)))
-        if plan is None:
-            return await self._through_sqlalchemy(session, values)
+        bound = await _bound(session)
+        plan = None if bound is None else self._plan(bound.dialect, tuple(sorted(values)))
+        if bound is None or plan is None:
+            return await self._through_sqlalchemy(_session(session, self), values)
         return await _run(session, bound, plan, values)
 
-    async def execute_many(self, session: AsyncSession, rows: Sequence[Mapping[str, Any]]) -> None:
+    async def execute_many(self, session: Executor, rows: Sequence[Mapping[str, Any]]) -> None:
         """The statement once for each of ``rows`` (all with the same keys),
         in one round trip on PostgreSQL; no result."""
         if not rows:
             return
         if _SINGLE in session.info:
             _count_single(session)
-        bound = session.info.get(_CONNECTION)
-        if bound is None or bound.transaction is not session.sync_session.get_transaction():
-            bound = await _bind(session)
+        bound = await _bound(session)
         plan = None if bound is None else self._plan(bound.dialect, tuple(sorted(rows[0])))
         if bound is None or plan is None:
-            await session.execute(self.statement, [dict(row) for row in rows])
+            await _session(session, self).execute(self.statement, [dict(row) for row in rows])
             return
         await _run_many(session, bound, plan, rows)
 
@@ -232,13 +227,141 @@ class Direct:
 
 @dataclass(frozen=True)
 class _Bound:
-    """A session's transaction and the driver connection it runs on."""
+    """A session's transaction (or a ``Unit``) and the driver connection it
+    runs on."""
 
     transaction: Any
     # SQLAlchemy's asyncpg adapter connection.
     adapted: Any
     dialect: Any
-    connection: AsyncConnection
+    # Gives the connection up after an error that lost it, as SQLAlchemy
+    # does: it is not returned to the pool.
+    lose: Callable[[Exception], Awaitable[None]]
+    # Whether the first statement begins a transaction; a unit of one
+    # statement runs it alone, a transaction by itself.
+    begins: bool = True
+
+
+class Unit:
+    """A unit of work of ``Direct`` statements and ``Insert`` rows alone,
+    on PostgreSQL: a connection from the engine's pool, driven through the
+    driver with no ORM session or Core connection around it
+    (``chassis.db.Database.direct_transaction`` and ``single_statement``).
+    For a short transaction those cost more CPU than its statements: the
+    session and its transaction's bookkeeping, and the connection checked
+    out, begun, committed and checked in through SQLAlchemy's greenlet
+    bridge (``bench/unit_costs.py``). It has a session's ``info``; a
+    statement that needs SQLAlchemy's own execution is refused."""
+
+    __slots__ = ("_lost", "_pooled", "bound", "info", "pool")
+
+    def __init__(self, engine: AsyncEngine, pooled: PoolProxiedConnection, *, begins: bool) -> None:
+        self.info: dict[str, Any] = {}
+        # The engine's pool, which ``chassis.db.Memo`` keys by, as for a session.
+        self.pool = engine.sync_engine.pool
+        self._pooled = pooled
+        self._lost = False
+        self.bound = _Bound(
+            transaction=None,
+            adapted=pooled.dbapi_connection,
+            dialect=engine.dialect,
+            lose=self._lose,
+            begins=begins,
+        )
+
+    def in_nested_transaction(self) -> bool:
+        return False
+
+    @property
+    def driver_connection(self) -> Any:
+        """The asyncpg connection underneath."""
+        return self._pooled.driver_connection
+
+    async def _lose(self, error: Exception) -> None:
+        self._lost = True
+        self._pooled.invalidate(error)
+
+    async def _end(self, *, commit: bool) -> None:
+        """Commits or rolls back what the statements began, if anything."""
+        adapted = self.bound.adapted
+        if self._lost or adapted._transaction is None:
+            return
+        end = adapted._transaction.commit if commit else adapted._transaction.rollback
+        try:
+            async with adapted._execute_mutex:
+                await adapted._call_and_discard(end)
+        except Exception as error:
+            ending = "COMMIT" if commit else "ROLLBACK"
+            raise await _translated(self, self.bound, ending, (), error) from error
+
+
+@asynccontextmanager
+async def unit_of_work(engine: AsyncEngine, *, begins: bool = True) -> AsyncIterator[Unit]:
+    """A ``Unit`` on a connection of ``engine``'s pool (PostgreSQL through
+    asyncpg): committed when the block ends, rolled back when it raises.
+    ``begins=False`` for a unit of one statement, which runs without BEGIN
+    and COMMIT."""
+    pooled = await engine.raw_connection()
+    unit = Unit(engine, pooled, begins=begins)
+    try:
+        try:
+            yield unit
+        except Exception:
+            try:
+                await unit._end(commit=False)
+            except Exception:
+                # The rollback failed: the connection's state is unknown.
+                if not unit._lost:
+                    await unit._lose(RuntimeError("a rollback failed"))
+            raise
+        except BaseException:
+            # Cancelled, perhaps inside a statement: the connection may be
+            # mid-exchange with the server, so it is not used again.
+            if not unit._lost:
+                await unit._lose(RuntimeError("a unit of work was cancelled"))
+            raise
+        await unit._end(commit=True)
+    finally:
+        pooled.close()
+
+
+Executor = AsyncSession | Unit
+"""What ``Direct`` statements run in: a session's transaction or a ``Unit``."""
+
+
+async def _bound(session: Executor) -> _Bound | None:
+    if isinstance(session, Unit):
+        return session.bound
+    bound: _Bound | None = session.info.get(_CONNECTION)
+    if bound is None or bound.transaction is not session.sync_session.get_transaction():
+        bound = await _bind(session)
+    return bound
+
+
+def as_session(session: Executor) -> AsyncSession:
+    """The session itself, for a statement only SQLAlchemy's execution
+    runs (on SQLite, say, where a unit of work is a session); a ``Unit``
+    has none, and is refused."""
+    if isinstance(session, Unit):
+        raise TypeError("this statement needs a session's unit of work, not a chassis.direct.Unit")
+    return session
+
+
+def dialect_name(session: Executor) -> str:
+    """The name of the database's dialect ("postgresql", "sqlite")."""
+    if isinstance(session, Unit):
+        return str(session.bound.dialect.name)
+    return session.get_bind().dialect.name
+
+
+def _session(session: Executor, statement: Direct) -> AsyncSession:
+    """The session a statement the driver path cannot run falls back to."""
+    if isinstance(session, Unit):
+        raise TypeError(
+            f"{statement.statement} needs SQLAlchemy's execution (a Python-side default or "
+            "an expanding parameter), which a chassis.direct.Unit does not have"
+        )
+    return session
 
 
 async def _bind(session: AsyncSession) -> _Bound | None:
@@ -255,13 +378,13 @@ async def _bind(session: AsyncSession) -> _Bound | None:
         transaction=session.sync_session.get_transaction(),
         adapted=pooled.dbapi_connection,
         dialect=dialect,
-        connection=connection,
+        lose=connection.invalidate,
     )
     session.info[_CONNECTION] = bound
     return bound
 
 
-async def _run(session: AsyncSession, bound: _Bound, plan: _Plan, values: dict[str, Any]) -> Rows:
+async def _run(session: Executor, bound: _Bound, plan: _Plan, values: dict[str, Any]) -> Rows:
     dialect = bound.dialect
     args = _arguments(plan, values)
     async with _prepared(session, bound, plan, args) as (prepared, attributes):
@@ -322,7 +445,7 @@ def _constants(compiled: Any, values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 async def _run_many(
-    session: AsyncSession, bound: _Bound, plan: _Plan, rows: Sequence[Mapping[str, Any]]
+    session: Executor, bound: _Bound, plan: _Plan, rows: Sequence[Mapping[str, Any]]
 ) -> None:
     args = [_arguments(plan, row) for row in rows]
     async with _prepared(session, bound, plan, args) as (prepared, _attributes):
@@ -331,7 +454,7 @@ async def _run_many(
 
 @asynccontextmanager
 async def _prepared(
-    session: AsyncSession, bound: _Bound, plan: _Plan, args: Any
+    session: Executor, bound: _Bound, plan: _Plan, args: Any
 ) -> AsyncIterator[tuple[Any, Any]]:
     """The plan's prepared statement and what it returns, on the session's
     connection with its transaction begun, for the statements of the body
@@ -339,13 +462,13 @@ async def _prepared(
     adapted = bound.adapted
     try:
         async with adapted._execute_mutex:
-            if adapted._transaction is None:
+            if adapted._transaction is None and bound.begins:
                 # The driver begins the session's transaction with its first
                 # statement; this may be that statement.
                 await adapted._start_transaction()
             yield await adapted._prepare(plan.sql, bound.dialect._invalidate_schema_cache_asof)
     except Exception as error:
-        raise await _translated(session, bound, plan, args, error) from error
+        raise await _translated(session, bound, plan.sql, args, error) from error
 
 
 def _result_plan(compiled: Any, dialect: Any, attributes: Any) -> tuple[type, tuple[Any, ...]]:
@@ -365,7 +488,7 @@ def _result_plan(compiled: Any, dialect: Any, attributes: Any) -> tuple[type, tu
 
 
 async def _translated(
-    session: AsyncSession, bound: _Bound, plan: _Plan, args: Any, error: Exception
+    session: Executor, bound: _Bound, sql: str, args: Any, error: Exception
 ) -> Exception:
     """The driver's error as SQLAlchemy would raise it from ``execute``."""
     dialect = bound.dialect
@@ -380,9 +503,9 @@ async def _translated(
         # As SQLAlchemy does after a statement of its own: the connection is
         # not given back to the pool, and the session must roll back.
         session.info.pop(_CONNECTION, None)
-        await bound.connection.invalidate(error)
+        await bound.lose(error)
     translated: Exception = DBAPIError.instance(
-        plan.sql,
+        sql,
         args,
         error,
         dialect.loaded_dbapi.Error,
@@ -411,7 +534,7 @@ class Insert:
         self.table = table
         self.direct = Direct(sa.insert(table))
 
-    async def add(self, session: AsyncSession, rows: Sequence[Mapping[str, Any]]) -> None:
+    async def add(self, session: Executor, rows: Sequence[Mapping[str, Any]]) -> None:
         if not rows:
             return
         waiting = waiting_inserts(session)
@@ -421,7 +544,7 @@ class Insert:
         for row in rows:
             waiting.setdefault((self, tuple(sorted(row))), []).append(row)
 
-    async def _write(self, session: AsyncSession, rows: Sequence[Mapping[str, Any]]) -> None:
+    async def _write(self, session: Executor, rows: Sequence[Mapping[str, Any]]) -> None:
         if len(rows) == 1:
             await self.direct.execute(session, rows[0])
         else:
@@ -431,7 +554,7 @@ class Insert:
 _Parts = dict[tuple[Insert, tuple[str, ...]], list[Mapping[str, Any]]]
 
 
-def waiting_inserts(session: AsyncSession) -> _Parts | None:
+def waiting_inserts(session: Executor) -> _Parts | None:
     """The rows waiting in the session's ``written_together`` block, None
     outside one."""
     waiting: _Parts | None = session.info.get(_WAITING)
@@ -443,7 +566,7 @@ def waiting_inserts(session: AsyncSession) -> _Parts | None:
 
 
 @asynccontextmanager
-async def written_together(session: AsyncSession) -> AsyncIterator[None]:
+async def written_together(session: Executor) -> AsyncIterator[None]:
     """The rows added through ``Insert`` inside the block are written when
     it ends: on PostgreSQL every table's in one statement (one round trip
     instead of one a table), elsewhere a table at a time, in the order the
@@ -501,12 +624,10 @@ def _items_of(column_type: sa.types.TypeEngine[Any], dialect: sa.Dialect) -> _It
 _TOGETHER: dict[tuple[Any, tuple[tuple[Insert, tuple[str, ...]], ...]], Direct | None] = {}
 
 
-async def _write_waiting(session: AsyncSession, waiting: _Parts) -> None:
+async def _write_waiting(session: Executor, waiting: _Parts) -> None:
     if not waiting:
         return
-    bound = session.info.get(_CONNECTION)
-    if bound is None or bound.transaction is not session.sync_session.get_transaction():
-        bound = await _bind(session)
+    bound = await _bound(session)
     together = None if bound is None else _together(bound.dialect, tuple(waiting))
     if bound is None or together is None:
         for (insert, _), rows in waiting.items():

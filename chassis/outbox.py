@@ -25,7 +25,15 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from chassis.bulk import insert_rows
 from chassis.bus import Bus, cloudevent_headers
 from chassis.db import Database, outbox_table, utcnow
-from chassis.direct import Direct, Insert, waiting_inserts, written_together
+from chassis.direct import (
+    Direct,
+    Executor,
+    Insert,
+    Unit,
+    dialect_name,
+    waiting_inserts,
+    written_together,
+)
 from chassis.logs import get_logger
 from chassis.telemetry import current_traceparent, extract_trace_context, inject_trace_headers
 from chassis.wakeup import COMMIT_LINGER_SECONDS, Wakeup
@@ -88,7 +96,7 @@ def new_event_id() -> str:
 
 
 async def enqueue(
-    session: AsyncSession,
+    session: Executor,
     *,
     source: str,
     subject: str,
@@ -125,7 +133,7 @@ def _row(
     }
 
 
-def together(session: AsyncSession) -> contextlib.AbstractAsyncContextManager[None]:
+def together(session: Executor) -> contextlib.AbstractAsyncContextManager[None]:
     """The events enqueued inside the block are written when it ends, in
     their order, with the block's other waiting inserts
     (``chassis.direct.written_together``): one round trip for them all
@@ -154,12 +162,16 @@ def outbox_rows(*, source: str, events: Sequence[tuple[str, Message]]) -> list[d
 COPY_FROM_ROWS = 64
 
 
-async def enqueue_rows(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
+async def enqueue_rows(session: Executor, rows: Sequence[dict[str, Any]]) -> None:
     """Write ``outbox_rows`` inside the caller's transaction, in one round
     trip (inside ``together``, with the block's others)."""
     if not rows:
         return
-    if waiting_inserts(session) is not None or len(rows) < COPY_FROM_ROWS:
+    if (
+        waiting_inserts(session) is not None
+        or len(rows) < COPY_FROM_ROWS
+        or isinstance(session, Unit)
+    ):
         await _INSERT.add(session, rows)
     else:
         await insert_rows(session, outbox_table, rows)
@@ -167,7 +179,7 @@ async def enqueue_rows(session: AsyncSession, rows: Sequence[dict[str, Any]]) ->
 
 
 async def enqueue_many(
-    session: AsyncSession, *, source: str, events: Sequence[tuple[str, Message]]
+    session: Executor, *, source: str, events: Sequence[tuple[str, Message]]
 ) -> list[str]:
     """``enqueue`` for many events (subject, payload) in one round trip:
     the same rows, headers and trace context as one call each."""
@@ -203,7 +215,7 @@ class ChangeWithEvent:
 
     async def execute(
         self,
-        session: AsyncSession,
+        session: Executor,
         params: dict[str, Any],
         *,
         source: str,
@@ -212,8 +224,7 @@ class ChangeWithEvent:
     ) -> bool:
         """The change with ``params``; when it changed a row, the event
         (``enqueue``'s row). Whether it changed one."""
-        dialect = session.get_bind().dialect.name
-        if dialect != "postgresql" or waiting_inserts(session) is not None:
+        if dialect_name(session) != "postgresql" or waiting_inserts(session) is not None:
             if (await self._change.execute(session, params)).rowcount != 1:
                 return False
             await enqueue(session, source=source, subject=subject, message=message)

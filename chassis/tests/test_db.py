@@ -9,10 +9,9 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import Database, Memo
-from chassis.direct import Direct
+from chassis.direct import Direct, Executor, Unit
 from tests.integration.infra import DatabaseFactory
 
 pytestmark = pytest.mark.asyncio
@@ -181,13 +180,13 @@ async def test_a_read_session_on_postgresql_sends_no_begin(database_url: Databas
 _INSERT_THING = Direct(sa.insert(things))
 
 
-async def _commands_sent(
-    session: AsyncSession, statement: Direct, params: dict[str, str]
-) -> list[str]:
+async def _commands_sent(session: Executor, statement: Direct, params: dict[str, str]) -> list[str]:
     """The transaction commands the driver sends for ``statement`` (and,
     with it, the BEGIN the session's first statement brings)."""
-    raw = await (await session.connection()).get_raw_connection()
-    driver = raw.driver_connection
+    if isinstance(session, Unit):
+        driver = session.driver_connection
+    else:
+        driver = (await (await session.connection()).get_raw_connection()).driver_connection
     sent: list[str] = []
 
     def note(query: Any) -> None:

@@ -4,6 +4,7 @@ on PostgreSQL through the driver, on SQLite through the session."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from typing import Any
 
@@ -11,9 +12,10 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import Database, UTCDateTime, is_unique_violation
-from chassis.direct import Direct, Insert, _Bound, written_together
+from chassis.direct import Direct, Insert, Unit, _Bound, written_together
 from chassis.errors import Unavailable
 from tests.integration.infra import DatabaseFactory, Postgres
 
@@ -416,3 +418,176 @@ async def test_inserts_written_together_keep_nothing_of_a_failed_block(
             assert (await BY_ID.execute(session, {"key": "x"})).first() is None
     finally:
         await db.dispose()
+
+
+# --- units of work without a session -------------------------------------------------------
+
+# A uniqueness checked at COMMIT, for a unit whose commit fails.
+deferred = sa.Table(
+    "direct_deferred",
+    sa.MetaData(),
+    sa.Column("seq", sa.Integer, primary_key=True),
+    sa.Column("code", sa.String(8), nullable=False),
+    sa.UniqueConstraint("code", deferrable=True, initially="DEFERRED"),
+)
+DEFERRED = Direct(sa.insert(deferred))
+
+
+def _sent_by_driver(unit: Any) -> list[str]:
+    """The commands the driver is asked to send from now on, kept in the list
+    returned (PostgreSQL)."""
+    sent: list[str] = []
+    unit.driver_connection.add_query_logger(
+        lambda query: sent.append(query.query.split()[0].rstrip(";").upper())
+    )
+    return sent
+
+
+async def test_a_direct_transaction_keeps_its_statements_together_or_none(
+    database_url: DatabaseFactory,
+) -> None:
+    """``Database.direct_transaction``: on PostgreSQL a ``Unit`` on a pooled
+    connection, whose statements SQLAlchemy never sees, begun by its first
+    statement and committed at the end; on SQLite a session's unit of work.
+    Either way all of it is kept, or (when the block raises, or a statement
+    fails) none of it, and the commit hooks fire after a commit alone."""
+    db = await open_db(database_url)
+    seen: list[str] = []
+    committed: list[dict[str, Any]] = []
+    db.on_commit(committed.append)
+    sa.event.listen(
+        db.engine.sync_engine, "before_cursor_execute", lambda *args: seen.append(args[2])
+    )
+    try:
+        async with db.direct_transaction() as unit:
+            sent = _sent_by_driver(unit) if isinstance(unit, Unit) else []
+            unit.info["marker"] = "kept"
+            await INSERT.execute(unit, ROW)
+            assert (await ADD.execute(unit, {"key": "a", "by": 1})).one().count == 2**40 + 1
+            async with written_together(unit):
+                await SHELF_ROWS.add(unit, [{**ROW, "item_id": "b"}])
+                await LABELS.add(unit, [{"item_id": "b", "text": "t", "doc": None}])
+            # Read back inside the unit, before the commit.
+            assert (await BY_ID.execute(unit, {"key": "b"})).one().count == 2**40
+        assert [info.get("marker") for info in committed] == ["kept"]
+        await asyncio.sleep(0.01)  # the driver tells its query loggers soon after
+        if db.dialect == "postgresql":
+            assert isinstance(unit, Unit)
+            assert seen == []
+            assert sent[0] == "BEGIN" and sent[-1] == "COMMIT" and sent.count("BEGIN") == 1
+            # The block's rows went as one statement: BEGIN, three, COMMIT.
+            assert len(sent) == 5
+        else:
+            assert isinstance(unit, AsyncSession)
+        with pytest.raises(Stop):
+            async with db.direct_transaction() as unit:
+                await INSERT.execute(unit, {**ROW, "item_id": "gone"})
+                await ADD.execute(unit, {"key": "a", "by": 10})
+                raise Stop
+        with pytest.raises(IntegrityError) as raised:
+            async with db.direct_transaction() as unit:
+                await INSERT.execute(unit, {**ROW, "item_id": "gone too"})
+                await INSERT.execute(unit, ROW)
+        assert is_unique_violation(raised.value)
+        assert len(committed) == 1
+        async with db.direct_transaction() as unit:
+            assert (await BY_ID.execute(unit, {"key": "a"})).one().count == 2**40 + 1
+            assert (await BY_ID.execute(unit, {"key": "gone"})).first() is None
+            assert (await BY_ID.execute(unit, {"key": "gone too"})).first() is None
+        if db.dialect == "postgresql":
+            # No connection is left checked out, nor a transaction left open.
+            assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        await db.dispose()
+
+
+async def test_a_unit_refuses_a_statement_only_sqlalchemy_runs_and_keeps_nothing(
+    postgres: Postgres,
+) -> None:
+    """PostgreSQL's alone: an expanding ``IN`` (or a Python-side default)
+    needs SQLAlchemy's execution, which a ``Unit`` does not have. It says
+    so, rather than run it half-way, and the unit is rolled back."""
+    name = await postgres.create_database("cornucopia_test_unit_refuses")
+    db = Database(postgres.url_for(name).replace("postgresql://", "postgresql+asyncpg://", 1))
+    try:
+        async with db.engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+        with pytest.raises(TypeError, match="Unit"):
+            async with db.direct_transaction() as unit:
+                await INSERT.execute(unit, ROW)
+                await IN_LIST.execute(unit, {"keys": ["a"]})
+        with pytest.raises(TypeError, match="Unit"):
+            async with db.direct_transaction() as unit:
+                await STAMP.execute(unit, {"item_id": "s"})
+        async with db.sessions() as session:
+            assert (await BY_ID.execute(session, {"key": "a"})).first() is None
+    finally:
+        await db.dispose()
+        await postgres.drop_database(name)
+
+
+async def test_a_unit_whose_commit_fails_keeps_nothing(postgres: Postgres) -> None:
+    """A constraint checked at COMMIT fails the unit's commit: the error is
+    SQLAlchemy's ``IntegrityError``, nothing is kept and the connection
+    goes back to the pool usable."""
+    name = await postgres.create_database("cornucopia_test_unit_commit")
+    db = Database(postgres.url_for(name).replace("postgresql://", "postgresql+asyncpg://", 1))
+    try:
+        async with db.engine.begin() as conn:
+            await conn.run_sync(deferred.metadata.create_all)
+        with pytest.raises(IntegrityError) as raised:
+            async with db.direct_transaction() as unit:
+                await DEFERRED.execute(unit, {"seq": 1, "code": "x"})
+                # Accepted here: the check waits for the commit.
+                await DEFERRED.execute(unit, {"seq": 2, "code": "x"})
+        assert is_unique_violation(raised.value)
+        async with db.direct_transaction() as unit:
+            await DEFERRED.execute(unit, {"seq": 3, "code": "y"})
+        async with db.sessions() as session:
+            kept = await session.execute(sa.select(deferred.c.seq))
+            assert kept.scalars().all() == [3]
+    finally:
+        await db.dispose()
+        await postgres.drop_database(name)
+
+
+async def test_a_unit_that_loses_its_connection_or_is_cancelled_leaves_the_pool_sound(
+    postgres: Postgres,
+) -> None:
+    """A connection lost under a unit's statement is thrown away and the
+    caller gets UNAVAILABLE; a unit cancelled in the middle of a statement
+    throws its connection away too (it may be mid-exchange with the
+    server). Neither keeps anything, and the next unit runs as ever."""
+    name = await postgres.create_database("cornucopia_test_unit_lost")
+    db = Database(postgres.url_for(name).replace("postgresql://", "postgresql+asyncpg://", 1))
+    try:
+        async with db.engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+        with pytest.raises(Unavailable):
+            async with db.direct_transaction() as unit:
+                await INSERT.execute(unit, ROW)
+                assert isinstance(unit, Unit)
+                await unit.driver_connection.close()
+                await BY_ID.execute(unit, {"key": "a"})
+        slow = Direct(sa.select(sa.func.pg_sleep(1)))
+
+        async def stuck() -> None:
+            async with db.direct_transaction() as unit:
+                await INSERT.execute(unit, ROW)
+                await slow.execute(unit)
+
+        task = asyncio.create_task(stuck())
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        async with db.single_statement() as unit:
+            assert (await BY_ID.execute(unit, {"key": "a"})).first() is None
+        async with db.direct_transaction() as unit:
+            await INSERT.execute(unit, ROW)
+        async with db.sessions() as session:
+            assert (await BY_ID.execute(session, {"key": "a"})).one().item_id == "a"
+    finally:
+        await db.dispose()
+        await postgres.drop_database(name)

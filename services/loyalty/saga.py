@@ -49,6 +49,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis import outbox
 from chassis.db import Database, is_unique_violation, utcnow
+from chassis.direct import Executor, as_session
 from chassis.errors import (
     Aborted,
     FailedPrecondition,
@@ -493,8 +494,8 @@ class Sagas:
         self, request: pb.CheckoutRequest, request_hash: str, caller: Caller
     ) -> pb.Receipt:
         checkout_id = rules.check_checkout_id(request.checkout_id)
-        async with self.db.sessions() as session:
-            found = await store.get_checkout(session, checkout_id)
+        async with self.db.direct_reads() as reads:
+            found = await store.get_checkout(reads, checkout_id)
         if found is not None:
             if found.request_hash != request_hash:
                 raise InvalidArgument(
@@ -628,7 +629,7 @@ class Sagas:
         return dataclasses.replace(log_, step=step, **values)
 
     async def _first_steps(
-        self, session: AsyncSession, log_: CheckoutLog, *, new_log: bool = False
+        self, session: Executor, log_: CheckoutLog, *, new_log: bool = False
     ) -> tuple[SagaStep, dict[str, Any]]:
         """The steps from STARTED that need no other service, in the
         caller's transaction: the points hold, when points pay. Returns the
@@ -642,7 +643,7 @@ class Sagas:
             stamp = Stamp(log_.principal, log_.store_id, utcnow())
             hold_id = f"checkout:{log_.checkout_id}:{log_.attempt}"
             await points_ledger.hold(
-                session,
+                as_session(session),
                 log_.member_id,
                 int(tenders["points"]),
                 hold_id=hold_id,

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import UTCDateTime, upsert
-from chassis.direct import Direct, Insert
+from chassis.direct import Direct, Executor, Insert
 from chassis.paging import newest_first
 from services.loyalty.domain.checkout import SagaStep, TenderKind
 from services.loyalty.store import metadata
@@ -203,7 +203,7 @@ _CHECKOUT = Direct(
 )
 
 
-async def get_checkout(session: AsyncSession, checkout_id: str) -> CheckoutLog | None:
+async def get_checkout(session: Executor, checkout_id: str) -> CheckoutLog | None:
     row = (await _CHECKOUT.execute(session, {"key_checkout_id": checkout_id})).first()
     return None if row is None else _log(row)
 
@@ -282,7 +282,7 @@ def plan_text(plan: dict[str, Any]) -> str:
 
 
 async def insert_checkout(
-    session: AsyncSession,
+    session: Executor,
     *,
     checkout_id: str,
     request_hash: str,
@@ -317,8 +317,24 @@ async def insert_checkout(
     )
 
 
+# A new attempt's log: the attempt counted up, the values of the steps
+# its first write covers given as parameters (``_UPDATE_CHECKOUT`` sets
+# the columns it is given), either over any attempt or only over the
+# aborted attempt the caller saw.
+_RESTART_CHECKOUT = sa.update(checkouts).where(
+    checkouts.c.checkout_id == sa.bindparam("key_checkout_id")
+)
+_RESTART_ANY = Direct(_RESTART_CHECKOUT.values(attempt=checkouts.c.attempt + 1))
+_RESTART_ABORTED = Direct(
+    _RESTART_CHECKOUT.where(
+        checkouts.c.attempt == sa.bindparam("key_attempt"),
+        checkouts.c.step == SagaStep.ABORTED.value,
+    ).values(attempt=checkouts.c.attempt + 1)
+)
+
+
 async def restart_checkout(
-    session: AsyncSession,
+    session: Executor,
     checkout_id: str,
     *,
     plan: dict[str, Any] | str,
@@ -333,13 +349,8 @@ async def restart_checkout(
     """A new attempt at an aborted checkout, with the plan made anew. With
     ``attempt`` (the aborted one's), only if it is still that attempt and
     aborted; False when it is not (another attempt began first)."""
-    c = checkouts.c
-    query = sa.update(checkouts).where(c.checkout_id == checkout_id)
-    if attempt is not None:
-        query = query.where(c.attempt == attempt, c.step == SagaStep.ABORTED.value)
     fresh: dict[str, Any] = {
         "step": step.value,
-        "attempt": c.attempt + 1,
         "plan": plan if isinstance(plan, str) else plan_text(plan),
         "member_id": member_id,
         "card_id": card_id,
@@ -351,12 +362,16 @@ async def restart_checkout(
         "lease_until": lease_until,
         "updated_at": now,
     }
-    result = await session.execute(query.values(**(fresh | values)))
-    return bool(getattr(result, "rowcount", 0) == 1)
+    params = fresh | values | {"key_checkout_id": checkout_id}
+    if attempt is None:
+        result = await _RESTART_ANY.execute(session, params)
+    else:
+        result = await _RESTART_ABORTED.execute(session, params | {"key_attempt": attempt})
+    return result.rowcount == 1
 
 
 async def advance_checkout(
-    session: AsyncSession, checkout_id: str, step: SagaStep, now: dt.datetime, **values: Any
+    session: Executor, checkout_id: str, step: SagaStep, now: dt.datetime, **values: Any
 ) -> None:
     if "error" in values:
         values["error"] = json.dumps(values["error"], sort_keys=True)
@@ -366,22 +381,27 @@ async def advance_checkout(
     )
 
 
+_CLAIM_CHECKOUT = Direct(
+    sa.update(checkouts)
+    .where(
+        checkouts.c.checkout_id == sa.bindparam("key_checkout_id"),
+        checkouts.c.lease_until < sa.bindparam("now"),
+        checkouts.c.step != SagaStep.COMMITTED.value,
+        checkouts.c.step != SagaStep.ABORTED.value,
+    )
+    .values(lease_until=sa.bindparam("until"))
+)
+
+
 async def claim_checkout(
-    session: AsyncSession, checkout_id: str, *, now: dt.datetime, until: dt.datetime
+    session: Executor, checkout_id: str, *, now: dt.datetime, until: dt.datetime
 ) -> bool:
     """Takes over a checkout whose driver's lease lapsed; False when someone
     holds it (or it is done)."""
-    final = [SagaStep.COMMITTED.value, SagaStep.ABORTED.value]
-    result = await session.execute(
-        sa.update(checkouts)
-        .where(
-            checkouts.c.checkout_id == checkout_id,
-            checkouts.c.lease_until < now,
-            checkouts.c.step.not_in(final),
-        )
-        .values(lease_until=until)
+    claimed = await _CLAIM_CHECKOUT.execute(
+        session, {"key_checkout_id": checkout_id, "now": now, "until": until}
     )
-    return bool(getattr(result, "rowcount", 0) == 1)
+    return claimed.rowcount == 1
 
 
 async def lapsed_checkouts(session: AsyncSession, now: dt.datetime, limit: int) -> list[str]:

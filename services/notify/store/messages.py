@@ -15,7 +15,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import UTCDateTime
-from chassis.direct import Direct
+from chassis.direct import Direct, Executor, as_session
 from chassis.outbox import ChangeWithEvent, enqueue
 from chassis.paging import newest_first
 from cornucopia.notify.v1 import events_pb2, notify_pb2
@@ -297,7 +297,7 @@ _CLAIM = _claim_statement()
 
 
 async def claim_queued(
-    session: AsyncSession,
+    session: Executor,
     *,
     limit: int,
     token: str,
@@ -322,6 +322,7 @@ async def claim_queued(
         claimed.sort(key=lambda m: (m.created_at, m.message_id))
         return claimed
     c = messages.c
+    session = as_session(session)
     picked = list(
         (
             await session.execute(
@@ -411,7 +412,7 @@ async def mark_sent(
 
 
 async def mark_sent_announced(
-    session: AsyncSession,
+    session: Executor,
     message_id: str,
     now: dt.datetime,
     token: str,
@@ -597,15 +598,21 @@ async def replay(session: AsyncSession, message_id: str, now: dt.datetime) -> bo
     return True
 
 
-async def release_claims(session: AsyncSession, token: str, message_ids: Sequence[str]) -> None:
-    """Give back claimed messages this pass will not send."""
-    if not message_ids:
-        return
-    c = messages.c
-    await session.execute(
-        sa.update(messages)
-        .where(c.claim_token == token, c.message_id.in_(list(message_ids)))
-        .values(claim_token=None, claim_expires_at=None)
+_RELEASE_CLAIM = Direct(
+    sa.update(messages)
+    .where(
+        messages.c.claim_token == sa.bindparam("token"),
+        messages.c.message_id == sa.bindparam("release_id"),
+    )
+    .values(claim_token=None, claim_expires_at=None)
+)
+
+
+async def release_claims(session: Executor, token: str, message_ids: Sequence[str]) -> None:
+    """Give back claimed messages this pass will not send (one round trip
+    on PostgreSQL)."""
+    await _RELEASE_CLAIM.execute_many(
+        session, [{"token": token, "release_id": message_id} for message_id in message_ids]
     )
 
 

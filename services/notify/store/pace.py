@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chassis.direct import Direct
+from chassis.direct import Direct, Executor, dialect_name
 from services.notify.store.base import metadata
 
 send_pace = sa.Table(
@@ -46,15 +46,13 @@ def _reservation(insert: Any) -> Direct:
 _RESERVE = {"postgresql": _reservation(postgresql.insert), "sqlite": _reservation(sqlite.insert)}
 
 
-async def reserve_send(
-    session: AsyncSession, channel: str, *, now: float, interval: float
-) -> float:
+async def reserve_send(session: Executor, channel: str, *, now: float, interval: float) -> float:
     """Reserve the channel's next slot at ``now``; returns the new ``tat``
     (``domain.delivery.next_tat``), from which ``pace_wait`` tells how long
     to wait. Run it as a unit of work of its own (``single_statement``)
     and commit at once: the row stays locked until then, and every
     replica's sends queue behind it."""
-    reserved = await _RESERVE[session.get_bind().dialect.name].execute(
+    reserved = await _RESERVE[dialect_name(session)].execute(
         session, {"channel": channel, "now": now, "interval": interval}
     )
     return float(reserved.scalar_one())
