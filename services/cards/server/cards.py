@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.auth import STAFF_ROLES, Principal, Role, ScopeLevel, current_principal
 from chassis.db import Database, utcnow
+from chassis.direct import as_session
 from chassis.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from chassis.grpcserver import Context
 from chassis.idempotency import check_request_id, run_idempotent
@@ -363,7 +364,10 @@ class CardsServicer(cards_pb2_grpc.CardsServiceServicer):
             member_id = await self.members.member_id_by_mobile(request.mobile.strip())
         else:
             member_id = request.member_id.strip()
-        async with self.db.sessions() as session:
+        # A till's every checkout resolves a card by its number: two reads
+        # of the driver's (chassis.direct), without a session around them.
+        reads = self.db.direct_reads() if by == "card_number" else self.db.sessions()
+        async with reads as session:
             # What the card has, for a till's receipt without GetBalance.
             available: money_pb2.Money | None
             if by == "card_number":
@@ -375,8 +379,8 @@ class CardsServicer(cards_pb2_grpc.CardsServiceServicer):
                     None if account is None else money(account.currency, account.balances.available)
                 )
             else:
-                card = await self._members_card(session, member_id)
-                available = await available_money(session, card.account_id)
+                card = await self._members_card(as_session(session), member_id)
+                available = await available_money(as_session(session), card.account_id)
             # Its settings never change: as kept for a while.
             program = await program_store.program_settings(session, card.program_id)
             if program is None:

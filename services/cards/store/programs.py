@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import Memo, RowByKey, UTCDateTime
+from chassis.direct import Executor
 from services.cards.domain.programs import (
     CancelSettlement,
     Form,
@@ -129,7 +130,7 @@ _PROGRAM = RowByKey(card_programs, "program_id")
 
 
 async def get_program(
-    session: AsyncSession, program_id: str, *, for_update: bool = False
+    session: Executor, program_id: str, *, for_update: bool = False
 ) -> ProgramRecord | None:
     """``for_update`` serialises the issues of one program on PostgreSQL, so
     that "one live card of a program per member" holds under concurrency."""
@@ -150,7 +151,7 @@ async def _no_programs() -> dict[str, ProgramRecord]:
     return {}
 
 
-async def program_settings(session: AsyncSession, program_id: str) -> ProgramRecord | None:
+async def program_settings(session: Executor, program_id: str) -> ProgramRecord | None:
     """The program as kept for a while (see ``chassis.db.Memo``): for its
     settings only, since its ``numbers_issued`` is as of when it was read.
     ``get_program`` reads it as it is now."""

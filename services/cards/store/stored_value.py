@@ -13,7 +13,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import BigIntKey, RowByKey, UTCDateTime
-from chassis.direct import Direct, Insert
+from chassis.direct import Direct, Executor, Insert
 from services.cards.domain.stored_value import (
     ACCOUNT_BOOKS,
     Balances,
@@ -224,7 +224,7 @@ _CARD_BY_NUMBER_WITH_ACCOUNT = Direct(
 
 
 async def card_by_number_with_account(
-    session: AsyncSession, number: str
+    session: Executor, number: str
 ) -> tuple[CardRecord, AccountRecord | None] | None:
     row = (await _CARD_BY_NUMBER_WITH_ACCOUNT.execute(session, {"card_number": number})).first()
     if row is None:

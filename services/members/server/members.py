@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from chassis.auth import STAFF_ROLES, Principal, Role, ScopeLevel, current_principal
 from chassis.crypto import keys_from_env
 from chassis.db import utcnow
+from chassis.direct import Executor
 from chassis.errors import (
     Aborted,
     AlreadyExists,
@@ -373,7 +374,7 @@ class MembersServicer(members_pb2_grpc.MembersServiceServicer):
             region = await organisation.region_of_store(session, store_id)
         principal.require_store(store_id, region)
 
-    async def _load(self, session: AsyncSession, member_id: str) -> store.MemberRecord:
+    async def _load(self, session: Executor, member_id: str) -> store.MemberRecord:
         _required(member_id, "member_id")
         record = await store.get_member(session, self.keys, member_id)
         if record is None:
@@ -381,7 +382,8 @@ class MembersServicer(members_pb2_grpc.MembersServiceServicer):
         return record
 
     async def _read(self, member_id: str, principal: Principal) -> members_pb2.Member:
-        async with self.db.sessions() as session:
+        # One statement of the driver's (chassis.direct), without a session.
+        async with self.db.direct_reads() as session:
             return to_proto(await self._load(session, member_id), principal)
 
     async def _validate(

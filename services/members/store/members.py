@@ -36,7 +36,7 @@ from chassis.crypto import (
     WrappedKey,
 )
 from chassis.db import BigIntKey, UTCDateTime, is_unique_violation
-from chassis.direct import Direct
+from chassis.direct import Direct, Executor
 from chassis.errors import FailedPrecondition
 from chassis.paging import newest_first
 from services.members.domain.members import (
@@ -779,7 +779,7 @@ _ONE_MEMBER = Direct(
 )
 
 
-async def get_member(session: AsyncSession, keys: Keys, member_id: str) -> MemberRecord | None:
+async def get_member(session: Executor, keys: Keys, member_id: str) -> MemberRecord | None:
     rows = (await _ONE_MEMBER.execute(session, {"member_id": member_id})).all()
     if not rows:
         return None
