@@ -16,10 +16,13 @@ of a shared machine changes the wall clock more than these:
   (on PostgreSQL the session's driver connection; elsewhere the session),
   and the baseline: the same read straight through asyncpg, in a
   transaction of ten;
-- a unit of work of one UPDATE by key through ``chassis.direct``, against
-  the same transaction straight through asyncpg: what a transaction costs
-  beyond its statements (the session, the pooled connection, BEGIN and
-  COMMIT), which a checkout pays some twenty times across the services;
+- a unit of work of one UPDATE by key through ``chassis.direct``, in a
+  session's unit of work and in ``direct_transaction`` (on PostgreSQL a
+  pooled connection without a session), and the same UPDATE alone in
+  ``single_statement``, against the same transaction straight through
+  asyncpg: what a transaction costs beyond its statements (the session,
+  the pooled connection, BEGIN and COMMIT), which a checkout pays some
+  twenty times across the services; and the reads in ``direct_reads``;
 - a gRPC call: a health check against ``bench.baseline_server`` from a
   bare grpc.aio channel (the baseline) and from a channel with the
   OpenTelemetry client interceptor every service channel has, with the
@@ -171,6 +174,22 @@ async def statement_costs(url: str, operations: int) -> list[Cost]:
             async with db.transaction() as session:
                 await update.execute(session, {"key_row_id": f"r{i % ROWS}"})
 
+        async def one_update_direct_transaction(i: int) -> None:
+            # The same in a unit of work of driver statements alone: on
+            # PostgreSQL a pooled connection without a session.
+            async with db.direct_transaction() as unit:
+                await update.execute(unit, {"key_row_id": f"r{i % ROWS}"})
+
+        async def one_update_single_statement(i: int) -> None:
+            # The same UPDATE as a unit of one statement: no BEGIN or COMMIT.
+            async with db.single_statement() as unit:
+                await update.execute(unit, {"key_row_id": f"r{i % ROWS}"})
+
+        async def direct_reads(i: int) -> None:
+            async with db.direct_reads() as unit:
+                for key in keys(i):
+                    (await direct.execute(unit, {"key_row_id": key})).first()
+
         async def core(i: int) -> None:
             async with db.engine.begin() as conn:
                 for key in keys(i):
@@ -199,7 +218,23 @@ async def statement_costs(url: str, operations: int) -> list[Cost]:
                 per_batch=READS_A_TRANSACTION,
             ),
             await measure(
+                "read, chassis.direct in direct_reads",
+                operations,
+                direct_reads,
+                per_batch=READS_A_TRANSACTION,
+            ),
+            await measure(
                 "unit of work of one UPDATE, chassis.direct", operations, one_update_unit_of_work
+            ),
+            await measure(
+                "unit of work of one UPDATE, chassis.direct in direct_transaction",
+                operations,
+                one_update_direct_transaction,
+            ),
+            await measure(
+                "one UPDATE in single_statement",
+                operations,
+                one_update_single_statement,
             ),
         ]
         if db.dialect == "postgresql":
