@@ -10,7 +10,7 @@ import datetime as dt
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -242,25 +242,16 @@ class Database:
             async with unit_of_work(self.engine, begins=False) as unit:
                 yield unit
 
-    @asynccontextmanager
-    async def direct_transaction(self) -> AsyncIterator[Executor]:
+    def direct_transaction(self) -> AbstractAsyncContextManager[Executor]:
         """A unit of work of ``chassis.direct`` statements alone (``Direct``,
         ``Insert``, ``RowByKey``, ``ChangeWithEvent``), as ``transaction``
         is for any statement. On PostgreSQL it is a ``chassis.direct.Unit``
         on a pooled connection, without a session: for the short
         transactions on the checkout's path the session cost more than the
         statements. On SQLite it is ``transaction``'s session."""
-        if self.dialect != "postgresql":
-            async with self.transaction() as session:
-                yield session
-            return
-        with _unavailable_as_status():
-            async with unit_of_work(self.engine) as unit:
-                yield unit
-        self._after_commit_of(unit.info)
+        return self._unit(one_statement=False)
 
-    @asynccontextmanager
-    async def single_statement(self) -> AsyncIterator[Executor]:
+    def single_statement(self) -> AbstractAsyncContextManager[Executor]:
         """A unit of work that is one statement on PostgreSQL (a
         ``chassis.direct.Direct`` or a ``chassis.outbox.ChangeWithEvent``),
         sent there without BEGIN and COMMIT: one statement is a transaction
@@ -269,15 +260,21 @@ class Database:
         first. On SQLite an ordinary unit of work (what is one statement on
         PostgreSQL may take a few on SQLite). For a write that is the whole
         of its unit: a log's step, a claim, a change with its event."""
+        return self._unit(one_statement=True)
+
+    @asynccontextmanager
+    async def _unit(self, *, one_statement: bool) -> AsyncIterator[Executor]:
         if self.dialect != "postgresql":
             async with self.transaction() as session:
                 yield session
             return
         with _unavailable_as_status():
-            async with unit_of_work(self.engine, begins=False) as unit:
-                single_statement(unit)
+            async with unit_of_work(self.engine, begins=not one_statement) as unit:
+                if one_statement:
+                    single_statement(unit)
                 yield unit
-        # Committed as it ran: the commit hooks (a worker's wake-up) fire now.
+        # Committed (a unit of one statement, as it ran): the commit hooks
+        # (a worker's wake-up) fire now.
         self._after_commit_of(unit.info)
 
     @asynccontextmanager

@@ -26,6 +26,12 @@ the events): inside the block they wait, and at its end every table's
 rows go in one statement on PostgreSQL, each table's as arrays unnested
 into it.
 
+``Unit`` goes further still for a unit of work made of these statements
+alone: on PostgreSQL it takes a connection from the engine's pool and
+begins, commits and rolls back through the driver, with no session around
+it (``chassis.db.Database.direct_transaction``, ``direct_reads`` and
+``single_statement``).
+
 It relies on a few internals of SQLAlchemy's asyncpg adapter (its
 transaction, statement cache and mutex), pinned with SQLAlchemy's version
 in ``pyproject.toml``; ``chassis/tests/test_direct.py`` runs every kind of
@@ -246,7 +252,8 @@ class Unit:
     """A unit of work of ``Direct`` statements and ``Insert`` rows alone,
     on PostgreSQL: a connection from the engine's pool, driven through the
     driver with no ORM session or Core connection around it
-    (``chassis.db.Database.direct_transaction`` and ``single_statement``).
+    (``chassis.db.Database.direct_transaction``, ``direct_reads`` and
+    ``single_statement``).
     For a short transaction those cost more CPU than its statements: the
     session and its transaction's bookkeeping, and the connection checked
     out, begun, committed and checked in through SQLAlchemy's greenlet

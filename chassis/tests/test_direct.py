@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -109,6 +111,21 @@ async def open_db(database_url: DatabaseFactory) -> Database:
     async with db.engine.begin() as conn:
         await conn.run_sync(metadata.create_all)
     return db
+
+
+@asynccontextmanager
+async def postgres_db(postgres: Postgres, tables: sa.MetaData) -> AsyncIterator[Database]:
+    """A throwaway PostgreSQL database with ``tables``, for what only
+    PostgreSQL does."""
+    name = await postgres.create_database("cornucopia_test_direct")
+    db = Database(postgres.url_for(name).replace("postgresql://", "postgresql+asyncpg://", 1))
+    try:
+        async with db.engine.begin() as conn:
+            await conn.run_sync(tables.create_all)
+        yield db
+    finally:
+        await db.dispose()
+        await postgres.drop_database(name)
 
 
 def plain(row: Any) -> dict[str, Any]:
@@ -253,12 +270,7 @@ async def test_a_lost_connection_is_unavailable_and_leaves_the_pool_sound(
     """PostgreSQL's alone: a connection lost under a statement of this path
     is thrown away, as SQLAlchemy throws away its own, and the caller gets
     UNAVAILABLE."""
-    name = await postgres.create_database("cornucopia_test_direct")
-    url = postgres.url_for(name).replace("postgresql://", "postgresql+asyncpg://", 1)
-    db = Database(url)
-    try:
-        async with db.engine.begin() as conn:
-            await conn.run_sync(metadata.create_all)
+    async with postgres_db(postgres, metadata) as db:
         async with db.transaction() as session:
             await INSERT.execute(session, ROW)
         with pytest.raises(Unavailable):
@@ -269,9 +281,6 @@ async def test_a_lost_connection_is_unavailable_and_leaves_the_pool_sound(
                 await BY_ID.execute(session, {"key": "a"})
         async with db.sessions() as session:
             assert (await BY_ID.execute(session, {"key": "a"})).one().item_id == "a"
-    finally:
-        await db.dispose()
-        await postgres.drop_database(name)
 
 
 async def test_many_rows_in_one_call_inside_the_transaction(
@@ -507,11 +516,7 @@ async def test_a_unit_refuses_a_statement_only_sqlalchemy_runs_and_keeps_nothing
     """PostgreSQL's alone: an expanding ``IN`` (or a Python-side default)
     needs SQLAlchemy's execution, which a ``Unit`` does not have. It says
     so, rather than run it half-way, and the unit is rolled back."""
-    name = await postgres.create_database("cornucopia_test_unit_refuses")
-    db = Database(postgres.url_for(name).replace("postgresql://", "postgresql+asyncpg://", 1))
-    try:
-        async with db.engine.begin() as conn:
-            await conn.run_sync(metadata.create_all)
+    async with postgres_db(postgres, metadata) as db:
         with pytest.raises(TypeError, match="Unit"):
             async with db.direct_transaction() as unit:
                 await INSERT.execute(unit, ROW)
@@ -521,20 +526,13 @@ async def test_a_unit_refuses_a_statement_only_sqlalchemy_runs_and_keeps_nothing
                 await STAMP.execute(unit, {"item_id": "s"})
         async with db.sessions() as session:
             assert (await BY_ID.execute(session, {"key": "a"})).first() is None
-    finally:
-        await db.dispose()
-        await postgres.drop_database(name)
 
 
 async def test_a_unit_whose_commit_fails_keeps_nothing(postgres: Postgres) -> None:
     """A constraint checked at COMMIT fails the unit's commit: the error is
     SQLAlchemy's ``IntegrityError``, nothing is kept and the connection
     goes back to the pool usable."""
-    name = await postgres.create_database("cornucopia_test_unit_commit")
-    db = Database(postgres.url_for(name).replace("postgresql://", "postgresql+asyncpg://", 1))
-    try:
-        async with db.engine.begin() as conn:
-            await conn.run_sync(deferred.metadata.create_all)
+    async with postgres_db(postgres, deferred.metadata) as db:
         with pytest.raises(IntegrityError) as raised:
             async with db.direct_transaction() as unit:
                 await DEFERRED.execute(unit, {"seq": 1, "code": "x"})
@@ -546,9 +544,6 @@ async def test_a_unit_whose_commit_fails_keeps_nothing(postgres: Postgres) -> No
         async with db.sessions() as session:
             kept = await session.execute(sa.select(deferred.c.seq))
             assert kept.scalars().all() == [3]
-    finally:
-        await db.dispose()
-        await postgres.drop_database(name)
 
 
 async def test_a_unit_that_loses_its_connection_or_is_cancelled_leaves_the_pool_sound(
@@ -558,11 +553,7 @@ async def test_a_unit_that_loses_its_connection_or_is_cancelled_leaves_the_pool_
     caller gets UNAVAILABLE; a unit cancelled in the middle of a statement
     throws its connection away too (it may be mid-exchange with the
     server). Neither keeps anything, and the next unit runs as ever."""
-    name = await postgres.create_database("cornucopia_test_unit_lost")
-    db = Database(postgres.url_for(name).replace("postgresql://", "postgresql+asyncpg://", 1))
-    try:
-        async with db.engine.begin() as conn:
-            await conn.run_sync(metadata.create_all)
+    async with postgres_db(postgres, metadata) as db:
         with pytest.raises(Unavailable):
             async with db.direct_transaction() as unit:
                 await INSERT.execute(unit, ROW)
@@ -588,6 +579,3 @@ async def test_a_unit_that_loses_its_connection_or_is_cancelled_leaves_the_pool_
             await INSERT.execute(unit, ROW)
         async with db.sessions() as session:
             assert (await BY_ID.execute(session, {"key": "a"})).one().item_id == "a"
-    finally:
-        await db.dispose()
-        await postgres.drop_database(name)
