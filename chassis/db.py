@@ -227,20 +227,13 @@ class Database:
             async with self._writer(), self._write_sessions() as session, session.begin():
                 yield session
 
-    @asynccontextmanager
-    async def direct_reads(self) -> AsyncIterator[Executor]:
+    def direct_reads(self) -> AbstractAsyncContextManager[Executor]:
         """Reads of ``chassis.direct`` statements alone, as ``sessions`` is
         for any statement: on PostgreSQL a ``chassis.direct.Unit`` without
         a transaction (each statement its own snapshot, as a read session's
         there), on SQLite a read session. For the reads every request
         makes (a card resolved, a member looked up)."""
-        if self.dialect != "postgresql":
-            async with self.sessions() as session:
-                yield session
-            return
-        with _unavailable_as_status():
-            async with unit_of_work(self.engine, begins=False) as unit:
-                yield unit
+        return self._unit(begins=False, reads=True)
 
     def direct_transaction(self) -> AbstractAsyncContextManager[Executor]:
         """A unit of work of ``chassis.direct`` statements alone (``Direct``,
@@ -249,7 +242,7 @@ class Database:
         on a pooled connection, without a session: for the short
         transactions on the checkout's path the session cost more than the
         statements. On SQLite it is ``transaction``'s session."""
-        return self._unit(one_statement=False)
+        return self._unit(begins=True)
 
     def single_statement(self) -> AbstractAsyncContextManager[Executor]:
         """A unit of work that is one statement on PostgreSQL (a
@@ -260,22 +253,25 @@ class Database:
         first. On SQLite an ordinary unit of work (what is one statement on
         PostgreSQL may take a few on SQLite). For a write that is the whole
         of its unit: a log's step, a claim, a change with its event."""
-        return self._unit(one_statement=True)
+        return self._unit(begins=False, one_statement=True)
 
     @asynccontextmanager
-    async def _unit(self, *, one_statement: bool) -> AsyncIterator[Executor]:
+    async def _unit(
+        self, *, begins: bool, one_statement: bool = False, reads: bool = False
+    ) -> AsyncIterator[Executor]:
         if self.dialect != "postgresql":
-            async with self.transaction() as session:
+            async with self.sessions() if reads else self.transaction() as session:
                 yield session
             return
         with _unavailable_as_status():
-            async with unit_of_work(self.engine, begins=not one_statement) as unit:
+            async with unit_of_work(self.engine, begins=begins) as unit:
                 if one_statement:
                     single_statement(unit)
                 yield unit
-        # Committed (a unit of one statement, as it ran): the commit hooks
-        # (a worker's wake-up) fire now.
-        self._after_commit_of(unit.info)
+        if not reads:
+            # Committed (a unit of one statement, as it ran): the commit
+            # hooks (a worker's wake-up) fire now.
+            self._after_commit_of(unit.info)
 
     @asynccontextmanager
     async def _writer(self) -> AsyncIterator[None]:
