@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.pool import PoolProxiedConnection
@@ -369,6 +370,25 @@ def _session(session: Executor, statement: Direct) -> AsyncSession:
             "an expanding parameter), which a chassis.direct.Unit does not have"
         )
     return session
+
+
+class DialectInsert:
+    """An INSERT whose form is the dialect's own (``ON CONFLICT``, say):
+    ``build`` makes it from the dialect's ``insert`` (PostgreSQL's or
+    SQLite's), once for each, and it runs as a ``Direct``. Build it once,
+    like a statement."""
+
+    def __init__(self, build: Callable[[Callable[[sa.Table], Any]], sa.Executable]) -> None:
+        self._build = build
+        self._built: dict[str, Direct] = {}
+
+    async def execute(self, session: Executor, params: Mapping[str, Any] | None = None) -> Rows:
+        name = dialect_name(session)
+        direct = self._built.get(name)
+        if direct is None:
+            insert = postgresql.insert if name == "postgresql" else sqlite.insert
+            direct = self._built[name] = Direct(self._build(insert))
+        return await direct.execute(session, params)
 
 
 async def _bind(session: AsyncSession) -> _Bound | None:

@@ -16,7 +16,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chassis.db import UTCDateTime, upsert
+from chassis.db import RowByKey, UTCDateTime, upsert
+from chassis.direct import Executor
 
 
 def document_table(
@@ -54,14 +55,20 @@ def default_etag(document: dict[str, Any]) -> str:
     return etag_of(json.dumps(document, sort_keys=True))
 
 
+# By table and key columns: the read of a document by its key, built once
+# (read on every request that prices or grants by a policy).
+_BY_KEY: dict[tuple[sa.Table, tuple[str, ...]], RowByKey] = {}
+
+
 async def read_document(
-    session: AsyncSession, table: sa.Table, key: dict[str, Any], *, for_update: bool = False
+    session: Executor, table: sa.Table, key: dict[str, Any], *, for_update: bool = False
 ) -> StoredDocument | None:
     """The row with that key, or None until one is written."""
-    query = sa.select(table).where(*(table.c[name] == value for name, value in key.items()))
-    if for_update:
-        query = query.with_for_update()
-    row = (await session.execute(query)).first()
+    names = tuple(key)
+    by_key = _BY_KEY.get((table, names))
+    if by_key is None:
+        by_key = _BY_KEY[(table, names)] = RowByKey(table, *names)
+    row = await by_key.first(session, *key.values(), for_update=for_update)
     if row is None:
         return None
     return StoredDocument(

@@ -4,8 +4,8 @@ transaction as the change. No event carries a personal value."""
 from __future__ import annotations
 
 from google.protobuf.message import Message
-from sqlalchemy.ext.asyncio import AsyncSession
 
+from chassis.direct import Executor
 from chassis.outbox import enqueue
 
 SOURCE = "cornucopia/loyalty"
@@ -22,5 +22,5 @@ TIER_CHANGED = "loyalty.v1.tier.changed"
 GIFT_REDEEMED = "loyalty.v1.gift.redeemed"
 
 
-async def publish(session: AsyncSession, subject: str, message: Message) -> str:
+async def publish(session: Executor, subject: str, message: Message) -> str:
     return await enqueue(session, source=SOURCE, subject=subject, message=message)

@@ -27,6 +27,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import Database, utcnow
+from chassis.direct import Executor
 from chassis.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from chassis.logs import get_logger
 from cornucopia.common.v1 import org_pb2
@@ -130,7 +131,7 @@ def _reused(field: str = "request_id") -> InvalidArgument:
 
 
 async def _replayed(
-    session: AsyncSession, kind: MovementKind, request_id: str, request_hash: str
+    session: Executor, kind: MovementKind, request_id: str, request_hash: str
 ) -> MovementRecord | None:
     done = await store.movement_by_request(session, kind, request_id)
     if done is not None and done.request_hash != request_hash:
@@ -208,7 +209,7 @@ def _closed(member_id: str, account: AccountRecord | None) -> FailedPrecondition
     )
 
 
-async def _target(session: AsyncSession, member_id: str) -> tuple[str, bool]:
+async def _target(session: Executor, member_id: str) -> tuple[str, bool]:
     """The member a checkout's call is for (a merged id stands for its
     survivor) and whether that member was erased."""
     # members.survivor_of, keeping the last member read (the survivor).
@@ -223,7 +224,7 @@ async def _target(session: AsyncSession, member_id: str) -> tuple[str, bool]:
 
 
 async def _locked(
-    session: AsyncSession, member_id: str, now: dt.datetime, *, create: bool
+    session: Executor, member_id: str, now: dt.datetime, *, create: bool
 ) -> AccountRecord | None:
     account = await store.get_account(session, member_id, for_update=True)
     if account is None and create:
@@ -232,7 +233,7 @@ async def _locked(
     return account
 
 
-async def _locked_if_open(session: AsyncSession, member_id: str) -> AccountRecord | None:
+async def _locked_if_open(session: Executor, member_id: str) -> AccountRecord | None:
     """The member's account, locked, when it is open: a merge or an
     erasure closes it in the transaction that records it, so an open
     account is its member's own (``_target`` need not be read). None
@@ -264,7 +265,7 @@ def _spendable(account: AccountRecord) -> int:
 
 
 async def _expire_lot(
-    session: AsyncSession,
+    session: Executor,
     lot: Lot,
     points: int,
     stamp: Stamp,
@@ -308,7 +309,7 @@ async def _expire_lot(
 
 
 async def _expire_due(
-    session: AsyncSession,
+    session: Executor,
     account: AccountRecord,
     now: dt.datetime,
     *,
@@ -330,7 +331,7 @@ async def _expire_due(
 
 
 async def _take(
-    session: AsyncSession, member_id: str, points: int, *, lots: list[Lot] | None = None
+    session: Executor, member_id: str, points: int, *, lots: list[Lot] | None = None
 ) -> list[Take]:
     """Takes ``points`` from a locked member's lots that expire first
     (``lots``: the member's open lots, when read under the lock already)."""
@@ -343,7 +344,7 @@ async def _take(
 
 
 async def _spend_from_lots(
-    session: AsyncSession,
+    session: Executor,
     member_id: str,
     points: int,
     *,
@@ -385,7 +386,7 @@ async def _spend_from_lots(
 
 
 async def _new_lot(
-    session: AsyncSession,
+    session: Executor,
     member_id: str,
     points: int,
     *,
@@ -409,9 +410,7 @@ async def _new_lot(
     return lot
 
 
-async def _accrued_event(
-    session: AsyncSession, lot: Lot, after: AccountRecord, stamp: Stamp
-) -> None:
+async def _accrued_event(session: Executor, lot: Lot, after: AccountRecord, stamp: Stamp) -> None:
     await events.publish(
         session,
         events.POINTS_ACCRUED,
@@ -429,7 +428,7 @@ async def _accrued_event(
 
 
 async def _spent_event(
-    session: AsyncSession,
+    session: Executor,
     *,
     member_id: str,
     points: int,
@@ -455,12 +454,12 @@ async def _spent_event(
 # --- what the checkout calls -------------------------------------------------------------
 
 
-async def policy(session: AsyncSession) -> PointsPolicy:
+async def policy(session: Executor) -> PointsPolicy:
     """The chain's points policy (the defaults until HQ sets one)."""
     return (await store.current_policy(session)).policy
 
 
-async def available(session: AsyncSession, member_id: str, *, at: dt.datetime | None = None) -> int:
+async def available(session: Executor, member_id: str, *, at: dt.datetime | None = None) -> int:
     """What the member can spend now: balance - held, less points past their
     expiry at ``at`` (default: now) that the daily job has not expired yet;
     0 for an unknown member or a closed account. A merged member's id reads
@@ -487,7 +486,7 @@ async def available_to_buyer(
     return max(0, _spendable(buyer.account))
 
 
-async def _available(session: AsyncSession, account: AccountRecord | None, now: dt.datetime) -> int:
+async def _available(session: Executor, account: AccountRecord | None, now: dt.datetime) -> int:
     if account is None or account.closed_at is not None:
         return 0
     due = await store.open_lots(session, account.member_id, due_by=now)
@@ -550,9 +549,7 @@ async def hold(
     )
 
 
-async def _locked_hold(
-    session: AsyncSession, hold_id: str
-) -> tuple[AccountRecord, HoldRecord] | None:
+async def _locked_hold(session: Executor, hold_id: str) -> tuple[AccountRecord, HoldRecord] | None:
     """Locks the hold's account, then reads the hold: the order every
     change locks in."""
     found = await store.get_hold(session, hold_id)
@@ -603,7 +600,7 @@ async def spend_hold(session: AsyncSession, hold_id: str, *, reference: str, sta
 
 
 async def spend_hold_settled(
-    session: AsyncSession, hold_id: str, *, reference: str, stamp: Stamp
+    session: Executor, hold_id: str, *, reference: str, stamp: Stamp
 ) -> tuple[int, Settled | None]:
     """``spend_hold``, and the hold's account as the spend left it (for
     ``accrue_with_available`` in the same transaction); None for a hold
@@ -698,7 +695,7 @@ async def accrue(
 
 
 async def accrue_with_available(
-    session: AsyncSession,
+    session: Executor,
     member_id: str,
     points: int,
     *,
@@ -750,7 +747,7 @@ async def accrue_with_available(
 
 
 async def _credit_new_lot(
-    session: AsyncSession,
+    session: Executor,
     member_id: str,
     points: int,
     *,
@@ -936,7 +933,7 @@ async def return_spent(
     return lot
 
 
-async def get_hold(session: AsyncSession, hold_id: str) -> HoldRecord | None:
+async def get_hold(session: Executor, hold_id: str) -> HoldRecord | None:
     return await store.get_hold(session, hold_id)
 
 

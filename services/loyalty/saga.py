@@ -45,7 +45,6 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis import outbox
 from chassis.db import Database, is_unique_violation, utcnow
@@ -918,7 +917,7 @@ class Sagas:
         member_id = log_.member_id
         # The sale's events (points spent and accrued, tier changed, sale
         # recorded) are written together, in one round trip.
-        async with self.db.transaction() as session, outbox.together(session):
+        async with self.db.direct_transaction() as session, outbox.together(session):
             # First, COMMITTED: the log's row is held to the end of the
             # transaction, which records the sale or leaves the log as it was.
             current = await store.commit_checkout(
@@ -1016,7 +1015,7 @@ class Sagas:
 
     @staticmethod
     async def _record_sale(
-        session: AsyncSession, plan: dict[str, Any], receipt: pb.Receipt, stamp: Stamp, spent: int
+        session: Executor, plan: dict[str, Any], receipt: pb.Receipt, stamp: Stamp, spent: int
     ) -> None:
         tenders = plan["tenders"]
         await store.insert_sale(

@@ -29,6 +29,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import Database, utcnow
+from chassis.direct import Executor
 from chassis.errors import Aborted, FailedPrecondition, Violations
 from chassis.logs import get_logger
 from chassis.spreadsheets import amount_value
@@ -100,7 +101,7 @@ def _spend_text(ladder: Ladder, standing: Standing) -> str:
     )
 
 
-async def _ladder(session: AsyncSession) -> Ladder:
+async def _ladder(session: Executor) -> Ladder:
     return (await store.current_ladder(session)).ladder
 
 
@@ -145,7 +146,7 @@ async def status_of(session: AsyncSession, member_id: str, at: dt.datetime) -> M
 
 
 async def _changed(
-    session: AsyncSession,
+    session: Executor,
     member_id: str,
     from_tier: Tier,
     to_tier: Tier,
@@ -189,7 +190,7 @@ async def _changed(
 
 
 async def _left_grace(
-    session: AsyncSession,
+    session: Executor,
     member_id: str,
     tier: Tier,
     *,
@@ -213,7 +214,7 @@ async def _left_grace(
 
 
 async def after_sale(
-    session: AsyncSession,
+    session: Executor,
     member_id: str,
     *,
     sale_id: str,

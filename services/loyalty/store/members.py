@@ -14,6 +14,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import RowByKey, UTCDateTime
+from chassis.direct import Executor
 from services.loyalty.store import metadata
 
 known_members = sa.Table(
@@ -49,7 +50,7 @@ class KnownMember:
 _MEMBER = RowByKey(known_members, "member_id")
 
 
-async def get_member(session: AsyncSession, member_id: str) -> KnownMember | None:
+async def get_member(session: Executor, member_id: str) -> KnownMember | None:
     row = await _MEMBER.first(session, member_id)
     if row is None:
         return None
@@ -91,7 +92,7 @@ async def note_member(
     return True
 
 
-async def survivor_of(session: AsyncSession, member_id: str) -> str:
+async def survivor_of(session: Executor, member_id: str) -> str:
     """The member a possibly merged member id now stands for."""
     for _ in range(5):
         known = await get_member(session, member_id)

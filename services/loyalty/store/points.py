@@ -20,7 +20,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import BigIntKey, Memo, RowByKey, UTCDateTime
-from chassis.direct import Direct, Insert
+from chassis.direct import DialectInsert, Direct, Executor, Insert
 from chassis.documents import default_etag, document_table, read_document, write_document
 from services.loyalty.domain.points import (
     DEFAULT_POLICY,
@@ -174,12 +174,12 @@ class PolicyRecord:
 _POLICY_MEMO: Memo[PolicyRecord] = Memo(ttl=SETTINGS_MEMO_SECONDS)
 
 
-async def current_policy(session: AsyncSession) -> PolicyRecord:
+async def current_policy(session: Executor) -> PolicyRecord:
     """The policy, as kept for a few seconds (see ``chassis.db.Memo``)."""
     return await _POLICY_MEMO.get(session, lambda: get_policy(session))
 
 
-async def get_policy(session: AsyncSession, *, for_update: bool = False) -> PolicyRecord:
+async def get_policy(session: Executor, *, for_update: bool = False) -> PolicyRecord:
     stored = await read_document(session, points_policy, _POLICY_KEY, for_update=for_update)
     if stored is None:
         return PolicyRecord(
@@ -242,24 +242,30 @@ def _account(row: Any) -> AccountRecord:
     )
 
 
-async def open_account(session: AsyncSession, member_id: str, now: dt.datetime) -> None:
+_OPEN_ACCOUNT = DialectInsert(
+    lambda insert: insert(points_accounts).on_conflict_do_nothing(index_elements=["member_id"])
+)
+
+
+async def open_account(session: Executor, member_id: str, now: dt.datetime) -> None:
     """Creates the account unless it exists (a concurrent creation wins)."""
-    await session.execute(
-        _insert(session)(points_accounts)
-        .values(member_id=member_id, opened_at=now)
-        .on_conflict_do_nothing(index_elements=["member_id"])
-    )
+    await _OPEN_ACCOUNT.execute(session, {"member_id": member_id, "opened_at": now})
 
 
 _ACCOUNT = RowByKey(points_accounts, "member_id")
+_ACCOUNT_UNLESS_LOCKED = Direct(
+    sa.select(points_accounts)
+    .where(points_accounts.c.member_id == sa.bindparam("key_member_id"))
+    .with_for_update(skip_locked=True)
+)
 
 
 async def get_account(
-    session: AsyncSession, member_id: str, *, for_update: bool = False, skip_locked: bool = False
+    session: Executor, member_id: str, *, for_update: bool = False, skip_locked: bool = False
 ) -> AccountRecord | None:
     if skip_locked:
-        query = sa.select(points_accounts).where(points_accounts.c.member_id == member_id)
-        row = (await session.execute(query.with_for_update(skip_locked=True))).first()
+        locked = await _ACCOUNT_UNLESS_LOCKED.execute(session, {"key_member_id": member_id})
+        row = locked.first()
     else:
         row = await _ACCOUNT.first(session, member_id, for_update=for_update)
     return None if row is None else _account(row)
@@ -292,7 +298,7 @@ _CHANGE_ACCOUNT = Direct(_change_account_statement())
 
 
 async def change_account(
-    session: AsyncSession,
+    session: Executor,
     member_id: str,
     *,
     balance: int = 0,
@@ -354,7 +360,7 @@ def open_lot(lot: Lot) -> OpenLot:
 _INSERT_LOT = Insert(points_lots)
 
 
-async def insert_lot(session: AsyncSession, lot: Lot, *, origin_lot_id: str = "") -> None:
+async def insert_lot(session: Executor, lot: Lot, *, origin_lot_id: str = "") -> None:
     await _INSERT_LOT.add(
         session,
         [
@@ -375,10 +381,11 @@ async def insert_lot(session: AsyncSession, lot: Lot, *, origin_lot_id: str = ""
     )
 
 
-async def get_lot(session: AsyncSession, lot_id: str) -> Lot | None:
-    row = (
-        await session.execute(sa.select(points_lots).where(points_lots.c.lot_id == lot_id))
-    ).first()
+_LOT = RowByKey(points_lots, "lot_id")
+
+
+async def get_lot(session: Executor, lot_id: str) -> Lot | None:
+    row = await _LOT.first(session, lot_id)
     return None if row is None else _lot(row)
 
 
@@ -400,7 +407,7 @@ _OPEN_LOTS = Direct(_OPEN_LOTS_QUERY)
 
 
 async def open_lots(
-    session: AsyncSession, member_id: str, *, due_by: dt.datetime | None = None
+    session: Executor, member_id: str, *, due_by: dt.datetime | None = None
 ) -> list[Lot]:
     """A member's lots with points left, in spend order; with ``due_by``
     only those expiring by then."""
@@ -452,7 +459,7 @@ _EXPIRE_FROM_LOT = Direct(_take_from_lot_statement(expire=True))
 
 
 async def take_from_lot(
-    session: AsyncSession, lot_id: str, points: int, *, expired_at: dt.datetime | None = None
+    session: Executor, lot_id: str, points: int, *, expired_at: dt.datetime | None = None
 ) -> None:
     """Takes ``points`` of what is left of a lot; with ``expired_at`` the
     lot is marked expired when nothing is left of it."""
@@ -693,7 +700,7 @@ def _movement_values(
 
 
 async def record_movement(
-    session: AsyncSession, movement: NewMovement, *, principal: str, store_id: str, at: dt.datetime
+    session: Executor, movement: NewMovement, *, principal: str, store_id: str, at: dt.datetime
 ) -> MovementRecord:
     values = _movement_values(movement, principal=principal, store_id=store_id, at=at)
     row = (await _INSERT_MOVEMENT.execute(session, values)).first()
@@ -702,7 +709,7 @@ async def record_movement(
 
 
 async def add_movement(
-    session: AsyncSession, movement: NewMovement, *, principal: str, store_id: str, at: dt.datetime
+    session: Executor, movement: NewMovement, *, principal: str, store_id: str, at: dt.datetime
 ) -> None:
     """``record_movement`` for a caller that does not need the row back."""
     values = _movement_values(movement, principal=principal, store_id=store_id, at=at)
@@ -713,7 +720,7 @@ _MOVEMENT_BY_REQUEST = RowByKey(points_movements, "kind", "request_id")
 
 
 async def movement_by_request(
-    session: AsyncSession, kind: MovementKind, request_id: str
+    session: Executor, kind: MovementKind, request_id: str
 ) -> MovementRecord | None:
     row = await _MOVEMENT_BY_REQUEST.first(session, kind.value, request_id)
     return None if row is None else _movement(row)
@@ -806,14 +813,14 @@ _HOLD = RowByKey(points_holds, "hold_id")
 
 
 async def get_hold(
-    session: AsyncSession, hold_id: str, *, for_update: bool = False
+    session: Executor, hold_id: str, *, for_update: bool = False
 ) -> HoldRecord | None:
     row = await _HOLD.first(session, hold_id, for_update=for_update)
     return None if row is None else _hold(row)
 
 
 async def finish_hold(
-    session: AsyncSession,
+    session: Executor,
     hold_id: str,
     state: HoldState,
     now: dt.datetime,

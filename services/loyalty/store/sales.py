@@ -242,7 +242,7 @@ _COMMIT_CHECKOUT = Direct(
 
 
 async def commit_checkout(
-    session: AsyncSession,
+    session: Executor,
     checkout_id: str,
     *,
     sale_id: str,
@@ -457,7 +457,7 @@ def _sale(row: Any) -> SaleRecord:
 _INSERT_SALE = Insert(sales)
 
 
-async def insert_sale(session: AsyncSession, sale: SaleRecord) -> None:
+async def insert_sale(session: Executor, sale: SaleRecord) -> None:
     await _INSERT_SALE.add(session, [dict(sale.__dict__)])
 
 
@@ -515,7 +515,7 @@ _INSERT_LINES = Insert(sale_lines)
 _INSERT_TENDERS = Insert(sale_tenders)
 
 
-async def insert_lines(session: AsyncSession, sale_id: str, lines: list[LineRecord]) -> None:
+async def insert_lines(session: Executor, sale_id: str, lines: list[LineRecord]) -> None:
     await _INSERT_LINES.add(session, [{"sale_id": sale_id, **line.__dict__} for line in lines])
 
 
@@ -563,7 +563,7 @@ class TenderRecord:
     refunded_points: int
 
 
-async def insert_tenders(session: AsyncSession, sale_id: str, tenders: list[TenderRecord]) -> None:
+async def insert_tenders(session: Executor, sale_id: str, tenders: list[TenderRecord]) -> None:
     if tenders:
         await _INSERT_TENDERS.add(
             session,

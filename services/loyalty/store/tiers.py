@@ -15,7 +15,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import BigIntKey, Memo, RowByKey, UTCDateTime
-from chassis.direct import Direct
+from chassis.direct import DialectInsert, Direct, Executor, dialect_name
 from chassis.documents import default_etag, document_table, read_document, write_document
 from services.loyalty.domain.tiers import (
     HistoryKind,
@@ -171,12 +171,12 @@ class LadderRecord:
 _LADDER_MEMO: Memo[LadderRecord] = Memo(ttl=SETTINGS_MEMO_SECONDS)
 
 
-async def current_ladder(session: AsyncSession) -> LadderRecord:
+async def current_ladder(session: Executor) -> LadderRecord:
     """The ladder, as kept for a few seconds (see ``chassis.db.Memo``)."""
     return await _LADDER_MEMO.get(session, lambda: get_ladder(session))
 
 
-async def get_ladder(session: AsyncSession, *, for_update: bool = False) -> LadderRecord:
+async def get_ladder(session: Executor, *, for_update: bool = False) -> LadderRecord:
     """The chain's ladder; the default one until HQ sets its own."""
     stored = await read_document(session, tier_ladder, _LADDER_KEY, for_update=for_update)
     if stored is None:
@@ -241,14 +241,23 @@ _MEMBER = RowByKey(member_tiers, "member_id")
 
 
 async def get_member(
-    session: AsyncSession, member_id: str, *, for_update: bool = False
+    session: Executor, member_id: str, *, for_update: bool = False
 ) -> MemberTierRecord | None:
     row = await _MEMBER.first(session, member_id, for_update=for_update)
     return None if row is None else _member(row)
 
 
+_ADD_MEMBER = DialectInsert(
+    lambda insert: insert(member_tiers).on_conflict_do_nothing(index_elements=["member_id"])
+)
+# Sets the columns it is given (``update_member``).
+_UPDATE_MEMBER = Direct(
+    sa.update(member_tiers).where(member_tiers.c.member_id == sa.bindparam("key_member_id"))
+)
+
+
 async def locked_member(
-    session: AsyncSession, member_id: str, lowest_tier_id: str, now: dt.datetime
+    session: Executor, member_id: str, lowest_tier_id: str, now: dt.datetime
 ) -> MemberTierRecord:
     """The member's row, created at the lowest tier if missing, locked
     until the transaction ends: one member's tier changes happen one at a
@@ -256,10 +265,8 @@ async def locked_member(
     found = await get_member(session, member_id, for_update=True)
     if found is not None:
         return found
-    await session.execute(
-        _insert(session)(member_tiers)
-        .values(member_id=member_id, tier_id=lowest_tier_id, updated_at=now)
-        .on_conflict_do_nothing(index_elements=["member_id"])
+    await _ADD_MEMBER.execute(
+        session, {"member_id": member_id, "tier_id": lowest_tier_id, "updated_at": now}
     )
     found = await get_member(session, member_id, for_update=True)
     assert found is not None  # inserted just now if it was missing
@@ -267,18 +274,14 @@ async def locked_member(
 
 
 async def update_member(
-    session: AsyncSession,
+    session: Executor,
     member_id: str,
     *,
     now: dt.datetime,
     **values: Any,
 ) -> None:
     """Sets ``tier_id``, ``since`` and/or ``grace_until``."""
-    await session.execute(
-        sa.update(member_tiers)
-        .where(member_tiers.c.member_id == member_id)
-        .values(updated_at=now, **values)
-    )
+    await _UPDATE_MEMBER.execute(session, {"key_member_id": member_id, "updated_at": now, **values})
 
 
 async def members_to_review(
@@ -331,7 +334,7 @@ class ActivityRecord:
 _ACTIVITY = RowByKey(tier_activity, "kind", "reference")
 
 
-async def get_activity(session: AsyncSession, kind: str, reference: str) -> ActivityRecord | None:
+async def get_activity(session: Executor, kind: str, reference: str) -> ActivityRecord | None:
     row = await _ACTIVITY.first(session, kind, reference)
     if row is None:
         return None
@@ -372,12 +375,12 @@ class Activity:
         return dataclasses.asdict(self) | {"recorded_at": now}
 
 
-async def insert_activity(session: AsyncSession, activity: Activity, now: dt.datetime) -> None:
+async def insert_activity(session: Executor, activity: Activity, now: dt.datetime) -> None:
     await _INSERT_ACTIVITY.execute(session, activity.row(now))
 
 
 async def insert_activity_with_standing(
-    session: AsyncSession,
+    session: Executor,
     activity: Activity,
     now: dt.datetime,
     *,
@@ -387,7 +390,7 @@ async def insert_activity_with_standing(
     """``insert_activity``, then the member's ``standing`` over the days
     from ``first_day`` to ``last_day`` with it counted: one statement on
     PostgreSQL, two on SQLite (whose statements cannot hold an insert)."""
-    if session.get_bind().dialect.name != "postgresql":
+    if dialect_name(session) != "postgresql":
         await insert_activity(session, activity, now)
         return await standing(session, activity.member_id, first_day, last_day)
     days = {"first_day": first_day, "last_day": last_day}
@@ -478,7 +481,7 @@ _RECORDED_STANDING = Direct(_recorded_standing_statement())
 
 
 async def standing(
-    session: AsyncSession, member_id: str, first_day: dt.date, last_day: dt.date
+    session: Executor, member_id: str, first_day: dt.date, last_day: dt.date
 ) -> Standing:
     """``standings`` of one member."""
     rows = await _STANDING.execute(
@@ -506,8 +509,11 @@ class HistoryRecord:
     at: dt.datetime
 
 
+_ADD_HISTORY = Direct(sa.insert(tier_history))
+
+
 async def add_history(
-    session: AsyncSession,
+    session: Executor,
     member_id: str,
     kind: HistoryKind,
     *,
@@ -521,20 +527,21 @@ async def add_history(
     period: str = "",
     grace_until: dt.datetime | None = None,
 ) -> None:
-    await session.execute(
-        sa.insert(tier_history).values(
-            member_id=member_id,
-            kind=kind.value,
-            from_tier_id=from_tier_id,
-            to_tier_id=to_tier_id,
-            reason=reason[:200],
-            sale_id=sale_id,
-            period=period,
-            grace_until=grace_until,
-            principal=principal,
-            store_id=store_id,
-            at=at,
-        )
+    await _ADD_HISTORY.execute(
+        session,
+        {
+            "member_id": member_id,
+            "kind": kind.value,
+            "from_tier_id": from_tier_id,
+            "to_tier_id": to_tier_id,
+            "reason": reason[:200],
+            "sale_id": sale_id,
+            "period": period,
+            "grace_until": grace_until,
+            "principal": principal,
+            "store_id": store_id,
+            "at": at,
+        },
     )
 
 
@@ -567,15 +574,18 @@ async def list_history(
     return [_history(row) for row in rows]
 
 
-async def upgrade_by_sale(session: AsyncSession, sale_id: str) -> HistoryRecord | None:
-    c = tier_history.c
-    row = (
-        await session.execute(
-            sa.select(tier_history)
-            .where(c.sale_id == sale_id, c.kind == HistoryKind.UPGRADED.value)
-            .limit(1)
-        )
-    ).first()
+_UPGRADE_BY_SALE = Direct(
+    sa.select(tier_history)
+    .where(
+        tier_history.c.sale_id == sa.bindparam("sale_id"),
+        tier_history.c.kind == HistoryKind.UPGRADED.value,
+    )
+    .limit(1)
+)
+
+
+async def upgrade_by_sale(session: Executor, sale_id: str) -> HistoryRecord | None:
+    row = (await _UPGRADE_BY_SALE.execute(session, {"sale_id": sale_id})).first()
     return None if row is None else _history(row)
 
 
