@@ -11,6 +11,7 @@ from typing import Any
 from google.protobuf.message import Message
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from chassis.direct import Executor
 from chassis.outbox import enqueue, enqueue_many
 from cornucopia.cards.v1 import events_pb2
 from services.cards.convert import FORMS_PROTO, ROLES_PROTO, audit_stamp, timestamp
@@ -41,7 +42,7 @@ STORED_VALUE_SUBJECTS = {
 STORED_VALUE_SETTLED = "cards.v1.stored_value.settled"
 
 
-async def publish(session: AsyncSession, subject: str, message: Message) -> str:
+async def publish(session: Executor, subject: str, message: Message) -> str:
     return await enqueue(session, source=SOURCE, subject=subject, message=message)
 
 
@@ -123,7 +124,7 @@ async def stored_value_moved(
 
 
 async def stored_values_moved(
-    session: AsyncSession, events: Sequence[tuple[str, Message]]
+    session: Executor, events: Sequence[tuple[str, Message]]
 ) -> list[str]:
     """Events of ``stored_value_event`` written in one insert."""
     return await enqueue_many(session, source=SOURCE, events=events)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chassis.direct import written_together
+from chassis.direct import Executor, written_together
 from chassis.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from services.cards import events
 from services.cards.domain import cards as card_rules
@@ -85,7 +85,7 @@ class Request:
 
 
 async def _replayed(
-    session: AsyncSession, kind: MovementKind, request: Request
+    session: Executor, kind: MovementKind, request: Request
 ) -> MovementRecord | None:
     done = await store.movement_by_request(session, kind, request.request_id)
     if done is not None and done.request_hash != request.request_hash:
@@ -119,14 +119,14 @@ def _require_open(account: AccountRecord) -> None:
 
 
 async def _locked_account(
-    session: AsyncSession, account_id: str, policy: Policy, now: dt.datetime, *, create: bool
+    session: Executor, account_id: str, policy: Policy, now: dt.datetime, *, create: bool
 ) -> AccountRecord | None:
     if create:
         await store.open_account(session, account_id, policy.currency, now)
     return await store.get_account(session, account_id, for_update=True)
 
 
-async def _write(session: AsyncSession, movement: NewMovement, stamp: Stamp) -> MovementRecord:
+async def _write(session: Executor, movement: NewMovement, stamp: Stamp) -> MovementRecord:
     after = await store.apply_entries(session, movement.account_id, movement.entries)
     return await store.record_movement(
         session, movement, after, principal=stamp.principal, store_id=stamp.store_id, now=stamp.at
@@ -134,7 +134,7 @@ async def _write(session: AsyncSession, movement: NewMovement, stamp: Stamp) -> 
 
 
 async def _write_pair(
-    session: AsyncSession, first: NewMovement, second: NewMovement, stamp: Stamp
+    session: Executor, first: NewMovement, second: NewMovement, stamp: Stamp
 ) -> tuple[MovementRecord, MovementRecord]:
     """Two movements of one account, one after the other (a hold and its
     capture), in three statements: their balances in one update, the
@@ -228,7 +228,7 @@ async def recharge(
 
 
 async def _check_spend(
-    session: AsyncSession, card: CardRecord, policy: Policy, amount: int, now: dt.datetime
+    session: Executor, card: CardRecord, policy: Policy, amount: int, now: dt.datetime
 ) -> dt.date:
     day = policy.local_day(now)
     spent_today = 0
@@ -259,7 +259,7 @@ class _PlannedSpend:
 
 
 async def _plan_spend(
-    session: AsyncSession,
+    session: Executor,
     card: CardRecord,
     program: ProgramRecord,
     policy: Policy,
@@ -313,7 +313,7 @@ async def _plan_spend(
 
 
 async def hold(
-    session: AsyncSession,
+    session: Executor,
     card: CardRecord,
     program: ProgramRecord,
     policy: Policy,

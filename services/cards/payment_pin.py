@@ -8,9 +8,8 @@ import asyncio
 import datetime as dt
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from chassis.db import Database
+from chassis.direct import Executor
 from chassis.errors import FailedPrecondition, NotFound
 from services.cards.domain import cards as domain
 from services.cards.domain import pins
@@ -35,7 +34,7 @@ def pin_refusal(outcome: dict[str, Any], card_id: str) -> FailedPrecondition:
 
 
 async def try_pin(
-    session: AsyncSession, card: CardRecord, pin: str, now: dt.datetime
+    session: Executor, card: CardRecord, pin: str, now: dt.datetime
 ) -> dict[str, Any]:
     """Checks a PIN against the card's and writes the try's outcome; an
     empty dict when it matched, else what to refuse with."""
@@ -62,7 +61,7 @@ async def try_pin(
 
 
 async def check_payment_pin_in(
-    session: AsyncSession, card: CardRecord, pin: str, now: dt.datetime
+    session: Executor, card: CardRecord, pin: str, now: dt.datetime
 ) -> FailedPrecondition | None:
     """``check_payment_pin`` inside the payment's own unit of work, with
     the card as read in it: refuses at once what writes nothing

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.auth import STAFF_ROLES, Principal, Role, current_principal
 from chassis.db import is_unique_violation, utcnow
+from chassis.direct import Executor
 from chassis.errors import Aborted, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from chassis.grpcserver import Context
 from chassis.idempotency import check_request_id, request_fingerprint, run_idempotent
@@ -122,7 +123,7 @@ class StoredValueServicer(stored_value_pb2_grpc.StoredValueServiceServicer):
     # --- helpers ---------------------------------------------------------
 
     @staticmethod
-    async def _card(session: AsyncSession, card_id: str) -> CardRecord:
+    async def _card(session: Executor, card_id: str) -> CardRecord:
         card = await card_store.get_card(session, card_id)
         if card is None:
             raise NotFound(
@@ -131,7 +132,7 @@ class StoredValueServicer(stored_value_pb2_grpc.StoredValueServiceServicer):
         return card
 
     @staticmethod
-    async def _program(session: AsyncSession, program_id: str) -> ProgramRecord:
+    async def _program(session: Executor, program_id: str) -> ProgramRecord:
         """The program's settings, as kept for a while: they never change."""
         program = await program_store.program_settings(session, program_id)
         if program is None:
@@ -264,7 +265,7 @@ class StoredValueServicer(stored_value_pb2_grpc.StoredValueServiceServicer):
             # One unit of work: the replay check, the PIN and the hold (and
             # its capture). A wrong PIN's try is committed without the
             # hold, then refused.
-            async with self.db.transaction() as session:
+            async with self.db.direct_transaction() as session:
                 card = await self._card(session, card_id)
                 refused = await self._check_pin(
                     session, MovementKind.HOLD, command, card, request.pin
@@ -299,7 +300,7 @@ class StoredValueServicer(stored_value_pb2_grpc.StoredValueServiceServicer):
 
     @staticmethod
     async def _check_pin(
-        session: AsyncSession,
+        session: Executor,
         kind: MovementKind,
         command: ledger.Request,
         card: CardRecord,

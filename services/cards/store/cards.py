@@ -14,6 +14,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import BigIntKey, RowByKey, UTCDateTime
+from chassis.direct import Direct, Executor
 from chassis.paging import newest_first
 from services.cards.domain.cards import (
     LIVE_STATES,
@@ -259,7 +260,7 @@ _CARD = RowByKey(cards, "card_id")
 
 
 async def get_card(
-    session: AsyncSession, card_id: str, *, for_update: bool = False
+    session: Executor, card_id: str, *, for_update: bool = False
 ) -> CardRecord | None:
     row = await _CARD.first(session, card_id, for_update=for_update)
     return None if row is None else _record(row)
@@ -330,8 +331,12 @@ async def set_state(
     )
 
 
-async def update_card(session: AsyncSession, card_id: str, **values: Any) -> None:
-    await session.execute(sa.update(cards).where(cards.c.card_id == card_id).values(**values))
+# Sets the columns it is given (``update_card``).
+_UPDATE_CARD = Direct(sa.update(cards).where(cards.c.card_id == sa.bindparam("key_card_id")))
+
+
+async def update_card(session: Executor, card_id: str, **values: Any) -> None:
+    await _UPDATE_CARD.execute(session, {"key_card_id": card_id, **values})
 
 
 async def move_relations(session: AsyncSession, old_card_id: str, new_card_id: str) -> None:

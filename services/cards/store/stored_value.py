@@ -9,11 +9,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import BigIntKey, RowByKey, UTCDateTime
-from chassis.direct import Direct, Executor, Insert
+from chassis.direct import DialectInsert, Direct, Executor, Insert
 from services.cards.domain.stored_value import (
     ACCOUNT_BOOKS,
     Balances,
@@ -181,21 +180,14 @@ def _labelled(table: sa.Table, prefix: str) -> list[sa.Label[Any]]:
 
 
 # Built once per dialect (see chassis.db.RowByKey); the values go as parameters.
-_OPEN_ACCOUNT = {
-    "postgresql": Direct(
-        postgresql.insert(sv_accounts).on_conflict_do_nothing(index_elements=["account_id"])
-    ),
-    "sqlite": Direct(
-        sqlite.insert(sv_accounts).on_conflict_do_nothing(index_elements=["account_id"])
-    ),
-}
+_OPEN_ACCOUNT = DialectInsert(
+    lambda insert: insert(sv_accounts).on_conflict_do_nothing(index_elements=["account_id"])
+)
 
 
-async def open_account(
-    session: AsyncSession, account_id: str, currency: str, now: dt.datetime
-) -> None:
+async def open_account(session: Executor, account_id: str, currency: str, now: dt.datetime) -> None:
     """Creates the account on its first movement; a no-op after that."""
-    await _OPEN_ACCOUNT[session.get_bind().dialect.name].execute(
+    await _OPEN_ACCOUNT.execute(
         session,
         {"account_id": account_id, "currency": currency, "opened_at": now},
     )
@@ -205,7 +197,7 @@ _ACCOUNT = RowByKey(sv_accounts, "account_id")
 
 
 async def get_account(
-    session: AsyncSession, account_id: str, *, for_update: bool = False
+    session: Executor, account_id: str, *, for_update: bool = False
 ) -> AccountRecord | None:
     """With ``for_update`` the account is locked until the transaction ends:
     every movement of one account is serialised on this row."""
@@ -288,7 +280,7 @@ def _account_changes(entries: list[Entry]) -> dict[Book, int]:
 
 
 async def apply_movements(
-    session: AsyncSession, account_id: str, entries_of: list[list[Entry]]
+    session: Executor, account_id: str, entries_of: list[list[Entry]]
 ) -> list[Balances]:
     """``apply_entries`` for several movements of the account at once, in
     one update; returns its balances after each (those before the last
@@ -307,7 +299,7 @@ async def apply_movements(
     return afters[::-1]
 
 
-async def apply_entries(session: AsyncSession, account_id: str, entries: list[Entry]) -> Balances:
+async def apply_entries(session: Executor, account_id: str, entries: list[Entry]) -> Balances:
     """Adds the account books' entries to its stored balances; returns them
     as they are after."""
     delta = _account_changes(entries)
@@ -485,7 +477,7 @@ _INSERT_TWO_MOVEMENTS = Direct(
 
 
 async def record_movement(
-    session: AsyncSession,
+    session: Executor,
     movement: NewMovement,
     after: Balances,
     *,
@@ -504,7 +496,7 @@ async def record_movement(
 
 
 async def record_movement_pair(
-    session: AsyncSession,
+    session: Executor,
     first: tuple[NewMovement, Balances],
     second: tuple[NewMovement, Balances],
     *,
@@ -542,7 +534,7 @@ _MOVEMENT_BY_REQUEST = RowByKey(sv_movements, "kind", "request_id")
 
 
 async def movement_by_request(
-    session: AsyncSession, kind: MovementKind, request_id: str
+    session: Executor, kind: MovementKind, request_id: str
 ) -> MovementRecord | None:
     row = await _MOVEMENT_BY_REQUEST.first(session, kind.value, request_id)
     return None if row is None else _movement(row)
@@ -653,7 +645,7 @@ def _hold(row: Any, prefix: str = "") -> HoldRecord:
 _INSERT_HOLD = Insert(sv_holds)
 
 
-async def insert_hold(session: AsyncSession, hold: HoldRecord) -> None:
+async def insert_hold(session: Executor, hold: HoldRecord) -> None:
     await _INSERT_HOLD.add(
         session,
         [
@@ -686,7 +678,7 @@ _HOLD = RowByKey(sv_holds, "hold_id")
 
 
 async def get_hold(
-    session: AsyncSession, hold_id: str, *, for_update: bool = False
+    session: Executor, hold_id: str, *, for_update: bool = False
 ) -> HoldRecord | None:
     row = await _HOLD.first(session, hold_id, for_update=for_update)
     return None if row is None else _hold(row)
@@ -794,7 +786,7 @@ async def open_holds(session: AsyncSession, account_id: str) -> list[str]:
 _CARD_DAY = RowByKey(sv_card_days, "card_id", "day")
 
 
-async def card_day(session: AsyncSession, card_id: str, day: dt.date) -> tuple[int, int]:
+async def card_day(session: Executor, card_id: str, day: dt.date) -> tuple[int, int]:
     """(spent, recharged) on that day."""
     row = await _CARD_DAY.first(session, card_id, day)
     return (0, 0) if row is None else (int(row.spent), int(row.recharged))
@@ -808,7 +800,7 @@ _SPENT_SINCE = Direct(
 )
 
 
-async def spent_since(session: AsyncSession, card_id: str, first_day: dt.date) -> int:
+async def spent_since(session: Executor, card_id: str, first_day: dt.date) -> int:
     result = await _SPENT_SINCE.execute(session, {"card_id": card_id, "first_day": first_day})
     return int(result.scalar_one())
 
@@ -827,18 +819,15 @@ def _add_to_card_day(insert: Any) -> Any:
 
 
 # Built once per dialect; the values go as parameters.
-_ADD_TO_CARD_DAY = {
-    "postgresql": Direct(_add_to_card_day(postgresql.insert)),
-    "sqlite": Direct(_add_to_card_day(sqlite.insert)),
-}
+_ADD_TO_CARD_DAY = DialectInsert(_add_to_card_day)
 
 
 async def add_to_card_day(
-    session: AsyncSession, card_id: str, day: dt.date, *, spent: int = 0, recharged: int = 0
+    session: Executor, card_id: str, day: dt.date, *, spent: int = 0, recharged: int = 0
 ) -> None:
     """Callers hold the account's lock, so the counters of its cards change
     one movement at a time."""
-    await _ADD_TO_CARD_DAY[session.get_bind().dialect.name].execute(
+    await _ADD_TO_CARD_DAY.execute(
         session,
         {"card_id": card_id, "day": day, "spent": spent, "recharged": recharged},
     )

@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import UTCDateTime
-from chassis.direct import Direct
+from chassis.direct import DialectInsert, Direct
 from services.notify.domain import Category, Channel
 from services.notify.store.base import metadata
 
@@ -112,18 +111,16 @@ def _notification(row: Any) -> Notification:
     )
 
 
-def _add(insert: Any) -> Direct:
-    """An INSERT that leaves a notification with the same ``dedup_key``
-    alone, and says whether it wrote one: one statement, where a read
-    first would be two (and a race between them an error)."""
-    return Direct(
+# An INSERT that leaves a notification with the same ``dedup_key`` alone,
+# and says whether it wrote one: one statement, where a read first would be
+# two (and a race between them an error).
+_ADD = DialectInsert(
+    lambda insert: (
         insert(notifications)
         .on_conflict_do_nothing(index_elements=[notifications.c.dedup_key])
         .returning(notifications.c.notification_id)
     )
-
-
-_ADD = {"postgresql": _add(postgresql.insert), "sqlite": _add(sqlite.insert)}
+)
 _c = notifications.c
 _PENDING = Direct(
     sa.select(notifications)
@@ -159,7 +156,7 @@ async def add_notification(
     True when added."""
     if (member_id is None) == (staff_id is None):
         raise ValueError("a notification goes to one member or one staff member")
-    added = await _ADD[session.get_bind().dialect.name].execute(
+    added = await _ADD.execute(
         session,
         {
             "notification_id": notification_id,

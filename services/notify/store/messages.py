@@ -11,11 +11,10 @@ from typing import Any
 import sqlalchemy as sa
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import UTCDateTime
-from chassis.direct import Direct, Executor, as_session
+from chassis.direct import DialectInsert, Direct, Executor, as_session
 from chassis.outbox import ChangeWithEvent, enqueue
 from chassis.paging import newest_first
 from cornucopia.notify.v1 import events_pb2, notify_pb2
@@ -176,26 +175,25 @@ def _record(row: Any) -> MessageRecord:
     )
 
 
-def _queue(insert: Any) -> Direct:
-    """An INSERT that leaves alone a message the same trigger already
-    queued (or suppressed) on the same template and channel, and says
-    whether it wrote one (``uq_messages_trigger``; a message without a
-    trigger never conflicts)."""
-    c = messages.c
-    return Direct(
+# An INSERT that leaves alone a message the same trigger already queued
+# (or suppressed) on the same template and channel, and says whether it
+# wrote one (``uq_messages_trigger``; a message without a trigger never
+# conflicts).
+_QUEUE = DialectInsert(
+    lambda insert: (
         insert(messages)
-        .on_conflict_do_nothing(index_elements=[c.trigger_event_id, c.template, c.channel])
-        .returning(c.message_id)
+        .on_conflict_do_nothing(
+            index_elements=[messages.c.trigger_event_id, messages.c.template, messages.c.channel]
+        )
+        .returning(messages.c.message_id)
     )
-
-
-_QUEUE = {"postgresql": _queue(postgresql.insert), "sqlite": _queue(sqlite.insert)}
+)
 
 
 async def insert_once(session: AsyncSession, values: Mapping[str, Any]) -> bool:
     """Writes a message row (queued or suppressed) unless its trigger
     already has one on its template and channel; True when written."""
-    written = await _QUEUE[session.get_bind().dialect.name].execute(session, values)
+    written = await _QUEUE.execute(session, values)
     return written.first() is not None
 
 

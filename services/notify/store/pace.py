@@ -14,10 +14,9 @@ from __future__ import annotations
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chassis.direct import Direct, Executor, dialect_name
+from chassis.direct import DialectInsert, Executor
 from services.notify.store.base import metadata
 
 send_pace = sa.Table(
@@ -29,10 +28,10 @@ send_pace = sa.Table(
 )
 
 
-def _reservation(insert: Any) -> Direct:
+def _reservation(insert: Any) -> Any:
     now = sa.bindparam("now", type_=sa.Double)
     interval = sa.bindparam("interval", type_=sa.Double)
-    return Direct(
+    return (
         insert(send_pace)
         .values(channel=sa.bindparam("channel"), tat=now + interval)
         .on_conflict_do_update(
@@ -43,7 +42,7 @@ def _reservation(insert: Any) -> Direct:
     )
 
 
-_RESERVE = {"postgresql": _reservation(postgresql.insert), "sqlite": _reservation(sqlite.insert)}
+_RESERVE = DialectInsert(_reservation)
 
 
 async def reserve_send(session: Executor, channel: str, *, now: float, interval: float) -> float:
@@ -52,7 +51,7 @@ async def reserve_send(session: Executor, channel: str, *, now: float, interval:
     to wait. Run it as a unit of work of its own (``single_statement``)
     and commit at once: the row stays locked until then, and every
     replica's sends queue behind it."""
-    reserved = await _RESERVE[dialect_name(session)].execute(
+    reserved = await _RESERVE.execute(
         session, {"channel": channel, "now": now, "interval": interval}
     )
     return float(reserved.scalar_one())
