@@ -23,12 +23,11 @@ import sqlalchemy as sa
 from google.protobuf.message import DecodeError, Message
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from opentelemetry import trace
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.bus import Bus, StreamSpec, header_map
 from chassis.db import Database, inbox_table, outbox_table, utcnow
-from chassis.direct import Direct
+from chassis.direct import DialectInsert, Executor
 from chassis.logs import get_logger, redact_text
 from chassis.telemetry import extract_trace_context
 
@@ -49,6 +48,8 @@ class Envelope:
 
 
 Handler = Callable[[AsyncSession, Any, Envelope], Awaitable[None]]
+# A handler that runs ``chassis.direct`` statements alone (``DirectSubscription``).
+DirectHandler = Callable[[Executor, Any, Envelope], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,16 @@ class Subscription:
     # Delay before the n-th redelivery (the last value repeats).
     backoff_seconds: Sequence[float] = field(default=(1.0, 5.0, 30.0, 120.0))
     ack_wait_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class DirectSubscription(Subscription):
+    """A subscription whose handlers run ``chassis.direct`` statements
+    alone: on PostgreSQL its events are applied, with their inbox rows, in
+    a ``chassis.direct.Unit`` (``Database.direct_transaction``) instead of
+    a session's unit of work. For the consumers every sale keeps busy."""
+
+    handlers: Mapping[type[Message], DirectHandler]
 
 
 class PoisonMessage(Exception):
@@ -92,24 +103,13 @@ class _Decoded:
 
     msg: Any
     envelope: Envelope
-    handler: Handler
+    # A Handler, or a DirectHandler for a DirectSubscription's unit.
+    handler: Callable[[Any, Any, Envelope], Awaitable[None]]
     event: Message
 
 
 # The inbox row of a handled event, built once per dialect (not per event).
-_RECORD = {
-    dialect: Direct(
-        insert(inbox_table)
-        .values(
-            {
-                name: sa.bindparam(name)
-                for name in ("consumer", "event_id", "subject", "processed_at")
-            }
-        )
-        .on_conflict_do_nothing()
-    )
-    for dialect, insert in (("postgresql", postgresql.insert), ("sqlite", sqlite.insert))
-}
+_RECORD = DialectInsert(lambda insert: insert(inbox_table).on_conflict_do_nothing())
 
 
 class Consumer:
@@ -132,6 +132,11 @@ class Consumer:
             cls.DESCRIPTOR.full_name: (cls, h) for cls, h in subscription.handlers.items()
         }
         self._stopping = False
+        self._unit = (
+            db.direct_transaction
+            if isinstance(subscription, DirectSubscription)
+            else db.transaction
+        )
 
     def stop(self) -> None:
         self._stopping = True
@@ -220,7 +225,7 @@ class Consumer:
                         "event type not handled", consumer=self.durable, type=envelope.event_type
                     )
                 else:
-                    async with self.db.transaction() as session:
+                    async with self._unit() as session:
                         await self._apply(session, decoded)
             except Exception as exc:
                 span.record_exception(exc)
@@ -234,7 +239,7 @@ class Consumer:
         # trace; all of them end once the batch is committed or given up.
         spans: list[trace.Span] = []
         try:
-            async with self.db.transaction() as session:
+            async with self._unit() as session:
                 for one in batch:
                     span = self._span(one.msg, one.envelope, batch=len(batch))
                     spans.append(span)
@@ -283,7 +288,7 @@ class Consumer:
             raise PoisonMessage(f"cannot decode {envelope.event_type}") from exc
         return _Decoded(msg, envelope, handler, event)
 
-    async def _apply(self, session: AsyncSession, decoded: _Decoded) -> None:
+    async def _apply(self, session: Executor, decoded: _Decoded) -> None:
         if not await self._record(session, decoded.envelope):
             log.info(
                 "duplicate event ignored",
@@ -293,8 +298,8 @@ class Consumer:
             return
         await decoded.handler(session, decoded.event, decoded.envelope)
 
-    async def _record(self, session: AsyncSession, envelope: Envelope) -> bool:
-        result = await _RECORD[self.db.dialect].execute(
+    async def _record(self, session: Executor, envelope: Envelope) -> bool:
+        result = await _RECORD.execute(
             session,
             {
                 "consumer": self.durable,

@@ -28,7 +28,15 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from chassis.bus import STREAMS, Bus, Heard, Listener, cloudevent_headers
 from chassis.db import Database, idempotency_table, outbox_table
 from chassis.deadletters import DeadLetter, list_dead_letters
-from chassis.inbox import Consumer, Envelope, Subscription, dead_letter_subject, inbox_contains
+from chassis.direct import Direct, Executor, Unit
+from chassis.inbox import (
+    Consumer,
+    DirectSubscription,
+    Envelope,
+    Subscription,
+    dead_letter_subject,
+    inbox_contains,
+)
 from chassis.migrations import upgrade_to_head
 from chassis.natsserver import NatsServer
 from chassis.outbox import (
@@ -631,6 +639,56 @@ async def test_a_handler_that_fails_once_has_its_effect_exactly_once(
         ("ack", 2, 1),
     ]
     assert await dead_letters(bus) == []
+
+
+_ADD_EFFECT = Direct(sa.insert(EFFECTS))
+
+
+async def test_a_direct_subscriptions_events_are_applied_without_a_session(
+    db: Database, bus: Bus, settled: list[Settled]
+) -> None:
+    """A ``DirectSubscription``'s handlers run ``chassis.direct`` statements
+    alone: on PostgreSQL each event (or fetch) is applied in a
+    ``chassis.direct.Unit``, with its inbox row, and the guarantees are the
+    same as a session's: a failure keeps nothing and is retried, a copy of
+    a handled event runs no handler. On SQLite it is a session."""
+    async with db.engine.begin() as conn:
+        await conn.run_sync(EFFECTS.metadata.create_all)
+    units: list[type] = []
+
+    async def handler(unit: Executor, event: StringValue, envelope: Envelope) -> None:
+        units.append(type(unit))
+        await _ADD_EFFECT.execute(unit, {"event_id": envelope.event_id, "card": event.value})
+        if len(units) == 1:
+            raise ConnectionError("the printer did not answer")
+
+    direct = DirectSubscription(
+        name="direct",
+        stream=STREAMS["cards"],
+        subjects=(SUBJECT,),
+        handlers={StringValue: handler},
+        max_deliver=2,
+        backoff_seconds=(0.1,),
+    )
+    consumer = Consumer(direct, service=SERVICE, db=db, bus=bus)
+    async with running(consumer.run()):
+        event_id = await publish_event(bus, StringValue(value="C1").SerializeToString())
+        await eventually(
+            lambda: inbox_contains(db, "tests-direct", event_id), lambda done: done is True
+        )
+        await publish_event(
+            bus, StringValue(value="C1").SerializeToString(), event_id=event_id, msg_id="again"
+        )
+        await eventually(reading(lambda: [s for s in settled if s.stream_seq == 2]), bool)
+
+    expected = Unit if db.dialect == "postgresql" else AsyncSession
+    assert units == [expected, expected]  # failed, then applied; the copy ran nothing
+    assert await effects(db) == [(event_id, "C1")]
+    assert [(s.how, s.stream_seq, s.delivery) for s in settled] == [
+        ("nak", 1, 1),
+        ("ack", 1, 2),
+        ("ack", 2, 1),
+    ]
 
 
 async def test_the_events_of_one_fetch_share_a_transaction_and_a_failure_retries_only_its_own(

@@ -20,7 +20,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.bus import STREAMS
 from chassis.db import utcnow
-from chassis.inbox import Envelope, Subscription
+from chassis.direct import Executor
+from chassis.inbox import DirectSubscription, Envelope, Subscription
 from chassis.telemetry import current_traceparent
 from cornucopia.campaigns.v1 import events_pb2 as campaign_events
 from cornucopia.cards.v1 import events_pb2 as card_events
@@ -45,7 +46,7 @@ def money(amount: money_pb2.Money, *, unsigned: bool = False) -> str:
 
 
 async def notify(
-    session: AsyncSession,
+    session: Executor,
     envelope: Envelope,
     trigger_name: str,
     *,
@@ -85,7 +86,7 @@ async def on_member_enrolled(
 
 
 async def _stored_value(
-    session: AsyncSession, trigger: str, movement: card_events.StoredValueMoved, envelope: Envelope
+    session: Executor, trigger: str, movement: card_events.StoredValueMoved, envelope: Envelope
 ) -> None:
     if not movement.member_id:
         return  # an anonymous gift card: nobody to tell
@@ -103,26 +104,26 @@ async def _stored_value(
 
 
 async def on_recharged(
-    session: AsyncSession, event: card_events.StoredValueRecharged, envelope: Envelope
+    session: Executor, event: card_events.StoredValueRecharged, envelope: Envelope
 ) -> None:
     await _stored_value(session, triggers.STORED_VALUE_RECHARGED, event.movement, envelope)
 
 
 async def on_debited(
-    session: AsyncSession, event: card_events.StoredValueDebited, envelope: Envelope
+    session: Executor, event: card_events.StoredValueDebited, envelope: Envelope
 ) -> None:
     await _stored_value(session, triggers.STORED_VALUE_DEBITED, event.movement, envelope)
 
 
 async def on_captured(
-    session: AsyncSession, event: card_events.StoredValueCaptured, envelope: Envelope
+    session: Executor, event: card_events.StoredValueCaptured, envelope: Envelope
 ) -> None:
     """A checkout paid with the card: the same alert as a debit."""
     await _stored_value(session, triggers.STORED_VALUE_DEBITED, event.movement, envelope)
 
 
 async def _card(
-    session: AsyncSession,
+    session: Executor,
     trigger: str,
     event: card_events.CardReportedLost | card_events.CardFrozen,
     envelope: Envelope,
@@ -143,14 +144,12 @@ async def _card(
 
 
 async def on_reported_lost(
-    session: AsyncSession, event: card_events.CardReportedLost, envelope: Envelope
+    session: Executor, event: card_events.CardReportedLost, envelope: Envelope
 ) -> None:
     await _card(session, triggers.CARD_REPORTED_LOST, event, envelope, "reported_time")
 
 
-async def on_frozen(
-    session: AsyncSession, event: card_events.CardFrozen, envelope: Envelope
-) -> None:
+async def on_frozen(session: Executor, event: card_events.CardFrozen, envelope: Envelope) -> None:
     await _card(session, triggers.CARD_FROZEN, event, envelope, "frozen_time")
 
 
@@ -264,7 +263,9 @@ def subscriptions() -> list[Subscription]:
             subjects=(triggers.trigger(triggers.WELCOME).subject,),
             handlers={member_events.MemberEnrolled: on_member_enrolled},
         ),
-        Subscription(
+        # Every stored-value payment's alert: its handlers run chassis.direct
+        # statements alone.
+        DirectSubscription(
             name="card-events",
             stream=STREAMS["cards"],
             subjects=(

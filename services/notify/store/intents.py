@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import UTCDateTime
-from chassis.direct import DialectInsert, Direct
+from chassis.direct import DialectInsert, Direct, Executor
 from services.notify.domain import Category, Channel
 from services.notify.store.base import metadata
 
@@ -135,7 +135,7 @@ _PENDING = Direct(
 
 
 async def add_notification(
-    session: AsyncSession,
+    session: Executor,
     *,
     notification_id: str,
     dedup_key: str,
