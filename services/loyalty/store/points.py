@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import BigIntKey, Memo, RowByKey, UTCDateTime
@@ -126,10 +125,6 @@ points_holds = sa.Table(
     sa.Index("ix_points_holds_due", "state", "expires_at"),
     sa.Index("ix_points_holds_member", "member_id", "state"),
 )
-
-
-def _insert(session: AsyncSession) -> Any:
-    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
 
 
 # --- the policy ------------------------------------------------------------------
