@@ -1,7 +1,7 @@
 """Checkout throughput and latency on the running suite (members, cards, loyalty).
 
     python -m bench.checkout [--seconds 15] [--concurrency 16] [--members 64]
-        [--postgres URL] [--make-up] [--log-level INFO]
+        [--postgres URL] [--make-up] [--log-level INFO] [--rates 20,40]
 
 Starts a NATS server (from the wheel) and the five gRPC services (members,
 cards and loyalty; campaigns, whose pricing step the checkout calls, and
@@ -30,7 +30,12 @@ once the member has earned some. A member is at one till at a time (the
 callers take members from a shared pool), as in a shop. After a warm-up of
 two checkouts a member (loyalty asks members once for a member's birthday
 month; the members earn points to pay with), measured for ``--seconds``
-each: ``--concurrency`` callers, then one caller.
+each: ``--concurrency`` callers, then one caller. With ``--rates``, then
+for each rate an open loop: a checkout is due every 1/rate s whether or not
+the earlier ones have answered (as tills send them), and each latency runs
+from when its checkout was due, so a suite that falls behind shows as
+latency; it tells the rate a suite sustains within a latency aim, which the
+closed loop, whose callers wait for their answers, does not.
 
 In the same run, the baselines: a bare grpc.aio health check against a bare
 server process (bench/baseline_server.py) with as many callers and with
@@ -65,7 +70,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,6 +85,7 @@ from bench.harness import (
     bare_grpc,
     cpu_seconds,
     drive,
+    drive_at_rate,
     spawn,
     warm_then_many_and_one,
 )
@@ -986,6 +992,7 @@ async def run(
     postgres: str | None,
     make_up: bool,
     log_level: str,
+    rates: Sequence[float] = (),
 ) -> None:
     if member_count < concurrency:
         raise SystemExit("--members must be at least --concurrency (one till per member)")
@@ -1048,19 +1055,30 @@ async def run(
         cpu: dict[str, dict[str, float]] = {}
         rpcs: dict[str, dict[tuple[str, str], list[float]]] = {}
 
-        async def measured(name: str, callers: int) -> Result:
+        async def measured(name: str, load: Callable[[], Awaitable[Result]]) -> Result:
             offsets = log_offsets(suite)
             # Said as it starts, for whoever attaches a profiler to a service.
             print(f"measuring: {name}, {seconds:g} s", file=sys.stderr, flush=True)
             meter.start()
-            result = await drive(name, tills.checkout, concurrency=callers, seconds=seconds)
+            result = await load()
             cpu[name] = meter.stop()
             await asyncio.sleep(0.5)  # the last log lines
             rpcs[name] = rpcs_between(suite, offsets, log_offsets(suite))
             return result
 
-        many = await measured(f"Checkout, {concurrency} callers", concurrency)
-        one = await measured("Checkout, 1 caller", 1)
+        def closed(name: str, callers: int) -> Callable[[], Awaitable[Result]]:
+            return lambda: drive(name, tills.checkout, concurrency=callers, seconds=seconds)
+
+        def opened(name: str, rate: float) -> Callable[[], Awaitable[Result]]:
+            return lambda: drive_at_rate(name, tills.checkout, rate=rate, seconds=seconds)
+
+        many_name = f"Checkout, {concurrency} callers"
+        many = await measured(many_name, closed(many_name, concurrency))
+        one = await measured("Checkout, 1 caller", closed("Checkout, 1 caller", 1))
+        paced = []
+        for rate in rates:
+            name = f"Checkout, {rate:g}/s offered"
+            paced.append(await measured(name, opened(name, rate)))
         stats_after = None
         if postgres:
             await asyncio.sleep(PG_STATS_SETTLE_SECONDS)
@@ -1077,7 +1095,7 @@ async def run(
             f"\ncheckout: {kind}; {how}; logs at {log_level}; {member_count} members over"
             f" {len(STORES)} stores; {seconds:.0f} s each"
         )
-        for result in (many, one, grpc_many, grpc_one, db_many, db_one, *raw):
+        for result in (many, one, *paced, grpc_many, grpc_one, db_many, db_one, *raw):
             print("  " + result.line())
         print(
             f"  ratios, {concurrency} callers: checkouts/s / bare grpc calls/s"
@@ -1103,7 +1121,7 @@ async def run(
             "  tenders of the successful checkouts (warm-up included): "
             + ", ".join(f"{mix} {k}" for mix, k in tills.ledger.mixes.most_common())
         )
-        for result in (many, one):
+        for result in (many, one, *paced):
             used = cpu[result.name]
             calls = max(result.calls, 1)
             available = used.pop("(machine, available)")
@@ -1129,7 +1147,7 @@ async def run(
                     f" {1000 / loyalty_ms:.0f} checkouts/s; the suite's processes on"
                     f" {cores:.0f} cores to themselves {cores * 1000 / suite_ms:.0f} checkouts/s"
                 )
-        for result in (many, one):
+        for result in (many, one, *paced):
             calls = max(result.calls, 1)
             print(f"  RPCs served per checkout, {result.name} (count, mean ms in the service):")
             for (service, method), durations in sorted(rpcs[result.name].items()):
@@ -1177,7 +1195,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--log-level", default="INFO", help="the services' LOG_LEVEL (make up's default: INFO)"
     )
+    parser.add_argument(
+        "--rates",
+        default="",
+        help="checkouts a second to offer, open loop, after the closed-loop figures: 20,40",
+    )
     args = parser.parse_args(argv)
+    try:
+        rates = [float(r) for r in args.rates.split(",") if r.strip()]
+    except ValueError:
+        parser.error("--rates: numbers separated by commas, e.g. 20,40")
+    if any(r <= 0 for r in rates):
+        parser.error("--rates: each rate must be above 0")
     asyncio.run(
         run(
             args.seconds,
@@ -1186,6 +1215,7 @@ def main(argv: list[str] | None = None) -> None:
             args.postgres,
             args.make_up,
             args.log_level.upper(),
+            rates,
         )
     )
 

@@ -77,6 +77,51 @@ async def drive(
     return Result(name, len(latencies), time.perf_counter() - started, latencies, errors)
 
 
+async def drive_at_rate(
+    name: str,
+    call: Callable[[int], Awaitable[None]],
+    *,
+    rate: float,
+    seconds: float,
+    drain_seconds: float = 30.0,
+) -> Result:
+    """Open-loop load: a call starts every 1/``rate`` s whether or not the
+    earlier ones have answered, as tills do. Each latency runs from when its
+    call was due, not from when it started, so a driver or a suite that
+    falls behind shows as latency (no coordinated omission). ``seconds`` of
+    arrivals, then up to ``drain_seconds`` for the last answers; calls
+    still unanswered then count as errors. The rate printed is the answers
+    over the arrivals' span and the wait for the last of them."""
+    latencies: list[float] = []
+    errors = 0
+    interval = 1.0 / rate
+    count = max(1, round(rate * seconds))
+    began = time.perf_counter()
+
+    async def one(n: int, due: float) -> None:
+        nonlocal errors
+        try:
+            await call(n)
+        except Exception:
+            errors += 1
+            return
+        latencies.append((time.perf_counter() - due) * 1000)
+
+    tasks: list[asyncio.Task[None]] = []
+    for n in range(count):
+        due = began + n * interval
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(n, due)))
+    _done, pending = await asyncio.wait(tasks, timeout=drain_seconds)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    errors += len(pending)
+    return Result(name, len(latencies), time.perf_counter() - began, latencies, errors)
+
+
 def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     handle = log.open("wb")
     return subprocess.Popen(
