@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import io
+import itertools
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,11 @@ import pytest
 import sqlalchemy as sa
 from google.protobuf.duration_pb2 import Duration
 from openpyxl import load_workbook
+from opentelemetry import trace
+from opentelemetry.instrumentation.grpc import aio_client_interceptors
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 from chassis.auth import Role, Scope, ScopeLevel
 from chassis.config import Settings
@@ -117,7 +123,9 @@ async def start_loyalty(
     await runtime.start()
     await asyncio.wait_for(runtime.ready.wait(), timeout=20)
     suite.runtimes["loyalty"] = runtime
-    suite.channels["loyalty"] = grpc.aio.insecure_channel(f"127.0.0.1:{runtime.port}")
+    suite.channels["loyalty"] = grpc.aio.insecure_channel(
+        f"127.0.0.1:{runtime.port}", interceptors=aio_client_interceptors()
+    )
     return runtime
 
 
@@ -275,6 +283,63 @@ async def test_a_checkout_and_its_receipt(suite: Suite, database_url: DatabaseFa
         checkout_request(lines=basket()[:1], tenders=[cash(39_800)]), metadata=CASHIER
     )
     assert not guest.member_id and guest.points.earned == 0 and guest.total.minor_units == 39_800
+
+
+async def test_a_checkout_is_one_trace_of_its_steps_and_a_replay_needs_no_card(
+    suite: Suite, database_url: DatabaseFactory, spans: InMemorySpanExporter
+) -> None:
+    shop = await open_shop(suite, database_url)
+    _, card = await enroll(shop, "13800138031", recharge=100_000)
+    request = checkout_request(
+        card_number=card.card_number, tenders=[stored_value(40_000), cash(TOTAL - 40_000)]
+    )
+    spans.clear()
+    with trace.get_tracer("tests").start_as_current_span("the till sells") as root:
+        receipt = await shop.checkout.Checkout(request, metadata=CASHIER)
+    trace_id = root.get_span_context().trace_id
+
+    # The saga's steps, one after the other inside the call; each call to
+    # another service inside the step that makes it (the card is resolved
+    # beside the read of the log, before the plan).
+    ours = [s for s in spans.get_finished_spans() if s.context.trace_id == trace_id]
+
+    def only(name: str, kind: SpanKind) -> ReadableSpan:
+        found = [s for s in ours if s.name == name and s.kind == kind]
+        assert len(found) == 1, (name, [s.name for s in ours])
+        return found[0]
+
+    served = only("/cornucopia.loyalty.v1.CheckoutService/Checkout", SpanKind.SERVER)
+    steps = [
+        only(f"checkout {step}", SpanKind.INTERNAL) for step in ("plan", "start", "take", "commit")
+    ]
+    assert all(s.parent is not None and s.parent.span_id == served.context.span_id for s in steps)
+    assert all((a.end_time or 0) <= (b.start_time or 0) for a, b in itertools.pairwise(steps))
+    plan, _, take, _ = steps
+    calls = {
+        "/cornucopia.cards.v1.CardsService/ResolveCard": served,
+        "/cornucopia.campaigns.v1.PricingService/PriceBasket": plan,
+        "/cornucopia.cards.v1.StoredValueService/HoldStoredValue": take,
+    }
+    for name, step in calls.items():
+        call = only(name, SpanKind.CLIENT)
+        assert call.parent is not None and call.parent.span_id == step.context.span_id, name
+    resolved = only("/cornucopia.cards.v1.CardsService/ResolveCard", SpanKind.CLIENT)
+    assert (resolved.end_time or 0) <= (plan.start_time or 0)
+
+    # Sent again while cards is down: the same receipt, from the log alone
+    # (the card resolved on the way is of no account to a replay); a new
+    # checkout, which needs the card, is refused with nothing taken.
+    await shop.suite.stop("cards")
+    assert await shop.checkout.Checkout(request, metadata=CASHIER) == receipt
+    details = await refused(
+        shop.checkout.Checkout(
+            checkout_request(card_number=card.card_number, tenders=[cash(TOTAL)]),
+            metadata=CASHIER,
+        ),
+        grpc.StatusCode.UNAVAILABLE,
+    )
+    assert details["reason"] == "CARDS_UNAVAILABLE"
+    assert await subjects(shop) == ["loyalty.v1.points.accrued", "loyalty.v1.sale.recorded"]
 
 
 async def test_the_daily_cap_counts_what_the_member_earned_earlier_that_day(
