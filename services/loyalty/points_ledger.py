@@ -470,7 +470,7 @@ async def available(session: Executor, member_id: str, *, at: dt.datetime | None
 
 
 async def available_to_buyer(
-    session: AsyncSession, member_id: str, buyer: BuyerRecord, *, at: dt.datetime
+    session: Executor, member_id: str, buyer: BuyerRecord, *, at: dt.datetime
 ) -> int:
     """``available`` at ``at`` from what the checkout read of the member
     (``store.buyers.buyer``, due lots counted at ``at``), reading more only

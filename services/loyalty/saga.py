@@ -309,7 +309,7 @@ class Sagas:
         day = rules.business_day(now, facts.time_zone)
         tier = None
         points_available = earned_today = 0
-        async with self.db.sessions() as session:
+        async with self.db.direct_reads() as session:
             if member_id:
                 member = await buyers.buyer(session, member_id, at=now, business_day=day)
                 tier = await tiers.tier_of_record(session, member.tier)

@@ -114,7 +114,7 @@ async def tier_of(session: AsyncSession, member_id: str) -> MemberTier:
     return await tier_of_record(session, await store.get_member(session, member_id))
 
 
-async def tier_of_record(session: AsyncSession, record: MemberTierRecord | None) -> MemberTier:
+async def tier_of_record(session: Executor, record: MemberTierRecord | None) -> MemberTier:
     """``tier_of`` for the member's tier row as read (None: not seen yet)."""
     ladder = await _ladder(session)
     if record is None:

@@ -11,10 +11,9 @@ import datetime as dt
 from dataclasses import dataclass
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import UTCDateTime
-from chassis.direct import Direct
+from chassis.direct import Direct, Executor
 from services.loyalty.store.members import KnownMember, MemberStatus, known_members
 from services.loyalty.store.points import AccountRecord, points_accounts, points_lots
 from services.loyalty.store.sales import sales
@@ -88,7 +87,7 @@ _BUYER = Direct(_buyer_statement())
 
 
 async def buyer(
-    session: AsyncSession, member_id: str, *, at: dt.datetime, business_day: dt.date
+    session: Executor, member_id: str, *, at: dt.datetime, business_day: dt.date
 ) -> BuyerRecord:
     """The member as a checkout at ``at`` on the store's ``business_day``
     sees them (``lots_due``: due by ``at``)."""

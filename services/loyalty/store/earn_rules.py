@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import Memo, UTCDateTime
+from chassis.direct import Direct, Executor
 from services.loyalty.domain.earn_rules import (
     EarnRule,
     EarnRuleSet,
@@ -110,16 +111,24 @@ async def get_rule_set(session: AsyncSession, version: int) -> RuleSetRecord | N
     return None if row is None else _record(row)
 
 
-async def rule_set_record_in_force(session: AsyncSession, at: dt.datetime) -> RuleSetRecord:
-    c = earn_rule_sets.c
-    row = (
-        await session.execute(
-            sa.select(earn_rule_sets)
-            .where(c.effective_at <= at)
-            .order_by(c.version.desc())
-            .limit(1)
-        )
-    ).first()
+_c = earn_rule_sets.c
+_IN_FORCE_AT = Direct(
+    sa.select(earn_rule_sets)
+    .where(_c.effective_at <= sa.bindparam("at", type_=UTCDateTime))
+    .order_by(_c.version.desc())
+    .limit(1)
+)
+# When the next version (after ``version``) takes over, if one is set for later.
+_NEXT_EFFECTIVE = Direct(
+    sa.select(sa.func.min(_c.effective_at)).where(
+        _c.version > sa.bindparam("version"),
+        _c.effective_at > sa.bindparam("at", type_=UTCDateTime),
+    )
+)
+
+
+async def rule_set_record_in_force(session: Executor, at: dt.datetime) -> RuleSetRecord:
+    row = (await _IN_FORCE_AT.execute(session, {"at": at})).first()
     return _built_in() if row is None else _record(row)
 
 
@@ -139,21 +148,17 @@ class _InForce:
 _IN_FORCE_MEMO: Memo[_InForce] = Memo(ttl=SETTINGS_MEMO_SECONDS)
 
 
-async def _in_force(session: AsyncSession, at: dt.datetime) -> _InForce:
+async def _in_force(session: Executor, at: dt.datetime) -> _InForce:
     record = await rule_set_record_in_force(session, at)
-    c = earn_rule_sets.c
-    until = (
-        await session.execute(
-            sa.select(sa.func.min(c.effective_at)).where(
-                c.version > record.rule_set.version, c.effective_at > at
-            )
-        )
-    ).scalar()
+    next_version = await _NEXT_EFFECTIVE.execute(
+        session, {"version": record.rule_set.version, "at": at}
+    )
+    until = next_version.one()[0]
     since = record.rule_set.effective_at if record.rule_set.version else None
     return _InForce(record.rule_set, since, until)
 
 
-async def rule_set_in_force(session: AsyncSession, at: dt.datetime) -> EarnRuleSet:
+async def rule_set_in_force(session: Executor, at: dt.datetime) -> EarnRuleSet:
     """The newest version whose effective time is at or before ``at``; the
     built-in set (one point per currency unit, rounded down) when none
     is. What was in force is kept for a few seconds, for as long as it
