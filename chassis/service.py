@@ -21,6 +21,7 @@ from chassis.bus import STREAMS, Bus, StreamConfigError
 from chassis.config import Settings
 from chassis.db import Database
 from chassis.grpcserver import GrpcServer, GrpcService
+from chassis.heap import settle_heap
 from chassis.idempotency import forget_older_than
 from chassis.inbox import Consumer, Subscription, forget_messaging_older_than
 from chassis.logs import configure_logging, get_logger
@@ -260,6 +261,7 @@ async def serve(definition: ServiceDefinition, settings: Settings | None = None)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await runtime.start()
+    settle_heap()
     await stop.wait()
     await runtime.stop()
 

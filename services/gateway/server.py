@@ -30,6 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chassis.config import Settings
 from chassis.grpcclient import bearer, rich_error
+from chassis.heap import settle_heap
 from chassis.logs import configure_logging, get_logger
 from chassis.telemetry import configure_tracing, shutdown_tracing
 from cornucopia.members.v1 import members_pb2
@@ -625,6 +626,7 @@ def main() -> None:
         lifespan="on",
     )
     server = uvicorn.Server(config)
+    settle_heap()
     log.info("http listening", listen=settings.http_listen)
     try:
         server.run()
