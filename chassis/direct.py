@@ -261,19 +261,19 @@ class Unit:
     bridge (``bench/unit_costs.py``). It has a session's ``info``; a
     statement that needs SQLAlchemy's own execution is refused."""
 
-    __slots__ = ("_lost", "_pooled", "bound", "info", "pool")
+    __slots__ = ("_loss", "_pooled", "bound", "info", "pool")
 
     def __init__(self, engine: AsyncEngine, pooled: PoolProxiedConnection, *, begins: bool) -> None:
         self.info: dict[str, Any] = {}
         # The engine's pool, which ``chassis.db.Memo`` keys by, as for a session.
         self.pool = engine.sync_engine.pool
         self._pooled = pooled
-        self._lost = False
+        self._loss = _Loss(pooled)
         self.bound = _Bound(
             transaction=None,
             adapted=pooled.dbapi_connection,
             dialect=engine.dialect,
-            lose=self._lose,
+            lose=self._loss,
             begins=begins,
         )
 
@@ -285,9 +285,12 @@ class Unit:
         """The asyncpg connection underneath."""
         return self._pooled.driver_connection
 
+    @property
+    def _lost(self) -> bool:
+        return self._loss.lost
+
     async def _lose(self, error: Exception) -> None:
-        self._lost = True
-        self._pooled.invalidate(error)
+        await self._loss(error)
 
     async def _end(self, *, commit: bool) -> None:
         """Commits or rolls back what the statements began, if anything."""
@@ -331,6 +334,24 @@ async def unit_of_work(engine: AsyncEngine, *, begins: bool = True) -> AsyncIter
         await unit._end(commit=True)
     finally:
         pooled.close()
+
+
+class _Loss:
+    """How a unit gives up a connection that was lost: thrown away, not
+    returned to the pool. An object of its own, not a method of the unit:
+    the unit's ``_Bound`` holds it, and a bound method would make a cycle
+    of the two that only the garbage collector frees (with the pooled
+    connection's wrapper), a dozen times a checkout."""
+
+    __slots__ = ("lost", "pooled")
+
+    def __init__(self, pooled: PoolProxiedConnection) -> None:
+        self.pooled = pooled
+        self.lost = False
+
+    async def __call__(self, error: Exception) -> None:
+        self.lost = True
+        self.pooled.invalidate(error)
 
 
 Executor = AsyncSession | Unit
