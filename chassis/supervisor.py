@@ -53,6 +53,7 @@ from chassis.config import (
 )
 from chassis.mtls import CertificateFiles
 from chassis.natsserver import NatsServer, free_port, port_is_free
+from chassis.wakeup import set_within
 
 HOST = "127.0.0.1"
 DEFAULT_NATS_PORT = 4222
@@ -606,8 +607,7 @@ class Supervisor:
                     for name in sorted(pending):
                         self._print_tail(self.children[name])
                     return False
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stop_requested.wait(), 0.5)
+                await set_within(self.stop_requested, 0.5)
             return True
         finally:
             for channel in channels.values():

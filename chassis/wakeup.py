@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from chassis.db import Database
+if TYPE_CHECKING:
+    from chassis.db import Database
 
 # The linger of a worker woken by the commits of requests (the relay, say):
 # 10 ms more on the way of what they left it, one pass for the commits of
@@ -44,10 +45,20 @@ class Wakeup:
         """Until woken (then ``linger`` more) or ``timeout``; whether it was
         woken. The pass that follows sees every commit made before it
         returns, so their wake-ups are spent here."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._event.wait(), timeout=timeout)
+        await set_within(self._event, timeout)
         woken = self._event.is_set()
         if woken and self.linger > 0:
             await asyncio.sleep(self.linger)
         self._event.clear()
         return woken
+
+
+async def set_within(event: asyncio.Event, timeout: float) -> bool:
+    """Whether ``event`` is set, waiting for it at most ``timeout`` seconds.
+    A cancellation meanwhile is raised, always: with ``asyncio.wait_for``
+    (Python 3.11), one that came in the same turn as the event was dropped,
+    and the loop waiting would never stop."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    return event.is_set()
