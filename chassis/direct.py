@@ -285,17 +285,10 @@ class Unit:
         """The asyncpg connection underneath."""
         return self._pooled.driver_connection
 
-    @property
-    def _lost(self) -> bool:
-        return self._loss.lost
-
-    async def _lose(self, error: Exception) -> None:
-        await self._loss(error)
-
     async def _end(self, *, commit: bool) -> None:
         """Commits or rolls back what the statements began, if anything."""
         adapted = self.bound.adapted
-        if self._lost or adapted._transaction is None:
+        if self._loss.lost or adapted._transaction is None:
             return
         end = adapted._transaction.commit if commit else adapted._transaction.rollback
         try:
@@ -322,14 +315,14 @@ async def unit_of_work(engine: AsyncEngine, *, begins: bool = True) -> AsyncIter
                 await unit._end(commit=False)
             except Exception:
                 # The rollback failed: the connection's state is unknown.
-                if not unit._lost:
-                    await unit._lose(RuntimeError("a rollback failed"))
+                if not unit._loss.lost:
+                    await unit._loss(RuntimeError("a rollback failed"))
             raise
         except BaseException:
             # Cancelled, perhaps inside a statement: the connection may be
             # mid-exchange with the server, so it is not used again.
-            if not unit._lost:
-                await unit._lose(RuntimeError("a unit of work was cancelled"))
+            if not unit._loss.lost:
+                await unit._loss(RuntimeError("a unit of work was cancelled"))
             raise
         await unit._end(commit=True)
     finally:
