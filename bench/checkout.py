@@ -78,14 +78,17 @@ import grpc
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
+from bench import skeleton
 from bench.enrollment import wait_serving
 from bench.harness import (
+    CpuMeter,
     Result,
     ThrowawayDatabases,
     bare_grpc,
-    cpu_seconds,
+    cmdline_of,
     drive,
     drive_at_rate,
+    pids_matching,
     spawn,
     warm_then_many_and_one,
 )
@@ -166,27 +169,6 @@ TILLS = {
 # --- /proc: CPU time ----------------------------------------------------------------
 
 
-def pids_matching(*needles: str) -> list[int]:
-    """Processes whose command line (or ps title) contains every needle."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        cmdline = cmdline_of(int(entry.name))
-        if all(needle in cmdline for needle in needles):
-            found.append(int(entry.name))
-    return found
-
-
-def cmdline_of(pid: int) -> str:
-    try:
-        return (
-            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        )
-    except OSError:
-        return ""
-
-
 def start_make_up(var_dir: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     """``cornucopia up`` (what ``make up`` runs) in a session of its own."""
     handle = log.open("wb")
@@ -211,52 +193,6 @@ def children_of(pid: int) -> list[int]:
         if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
             found.append(int(entry.name))
     return found
-
-
-def machine_busy() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine since boot."""
-    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    total = sum(values[:8])
-    idle = values[3] + values[4]
-    ticks = os.sysconf("SC_CLK_TCK")
-    return (total - idle) / ticks, total / ticks
-
-
-class CpuMeter:
-    """CPU seconds of named processes (several pids may share a name: the
-    PostgreSQL backends of a service's database) between two readings."""
-
-    def __init__(self, processes: Callable[[], dict[str, list[int]]]) -> None:
-        self.processes = processes
-        self.before: dict[str, dict[int, float]] = {}
-        self.machine: tuple[float, float] = (0.0, 0.0)
-        self.driver = 0.0
-
-    def _read(self) -> dict[str, dict[int, float]]:
-        out: dict[str, dict[int, float]] = {}
-        for name, pids in self.processes().items():
-            for pid in pids:
-                used = cpu_seconds(pid)
-                if used is not None:
-                    out.setdefault(name, {})[pid] = used
-        return out
-
-    def start(self) -> None:
-        self.before = self._read()
-        self.machine = machine_busy()
-        self.driver = time.process_time()
-
-    def stop(self) -> dict[str, float]:
-        after = self._read()
-        used = {
-            name: sum(t - self.before.get(name, {}).get(pid, 0.0) for pid, t in pids.items())
-            for name, pids in after.items()
-        }
-        busy, total = machine_busy()
-        used["(load driver)"] = time.process_time() - self.driver
-        used["(machine, all processes)"] = busy - self.machine[0]
-        used["(machine, available)"] = total - self.machine[1]
-        return used
 
 
 # --- the suite --------------------------------------------------------------------
@@ -1034,10 +970,12 @@ async def run(
         grpc_many, grpc_one = await bare_grpc(f"127.0.0.1:{baseline_port}", concurrency, seconds)
         db_many, db_one = await bare_transactions(baseline_url, member_count, concurrency, seconds)
         raw: list[Result] = []
-        if suite.databases is not None:
+        bare_suite: skeleton.Floor | None = None
+        if suite.databases is not None and postgres:
             raw = await raw_asyncpg_transactions(
                 plain_baseline_url, member_count, concurrency, seconds
             )
+            bare_suite = await skeleton.floor(postgres, member_count, concurrency, seconds)
 
         databases = {name: str(make_url(url).database) for name, url in suite.urls.items()}
         stats_before = await pg_stats(postgres, list(databases.values())) if postgres else None
@@ -1116,6 +1054,19 @@ async def run(
                 f" {many.rate / raw_many.rate:6.3f}, 1 caller {one.rate / raw_one.rate:6.3f};"
                 f" the chassis's unit of work / asyncpg: {db_many.rate / raw_many.rate:5.2f}"
                 f" and {db_one.rate / raw_one.rate:5.2f}"
+            )
+        if bare_suite is not None:
+            skeleton.print_floor(bare_suite)
+            bare_many, bare_one = bare_suite.results
+            machine_ms = (
+                1000 * cpu[many.name]["(machine, all processes)"] / max(many.calls, 1)
+            ) / bare_suite.cpu_ms[0]["(machine, all processes)"]
+            print(
+                "  ratios to the bare suite of the checkout's shape: checkouts/s,"
+                f" {concurrency} callers {many.rate / bare_many.rate:6.3f}, 1 caller"
+                f" {one.rate / bare_one.rate:6.3f}; p50 with 1 caller"
+                f" {pct_ratio(one, bare_one, 0.5):5.1f}x; the machine's CPU a checkout,"
+                f" {concurrency} callers {machine_ms:5.2f}x"
             )
         print(
             "  tenders of the successful checkouts (warm-up included): "

@@ -201,3 +201,73 @@ async def bare_grpc(address: str, concurrency: int, seconds: float) -> list[Resu
             await health.Check(health_pb2.HealthCheckRequest())
 
         return await warm_then_many_and_one("bare grpc.aio call", check, concurrency, seconds)
+
+
+# --- /proc: CPU time ----------------------------------------------------------------
+
+
+def pids_matching(*needles: str) -> list[int]:
+    """Processes whose command line (or ps title) contains every needle."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        cmdline = cmdline_of(int(entry.name))
+        if all(needle in cmdline for needle in needles):
+            found.append(int(entry.name))
+    return found
+
+
+def cmdline_of(pid: int) -> str:
+    try:
+        return (
+            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        )
+    except OSError:
+        return ""
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    total = sum(values[:8])
+    idle = values[3] + values[4]
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (total - idle) / ticks, total / ticks
+
+
+class CpuMeter:
+    """CPU seconds of named processes (several pids may share a name: the
+    PostgreSQL backends of a service's database) between two readings."""
+
+    def __init__(self, processes: Callable[[], dict[str, list[int]]]) -> None:
+        self.processes = processes
+        self.before: dict[str, dict[int, float]] = {}
+        self.machine: tuple[float, float] = (0.0, 0.0)
+        self.driver = 0.0
+
+    def _read(self) -> dict[str, dict[int, float]]:
+        out: dict[str, dict[int, float]] = {}
+        for name, pids in self.processes().items():
+            for pid in pids:
+                used = cpu_seconds(pid)
+                if used is not None:
+                    out.setdefault(name, {})[pid] = used
+        return out
+
+    def start(self) -> None:
+        self.before = self._read()
+        self.machine = machine_busy()
+        self.driver = time.process_time()
+
+    def stop(self) -> dict[str, float]:
+        after = self._read()
+        used = {
+            name: sum(t - self.before.get(name, {}).get(pid, 0.0) for pid, t in pids.items())
+            for name, pids in after.items()
+        }
+        busy, total = machine_busy()
+        used["(load driver)"] = time.process_time() - self.driver
+        used["(machine, all processes)"] = busy - self.machine[0]
+        used["(machine, available)"] = total - self.machine[1]
+        return used
