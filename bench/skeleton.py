@@ -26,7 +26,9 @@ for JetStream's acks, then marks them sent; every consumer fetches in
 batches and acknowledges after its commit. This is less than the suite
 does (no rules, no pricing logic, notify plans and sends in one pass), so
 it is a floor: what the machine gives a checkout of this many calls,
-statements and events before any of the work they carry.
+statements and events before any of the work they carry. With
+``--no-events`` the till and cards write no events: the checkout's calls
+and transactions alone.
 
     python -m bench.skeleton --postgres postgresql://postgres@127.0.0.1:5432/postgres
 """
@@ -289,7 +291,8 @@ async def serve_cards(part: Part) -> dict[str, Callable[[bytes, Any], Awaitable[
                     for kind in ("HOLD", "CAPTURE")
                 ],
             )
-            await events(conn, member_id, HELD, CAPTURED)
+            if part.config["events"]:
+                await events(conn, member_id, HELD, CAPTURED)
         part.wake.set()
         return str(left).encode()
 
@@ -405,7 +408,8 @@ async def serve_till(part: Part) -> dict[str, Callable[[bytes, Any], Awaitable[b
                 "INSERT INTO sale_tenders VALUES ($1, $2, 625)",
                 [(sale_id, kind) for kind in ("cash", "stored_value")],
             )
-            await events(conn, member_id, SALE_RECORDED, POINTS_ACCRUED)
+            if part.config["events"]:
+                await events(conn, member_id, SALE_RECORDED, POINTS_ACCRUED)
         part.wake.set()
         return RECEIPT
 
@@ -454,6 +458,9 @@ class Skeleton:
     work: Path
     admin_url: str
     members: int
+    # False: the checkout's calls and transactions alone, no events (and
+    # so nothing for the consumers to do).
+    events: bool = True
     databases: ThrowawayDatabases | None = None
     nats: NatsServer | None = None
 
@@ -486,6 +493,7 @@ class Skeleton:
                 "database": url,
                 "nats": self.nats.url,
                 "members": self.members,
+                "events": self.events,
                 "peers": {peer: peers[peer] for peer in needs.get(role, ())},
             }
             self.processes[role] = spawn(
@@ -517,6 +525,7 @@ class Skeleton:
         deadline = time.monotonic() + timeout
         while True:
             books = Books(
+                events=self.events,
                 sales=await count("till", "SELECT count(*) FROM sales"),
                 captures=await count(
                     "cards", "SELECT count(*) FROM movements WHERE kind = 'CAPTURE'"
@@ -570,6 +579,7 @@ class Skeleton:
 class Books:
     """What the bare suite recorded, counted in each part's database."""
 
+    events: bool
     sales: int
     captures: int
     messages: int
@@ -580,7 +590,10 @@ class Books:
     @property
     def complete(self) -> bool:
         """Every capture made its message, both consumers saw every sale,
-        and no event waits in an outbox."""
+        and no event waits in an outbox (without events: nothing was
+        consumed)."""
+        if not self.events:
+            return self.messages == self.followups == self.referrals == self.unsent == 0
         return (
             self.messages == self.captures
             and self.followups == self.referrals == self.sales
@@ -609,11 +622,13 @@ class Floor:
         return sum(ms for name, ms in self.cpu_ms[phase].items() if not name.startswith("("))
 
 
-async def floor(admin_url: str, members: int, concurrency: int, seconds: float) -> Floor:
+async def floor(
+    admin_url: str, members: int, concurrency: int, seconds: float, *, events: bool = True
+) -> Floor:
     """Starts the skeleton, drives it as the benchmark's tills drive the
     suite (each caller keeps to its own members), and stops it."""
     work = Path(tempfile.mkdtemp(prefix="cornucopia-bench-skeleton-"))
-    skeleton = Skeleton(work, admin_url, members)
+    skeleton = Skeleton(work, admin_url, members, events)
     try:
         await skeleton.start()
         async with grpc.aio.insecure_channel(skeleton.address) as channel:
@@ -698,6 +713,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--members", type=int, default=64)
+    parser.add_argument(
+        "--no-events", action="store_true", help="the calls and transactions alone, no events"
+    )
     args = parser.parse_args(argv)
     if args.part:
         role, config = args.part
@@ -707,8 +725,17 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--postgres: the skeleton runs on PostgreSQL")
     if args.members < args.concurrency:
         raise SystemExit("--members must be at least --concurrency")
-    found = asyncio.run(floor(args.postgres, args.members, args.concurrency, args.seconds))
-    print(f"\nthe checkout's shape, bare: PostgreSQL; {args.seconds:.0f} s each")
+    found = asyncio.run(
+        floor(
+            args.postgres,
+            args.members,
+            args.concurrency,
+            args.seconds,
+            events=not args.no_events,
+        )
+    )
+    shape = "without events" if args.no_events else "with its events"
+    print(f"\nthe checkout's shape, bare, {shape}: PostgreSQL; {args.seconds:.0f} s each")
     print_floor(found)
     print(f"  (the machine had {os.cpu_count()} cores)")
 

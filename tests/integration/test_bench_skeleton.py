@@ -28,3 +28,25 @@ async def test_the_bare_suite_does_the_whole_shape(postgres: Postgres) -> None:
         for name in (f"skeleton {part}", f"postgres (skeleton {part})"):
             assert sum(phase.get(name, 0.0) for phase in found.cpu_ms) > 0, name
     assert sum(phase.get("nats (skeleton)", 0.0) for phase in found.cpu_ms) > 0
+
+
+async def test_without_events_nothing_reaches_the_consumers(postgres: Postgres) -> None:
+    found = await skeleton.floor(
+        postgres.admin_url, members=8, concurrency=4, seconds=1.0, events=False
+    )
+
+    books = found.books
+    assert books.complete
+    assert books.sales > 0 and books.captures > 0
+    assert books.messages == books.followups == books.referrals == 0
+
+
+def test_books_with_events_are_complete_only_when_every_event_arrived() -> None:
+    def books(**counts: int) -> skeleton.Books:
+        whole = {"sales": 10, "captures": 7, "messages": 7, "followups": 10, "referrals": 10}
+        return skeleton.Books(events=True, **{**whole, "unsent": 0, **counts})
+
+    assert books().complete
+    assert not books(messages=6).complete
+    assert not books(referrals=9).complete
+    assert not books(unsent=1).complete
