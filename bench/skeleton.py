@@ -41,6 +41,7 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -465,7 +466,7 @@ class Skeleton:
     nats: NatsServer | None = None
 
     def __post_init__(self) -> None:
-        self.processes: dict[str, Any] = {}
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.database_of: dict[str, str] = {}
         self.urls: dict[str, str] = {}
         self.address = ""
@@ -567,7 +568,7 @@ class Skeleton:
         for process in self.processes.values():
             try:
                 process.wait(15)
-            except Exception:
+            except subprocess.TimeoutExpired:
                 process.kill()
         if self.nats is not None:
             self.nats.stop()
