@@ -166,7 +166,7 @@ TILLS = {
 }
 
 
-# --- /proc: CPU time ----------------------------------------------------------------
+# --- processes -------------------------------------------------------------------
 
 
 def start_make_up(var_dir: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
