@@ -86,6 +86,8 @@ POLL_SECONDS = 2.0
 # How long a runner's claim on a job holds without a batch renewing it:
 # how long a job whose replica died waits before another takes it over.
 LEASE = dt.timedelta(seconds=60)
+# How long a stopping runner waits for the batch it is writing.
+BATCH_FINISH_SECONDS = 10.0
 # A job received before files were kept in the database, whose file no
 # replica has found for this long, has lost it.
 STALE_JOB = dt.timedelta(minutes=15)
@@ -674,8 +676,15 @@ class ImportRunner:
             await self._process(job)
         except asyncio.CancelledError:
             # Shutting down: another replica may take the job over at once.
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.wait_for(self._release(job), timeout=5)
+            except Exception as exc:
+                log.warning(
+                    "import lease not given up; it lapses by itself",
+                    import_job_id=job.import_job_id,
+                    error=type(exc).__name__,
+                    detail=str(exc)[:200],
+                )
             raise
 
     async def _process(self, job: store.ImportJobRecord) -> None:
@@ -956,6 +965,24 @@ class ImportRunner:
 
     async def _write_batch(
         self, run: _JobRun, batch: _Pending, sealed: _Sealed, *, one_by_one: bool = False
+    ) -> None:
+        """The batch's transaction, finished (committed or rolled back) even
+        when the runner is cancelled meanwhile; the cancellation is raised
+        after it. A transaction cut short by a shutdown leaves its
+        connection behind, and on SQLite that connection keeps the file's
+        write lock until the pool is disposed of: the runner could not give
+        its lease up, and the next start would wait out the lease."""
+        write = asyncio.ensure_future(self._write_batch_whole(run, batch, sealed, one_by_one))
+        try:
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            if not write.done():
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(write, timeout=BATCH_FINISH_SECONDS)
+            raise
+
+    async def _write_batch_whole(
+        self, run: _JobRun, batch: _Pending, sealed: _Sealed, one_by_one: bool
     ) -> None:
         """One batch in one transaction: the lease check and renewal, the
         members (multi-row inserts of members, data keys, history and
