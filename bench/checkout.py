@@ -90,6 +90,7 @@ from bench.harness import (
     drive_at_rate,
     pids_matching,
     spawn,
+    stop_processes,
     warm_then_many_and_one,
 )
 from bench.organisation import open_stores, store_id
@@ -314,14 +315,7 @@ class Suite:
                 self.supervisor_process.wait(40)
             except subprocess.TimeoutExpired:
                 self.supervisor_process.kill()
-        for process in self.processes:
-            if process.poll() is None:
-                process.terminate()
-        for process in self.processes:
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_processes(self.processes)
         if self.nats is not None:
             self.nats.stop()
         if self.databases is not None:

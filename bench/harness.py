@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,6 +127,19 @@ def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
     return subprocess.Popen(
         [sys.executable, *args], env={**os.environ, **env}, stdout=handle, stderr=subprocess.STDOUT
     )
+
+
+def stop_processes(processes: Iterable[subprocess.Popen[bytes]], wait: float = 15.0) -> None:
+    """Ask each process to stop, then kill any still there after ``wait`` s."""
+    processes = list(processes)
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(wait)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 def cpu_seconds(pid: int) -> float | None:

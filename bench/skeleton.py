@@ -63,6 +63,7 @@ from bench.harness import (
     drive,
     pids_matching,
     spawn,
+    stop_processes,
 )
 from chassis.natsserver import NatsServer, free_port
 
@@ -253,6 +254,12 @@ def _stopped(task: asyncio.Future[None]) -> None:
         os._exit(1)
 
 
+def member_of(msg: Any) -> str:
+    """The member an event is about: its payload starts with the id
+    (``M`` and five digits)."""
+    return bytes(msg.data[:6]).decode()
+
+
 def events(conn: Any, member_id: str, *subjects: str) -> Awaitable[None]:
     """The events' rows; each payload starts with the member's id."""
     return conn.executemany(  # type: ignore[no-any-return]
@@ -309,7 +316,7 @@ async def serve_pricing(part: Part) -> dict[str, Callable[[bytes, Any], Awaitabl
             await conn.execute(
                 f"INSERT INTO {table} VALUES ($1, $2, 1) ON CONFLICT (member_id)"
                 f" DO UPDATE SET last_sale = $2, sales = {table}.sales + 1",
-                msg.data[:6].decode(errors="replace"),
+                member_of(msg),
                 msg.headers["Nats-Msg-Id"],
             )
 
@@ -326,7 +333,7 @@ async def serve_notify(part: Part) -> dict[str, Callable[[bytes, Any], Awaitable
 
     async def notification(conn: Any, msg: Any) -> None:
         notification_id = uuid.uuid4().hex
-        member_id = msg.data[:6].decode(errors="replace")
+        member_id = member_of(msg)
         await conn.execute(
             "INSERT INTO notifications VALUES ($1, $2, $3, now())",
             notification_id,
@@ -562,14 +569,7 @@ class Skeleton:
         return found
 
     async def stop(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.terminate()
-        for process in self.processes.values():
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_processes(self.processes.values())
         if self.nats is not None:
             self.nats.stop()
         if self.databases is not None:
@@ -617,10 +617,6 @@ class Floor:
     results: list[Result]
     cpu_ms: list[dict[str, float]]
     books: Books
-
-    def suite_ms(self, phase: int) -> float:
-        """CPU a checkout of the five processes, their databases and NATS."""
-        return sum(ms for name, ms in self.cpu_ms[phase].items() if not name.startswith("("))
 
 
 async def floor(
